@@ -1,0 +1,1 @@
+//! Sluice: a PostgreSQL connection-pooling proxy.
