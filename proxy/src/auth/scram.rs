@@ -1,0 +1,435 @@
+//! SCRAM-SHA-256 (RFC 5802 / RFC 7677), server side: the stored verifier in
+//! PostgreSQL's `pg_authid` format and the two-round exchange that checks a
+//! client's proof against it. See
+//! <https://www.postgresql.org/docs/current/sasl-authentication.html>.
+//!
+//! Only plain `SCRAM-SHA-256` is implemented; `-PLUS` (channel binding)
+//! needs TLS and is rejected.
+
+use std::fmt;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+
+use super::{constant_time_eq, AuthError};
+
+pub(crate) const VERIFIER_PREFIX: &str = "SCRAM-SHA-256$";
+const DEFAULT_ITERATIONS: u32 = 4096;
+const DEFAULT_SALT_LEN: usize = 16;
+const KEY_LEN: usize = 32;
+/// Real client messages are around 100 bytes; anything this large is abuse.
+const MAX_MESSAGE_LEN: usize = 2048;
+const MAX_NONCE_LEN: usize = 512;
+const MAX_SALT_LEN: usize = 1024;
+
+type Key = [u8; KEY_LEN];
+
+/// A user's SCRAM-SHA-256 secret: enough to verify a client's proof and to
+/// prove the server knows the password, without holding the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ScramVerifier {
+    iterations: u32,
+    salt: Vec<u8>,
+    stored_key: Key,
+    server_key: Key,
+    /// Stands in for an unknown user; no proof is ever accepted.
+    mock: bool,
+}
+
+impl ScramVerifier {
+    /// Derives a verifier from a plaintext password. Like PostgreSQL, the
+    /// password is SASLprep'd, falling back to its raw bytes when SASLprep
+    /// rejects it, so any password PostgreSQL accepts works here too.
+    /// An iteration count of 0 is treated as 1.
+    ///
+    /// Runs PBKDF2 (`iterations` HMAC rounds): keep it off async threads.
+    pub fn derive(password: &str, salt: &[u8], iterations: u32) -> Self {
+        let iterations = iterations.max(1);
+        let prepared = stringprep::saslprep(password)
+            .map(|p| p.into_owned().into_bytes())
+            .unwrap_or_else(|_| password.as_bytes().to_vec());
+        let mut salted = [0u8; KEY_LEN];
+        pbkdf2::pbkdf2_hmac::<Sha256>(&prepared, salt, iterations, &mut salted);
+        let client_key = hmac(&salted, &[b"Client Key"]);
+        ScramVerifier {
+            iterations,
+            salt: salt.to_vec(),
+            stored_key: Sha256::digest(client_key).into(),
+            server_key: hmac(&salted, &[b"Server Key"]),
+            mock: false,
+        }
+    }
+
+    /// [`derive`](Self::derive) with a fresh random 16-byte salt and 4096
+    /// iterations, PostgreSQL's defaults. Same PBKDF2 cost.
+    pub fn from_password(password: &str) -> Self {
+        let mut salt = [0u8; DEFAULT_SALT_LEN];
+        rand::thread_rng().fill_bytes(&mut salt);
+        ScramVerifier::derive(password, &salt, DEFAULT_ITERATIONS)
+    }
+
+    /// A verifier for a user that does not exist, so the proxy can run the
+    /// whole exchange and fail only at the proof, exactly as for a wrong
+    /// password. The salt is derived from (`secret`, `user`) so repeated
+    /// probes for one name see a stable salt, as they would for a real user;
+    /// `secret` should be random per process. No PBKDF2 is run.
+    pub fn mock(user: &str, secret: &[u8; 32]) -> Self {
+        let user = user.as_bytes();
+        let salt = hmac(secret, &[b"mock salt\0", user]);
+        ScramVerifier {
+            iterations: DEFAULT_ITERATIONS,
+            salt: salt[..DEFAULT_SALT_LEN].to_vec(),
+            stored_key: hmac(secret, &[b"mock stored key\0", user]),
+            server_key: hmac(secret, &[b"mock server key\0", user]),
+            mock: true,
+        }
+    }
+
+    /// Parses `SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`
+    /// (base64 fields), the format of `pg_authid.rolpassword`.
+    pub fn parse(s: &str) -> Result<Self, AuthError> {
+        use AuthError::InvalidVerifier as Bad;
+        let rest = s
+            .strip_prefix(VERIFIER_PREFIX)
+            .ok_or(Bad("missing SCRAM-SHA-256$ prefix"))?;
+        let (params, keys) = rest.split_once('$').ok_or(Bad("missing keys"))?;
+        let (iterations, salt) = params.split_once(':').ok_or(Bad("missing salt"))?;
+        let (stored_key, server_key) = keys.split_once(':').ok_or(Bad("missing server key"))?;
+
+        // Digits only: `u32::from_str` would also take a leading '+'.
+        // PostgreSQL stores the count as a signed int.
+        let iterations = Some(iterations)
+            .filter(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|i| i.parse::<u32>().ok())
+            .filter(|&i| i >= 1 && i <= i32::MAX as u32)
+            .ok_or(Bad("iteration count must be between 1 and 2147483647"))?;
+        let salt = decode_b64(salt.as_bytes(), MAX_SALT_LEN)
+            .filter(|s| !s.is_empty())
+            .ok_or(Bad("invalid salt"))?;
+        Ok(ScramVerifier {
+            iterations,
+            salt,
+            stored_key: decode_key(stored_key.as_bytes()).ok_or(Bad("invalid stored key"))?,
+            server_key: decode_key(server_key.as_bytes()).ok_or(Bad("invalid server key"))?,
+            mock: false,
+        })
+    }
+
+    pub fn iterations(&self) -> u32 {
+        self.iterations
+    }
+
+    pub fn salt(&self) -> &[u8] {
+        &self.salt
+    }
+}
+
+/// Prints the `pg_authid` format accepted by [`ScramVerifier::parse`].
+impl fmt::Display for ScramVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{VERIFIER_PREFIX}{}:{}${}:{}",
+            self.iterations,
+            STANDARD.encode(&self.salt),
+            STANDARD.encode(self.stored_key),
+            STANDARD.encode(self.server_key)
+        )
+    }
+}
+
+/// Redacted: the keys let anyone impersonate the server to clients, and the
+/// stored key enables offline guessing, so they must stay out of logs.
+impl fmt::Debug for ScramVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ScramVerifier")
+            .field("iterations", &self.iterations)
+            .field("mock", &self.mock)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The server's half of one SCRAM-SHA-256 exchange, between sending
+/// server-first-message and receiving client-final-message.
+pub struct ScramServer {
+    stored_key: Key,
+    server_key: Key,
+    mock: bool,
+    /// The gs2 header exactly as the client sent it; `c=` must echo it.
+    gs2_header: Vec<u8>,
+    /// Client nonce followed by server nonce.
+    nonce: Vec<u8>,
+    /// `client-first-bare "," server-first ","`: the AuthMessage up to the
+    /// client-final part, which is appended in [`ScramServer::finish`].
+    auth_message: Vec<u8>,
+}
+
+impl ScramServer {
+    /// A fresh server nonce: 18 random bytes in base64, as PostgreSQL does.
+    pub fn random_nonce() -> String {
+        let mut raw = [0u8; 18];
+        rand::thread_rng().fill_bytes(&mut raw);
+        STANDARD.encode(raw)
+    }
+
+    /// Handles the client-first-message (the data of `SASLInitialResponse`)
+    /// and returns the state to keep plus the server-first-message to send
+    /// in `AuthenticationSASLContinue`.
+    ///
+    /// The `n=` user name is ignored, as in PostgreSQL: the user comes from
+    /// the startup packet. The `y` gs2 flag ("client supports channel
+    /// binding but thinks the server does not") is accepted because Sluice
+    /// never advertises SCRAM-SHA-256-PLUS; once it does, `y` would signal a
+    /// downgrade and must be refused.
+    pub fn start(
+        verifier: &ScramVerifier,
+        client_first: &[u8],
+        server_nonce: &str,
+    ) -> Result<(ScramServer, Vec<u8>), AuthError> {
+        use AuthError::MalformedScram as Bad;
+        if !is_valid_nonce(server_nonce.as_bytes()) {
+            return Err(AuthError::InvalidServerNonce);
+        }
+        if client_first.len() > MAX_MESSAGE_LEN {
+            return Err(Bad("client-first-message too long"));
+        }
+
+        let mut parts = client_first.splitn(3, |&b| b == b',');
+        match parts.next().unwrap_or_default() {
+            b"n" | b"y" => {}
+            [b'p', ..] => return Err(AuthError::UnsupportedChannelBinding),
+            _ => return Err(Bad("invalid channel binding flag")),
+        }
+        match parts.next().ok_or(Bad("missing authzid"))? {
+            b"" | b"a=" => {}
+            [b'a', b'=', ..] => return Err(AuthError::AuthzidNotSupported),
+            _ => return Err(Bad("invalid authzid")),
+        }
+        let bare = parts
+            .next()
+            .ok_or(Bad("missing client-first-message-bare"))?;
+        let gs2_header = client_first
+            .get(..client_first.len() - bare.len())
+            .ok_or(Bad("invalid gs2 header"))?;
+
+        let mut attrs = bare.split(|&b| b == b',');
+        let user = attrs.next().unwrap_or_default();
+        if user.starts_with(b"m=") {
+            return Err(AuthError::UnsupportedExtension);
+        }
+        attr(user, b'n').ok_or(Bad("missing user name"))?;
+        let client_nonce = attrs
+            .next()
+            .and_then(|a| attr(a, b'r'))
+            .ok_or(Bad("missing nonce"))?;
+        if !is_valid_nonce(client_nonce) {
+            return Err(Bad("invalid nonce"));
+        }
+        if !attrs.all(is_extension) {
+            return Err(Bad("invalid extension in client-first-message"));
+        }
+
+        let nonce = [client_nonce, server_nonce.as_bytes()].concat();
+        let server_first = [
+            b"r=".as_slice(),
+            &nonce,
+            b",s=",
+            STANDARD.encode(&verifier.salt).as_bytes(),
+            b",i=",
+            verifier.iterations.to_string().as_bytes(),
+        ]
+        .concat();
+        let auth_message = [bare, b",", &server_first, b","].concat();
+        let server = ScramServer {
+            stored_key: verifier.stored_key,
+            server_key: verifier.server_key,
+            mock: verifier.mock,
+            gs2_header: gs2_header.to_vec(),
+            nonce,
+            auth_message,
+        };
+        Ok((server, server_first))
+    }
+
+    /// Handles the client-final-message (the data of `SASLResponse`) and,
+    /// if the proof is right, returns the server-final-message (`v=...`) to
+    /// send in `AuthenticationSASLFinal`, which proves to the client that
+    /// the server knows its secret too.
+    pub fn finish(self, client_final: &[u8]) -> Result<Vec<u8>, AuthError> {
+        use AuthError::MalformedScram as Bad;
+        if client_final.len() > MAX_MESSAGE_LEN {
+            return Err(Bad("client-final-message too long"));
+        }
+        // The proof must be the last attribute, and everything before it is
+        // signed, so split it off first.
+        let mut tail = client_final.rsplitn(2, |&b| b == b',');
+        let proof = attr(tail.next().unwrap_or_default(), b'p');
+        let (Some(proof), Some(without_proof)) = (proof, tail.next()) else {
+            return Err(Bad("missing proof"));
+        };
+        let mut attrs = without_proof.split(|&b| b == b',');
+        let cbind = attrs
+            .next()
+            .and_then(|a| attr(a, b'c'))
+            .ok_or(Bad("missing channel binding"))?;
+        let nonce = attrs
+            .next()
+            .and_then(|a| attr(a, b'r'))
+            .ok_or(Bad("missing nonce"))?;
+        if !attrs.all(is_extension) {
+            return Err(Bad("invalid extension in client-final-message"));
+        }
+
+        let cbind = decode_b64(cbind, MAX_MESSAGE_LEN).ok_or(Bad("invalid channel binding"))?;
+        if cbind != self.gs2_header {
+            return Err(AuthError::ChannelBindingMismatch);
+        }
+        if nonce != self.nonce.as_slice() {
+            return Err(AuthError::NonceMismatch);
+        }
+        let proof = decode_key(proof).ok_or(Bad("invalid proof"))?;
+
+        let mut auth_message = self.auth_message;
+        auth_message.extend_from_slice(without_proof);
+        // ClientProof = ClientKey XOR HMAC(StoredKey, AuthMessage), so
+        // undoing the XOR recovers the client key, whose hash must be ours.
+        let signature = hmac(&self.stored_key, &[&auth_message]);
+        let mut client_key = proof;
+        for (k, s) in client_key.iter_mut().zip(signature) {
+            *k ^= s;
+        }
+        let matches = constant_time_eq(&Sha256::digest(client_key), &self.stored_key);
+        if !matches || self.mock {
+            return Err(AuthError::BadPassword);
+        }
+        let server_signature = hmac(&self.server_key, &[&auth_message]);
+        Ok([
+            b"v=".as_slice(),
+            STANDARD.encode(server_signature).as_bytes(),
+        ]
+        .concat())
+    }
+}
+
+impl fmt::Debug for ScramServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ScramServer").finish_non_exhaustive()
+    }
+}
+
+fn hmac(key: &[u8], parts: &[&[u8]]) -> Key {
+    let mut mac =
+        <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC accepts keys of any length");
+    for part in parts {
+        mac.update(part);
+    }
+    mac.finalize().into_bytes().into()
+}
+
+/// The value of a `<name>=<value>` SCRAM attribute.
+fn attr(part: &[u8], name: u8) -> Option<&[u8]> {
+    part.strip_prefix(&[name, b'='])
+}
+
+/// A non-empty, bounded run of RFC 5802 `printable`: visible ASCII but ','.
+fn is_valid_nonce(s: &[u8]) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_NONCE_LEN
+        && s.iter().all(|&b| (0x21..=0x7e).contains(&b) && b != b',')
+}
+
+/// An optional attribute we ignore, as PostgreSQL does.
+fn is_extension(part: &[u8]) -> bool {
+    matches!(part, [name, b'=', ..] if name.is_ascii_alphabetic())
+}
+
+/// Decodes base64, refusing input that would decode to over `max` bytes
+/// before allocating for it.
+fn decode_b64(s: &[u8], max: usize) -> Option<Vec<u8>> {
+    if s.len() > max.div_ceil(3) * 4 {
+        return None;
+    }
+    STANDARD.decode(s).ok().filter(|d| d.len() <= max)
+}
+
+fn decode_key(s: &[u8]) -> Option<Key> {
+    decode_b64(s, KEY_LEN)?.try_into().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn derived_verifier_round_trips_through_pg_authid_format() {
+        let v = ScramVerifier::derive("pencil", b"0123456789abcdef", 4096);
+        let s = v.to_string();
+        assert!(s.starts_with("SCRAM-SHA-256$4096:MDEyMzQ1Njc4OWFiY2RlZg==$"));
+        assert_eq!(ScramVerifier::parse(&s).unwrap(), v);
+        assert_eq!(ScramVerifier::derive("x", b"s", 0).iterations(), 1);
+        assert!(!format!("{v:?}").contains(&STANDARD.encode(v.stored_key)));
+    }
+
+    #[test]
+    fn parses_postgres_protocol_verifier() {
+        let s = postgres_protocol::password::scram_sha_256(b"pw");
+        let v = ScramVerifier::parse(&s).unwrap();
+        assert_eq!((v.iterations(), v.salt().len()), (4096, 16));
+        assert_eq!(v.to_string(), s);
+        assert_eq!(ScramVerifier::derive("pw", v.salt(), 4096), v);
+    }
+
+    #[test]
+    fn parse_rejects_malformed_verifiers() {
+        let k = STANDARD.encode([7u8; KEY_LEN]);
+        let ok = format!("SCRAM-SHA-256$4096:c2FsdA==${k}:{k}");
+        assert!(ScramVerifier::parse(&ok).is_ok());
+        let short = STANDARD.encode([7u8; 31]);
+        for bad in [
+            String::new(),
+            "SCRAM-SHA-256$".into(),
+            "SCRAM-SHA-1$4096:c2FsdA==$a:b".into(),
+            format!("SCRAM-SHA-256$4096:c2FsdA==${k}"),
+            format!("SCRAM-SHA-256$4096${k}:{k}"),
+            format!("SCRAM-SHA-256$99999999999999999999999:c2FsdA==${k}:{k}"),
+            format!("SCRAM-SHA-256$4294967295:c2FsdA==${k}:{k}"),
+            format!("SCRAM-SHA-256$0:c2FsdA==${k}:{k}"),
+            format!("SCRAM-SHA-256$+4096:c2FsdA==${k}:{k}"),
+            format!("SCRAM-SHA-256$-1:c2FsdA==${k}:{k}"),
+            format!("SCRAM-SHA-256$:c2FsdA==${k}:{k}"),
+            format!("SCRAM-SHA-256$4096:${k}:{k}"),
+            format!("SCRAM-SHA-256$4096:!!!${k}:{k}"),
+            format!("SCRAM-SHA-256$4096:{}${k}:{k}", "A".repeat(4000)),
+            format!("SCRAM-SHA-256$4096:c2FsdA==${short}:{k}"),
+            format!("SCRAM-SHA-256$4096:c2FsdA==${k}:{k}:{k}"),
+            format!("SCRAM-SHA-256$4096:c2FsdA==${k}:{k}$"),
+            format!("SCRAM-SHA-256$4096:c2FsdA==${k}:{k} "),
+        ] {
+            let err = ScramVerifier::parse(&bad).unwrap_err();
+            assert!(
+                matches!(err, AuthError::InvalidVerifier(_)),
+                "{bad:?}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn mock_is_deterministic_per_user_and_secret() {
+        let a = ScramVerifier::mock("alice", &[1; 32]);
+        assert_eq!(a, ScramVerifier::mock("alice", &[1; 32]));
+        assert_eq!((a.iterations(), a.salt().len()), (4096, 16));
+        assert_ne!(a.salt(), ScramVerifier::mock("bob", &[1; 32]).salt());
+        assert_ne!(a.salt(), ScramVerifier::mock("alice", &[2; 32]).salt());
+    }
+
+    #[test]
+    fn random_nonce_is_printable_and_fresh() {
+        let n = ScramServer::random_nonce();
+        assert_eq!(n.len(), 24);
+        assert!(is_valid_nonce(n.as_bytes()));
+        assert_ne!(n, ScramServer::random_nonce());
+    }
+}

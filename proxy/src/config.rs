@@ -1,0 +1,450 @@
+//! Configuration: a TOML file, `SLUICE_*` environment overrides for every key, and flags.
+//!
+//! Precedence, lowest first: built-in defaults, the file, the environment, flags. Nested keys
+//! are reached in the environment with `__` (`SLUICE_USERS__APP__PASSWORD`). Any string may hold
+//! `${NAME}` references to other environment variables, so no secret needs to live in the file.
+//! [`Config::load`] validates everything and names the offending key on error.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("invalid configuration: {0}")]
+    Parse(String),
+    #[error("invalid configuration: `{key}`: {why}")]
+    Invalid { key: String, why: String },
+}
+
+fn invalid(key: impl Into<String>, why: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.into(), why: why.into() }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PoolMode {
+    /// A server connection is held for one transaction.
+    Transaction,
+    /// A server connection is held for the whole client session.
+    Session,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupBy {
+    User,
+    Database,
+    ApplicationName,
+}
+
+/// Which password exchange Sluice asks clients for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientAuth {
+    /// SCRAM-SHA-256 for every user (users configured with only an md5 hash get md5).
+    ScramSha256,
+    /// md5 for users that have an md5-capable secret, SCRAM for the others.
+    Md5,
+}
+
+/// The whole configuration, as read from the file and the environment.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address clients connect to.
+    pub listen: SocketAddr,
+    /// Address of the HTTP endpoint for /metrics, /healthz and /readyz.
+    pub admin_listen: SocketAddr,
+    /// `postgres://user:password@host:port/dbname`: the upstream server. Its user and database
+    /// are added to `users` and `databases` when not listed there (the zero-config start).
+    pub upstream: Option<String>,
+    /// Upstream host and port, when not given by `upstream`.
+    pub server_host: String,
+    pub server_port: u16,
+    pub pool_mode: PoolMode,
+    /// Server connections per (database, user) pool.
+    pub pool_size: u32,
+    /// Warm server connections kept per pool.
+    pub min_pool_size: u32,
+    /// Total server connections Sluice may hold; 0 derives it from the server's
+    /// `max_connections` minus reserved and headroom at start-up.
+    pub max_server_connections: u32,
+    /// Concurrent client connections accepted.
+    pub max_client_connections: u32,
+    /// Server connection attempts in flight at once (protects the server from connect storms).
+    pub max_connecting: u32,
+    /// Clients waiting for a server connection, all groups together.
+    pub max_waiting: u32,
+    #[serde(with = "humantime_serde")]
+    pub wait_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub server_connect_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub server_idle_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub server_lifetime: Duration,
+    /// Idle clients (no transaction open) are disconnected after this; 0 disables.
+    #[serde(with = "humantime_serde")]
+    pub client_idle_timeout: Duration,
+    /// Time a client has to finish startup and authentication.
+    #[serde(with = "humantime_serde")]
+    pub client_login_timeout: Duration,
+    /// Largest single client message accepted, in bytes.
+    pub max_message_bytes: u32,
+    pub client_auth: ClientAuth,
+    pub group_by: GroupBy,
+    pub databases: BTreeMap<String, DatabaseConfig>,
+    pub users: BTreeMap<String, UserConfig>,
+    pub groups: BTreeMap<String, GroupConfig>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// Name of the database on the server (defaults to the key).
+    pub dbname: Option<String>,
+    pub pool_mode: Option<PoolMode>,
+    pub pool_size: Option<u32>,
+    pub min_pool_size: Option<u32>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UserConfig {
+    /// What clients must present: a plaintext password, a `SCRAM-SHA-256$...` verifier or an
+    /// `md5...` hash.
+    pub password: Option<String>,
+    /// Password Sluice uses on the server; defaults to `password` when that is plaintext.
+    pub server_password: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GroupConfig {
+    pub max_connections: Option<u32>,
+    pub reserved_connections: Option<u32>,
+    pub max_waiting: Option<u32>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([0, 0, 0, 0], 6432)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9930)),
+            upstream: None,
+            server_host: "127.0.0.1".into(),
+            server_port: 5432,
+            pool_mode: PoolMode::Transaction,
+            pool_size: 20,
+            min_pool_size: 0,
+            max_server_connections: 0,
+            max_client_connections: 10_000,
+            max_connecting: 8,
+            max_waiting: 5_000,
+            wait_timeout: Duration::from_secs(5),
+            server_connect_timeout: Duration::from_secs(5),
+            server_idle_timeout: Duration::from_secs(600),
+            server_lifetime: Duration::from_secs(3600),
+            client_idle_timeout: Duration::from_secs(900),
+            client_login_timeout: Duration::from_secs(15),
+            max_message_bytes: 64 << 20,
+            client_auth: ClientAuth::ScramSha256,
+            group_by: GroupBy::User,
+            databases: BTreeMap::new(),
+            users: BTreeMap::new(),
+            groups: BTreeMap::new(),
+        }
+    }
+}
+
+/// The keys that also have flags; `None` leaves the file/environment value.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Overrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_listen: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool_size: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_server_connections: Option<u32>,
+}
+
+impl Config {
+    /// Reads defaults, then `file`, then `SLUICE_*` variables, then `flags`; expands `${VAR}`
+    /// references and validates.
+    pub fn load(file: Option<&Path>, flags: &Overrides) -> Result<Config, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(invalid("--config", format!("{} does not exist", path.display())));
+            }
+            fig = fig.merge(Toml::file(path));
+        }
+        // `SLUICE_CONFIG` names the file, it is not a key.
+        fig = fig.merge(Env::prefixed("SLUICE_").split("__").ignore(&["config"]));
+        fig = fig.merge(Serialized::defaults(flags));
+        let mut cfg: Config = fig.extract().map_err(|e| ConfigError::Parse(e.to_string()))?;
+        cfg.expand_env()?;
+        cfg.apply_upstream()?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn expand_env(&mut self) -> Result<(), ConfigError> {
+        if let Some(u) = &mut self.upstream {
+            *u = expand(u, "upstream")?;
+        }
+        for (name, user) in &mut self.users {
+            for (field, value) in
+                [("password", &mut user.password), ("server_password", &mut user.server_password)]
+            {
+                if let Some(v) = value {
+                    *v = expand(v, &format!("users.{name}.{field}"))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Folds the `upstream` URL into host, port, users and databases.
+    fn apply_upstream(&mut self) -> Result<(), ConfigError> {
+        let Some(raw) = self.upstream.clone() else {
+            return Ok(());
+        };
+        let url = url::Url::parse(&raw).map_err(|e| invalid("upstream", e.to_string()))?;
+        if !matches!(url.scheme(), "postgres" | "postgresql") {
+            return Err(invalid("upstream", "scheme must be postgres:// or postgresql://"));
+        }
+        let host = url.host_str().ok_or_else(|| invalid("upstream", "no host"))?;
+        self.server_host = host.trim_matches(['[', ']']).to_string();
+        self.server_port = url.port().unwrap_or(5432);
+        let user = decode(url.username());
+        if user.is_empty() {
+            return Err(invalid("upstream", "no user name"));
+        }
+        let db = decode(url.path().trim_start_matches('/'));
+        let db = if db.is_empty() { user.clone() } else { db };
+        self.databases.entry(db).or_default();
+        let password = url.password().map(decode);
+        let entry = self.users.entry(user).or_default();
+        if entry.password.is_none() {
+            entry.password = password.clone();
+        }
+        if entry.server_password.is_none() {
+            entry.server_password = password;
+        }
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.databases.is_empty() {
+            return Err(invalid("databases", "no database configured: give --upstream or [databases.NAME]"));
+        }
+        if self.users.is_empty() {
+            return Err(invalid("users", "no user configured: give --upstream or [users.NAME]"));
+        }
+        for (key, v) in [
+            ("pool_size", self.pool_size),
+            ("max_client_connections", self.max_client_connections),
+            ("max_connecting", self.max_connecting),
+            ("max_message_bytes", self.max_message_bytes),
+        ] {
+            if v == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        if self.max_message_bytes < 1024 {
+            return Err(invalid("max_message_bytes", "must be at least 1024"));
+        }
+        if self.wait_timeout.is_zero() {
+            return Err(invalid("wait_timeout", "must be above zero"));
+        }
+        if self.server_connect_timeout.is_zero() {
+            return Err(invalid("server_connect_timeout", "must be above zero"));
+        }
+        if self.min_pool_size > self.pool_size {
+            return Err(invalid("min_pool_size", "must not exceed pool_size"));
+        }
+        for (name, db) in &self.databases {
+            if db.pool_size == Some(0) {
+                return Err(invalid(format!("databases.{name}.pool_size"), "must be at least 1"));
+            }
+            if db.min_pool_size.unwrap_or(self.min_pool_size) > db.pool_size.unwrap_or(self.pool_size) {
+                return Err(invalid(format!("databases.{name}.min_pool_size"), "must not exceed pool_size"));
+            }
+        }
+        for (name, user) in &self.users {
+            if user.password.is_none() {
+                return Err(invalid(format!("users.{name}.password"), "missing"));
+            }
+            if self.server_password(name).is_none() {
+                return Err(invalid(
+                    format!("users.{name}.server_password"),
+                    "needed when `password` is a SCRAM verifier or md5 hash",
+                ));
+            }
+        }
+        let mut reserved = 0u64;
+        for (name, g) in &self.groups {
+            let r = g.reserved_connections.unwrap_or(0);
+            if let Some(max) = g.max_connections {
+                if max == 0 {
+                    return Err(invalid(format!("groups.{name}.max_connections"), "must be at least 1"));
+                }
+                if r > max {
+                    return Err(invalid(
+                        format!("groups.{name}.reserved_connections"),
+                        "must not exceed the group's max_connections",
+                    ));
+                }
+            }
+            reserved += u64::from(r);
+        }
+        if self.max_server_connections > 0 && reserved > u64::from(self.max_server_connections) {
+            return Err(invalid(
+                "groups",
+                format!(
+                    "reserved_connections add up to {reserved}, over max_server_connections ({})",
+                    self.max_server_connections
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The password Sluice presents to the server for `user`.
+    pub fn server_password(&self, user: &str) -> Option<&str> {
+        let u = self.users.get(user)?;
+        if let Some(p) = &u.server_password {
+            return Some(p);
+        }
+        let p = u.password.as_deref()?;
+        let hashed = p.starts_with("SCRAM-SHA-256$")
+            || (p.len() == 35 && p.starts_with("md5") && p[3..].bytes().all(|b| b.is_ascii_hexdigit()));
+        (!hashed).then_some(p)
+    }
+
+    pub fn pool_mode_for(&self, db: &str) -> PoolMode {
+        self.databases.get(db).and_then(|d| d.pool_mode).unwrap_or(self.pool_mode)
+    }
+
+    pub fn pool_size_for(&self, db: &str) -> u32 {
+        self.databases.get(db).and_then(|d| d.pool_size).unwrap_or(self.pool_size)
+    }
+
+    pub fn min_pool_size_for(&self, db: &str) -> u32 {
+        self.databases.get(db).and_then(|d| d.min_pool_size).unwrap_or(self.min_pool_size)
+    }
+
+    /// The database name on the server for a client-facing name.
+    pub fn server_dbname<'a>(&'a self, db: &'a str) -> &'a str {
+        self.databases.get(db).and_then(|d| d.dbname.as_deref()).unwrap_or(db)
+    }
+
+    /// Path given by `--config`/`SLUICE_CONFIG`, kept for RELOAD.
+    pub fn default_path() -> Option<PathBuf> {
+        std::env::var_os("SLUICE_CONFIG").map(PathBuf::from)
+    }
+}
+
+/// Expands `${NAME}` references; a missing variable is an error naming the key.
+fn expand(s: &str, key: &str) -> Result<String, ConfigError> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after.find('}').ok_or_else(|| invalid(key, "unterminated ${...} reference"))?;
+        let name = &after[..end];
+        let value = std::env::var(name)
+            .map_err(|_| invalid(key, format!("environment variable {name} is not set")))?;
+        out.push_str(&value);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+fn decode(s: &str) -> String {
+    url::form_urlencoded::parse(format!("x={s}").as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flags(upstream: &str) -> Overrides {
+        Overrides { upstream: Some(upstream.into()), ..Default::default() }
+    }
+
+    #[test]
+    fn zero_config_from_upstream() {
+        let cfg = Config::load(None, &flags("postgres://app:p%40ss@db.local:5433/appdb")).unwrap();
+        assert_eq!((cfg.server_host.as_str(), cfg.server_port), ("db.local", 5433));
+        assert!(cfg.databases.contains_key("appdb"));
+        assert_eq!(cfg.users["app"].password.as_deref(), Some("p@ss"));
+        assert_eq!(cfg.server_password("app"), Some("p@ss"));
+        assert_eq!(cfg.pool_mode_for("appdb"), PoolMode::Transaction);
+    }
+
+    #[test]
+    fn file_keys_and_env_references() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.toml");
+        std::env::set_var("CFGTEST_PW_1", "from-env");
+        std::fs::write(
+            &path,
+            r#"
+            pool_size = 7
+            wait_timeout = "250ms"
+            [databases.a]
+            pool_mode = "session"
+            [users.u]
+            password = "${CFGTEST_PW_1}"
+            "#,
+        )
+        .unwrap();
+        let cfg = Config::load(Some(&path), &Overrides::default()).unwrap();
+        assert_eq!(cfg.pool_size, 7);
+        assert_eq!(cfg.wait_timeout, Duration::from_millis(250));
+        assert_eq!(cfg.pool_mode_for("a"), PoolMode::Session);
+        assert_eq!(cfg.users["u"].password.as_deref(), Some("from-env"));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let err = |toml: &str| {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("s.toml");
+            std::fs::write(&path, toml).unwrap();
+            Config::load(Some(&path), &Overrides::default()).unwrap_err().to_string()
+        };
+        let base = "[databases.d]\n[users.u]\npassword = \"x\"\n";
+        assert!(err(&format!("pool_size = 0\n{base}")).contains("pool_size"));
+        assert!(err(&format!("bogus = 1\n{base}")).contains("bogus"));
+        assert!(err(&format!("wait_timeout = \"soon\"\n{base}")).contains("wait_timeout"));
+        assert!(err("[databases.d]\n[users.u]\npassword = \"${CFGTEST_UNSET_X}\"\n")
+            .contains("users.u.password"));
+        assert!(err("[databases.d]\n[users.u]\npassword = \"md5aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"\n")
+            .contains("server_password"));
+        assert!(err(&format!(
+            "max_server_connections = 5\n{base}[groups.a]\nreserved_connections = 4\n[groups.b]\nreserved_connections = 2\n"
+        ))
+        .contains("reserved_connections add up to 6"));
+        assert!(Config::load(None, &flags("mysql://a@b/c")).unwrap_err().to_string().contains("upstream"));
+        assert!(Config::load(None, &Overrides::default()).is_err());
+    }
+}

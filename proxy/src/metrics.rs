@@ -1,0 +1,150 @@
+//! Metric names and cheap handles, recorded through the `metrics` facade.
+//!
+//! Every name is `sluice_*` with its unit in the name. Handles that the hot path touches are
+//! registered once and cached ([`GroupMetrics`], [`Global`]), so recording is an atomic add, not
+//! a registry lookup. Label sets are fixed; group labels are capped by
+//! [`group_label`] so a flood of application names cannot grow the series without bound.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics::{Counter, Gauge, Histogram, Unit};
+
+pub const CLIENT_CONNECTIONS: &str = "sluice_client_connections";
+pub const CLIENT_ACCEPTED: &str = "sluice_client_connections_accepted_total";
+pub const CLIENT_REJECTED: &str = "sluice_client_connections_rejected_total";
+pub const CLIENT_AUTH_FAILURES: &str = "sluice_client_auth_failures_total";
+pub const QUERIES_REJECTED: &str = "sluice_queries_rejected_total";
+pub const POOL_WAIT: &str = "sluice_pool_wait_seconds";
+pub const POOL_WAITING: &str = "sluice_pool_waiting_clients";
+pub const SERVER_CONNECTIONS: &str = "sluice_server_connections";
+pub const SERVER_BUDGET: &str = "sluice_server_connections_budget";
+pub const SERVER_CONNECTS: &str = "sluice_server_connects_total";
+pub const SERVER_CONNECT_TIME: &str = "sluice_server_connect_seconds";
+pub const SERVER_CLOSED: &str = "sluice_server_connections_closed_total";
+pub const TRANSACTIONS: &str = "sluice_transactions_total";
+pub const TRANSACTION_TIME: &str = "sluice_transaction_seconds";
+pub const BYTES: &str = "sluice_bytes_total";
+pub const PINNED_SESSIONS: &str = "sluice_pinned_sessions";
+pub const SESSION_PINS: &str = "sluice_session_pins_total";
+
+/// Describes every metric once, so the exposition carries HELP and unit lines.
+pub fn describe() {
+    describe_gauge!(CLIENT_CONNECTIONS, "Client connections by state (active, waiting, idle)");
+    describe_counter!(CLIENT_ACCEPTED, "Client connections accepted");
+    describe_counter!(CLIENT_REJECTED, "Client connections refused, by reason");
+    describe_counter!(CLIENT_AUTH_FAILURES, "Client authentication failures");
+    describe_counter!(QUERIES_REJECTED, "Requests shed without being executed, by reason and group");
+    describe_histogram!(POOL_WAIT, Unit::Seconds, "Time to borrow a server connection");
+    describe_gauge!(POOL_WAITING, "Clients waiting for a server connection, by group");
+    describe_gauge!(SERVER_CONNECTIONS, "Server connections by state (active, idle, connecting)");
+    describe_gauge!(SERVER_BUDGET, "The global server connection budget");
+    describe_counter!(SERVER_CONNECTS, "Server connection attempts, by result");
+    describe_histogram!(SERVER_CONNECT_TIME, Unit::Seconds, "Time to connect and authenticate to the server");
+    describe_counter!(SERVER_CLOSED, "Server connections closed, by reason");
+    describe_counter!(TRANSACTIONS, "Transactions (pool checkouts) completed, by group");
+    describe_histogram!(TRANSACTION_TIME, Unit::Seconds, "Time a server connection was held per checkout");
+    describe_counter!(BYTES, Unit::Bytes, "Bytes relayed, by direction");
+    describe_gauge!(PINNED_SESSIONS, "Client sessions pinned to a server connection");
+    describe_counter!(SESSION_PINS, "Sessions pinned, by reason");
+}
+
+static GROUP_LABELS: AtomicUsize = AtomicUsize::new(0);
+static GROUP_LABEL_CAP: OnceLock<usize> = OnceLock::new();
+
+/// Sets how many distinct group labels are exported before the rest become `other`.
+pub fn set_group_label_cap(cap: usize) {
+    let _ = GROUP_LABEL_CAP.set(cap);
+}
+
+/// The label under which a new group is exported: its name while under the cap, else `other`.
+pub fn group_label(name: &str) -> String {
+    let cap = *GROUP_LABEL_CAP.get().unwrap_or(&100);
+    if GROUP_LABELS.fetch_add(1, Ordering::Relaxed) < cap {
+        name.to_string()
+    } else {
+        "other".to_string()
+    }
+}
+
+/// Handles for one group, registered when the group is first seen.
+#[derive(Clone)]
+pub struct GroupMetrics {
+    pub wait: Histogram,
+    pub waiting: Gauge,
+    pub transactions: Counter,
+    pub transaction_time: Histogram,
+    label: String,
+}
+
+impl GroupMetrics {
+    pub fn new(name: &str) -> Self {
+        let label = group_label(name);
+        GroupMetrics {
+            wait: histogram!(POOL_WAIT, "group" => label.clone()),
+            waiting: gauge!(POOL_WAITING, "group" => label.clone()),
+            transactions: counter!(TRANSACTIONS, "group" => label.clone()),
+            transaction_time: histogram!(TRANSACTION_TIME, "group" => label.clone()),
+            label,
+        }
+    }
+
+    /// Counts a shed request; reasons are few and fixed, so the lookup is rare and bounded.
+    pub fn rejected(&self, reason: &'static str) {
+        counter!(QUERIES_REJECTED, "reason" => reason, "group" => self.label.clone()).increment(1);
+    }
+}
+
+/// Handles that are not per group.
+pub struct Global {
+    pub clients_active: Gauge,
+    pub clients_waiting: Gauge,
+    pub clients_idle: Gauge,
+    pub accepted: Counter,
+    pub auth_failures: Counter,
+    pub servers_active: Gauge,
+    pub servers_idle: Gauge,
+    pub servers_connecting: Gauge,
+    pub budget: Gauge,
+    pub connect_time: Histogram,
+    pub bytes_to_server: Counter,
+    pub bytes_to_client: Counter,
+    pub pinned: Gauge,
+}
+
+/// The process-wide handles. Registered on first use, after the recorder is installed.
+pub fn global() -> &'static Global {
+    static G: OnceLock<Global> = OnceLock::new();
+    G.get_or_init(|| Global {
+        clients_active: gauge!(CLIENT_CONNECTIONS, "state" => "active"),
+        clients_waiting: gauge!(CLIENT_CONNECTIONS, "state" => "waiting"),
+        clients_idle: gauge!(CLIENT_CONNECTIONS, "state" => "idle"),
+        accepted: counter!(CLIENT_ACCEPTED),
+        auth_failures: counter!(CLIENT_AUTH_FAILURES),
+        servers_active: gauge!(SERVER_CONNECTIONS, "state" => "active"),
+        servers_idle: gauge!(SERVER_CONNECTIONS, "state" => "idle"),
+        servers_connecting: gauge!(SERVER_CONNECTIONS, "state" => "connecting"),
+        budget: gauge!(SERVER_BUDGET),
+        connect_time: histogram!(SERVER_CONNECT_TIME),
+        bytes_to_server: counter!(BYTES, "direction" => "client_to_server"),
+        bytes_to_client: counter!(BYTES, "direction" => "server_to_client"),
+        pinned: gauge!(PINNED_SESSIONS),
+    })
+}
+
+pub fn client_rejected(reason: &'static str) {
+    counter!(CLIENT_REJECTED, "reason" => reason).increment(1);
+}
+
+pub fn server_connect(result: &'static str) {
+    counter!(SERVER_CONNECTS, "result" => result).increment(1);
+}
+
+pub fn server_closed(reason: &'static str) {
+    counter!(SERVER_CLOSED, "reason" => reason).increment(1);
+}
+
+pub fn session_pinned(reason: &'static str) {
+    counter!(SESSION_PINS, "reason" => reason).increment(1);
+}

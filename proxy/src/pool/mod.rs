@@ -1,0 +1,278 @@
+//! Pools of server connections under one global budget, with admission control.
+//!
+//! Generic over the connection type `C`: tests pool plain values. A [`Pools`] holds every
+//! (database, user) pool and every client group; one short critical section per checkout and per
+//! return decides who gets what, so no limit can be overshot by a race between threads:
+//!
+//! - the **budget** bounds all connections (connecting, idle, busy) together;
+//! - each **pool** bounds its own connections (`size`);
+//! - each **group** may cap the connections it holds at once and reserve part of the budget;
+//! - waiters queue per group, and groups with waiters are served round robin, groups below their
+//!   reservation first, so one hot function cannot starve the others;
+//! - the queue is bounded, and requests that would only time out are shed at once ([`shed`]).
+//!
+//! A grant is a [`Lease`]: an admitted slot holding either an idle connection or the right to
+//! open a new one. Dropping a lease without [`Lease::release`] discards its connection: a
+//! connection is never handed on unless its holder vouched that it is clean.
+
+mod lease;
+pub mod shed;
+mod state;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use thiserror::Error;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+pub use lease::Lease;
+use shed::Shedder;
+use state::{Admit, Grant, State, Waiter};
+
+use crate::metrics::GroupMetrics;
+
+/// Index of a (database, user) pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PoolId(pub(crate) usize);
+
+/// Index of a client group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct GroupId(pub(crate) usize);
+
+/// Limits shared by every pool.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub budget: u32,
+    pub max_connecting: u32,
+    pub max_waiting: u32,
+    pub wait_timeout: Duration,
+    /// Queueing delay above which, sustained for `shed_interval`, new arrivals are shed.
+    pub shed_target: Duration,
+    pub shed_interval: Duration,
+}
+
+/// Per-group settings.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GroupLimits {
+    pub max_connections: Option<u32>,
+    pub reserved: u32,
+    pub max_waiting: Option<u32>,
+}
+
+/// Why a request was refused without being executed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    QueueFull,
+    PredictedTimeout,
+    Overload,
+    WaitTimeout,
+    Closed,
+}
+
+impl Reason {
+    /// The metric label and the word used in messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::QueueFull => "queue_full",
+            Reason::PredictedTimeout => "predicted_timeout",
+            Reason::Overload => "overload",
+            Reason::WaitTimeout => "wait_timeout",
+            Reason::Closed => "shutting_down",
+        }
+    }
+}
+
+#[derive(Debug, Error, Clone)]
+#[error("{reason:?}: {detail}")]
+pub struct Rejected {
+    pub reason: Reason,
+    /// The limit that was hit, for the DETAIL of the error.
+    pub detail: String,
+    /// A suggested retry delay.
+    pub retry_after: Duration,
+}
+
+/// A point-in-time view of one pool, for the admin console and gauges.
+#[derive(Debug, Clone)]
+pub struct PoolStats {
+    pub database: String,
+    pub user: String,
+    pub size: u32,
+    pub active: u32,
+    pub idle: u32,
+    pub connecting: u32,
+    pub waiting: u32,
+}
+
+/// A point-in-time view of one group.
+#[derive(Debug, Clone)]
+pub struct GroupStats {
+    pub name: String,
+    pub active: u32,
+    pub waiting: u32,
+    pub max_connections: Option<u32>,
+    pub reserved: u32,
+}
+
+pub(crate) struct Shared<C: Send + 'static> {
+    pub(crate) state: Mutex<State<C>>,
+}
+
+/// All pools and groups that share one budget.
+pub struct Pools<C: Send + 'static> {
+    shared: Arc<Shared<C>>,
+}
+
+impl<C: Send + 'static> Clone for Pools<C> {
+    fn clone(&self) -> Self {
+        Pools { shared: self.shared.clone() }
+    }
+}
+
+impl<C: Send + 'static> Pools<C> {
+    pub fn new(limits: Limits) -> Self {
+        let shedder = Shedder::new(limits.shed_target, limits.shed_interval);
+        Pools { shared: Arc::new(Shared { state: Mutex::new(State::new(limits, shedder)) }) }
+    }
+
+    /// The pool for (database, user), created with `size`/`min` on first use.
+    pub fn pool(&self, database: &str, user: &str, size: u32, min: u32) -> PoolId {
+        self.shared.state.lock().pool_id(database, user, size, min)
+    }
+
+    /// The group called `name`, created with `limits` on first use.
+    pub fn group(&self, name: &str, limits: GroupLimits) -> GroupId {
+        let mut st = self.shared.state.lock();
+        if let Some(g) = st.find_group(name) {
+            return g;
+        }
+        // Registering metric handles takes the recorder's lock; it happens once per group.
+        let metrics = GroupMetrics::new(name);
+        st.add_group(name, limits, metrics)
+    }
+
+    /// Borrows a connection slot for `pool` on behalf of `group`: at once when capacity allows,
+    /// else after waiting in the group's queue, or a [`Rejected`] that says why not.
+    ///
+    /// Cancel safe: dropping the future leaves the queue as if it had never waited.
+    pub async fn acquire(&self, pool: PoolId, group: GroupId) -> Result<Lease<C>, Rejected> {
+        let started = Instant::now();
+        let (mut rx, id, deadline) = {
+            let mut st = self.shared.state.lock();
+            if let Admit::Granted(lease) = st.try_admit(&self.shared, pool, group, started)? {
+                return Ok(lease);
+            }
+            let (tx, rx) = oneshot::channel();
+            let id = st.enqueue(Waiter { id: 0, pool, tx, since: started }, group);
+            (rx, id, started + st.limits.wait_timeout)
+        };
+        let mut guard = WaitGuard { shared: &self.shared, group, id: Some(id) };
+        match tokio::time::timeout_at(deadline, &mut rx).await {
+            Ok(Ok(lease)) => {
+                guard.id = None;
+                Ok(lease)
+            }
+            // Senders are dropped without a grant only on shutdown.
+            Ok(Err(_)) => {
+                guard.id = None;
+                Err(Rejected { reason: Reason::Closed, detail: "Sluice is shutting down".into(), retry_after: Duration::from_secs(1) })
+            }
+            Err(_elapsed) => {
+                guard.id = None;
+                let rejected = {
+                    let mut st = self.shared.state.lock();
+                    if st.remove_waiter(group, id) {
+                        let ms = st.limits.wait_timeout.as_millis();
+                        Some(st.reject(group, Reason::WaitTimeout, format!("no server connection became free within wait_timeout ({ms} ms)")))
+                    } else {
+                        None
+                    }
+                };
+                match rejected {
+                    Some(r) => Err(r),
+                    // Granted between the timer firing and the lock: the lease is on its way
+                    // (grants are sent right after the lock is released).
+                    None => rx.await.map_err(|_| Rejected { reason: Reason::Closed, detail: "Sluice is shutting down".into(), retry_after: Duration::from_secs(1) }),
+                }
+            }
+        }
+    }
+
+    /// Takes idle connections that have idled past `idle_timeout` or lived past `lifetime`
+    /// (keeping each pool's minimum), for the caller to close outside the lock.
+    pub fn reap(&self, now: Instant, idle_timeout: Duration, lifetime: Duration) -> Vec<C> {
+        let (out, after) = {
+            let mut st = self.shared.state.lock();
+            let out = st.reap(now, idle_timeout, lifetime);
+            (out, st.dispatch(&self.shared, now))
+        };
+        after.run();
+        out
+    }
+
+    /// Takes every idle connection (for shutdown and PAUSE).
+    pub fn drain_idle(&self) -> Vec<C> {
+        let (out, after) = {
+            let mut st = self.shared.state.lock();
+            let out = st.drain_idle();
+            (out, st.dispatch(&self.shared, Instant::now()))
+        };
+        after.run();
+        out
+    }
+
+    /// Slots for warm connections each pool lacks (`min`), within the budget and connect limit.
+    pub fn warm_slots(&self) -> Vec<Lease<C>> {
+        self.shared.state.lock().warm_slots(&self.shared)
+    }
+
+    /// Refuses every waiter and every later request (shutdown).
+    pub fn close(&self) {
+        let waiters = self.shared.state.lock().close();
+        drop(waiters);
+    }
+
+    pub fn pool_stats(&self) -> Vec<PoolStats> {
+        self.shared.state.lock().pool_stats()
+    }
+
+    pub fn group_stats(&self) -> Vec<GroupStats> {
+        self.shared.state.lock().group_stats()
+    }
+
+    /// (total connections, budget).
+    pub fn totals(&self) -> (u32, u32) {
+        let st = self.shared.state.lock();
+        (st.total, st.limits.budget)
+    }
+}
+
+/// Sends grants outside the lock; a grant whose waiter has gone comes back and is dropped
+/// here, which returns it through the lease's own drop path.
+pub(crate) fn deliver<C: Send + 'static>(grants: Vec<(oneshot::Sender<Grant<C>>, Grant<C>)>) {
+    for (tx, grant) in grants {
+        if let Err(back) = tx.send(grant) {
+            drop(back);
+        }
+    }
+}
+
+/// Removes a waiter whose `acquire` future was dropped (the client went away).
+struct WaitGuard<'a, C: Send + 'static> {
+    shared: &'a Arc<Shared<C>>,
+    group: GroupId,
+    id: Option<u64>,
+}
+
+impl<C: Send + 'static> Drop for WaitGuard<'_, C> {
+    fn drop(&mut self) {
+        if let Some(id) = self.id {
+            self.shared.state.lock().remove_waiter(self.group, id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,177 @@
+//! Load shedding: predicting waits from the release rate, and detecting sustained overload.
+//!
+//! Two signals decide whether a new request may queue (see "Fail at Scale", ACM Queue 2015):
+//! - the **predicted wait**: the requests ahead of it divided by the recent rate at which server
+//!   connections are released; a request that would wait past its timeout is refused at once
+//!   (`predicted_timeout`) instead of timing out later, having held a queue slot for nothing;
+//! - **overload**, in the spirit of CoDel: when the queueing delay of every request served has
+//!   stayed above `target` for a whole `interval`, the queue is a standing one. While that lasts
+//!   new arrivals may only queue if their predicted wait is within `target`, so those admitted keep
+//!   a bounded wait (`overload`). An empty queue ends the state.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::Reason;
+
+/// Width of a rate-measurement window.
+const WINDOW: Duration = Duration::from_millis(250);
+
+pub struct Shedder {
+    target: Duration,
+    interval: Duration,
+    /// When the current window began and releases seen in it.
+    window_start: Option<Instant>,
+    window_count: u32,
+    last_release: Option<Instant>,
+    /// Smoothed releases per second; `None` until a first window closes.
+    rate: Option<f64>,
+    /// When a run of served requests that waited above target began.
+    above_since: Option<Instant>,
+    overloaded: bool,
+}
+
+impl Shedder {
+    pub fn new(target: Duration, interval: Duration) -> Self {
+        Shedder { target, interval, window_start: None, window_count: 0, last_release: None, rate: None, above_since: None, overloaded: false }
+    }
+
+    pub fn on_release(&mut self, now: Instant) {
+        let start = *self.window_start.get_or_insert(now);
+        self.window_count += 1;
+        self.last_release = Some(now);
+        let elapsed = now.saturating_duration_since(start);
+        if elapsed >= WINDOW {
+            let r = f64::from(self.window_count) / elapsed.as_secs_f64();
+            self.rate = Some(match self.rate {
+                Some(old) => 0.5 * old + 0.5 * r,
+                None => r,
+            });
+            self.window_start = Some(now);
+            self.window_count = 0;
+        }
+    }
+
+    /// The recent release rate, decayed when releases stopped coming.
+    fn rate(&self, now: Instant) -> Option<f64> {
+        let rate = self.rate?;
+        let quiet = now.saturating_duration_since(self.last_release?);
+        if quiet > WINDOW * 4 {
+            // Nothing released for a while: the true rate is at most one per quiet period.
+            return Some(rate.min(1.0 / quiet.as_secs_f64()));
+        }
+        Some(rate)
+    }
+
+    /// A waiter was served after `waited`.
+    pub fn on_dequeue(&mut self, now: Instant, waited: Duration) {
+        if waited < self.target {
+            self.above_since = None;
+            self.overloaded = false;
+            return;
+        }
+        let since = *self.above_since.get_or_insert(now);
+        if now.saturating_duration_since(since) >= self.interval {
+            self.overloaded = true;
+        }
+    }
+
+    pub fn queue_empty(&mut self) {
+        self.above_since = None;
+        self.overloaded = false;
+    }
+
+    pub fn is_overloaded(&self) -> bool {
+        self.overloaded
+    }
+
+    /// Predicted wait for a request with `ahead` requests to be served before it (itself included).
+    pub fn predict(&self, now: Instant, ahead: u32) -> Option<Duration> {
+        let rate = self.rate(now)?;
+        if rate <= 0.0 {
+            return None;
+        }
+        Some(Duration::from_secs_f64((f64::from(ahead) / rate).min(3600.0)))
+    }
+
+    /// Whether a request that must queue should be refused now, and why.
+    pub fn check(&self, now: Instant, ahead: u32, timeout: Duration) -> Option<(Reason, String)> {
+        let predicted = self.predict(now, ahead);
+        if let Some(p) = predicted {
+            if p > timeout {
+                return Some((
+                    Reason::PredictedTimeout,
+                    format!(
+                        "predicted wait {} ms exceeds wait_timeout ({} ms): {ahead} requests ahead, servers freeing at {:.0}/s",
+                        p.as_millis(),
+                        timeout.as_millis(),
+                        f64::from(ahead) / p.as_secs_f64().max(1e-9)
+                    ),
+                ));
+            }
+        }
+        if self.overloaded && predicted.is_none_or(|p| p > self.target) {
+            return Some((
+                Reason::Overload,
+                format!(
+                    "queueing delay has stayed above {} ms for {} ms",
+                    self.target.as_millis(),
+                    self.interval.as_millis()
+                ),
+            ));
+        }
+        None
+    }
+
+    /// A suggested retry delay: roughly the time the current queue needs to drain.
+    pub fn retry_after(&self, waiting: u32, timeout: Duration) -> Duration {
+        let now = Instant::now();
+        let guess = self.predict(now, waiting.max(1)).unwrap_or(timeout / 4);
+        guess.clamp(Duration::from_millis(50), timeout.max(Duration::from_millis(50)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn predicts_from_release_rate() {
+        let mut s = Shedder::new(Duration::from_millis(50), Duration::from_millis(200));
+        assert_eq!(s.predict(Instant::now(), 10), None);
+        // 100 releases per second for one second.
+        for _ in 0..100 {
+            tokio::time::advance(Duration::from_millis(10)).await;
+            s.on_release(Instant::now());
+        }
+        let p = s.predict(Instant::now(), 50).unwrap();
+        assert!(p > Duration::from_millis(400) && p < Duration::from_millis(600), "{p:?}");
+        assert!(s.check(Instant::now(), 50, Duration::from_secs(1)).is_none());
+        let (reason, _) = s.check(Instant::now(), 500, Duration::from_secs(1)).unwrap();
+        assert_eq!(reason, Reason::PredictedTimeout);
+        // Releases stop: the estimate decays rather than staying optimistic.
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let p = s.predict(Instant::now(), 5).unwrap();
+        assert!(p >= Duration::from_secs(5), "{p:?} {:?}", s.rate);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn overload_needs_a_sustained_standing_queue() {
+        let mut s = Shedder::new(Duration::from_millis(50), Duration::from_millis(200));
+        let slow = Duration::from_millis(80);
+        s.on_dequeue(Instant::now(), slow);
+        assert!(!s.is_overloaded());
+        tokio::time::advance(Duration::from_millis(100)).await;
+        s.on_dequeue(Instant::now(), Duration::from_millis(10));
+        tokio::time::advance(Duration::from_millis(150)).await;
+        s.on_dequeue(Instant::now(), slow);
+        assert!(!s.is_overloaded(), "a fast dequeue in between resets the run");
+        tokio::time::advance(Duration::from_millis(250)).await;
+        s.on_dequeue(Instant::now(), slow);
+        assert!(s.is_overloaded());
+        assert_eq!(s.check(Instant::now(), 1, Duration::from_secs(5)).unwrap().0, Reason::Overload);
+        s.queue_empty();
+        assert!(!s.is_overloaded());
+    }
+}

@@ -1,0 +1,492 @@
+//! The bookkeeping behind [`super::Pools`], always touched under its one mutex.
+//!
+//! Invariants, checked by the tests in `tests.rs`:
+//! - `total` = connecting + idle + connections held by leases ≤ `limits.budget`;
+//! - per pool, `total` ≤ `size` and `active` ≤ `size`;
+//! - `active` (admitted leases) ≤ budget, and per group ≤ its `max_connections`;
+//! - a waiter is in exactly one group queue, and `waiting` counts them.
+//!
+//! Since every lease that is admitted needs at most one connection and `active` ≤ budget, an
+//! admitted lease can always be given one: an idle connection of its pool, a new one within the
+//! budget, or a new one in place of an idle connection evicted from another pool.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use super::lease::Lease;
+use super::shed::Shedder;
+use super::{GroupId, GroupLimits, GroupStats, Limits, PoolId, PoolStats, Reason, Rejected, Shared};
+use crate::metrics::GroupMetrics;
+
+pub(crate) type Grant<C> = Lease<C>;
+
+pub(crate) struct Waiter<C: Send + 'static> {
+    pub id: u64,
+    pub pool: PoolId,
+    pub tx: oneshot::Sender<Grant<C>>,
+    pub since: Instant,
+}
+
+/// A connection at rest in a pool, or held by a lease.
+pub(crate) struct Entry<C> {
+    pub conn: C,
+    pub created: Instant,
+    pub since: Instant,
+}
+
+struct PoolState<C> {
+    database: String,
+    user: String,
+    size: u32,
+    min: u32,
+    total: u32,
+    active: u32,
+    connecting: u32,
+    /// Most recently used last: checkout pops the warmest connection.
+    idle: Vec<Entry<C>>,
+}
+
+struct GroupState<C: Send + 'static> {
+    name: String,
+    limits: GroupLimits,
+    active: u32,
+    waiters: VecDeque<Waiter<C>>,
+    metrics: GroupMetrics,
+}
+
+enum Source {
+    Idle,
+    New,
+    Evict(usize),
+}
+
+pub(crate) enum Admit<C: Send + 'static> {
+    Granted(Lease<C>),
+    Queue,
+}
+
+/// What an operation leaves to do once the lock is released.
+pub(crate) struct Aftermath<C: Send + 'static> {
+    pub grants: Vec<(oneshot::Sender<Grant<C>>, Grant<C>)>,
+    pub dead: Vec<C>,
+}
+
+impl<C: Send + 'static> Aftermath<C> {
+    pub fn run(self) {
+        super::deliver(self.grants);
+        drop(self.dead);
+    }
+}
+
+pub(crate) struct State<C: Send + 'static> {
+    pub limits: Limits,
+    pub total: u32,
+    connecting: u32,
+    active: u32,
+    waiting: u32,
+    pools: Vec<PoolState<C>>,
+    groups: Vec<GroupState<C>>,
+    /// Groups with waiters, in the order they are next served.
+    rr: VecDeque<usize>,
+    next_id: u64,
+    shedder: Shedder,
+    closed: bool,
+    dead: Vec<C>,
+}
+
+impl<C: Send + 'static> State<C> {
+    pub fn new(limits: Limits, shedder: Shedder) -> Self {
+        State {
+            limits,
+            total: 0,
+            connecting: 0,
+            active: 0,
+            waiting: 0,
+            pools: Vec::new(),
+            groups: Vec::new(),
+            rr: VecDeque::new(),
+            next_id: 1,
+            shedder,
+            closed: false,
+            dead: Vec::new(),
+        }
+    }
+
+    pub fn pool_id(&mut self, database: &str, user: &str, size: u32, min: u32) -> PoolId {
+        if let Some(i) = self.pools.iter().position(|p| p.database == database && p.user == user) {
+            return PoolId(i);
+        }
+        self.pools.push(PoolState {
+            database: database.to_string(),
+            user: user.to_string(),
+            size,
+            min,
+            total: 0,
+            active: 0,
+            connecting: 0,
+            idle: Vec::new(),
+        });
+        PoolId(self.pools.len() - 1)
+    }
+
+    pub fn find_group(&self, name: &str) -> Option<GroupId> {
+        self.groups.iter().position(|g| g.name == name).map(GroupId)
+    }
+
+    pub fn add_group(&mut self, name: &str, limits: GroupLimits, metrics: GroupMetrics) -> GroupId {
+        self.groups.push(GroupState { name: name.to_string(), limits, active: 0, waiters: VecDeque::new(), metrics });
+        GroupId(self.groups.len() - 1)
+    }
+
+    /// Reservations other groups hold back while they have waiters and are below them.
+    fn protected_for(&self, g: usize) -> u32 {
+        self.rr
+            .iter()
+            .filter(|&&h| h != g)
+            .map(|&h| self.groups[h].limits.reserved.saturating_sub(self.groups[h].active))
+            .sum()
+    }
+
+    /// Where a lease for group `g` in pool `p` would get its connection now, if anywhere.
+    fn source(&self, g: usize, p: usize) -> Option<Source> {
+        let gs = &self.groups[g];
+        let ps = &self.pools[p];
+        if gs.limits.max_connections.is_some_and(|max| gs.active >= max) || ps.active >= ps.size {
+            return None;
+        }
+        if self.active >= self.limits.budget {
+            return None;
+        }
+        let within_reservation = gs.active < gs.limits.reserved;
+        if !within_reservation && self.active + self.protected_for(g) >= self.limits.budget {
+            return None;
+        }
+        if !ps.idle.is_empty() {
+            return Some(Source::Idle);
+        }
+        if self.connecting >= self.limits.max_connecting || ps.total >= ps.size {
+            return None;
+        }
+        if self.total < self.limits.budget {
+            return Some(Source::New);
+        }
+        // The budget is all in use but not all busy: close another pool's oldest idle
+        // connection to open one here.
+        self.pools.iter().position(|q| !q.idle.is_empty()).map(Source::Evict)
+    }
+
+    fn grant(&mut self, shared: &Arc<Shared<C>>, g: usize, p: usize, src: Source, now: Instant) -> Lease<C> {
+        let entry = match src {
+            Source::Idle => self.pools[p].idle.pop(),
+            Source::New | Source::Evict(_) => {
+                if let Source::Evict(q) = src {
+                    let old = self.pools[q].idle.remove(0);
+                    self.pools[q].total -= 1;
+                    self.total -= 1;
+                    crate::metrics::server_closed("evicted");
+                    self.dead.push(old.conn);
+                }
+                self.total += 1;
+                self.connecting += 1;
+                self.pools[p].total += 1;
+                self.pools[p].connecting += 1;
+                None
+            }
+        };
+        self.active += 1;
+        self.groups[g].active += 1;
+        self.pools[p].active += 1;
+        Lease::new(shared.clone(), PoolId(p), Some(GroupId(g)), entry, now)
+    }
+
+    pub fn try_admit(&mut self, shared: &Arc<Shared<C>>, pool: PoolId, group: GroupId, now: Instant) -> Result<Admit<C>, Rejected> {
+        let (g, p) = (group.0, pool.0);
+        if self.closed {
+            return Err(self.reject(group, Reason::Closed, "Sluice is shutting down".into()));
+        }
+        // Nobody jumps their own group's queue; other groups' waiters could not use what is free,
+        // or dispatch would already have given it to them.
+        if self.groups[g].waiters.is_empty() {
+            if let Some(src) = self.source(g, p) {
+                let lease = self.grant(shared, g, p, src, now);
+                self.groups[g].metrics.wait.record(0.0);
+                return Ok(Admit::Granted(lease));
+            }
+        }
+        if self.waiting >= self.limits.max_waiting {
+            let detail = format!("max_waiting ({}) clients are already waiting for a server connection", self.limits.max_waiting);
+            return Err(self.reject(group, Reason::QueueFull, detail));
+        }
+        let gs = &self.groups[g];
+        if let Some(max) = gs.limits.max_waiting {
+            if gs.waiters.len() as u32 >= max {
+                let detail = format!("group \"{}\" already has max_waiting ({max}) clients waiting", gs.name);
+                return Err(self.reject(group, Reason::QueueFull, detail));
+            }
+        }
+        let ahead = gs.waiters.len() as u32 + 1;
+        let groups_waiting = (self.rr.len() as u32 + u32::from(gs.waiters.is_empty())).max(1);
+        let ahead = (ahead * groups_waiting).min(self.waiting + 1);
+        if let Some((reason, detail)) = self.shedder.check(now, ahead, self.limits.wait_timeout) {
+            return Err(self.reject(group, reason, detail));
+        }
+        Ok(Admit::Queue)
+    }
+
+    pub fn reject(&mut self, group: GroupId, reason: Reason, detail: String) -> Rejected {
+        self.groups[group.0].metrics.rejected(reason.as_str());
+        let retry_after = self.shedder.retry_after(self.waiting, self.limits.wait_timeout);
+        Rejected { reason, detail, retry_after }
+    }
+
+    pub fn enqueue(&mut self, mut w: Waiter<C>, group: GroupId) -> u64 {
+        w.id = self.next_id;
+        self.next_id += 1;
+        let gs = &mut self.groups[group.0];
+        if gs.waiters.is_empty() {
+            self.rr.push_back(group.0);
+        }
+        gs.waiters.push_back(w);
+        gs.metrics.waiting.increment(1.0);
+        self.waiting += 1;
+        self.next_id - 1
+    }
+
+    /// Removes waiter `id` if still queued (not yet granted).
+    pub fn remove_waiter(&mut self, group: GroupId, id: u64) -> bool {
+        let gs = &mut self.groups[group.0];
+        let Some(pos) = gs.waiters.iter().position(|w| w.id == id) else {
+            return false;
+        };
+        gs.waiters.remove(pos);
+        gs.metrics.waiting.decrement(1.0);
+        self.waiting -= 1;
+        if gs.waiters.is_empty() {
+            self.rr.retain(|&x| x != group.0);
+            if self.rr.is_empty() {
+                self.shedder.queue_empty();
+            }
+        }
+        true
+    }
+
+    /// Serves waiters while capacity allows: groups below their reservation first, then the
+    /// others round robin.
+    pub fn dispatch(&mut self, shared: &Arc<Shared<C>>, now: Instant) -> Aftermath<C> {
+        let mut grants = Vec::new();
+        loop {
+            let mut progressed = false;
+            for reserved_pass in [true, false] {
+                // Groups served in this pass go to the back, in the order served; the others
+                // keep their place, so a group that could not be served loses no turn.
+                let order: Vec<usize> = self.rr.drain(..).collect();
+                let mut kept = Vec::with_capacity(order.len());
+                let mut served = Vec::new();
+                for g in order {
+                    self.drop_gone(g);
+                    let Some(pool) = self.groups[g].waiters.front().map(|w| w.pool.0) else {
+                        continue;
+                    };
+                    let needy = self.groups[g].active < self.groups[g].limits.reserved;
+                    let src = if reserved_pass && !needy { None } else { self.source(g, pool) };
+                    let Some(src) = src else {
+                        kept.push(g);
+                        continue;
+                    };
+                    let Some(w) = self.groups[g].waiters.pop_front() else { continue };
+                    self.waiting -= 1;
+                    let gs = &self.groups[g];
+                    gs.metrics.waiting.decrement(1.0);
+                    let waited = now.saturating_duration_since(w.since);
+                    gs.metrics.wait.record(waited.as_secs_f64());
+                    self.shedder.on_dequeue(now, waited);
+                    let lease = self.grant(shared, g, pool, src, now);
+                    grants.push((w.tx, lease));
+                    progressed = true;
+                    if !self.groups[g].waiters.is_empty() {
+                        served.push(g);
+                    }
+                }
+                self.rr.extend(kept);
+                self.rr.extend(served);
+            }
+            if !progressed {
+                break;
+            }
+        }
+        if self.rr.is_empty() {
+            self.shedder.queue_empty();
+        }
+        Aftermath { grants, dead: std::mem::take(&mut self.dead) }
+    }
+
+    /// Pops waiters at the head of group `g` whose client has gone.
+    fn drop_gone(&mut self, g: usize) {
+        let gs = &mut self.groups[g];
+        while gs.waiters.front().is_some_and(|w| w.tx.is_closed()) {
+            gs.waiters.pop_front();
+            gs.metrics.waiting.decrement(1.0);
+            self.waiting -= 1;
+        }
+    }
+
+    /// Takes a lease's connection back. `reuse` puts it in the idle list, else it is closed.
+    pub fn release(&mut self, pool: PoolId, group: Option<GroupId>, entry: Option<Entry<C>>, reuse: bool, granted: Instant, now: Instant) {
+        let p = pool.0;
+        if let Some(g) = group {
+            let gs = &mut self.groups[g.0];
+            gs.active -= 1;
+            gs.metrics.transactions.increment(1);
+            gs.metrics.transaction_time.record(now.saturating_duration_since(granted).as_secs_f64());
+            self.active -= 1;
+            self.pools[p].active -= 1;
+            self.shedder.on_release(now);
+        }
+        match entry {
+            Some(mut e) if reuse && !self.closed => {
+                e.since = now;
+                self.pools[p].idle.push(e);
+            }
+            Some(e) => {
+                self.dead.push(e.conn);
+                self.total -= 1;
+                self.pools[p].total -= 1;
+            }
+            None => {
+                // A slot that was never filled: the connect failed or was abandoned.
+                self.connecting -= 1;
+                self.pools[p].connecting -= 1;
+                self.total -= 1;
+                self.pools[p].total -= 1;
+            }
+        }
+    }
+
+    /// A connect slot became a connection.
+    pub fn filled(&mut self, pool: PoolId) {
+        self.connecting -= 1;
+        self.pools[pool.0].connecting -= 1;
+    }
+
+    /// A lease's dead connection is dropped and the lease becomes a connect slot again.
+    pub fn refill(&mut self, pool: PoolId, old: C) {
+        self.dead.push(old);
+        self.connecting += 1;
+        self.pools[pool.0].connecting += 1;
+    }
+
+    pub fn take_dead(&mut self) -> Vec<C> {
+        std::mem::take(&mut self.dead)
+    }
+
+    pub fn reap(&mut self, now: Instant, idle_timeout: Duration, lifetime: Duration) -> Vec<C> {
+        let mut out = std::mem::take(&mut self.dead);
+        for ps in &mut self.pools {
+            let mut i = 0;
+            while i < ps.idle.len() {
+                let e = &ps.idle[i];
+                let old = now.saturating_duration_since(e.created) >= lifetime;
+                let idle = !idle_timeout.is_zero() && now.saturating_duration_since(e.since) >= idle_timeout && ps.total > ps.min;
+                if old || idle {
+                    out.push(ps.idle.remove(i).conn);
+                    ps.total -= 1;
+                    self.total -= 1;
+                    crate::metrics::server_closed(if old { "lifetime" } else { "idle_timeout" });
+                } else {
+                    i += 1;
+                }
+            }
+        }
+        out
+    }
+
+    pub fn drain_idle(&mut self) -> Vec<C> {
+        let mut out = std::mem::take(&mut self.dead);
+        for ps in &mut self.pools {
+            ps.total -= ps.idle.len() as u32;
+            self.total -= ps.idle.len() as u32;
+            out.extend(ps.idle.drain(..).map(|e| e.conn));
+        }
+        out
+    }
+
+    pub fn warm_slots(&mut self, shared: &Arc<Shared<C>>) -> Vec<Lease<C>> {
+        let now = Instant::now();
+        let mut out = Vec::new();
+        for p in 0..self.pools.len() {
+            while !self.closed
+                && self.pools[p].total < self.pools[p].min
+                && self.total < self.limits.budget.saturating_sub(self.waiting.min(1))
+                && self.connecting < self.limits.max_connecting
+            {
+                self.total += 1;
+                self.connecting += 1;
+                self.pools[p].total += 1;
+                self.pools[p].connecting += 1;
+                out.push(Lease::new(shared.clone(), PoolId(p), None, None, now));
+            }
+        }
+        out
+    }
+
+    pub fn close(&mut self) -> Vec<Waiter<C>> {
+        self.closed = true;
+        self.rr.clear();
+        self.waiting = 0;
+        self.groups.iter_mut().flat_map(|g| g.waiters.drain(..)).collect()
+    }
+
+    pub fn pool_stats(&self) -> Vec<PoolStats> {
+        let waiting = |p: usize| -> u32 {
+            self.groups.iter().map(|g| g.waiters.iter().filter(|w| w.pool.0 == p).count() as u32).sum()
+        };
+        self.pools
+            .iter()
+            .enumerate()
+            .map(|(i, p)| PoolStats {
+                database: p.database.clone(),
+                user: p.user.clone(),
+                size: p.size,
+                active: p.active,
+                idle: p.idle.len() as u32,
+                connecting: p.connecting,
+                waiting: waiting(i),
+            })
+            .collect()
+    }
+
+    pub fn group_stats(&self) -> Vec<GroupStats> {
+        self.groups
+            .iter()
+            .map(|g| GroupStats {
+                name: g.name.clone(),
+                active: g.active,
+                waiting: g.waiters.len() as u32,
+                max_connections: g.limits.max_connections,
+                reserved: g.limits.reserved,
+            })
+            .collect()
+    }
+
+    #[cfg(test)]
+    pub fn check_invariants(&self) {
+        let idle: u32 = self.pools.iter().map(|p| p.idle.len() as u32).sum();
+        assert!(self.total <= self.limits.budget, "total {} > budget {}", self.total, self.limits.budget);
+        assert!(self.active <= self.limits.budget);
+        assert!(idle <= self.total);
+        assert_eq!(self.pools.iter().map(|p| p.total).sum::<u32>(), self.total);
+        for p in &self.pools {
+            assert!(p.total <= p.size && p.active <= p.size);
+        }
+        for g in &self.groups {
+            if let Some(max) = g.limits.max_connections {
+                assert!(g.active <= max);
+            }
+        }
+        assert_eq!(self.groups.iter().map(|g| g.waiters.len() as u32).sum::<u32>(), self.waiting);
+    }
+}

@@ -1,0 +1,262 @@
+//! Pool tests over plain values, with tokio's paused clock.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::{sleep, Instant};
+
+use super::*;
+
+fn limits(budget: u32) -> Limits {
+    Limits {
+        budget,
+        max_connecting: 100,
+        max_waiting: 10_000,
+        wait_timeout: Duration::from_secs(5),
+        shed_target: Duration::from_secs(60),
+        shed_interval: Duration::from_secs(60),
+    }
+}
+
+/// Fills a lease that needs a connection with a fresh value.
+fn ready(mut lease: Lease<u32>, next: &AtomicU32) -> Lease<u32> {
+    if lease.needs_connect() {
+        lease.fill(next.fetch_add(1, Ordering::Relaxed));
+    }
+    lease
+}
+
+fn check(pools: &Pools<u32>) {
+    pools.shared.state.lock().check_invariants();
+}
+
+#[tokio::test(start_paused = true)]
+async fn budget_holds_under_contention() {
+    let pools = Pools::new(limits(10));
+    let p1 = pools.pool("db", "a", 8, 0);
+    let p2 = pools.pool("db", "b", 8, 0);
+    let g = pools.group("g", GroupLimits::default());
+    let next = Arc::new(AtomicU32::new(0));
+    let done = Arc::new(AtomicU32::new(0));
+    let mut tasks = Vec::new();
+    for i in 0..300u64 {
+        let (pools, next, done) = (pools.clone(), next.clone(), done.clone());
+        let pool = if i % 3 == 0 { p2 } else { p1 };
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..5 {
+                let lease = ready(pools.acquire(pool, g).await.expect("admitted"), &next);
+                check(&pools);
+                sleep(Duration::from_millis(1 + i % 7)).await;
+                lease.release();
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(done.load(Ordering::Relaxed), 1500);
+    check(&pools);
+    let (total, budget) = pools.totals();
+    assert!(total <= budget);
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiters_are_served_in_order_and_reuse_connections() {
+    let pools = Pools::new(limits(1));
+    let p = pools.pool("db", "u", 5, 0);
+    let g = pools.group("g", GroupLimits::default());
+    let next = AtomicU32::new(7);
+    let first = ready(pools.acquire(p, g).await.unwrap(), &next);
+    let order = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for i in 0..3 {
+        let (pools, order) = (pools.clone(), order.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lease = pools.acquire(p, g).await.unwrap();
+            order.lock().push((i, *lease.conn().unwrap()));
+            lease.release();
+        }));
+        sleep(Duration::from_millis(1)).await;
+    }
+    first.release();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(*order.lock(), vec![(0, 7), (1, 7), (2, 7)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn full_queue_rejects_at_once_and_timeout_rejects_later() {
+    let mut l = limits(1);
+    l.max_waiting = 2;
+    let pools = Pools::new(l);
+    let p = pools.pool("db", "u", 1, 0);
+    let g = pools.group("g", GroupLimits::default());
+    let next = AtomicU32::new(0);
+    let _held = ready(pools.acquire(p, g).await.unwrap(), &next);
+    let w1 = tokio::spawn({
+        let pools = pools.clone();
+        async move { pools.acquire(p, g).await.map(|_| ()) }
+    });
+    let w2 = tokio::spawn({
+        let pools = pools.clone();
+        async move { pools.acquire(p, g).await.map(|_| ()) }
+    });
+    sleep(Duration::from_millis(10)).await;
+    let t0 = Instant::now();
+    let err = pools.acquire(p, g).await.unwrap_err();
+    assert_eq!(err.reason, Reason::QueueFull);
+    assert_eq!(t0.elapsed(), Duration::ZERO);
+    assert!(err.detail.contains("max_waiting (2)"));
+    for w in [w1, w2] {
+        assert_eq!(w.await.unwrap().unwrap_err().reason, Reason::WaitTimeout);
+    }
+    check(&pools);
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropped_lease_discards_and_frees_budget() {
+    let pools = Pools::new(limits(1));
+    let p = pools.pool("db", "u", 1, 0);
+    let g = pools.group("g", GroupLimits::default());
+    let next = AtomicU32::new(1);
+    drop(ready(pools.acquire(p, g).await.unwrap(), &next));
+    assert_eq!(pools.totals().0, 0);
+    let lease = pools.acquire(p, g).await.unwrap();
+    assert!(lease.needs_connect(), "a discarded connection is never handed on");
+    drop(lease);
+    assert_eq!(pools.totals().0, 0, "an unfilled slot is freed too");
+}
+
+#[tokio::test(start_paused = true)]
+async fn cancelled_waiter_leaves_the_queue() {
+    let pools = Pools::new(limits(1));
+    let p = pools.pool("db", "u", 1, 0);
+    let g = pools.group("g", GroupLimits::default());
+    let next = AtomicU32::new(1);
+    let held = ready(pools.acquire(p, g).await.unwrap(), &next);
+    let _ = tokio::time::timeout(Duration::from_millis(5), pools.acquire(p, g)).await;
+    assert_eq!(pools.group_stats()[0].waiting, 0);
+    held.release();
+    check(&pools);
+    assert_eq!(pools.pool_stats()[0].idle, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_connections_of_other_pools_are_evicted_for_waiters() {
+    let pools = Pools::new(limits(2));
+    let a = pools.pool("db", "a", 2, 0);
+    let b = pools.pool("db", "b", 2, 0);
+    let g = pools.group("g", GroupLimits::default());
+    let next = AtomicU32::new(1);
+    let l1 = ready(pools.acquire(a, g).await.unwrap(), &next);
+    let l2 = ready(pools.acquire(a, g).await.unwrap(), &next);
+    l1.release();
+    l2.release();
+    // Budget full of idle connections of pool a; pool b still gets one.
+    let lb = pools.acquire(b, g).await.unwrap();
+    assert!(lb.needs_connect());
+    check(&pools);
+    assert_eq!(pools.totals().0, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn reserved_group_is_served_first_and_caps_hold() {
+    let pools = Pools::new(limits(4));
+    let p = pools.pool("db", "u", 4, 0);
+    let hot = pools.group("hot", GroupLimits { max_connections: Some(3), ..Default::default() });
+    let vip = pools.group("vip", GroupLimits { reserved: 1, ..Default::default() });
+    let next = Arc::new(AtomicU32::new(1));
+    // The hot group can never hold more than its cap.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(ready(pools.acquire(p, hot).await.unwrap(), &next));
+    }
+    let blocked = tokio::time::timeout(Duration::from_millis(10), pools.acquire(p, hot)).await;
+    assert!(blocked.is_err(), "group cap of 3 holds");
+    // The vip group still has room.
+    let v = ready(pools.acquire(p, vip).await.unwrap(), &next);
+    // Now everything is busy; queue hot waiters first, then a vip waiter.
+    let mut waiters = Vec::new();
+    for _ in 0..3 {
+        let pools = pools.clone();
+        waiters.push(tokio::spawn(async move { pools.acquire(p, hot).await.map(|l| l.release()) }));
+    }
+    sleep(Duration::from_millis(1)).await;
+    let vip_wait = tokio::spawn({
+        let pools = pools.clone();
+        async move {
+            let t0 = Instant::now();
+            pools.acquire(p, vip).await.map(|l| l.release()).map(|_| t0.elapsed())
+        }
+    });
+    sleep(Duration::from_millis(1)).await;
+    v.release();
+    held.pop().map(Lease::release);
+    // The vip waiter, below its reservation, got the first connection freed.
+    let waited = vip_wait.await.unwrap().unwrap();
+    assert_eq!(waited, Duration::from_millis(1));
+    drop(held);
+    for w in waiters {
+        w.await.unwrap().unwrap();
+    }
+    check(&pools);
+}
+
+#[tokio::test(start_paused = true)]
+async fn groups_are_served_round_robin() {
+    let pools = Pools::new(limits(1));
+    let p = pools.pool("db", "u", 1, 0);
+    let a = pools.group("a", GroupLimits::default());
+    let b = pools.group("b", GroupLimits::default());
+    let next = AtomicU32::new(1);
+    let held = ready(pools.acquire(p, a).await.unwrap(), &next);
+    let order = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    // Ten of group a queue before two of group b.
+    for (name, g) in std::iter::repeat_n(("a", a), 10).chain(std::iter::repeat_n(("b", b), 2)) {
+        let (pools, order) = (pools.clone(), order.clone());
+        tasks.push(tokio::spawn(async move {
+            let lease = pools.acquire(p, g).await.unwrap();
+            order.lock().push(name);
+            sleep(Duration::from_millis(1)).await;
+            lease.release();
+        }));
+        sleep(Duration::from_micros(10)).await;
+    }
+    held.release();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let order = order.lock();
+    let b_positions: Vec<_> = order.iter().enumerate().filter(|(_, n)| **n == "b").map(|(i, _)| i).collect();
+    assert_eq!(b_positions, vec![1, 3], "{order:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn warm_slots_fill_to_min_and_reaper_keeps_it() {
+    let pools = Pools::new(limits(5));
+    let p = pools.pool("db", "u", 4, 2);
+    let next = AtomicU32::new(1);
+    let slots = pools.warm_slots();
+    assert_eq!(slots.len(), 2);
+    for s in slots {
+        ready(s, &next).release();
+    }
+    assert_eq!(pools.pool_stats()[0].idle, 2);
+    sleep(Duration::from_secs(100)).await;
+    assert!(pools.reap(Instant::now(), Duration::from_secs(10), Duration::from_secs(1000)).is_empty());
+    let g = pools.group("g", GroupLimits::default());
+    let extra: Vec<_> = [(); 3].iter().map(|_| ()).collect();
+    let mut held = Vec::new();
+    for _ in extra {
+        held.push(ready(pools.acquire(p, g).await.unwrap(), &next));
+    }
+    held.into_iter().for_each(Lease::release);
+    sleep(Duration::from_secs(100)).await;
+    assert_eq!(pools.reap(Instant::now(), Duration::from_secs(10), Duration::from_secs(1000)).len(), 1);
+    assert_eq!(pools.reap(Instant::now(), Duration::ZERO, Duration::from_secs(1)).len(), 2, "lifetime ignores min");
+    check(&pools);
+}

@@ -1,0 +1,261 @@
+//! Messages servers send: their tags, the few Sluice decodes, and builders for the ones Sluice
+//! itself sends to clients (authentication, parameters, errors, ReadyForQuery).
+//!
+//! See <https://www.postgresql.org/docs/current/protocol-message-formats.html>.
+
+use bytes::{BufMut, BytesMut};
+
+use super::{ProtocolError, Reader};
+
+/// Message tags of protocol 3.0 backend messages that Sluice looks at.
+pub mod tag {
+    pub const AUTHENTICATION: u8 = b'R';
+    pub const BACKEND_KEY_DATA: u8 = b'K';
+    pub const COMMAND_COMPLETE: u8 = b'C';
+    pub const COPY_BOTH_RESPONSE: u8 = b'W';
+    pub const COPY_IN_RESPONSE: u8 = b'G';
+    pub const COPY_OUT_RESPONSE: u8 = b'H';
+    pub const DATA_ROW: u8 = b'D';
+    pub const ERROR_RESPONSE: u8 = b'E';
+    pub const NOTICE_RESPONSE: u8 = b'N';
+    pub const NOTIFICATION_RESPONSE: u8 = b'A';
+    pub const PARAMETER_STATUS: u8 = b'S';
+    pub const READY_FOR_QUERY: u8 = b'Z';
+}
+
+/// Transaction status carried by ReadyForQuery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxStatus {
+    Idle,
+    InTransaction,
+    Failed,
+}
+
+impl TxStatus {
+    pub fn from_byte(b: u8) -> Result<TxStatus, ProtocolError> {
+        match b {
+            b'I' => Ok(TxStatus::Idle),
+            b'T' => Ok(TxStatus::InTransaction),
+            b'E' => Ok(TxStatus::Failed),
+            _ => Err(ProtocolError::Malformed("ReadyForQuery")),
+        }
+    }
+
+    pub fn byte(self) -> u8 {
+        match self {
+            TxStatus::Idle => b'I',
+            TxStatus::InTransaction => b'T',
+            TxStatus::Failed => b'E',
+        }
+    }
+}
+
+/// The status byte of a ReadyForQuery body.
+pub fn ready_for_query_status(body: &[u8]) -> Result<TxStatus, ProtocolError> {
+    match body {
+        [b] => TxStatus::from_byte(*b),
+        _ => Err(ProtocolError::Malformed("ReadyForQuery")),
+    }
+}
+
+/// The fields of an ErrorResponse or NoticeResponse that Sluice reads or writes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ErrorFields {
+    pub severity: String,
+    pub code: String,
+    pub message: String,
+    pub detail: Option<String>,
+    pub hint: Option<String>,
+}
+
+impl ErrorFields {
+    /// Decodes an ErrorResponse/NoticeResponse body; unknown fields are skipped.
+    pub fn parse(body: &[u8]) -> Result<ErrorFields, ProtocolError> {
+        let mut r = Reader::new(body, "ErrorResponse");
+        let mut f = ErrorFields::default();
+        loop {
+            let kind = r.u8()?;
+            if kind == 0 {
+                break;
+            }
+            let value = String::from_utf8_lossy(r.cbytes()?).into_owned();
+            match kind {
+                b'V' => f.severity = value,
+                b'S' if f.severity.is_empty() => f.severity = value,
+                b'C' => f.code = value,
+                b'M' => f.message = value,
+                b'D' => f.detail = Some(value),
+                b'H' => f.hint = Some(value),
+                _ => {}
+            }
+        }
+        r.finish()?;
+        Ok(f)
+    }
+}
+
+/// Builders append whole messages to a buffer that is then written with one call.
+pub struct Out;
+
+fn begin(buf: &mut BytesMut, tag: u8) -> usize {
+    buf.put_u8(tag);
+    let at = buf.len();
+    buf.put_u32(0);
+    at
+}
+
+fn end(buf: &mut BytesMut, at: usize) {
+    let len = (buf.len() - at) as u32;
+    buf[at..at + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+fn put_cstr(buf: &mut BytesMut, s: &[u8]) {
+    // A NUL inside a field would cut the message short; we never send one.
+    buf.extend(s.iter().copied().filter(|&b| b != 0));
+    buf.put_u8(0);
+}
+
+impl Out {
+    pub fn auth_ok(buf: &mut BytesMut) {
+        Self::auth(buf, 0, &[]);
+    }
+
+    pub fn auth_cleartext(buf: &mut BytesMut) {
+        Self::auth(buf, 3, &[]);
+    }
+
+    pub fn auth_md5(buf: &mut BytesMut, salt: [u8; 4]) {
+        Self::auth(buf, 5, &salt);
+    }
+
+    /// AuthenticationSASL with the list of mechanisms offered.
+    pub fn auth_sasl(buf: &mut BytesMut, mechanisms: &[&str]) {
+        let at = begin(buf, super::backend::tag::AUTHENTICATION);
+        buf.put_i32(10);
+        for m in mechanisms {
+            put_cstr(buf, m.as_bytes());
+        }
+        buf.put_u8(0);
+        end(buf, at);
+    }
+
+    pub fn auth_sasl_continue(buf: &mut BytesMut, data: &[u8]) {
+        Self::auth(buf, 11, data);
+    }
+
+    pub fn auth_sasl_final(buf: &mut BytesMut, data: &[u8]) {
+        Self::auth(buf, 12, data);
+    }
+
+    fn auth(buf: &mut BytesMut, code: i32, data: &[u8]) {
+        let at = begin(buf, tag::AUTHENTICATION);
+        buf.put_i32(code);
+        buf.put_slice(data);
+        end(buf, at);
+    }
+
+    pub fn parameter_status(buf: &mut BytesMut, name: &str, value: &str) {
+        let at = begin(buf, tag::PARAMETER_STATUS);
+        put_cstr(buf, name.as_bytes());
+        put_cstr(buf, value.as_bytes());
+        end(buf, at);
+    }
+
+    pub fn backend_key_data(buf: &mut BytesMut, process_id: i32, secret_key: i32) {
+        let at = begin(buf, tag::BACKEND_KEY_DATA);
+        buf.put_i32(process_id);
+        buf.put_i32(secret_key);
+        end(buf, at);
+    }
+
+    pub fn ready_for_query(buf: &mut BytesMut, status: TxStatus) {
+        let at = begin(buf, tag::READY_FOR_QUERY);
+        buf.put_u8(status.byte());
+        end(buf, at);
+    }
+
+    /// ErrorResponse (or NoticeResponse with `tag::NOTICE_RESPONSE`).
+    pub fn error_fields(buf: &mut BytesMut, msg_tag: u8, f: &ErrorFields) {
+        let at = begin(buf, msg_tag);
+        for (kind, value) in [
+            (b'S', Some(f.severity.as_str())),
+            (b'V', Some(f.severity.as_str())),
+            (b'C', Some(f.code.as_str())),
+            (b'M', Some(f.message.as_str())),
+            (b'D', f.detail.as_deref()),
+            (b'H', f.hint.as_deref()),
+        ] {
+            if let Some(v) = value {
+                buf.put_u8(kind);
+                put_cstr(buf, v.as_bytes());
+            }
+        }
+        buf.put_u8(0);
+        end(buf, at);
+    }
+
+    /// Builds a simple Query message (used for Sluice's own statements on server connections).
+    pub fn query(buf: &mut BytesMut, sql: &str) {
+        let at = begin(buf, super::frontend::tag::QUERY);
+        put_cstr(buf, sql.as_bytes());
+        end(buf, at);
+    }
+
+    pub fn terminate(buf: &mut BytesMut) {
+        let at = begin(buf, super::frontend::tag::TERMINATE);
+        end(buf, at);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::next_frame;
+
+    #[test]
+    fn error_round_trip() {
+        let f = ErrorFields {
+            severity: "ERROR".into(),
+            code: "53300".into(),
+            message: "no\0nul".into(),
+            detail: Some("d".into()),
+            hint: None,
+        };
+        let mut buf = BytesMut::new();
+        Out::error_fields(&mut buf, tag::ERROR_RESPONSE, &f);
+        let (frame, n) = next_frame(&buf, 1 << 20).unwrap().unwrap();
+        assert_eq!((frame.tag, n), (b'E', buf.len()));
+        let back = ErrorFields::parse(frame.body).unwrap();
+        assert_eq!(back.message, "nonul");
+        assert_eq!((back.code.as_str(), back.detail.as_deref()), ("53300", Some("d")));
+    }
+
+    #[test]
+    fn builders_frame_correctly() {
+        let mut buf = BytesMut::new();
+        Out::auth_ok(&mut buf);
+        Out::parameter_status(&mut buf, "server_version", "15.0");
+        Out::backend_key_data(&mut buf, 1, 2);
+        Out::ready_for_query(&mut buf, TxStatus::Idle);
+        Out::auth_sasl(&mut buf, &["SCRAM-SHA-256"]);
+        let mut rest = &buf[..];
+        let mut tags = vec![];
+        while let Some((f, n)) = next_frame(rest, 1 << 20).unwrap() {
+            tags.push(f.tag);
+            if f.tag == tag::READY_FOR_QUERY {
+                assert_eq!(ready_for_query_status(f.body).unwrap(), TxStatus::Idle);
+            }
+            rest = &rest[n..];
+        }
+        assert!(rest.is_empty());
+        assert_eq!(tags, b"RSKZR");
+    }
+
+    #[test]
+    fn bad_error_and_rfq_bodies() {
+        assert!(ErrorFields::parse(b"Mabc").is_err());
+        assert!(ErrorFields::parse(b"").is_err());
+        assert!(ready_for_query_status(b"X").is_err());
+        assert!(ready_for_query_status(b"").is_err());
+    }
+}
