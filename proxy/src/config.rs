@@ -24,7 +24,10 @@ pub enum ConfigError {
 }
 
 fn invalid(key: impl Into<String>, why: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { key: key.into(), why: why.into() }
+    ConfigError::Invalid {
+        key: key.into(),
+        why: why.into(),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,6 +87,11 @@ pub struct Config {
     pub max_waiting: u32,
     #[serde(with = "humantime_serde")]
     pub wait_timeout: Duration,
+    /// Queueing delay that, sustained for `shed_interval`, counts as overload.
+    #[serde(with = "humantime_serde")]
+    pub shed_target: Duration,
+    #[serde(with = "humantime_serde")]
+    pub shed_interval: Duration,
     #[serde(with = "humantime_serde")]
     pub server_connect_timeout: Duration,
     #[serde(with = "humantime_serde")]
@@ -149,6 +157,8 @@ impl Default for Config {
             max_connecting: 8,
             max_waiting: 5_000,
             wait_timeout: Duration::from_secs(5),
+            shed_target: Duration::from_millis(500),
+            shed_interval: Duration::from_secs(2),
             server_connect_timeout: Duration::from_secs(5),
             server_idle_timeout: Duration::from_secs(600),
             server_lifetime: Duration::from_secs(3600),
@@ -186,14 +196,19 @@ impl Config {
         let mut fig = Figment::from(Serialized::defaults(Config::default()));
         if let Some(path) = file {
             if !path.exists() {
-                return Err(invalid("--config", format!("{} does not exist", path.display())));
+                return Err(invalid(
+                    "--config",
+                    format!("{} does not exist", path.display()),
+                ));
             }
             fig = fig.merge(Toml::file(path));
         }
         // `SLUICE_CONFIG` names the file, it is not a key.
         fig = fig.merge(Env::prefixed("SLUICE_").split("__").ignore(&["config"]));
         fig = fig.merge(Serialized::defaults(flags));
-        let mut cfg: Config = fig.extract().map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let mut cfg: Config = fig
+            .extract()
+            .map_err(|e| ConfigError::Parse(e.to_string()))?;
         cfg.expand_env()?;
         cfg.apply_upstream()?;
         cfg.validate()?;
@@ -205,9 +220,10 @@ impl Config {
             *u = expand(u, "upstream")?;
         }
         for (name, user) in &mut self.users {
-            for (field, value) in
-                [("password", &mut user.password), ("server_password", &mut user.server_password)]
-            {
+            for (field, value) in [
+                ("password", &mut user.password),
+                ("server_password", &mut user.server_password),
+            ] {
                 if let Some(v) = value {
                     *v = expand(v, &format!("users.{name}.{field}"))?;
                 }
@@ -223,9 +239,14 @@ impl Config {
         };
         let url = url::Url::parse(&raw).map_err(|e| invalid("upstream", e.to_string()))?;
         if !matches!(url.scheme(), "postgres" | "postgresql") {
-            return Err(invalid("upstream", "scheme must be postgres:// or postgresql://"));
+            return Err(invalid(
+                "upstream",
+                "scheme must be postgres:// or postgresql://",
+            ));
         }
-        let host = url.host_str().ok_or_else(|| invalid("upstream", "no host"))?;
+        let host = url
+            .host_str()
+            .ok_or_else(|| invalid("upstream", "no host"))?;
         self.server_host = host.trim_matches(['[', ']']).to_string();
         self.server_port = url.port().unwrap_or(5432);
         let user = decode(url.username());
@@ -248,10 +269,16 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         if self.databases.is_empty() {
-            return Err(invalid("databases", "no database configured: give --upstream or [databases.NAME]"));
+            return Err(invalid(
+                "databases",
+                "no database configured: give --upstream or [databases.NAME]",
+            ));
         }
         if self.users.is_empty() {
-            return Err(invalid("users", "no user configured: give --upstream or [users.NAME]"));
+            return Err(invalid(
+                "users",
+                "no user configured: give --upstream or [users.NAME]",
+            ));
         }
         for (key, v) in [
             ("pool_size", self.pool_size),
@@ -277,10 +304,18 @@ impl Config {
         }
         for (name, db) in &self.databases {
             if db.pool_size == Some(0) {
-                return Err(invalid(format!("databases.{name}.pool_size"), "must be at least 1"));
+                return Err(invalid(
+                    format!("databases.{name}.pool_size"),
+                    "must be at least 1",
+                ));
             }
-            if db.min_pool_size.unwrap_or(self.min_pool_size) > db.pool_size.unwrap_or(self.pool_size) {
-                return Err(invalid(format!("databases.{name}.min_pool_size"), "must not exceed pool_size"));
+            if db.min_pool_size.unwrap_or(self.min_pool_size)
+                > db.pool_size.unwrap_or(self.pool_size)
+            {
+                return Err(invalid(
+                    format!("databases.{name}.min_pool_size"),
+                    "must not exceed pool_size",
+                ));
             }
         }
         for (name, user) in &self.users {
@@ -299,7 +334,10 @@ impl Config {
             let r = g.reserved_connections.unwrap_or(0);
             if let Some(max) = g.max_connections {
                 if max == 0 {
-                    return Err(invalid(format!("groups.{name}.max_connections"), "must be at least 1"));
+                    return Err(invalid(
+                        format!("groups.{name}.max_connections"),
+                        "must be at least 1",
+                    ));
                 }
                 if r > max {
                     return Err(invalid(
@@ -330,25 +368,39 @@ impl Config {
         }
         let p = u.password.as_deref()?;
         let hashed = p.starts_with("SCRAM-SHA-256$")
-            || (p.len() == 35 && p.starts_with("md5") && p[3..].bytes().all(|b| b.is_ascii_hexdigit()));
+            || (p.len() == 35
+                && p.starts_with("md5")
+                && p[3..].bytes().all(|b| b.is_ascii_hexdigit()));
         (!hashed).then_some(p)
     }
 
     pub fn pool_mode_for(&self, db: &str) -> PoolMode {
-        self.databases.get(db).and_then(|d| d.pool_mode).unwrap_or(self.pool_mode)
+        self.databases
+            .get(db)
+            .and_then(|d| d.pool_mode)
+            .unwrap_or(self.pool_mode)
     }
 
     pub fn pool_size_for(&self, db: &str) -> u32 {
-        self.databases.get(db).and_then(|d| d.pool_size).unwrap_or(self.pool_size)
+        self.databases
+            .get(db)
+            .and_then(|d| d.pool_size)
+            .unwrap_or(self.pool_size)
     }
 
     pub fn min_pool_size_for(&self, db: &str) -> u32 {
-        self.databases.get(db).and_then(|d| d.min_pool_size).unwrap_or(self.min_pool_size)
+        self.databases
+            .get(db)
+            .and_then(|d| d.min_pool_size)
+            .unwrap_or(self.min_pool_size)
     }
 
     /// The database name on the server for a client-facing name.
     pub fn server_dbname<'a>(&'a self, db: &'a str) -> &'a str {
-        self.databases.get(db).and_then(|d| d.dbname.as_deref()).unwrap_or(db)
+        self.databases
+            .get(db)
+            .and_then(|d| d.dbname.as_deref())
+            .unwrap_or(db)
     }
 
     /// Path given by `--config`/`SLUICE_CONFIG`, kept for RELOAD.
@@ -364,7 +416,9 @@ fn expand(s: &str, key: &str) -> Result<String, ConfigError> {
     while let Some(start) = rest.find("${") {
         out.push_str(&rest[..start]);
         let after = &rest[start + 2..];
-        let end = after.find('}').ok_or_else(|| invalid(key, "unterminated ${...} reference"))?;
+        let end = after
+            .find('}')
+            .ok_or_else(|| invalid(key, "unterminated ${...} reference"))?;
         let name = &after[..end];
         let value = std::env::var(name)
             .map_err(|_| invalid(key, format!("environment variable {name} is not set")))?;
@@ -387,13 +441,19 @@ mod tests {
     use super::*;
 
     fn flags(upstream: &str) -> Overrides {
-        Overrides { upstream: Some(upstream.into()), ..Default::default() }
+        Overrides {
+            upstream: Some(upstream.into()),
+            ..Default::default()
+        }
     }
 
     #[test]
     fn zero_config_from_upstream() {
         let cfg = Config::load(None, &flags("postgres://app:p%40ss@db.local:5433/appdb")).unwrap();
-        assert_eq!((cfg.server_host.as_str(), cfg.server_port), ("db.local", 5433));
+        assert_eq!(
+            (cfg.server_host.as_str(), cfg.server_port),
+            ("db.local", 5433)
+        );
         assert!(cfg.databases.contains_key("appdb"));
         assert_eq!(cfg.users["app"].password.as_deref(), Some("p@ss"));
         assert_eq!(cfg.server_password("app"), Some("p@ss"));
@@ -430,21 +490,30 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("s.toml");
             std::fs::write(&path, toml).unwrap();
-            Config::load(Some(&path), &Overrides::default()).unwrap_err().to_string()
+            Config::load(Some(&path), &Overrides::default())
+                .unwrap_err()
+                .to_string()
         };
         let base = "[databases.d]\n[users.u]\npassword = \"x\"\n";
         assert!(err(&format!("pool_size = 0\n{base}")).contains("pool_size"));
         assert!(err(&format!("bogus = 1\n{base}")).contains("bogus"));
         assert!(err(&format!("wait_timeout = \"soon\"\n{base}")).contains("wait_timeout"));
-        assert!(err("[databases.d]\n[users.u]\npassword = \"${CFGTEST_UNSET_X}\"\n")
-            .contains("users.u.password"));
-        assert!(err("[databases.d]\n[users.u]\npassword = \"md5aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"\n")
-            .contains("server_password"));
+        assert!(
+            err("[databases.d]\n[users.u]\npassword = \"${CFGTEST_UNSET_X}\"\n")
+                .contains("users.u.password")
+        );
+        assert!(err(
+            "[databases.d]\n[users.u]\npassword = \"md5aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"\n"
+        )
+        .contains("server_password"));
         assert!(err(&format!(
             "max_server_connections = 5\n{base}[groups.a]\nreserved_connections = 4\n[groups.b]\nreserved_connections = 2\n"
         ))
         .contains("reserved_connections add up to 6"));
-        assert!(Config::load(None, &flags("mysql://a@b/c")).unwrap_err().to_string().contains("upstream"));
+        assert!(Config::load(None, &flags("mysql://a@b/c"))
+            .unwrap_err()
+            .to_string()
+            .contains("upstream"));
         assert!(Config::load(None, &Overrides::default()).is_err());
     }
 }

@@ -2,14 +2,275 @@
 //!
 //! # Layout
 //! Data flows one way, each module importing only those after it:
-//! `net` (accept, limits, shutdown) → `session` (startup, auth, transaction relay) → `pool`
-//! (budget, admission, fair queue, shedding) → `server` (authenticated backend connections) →
-//! `protocol` (pure framing and message codecs). Side modules import nothing from the path:
-//! `config`, `metrics`, `error`, `auth` (client authentication secrets and exchanges).
-//! `admin` serves `/metrics`, `/healthz` and `/readyz`.
+//! [`net`] (accept, client cap, drain) → [`session`] (startup, auth, transaction relay) →
+//! [`pool`] (budget, admission, fair queue, shedding) → [`server`] (authenticated backend
+//! connections) → [`protocol`] (pure framing and message codecs). Side modules import nothing
+//! from the path: [`config`], [`metrics`], [`auth`] (client authentication secrets and
+//! exchanges). [`start`] wires them together.
 
 pub mod auth;
 pub mod config;
 pub mod metrics;
+pub mod net;
 pub mod pool;
 pub mod protocol;
+pub mod server;
+pub mod session;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use auth::Credentials;
+use config::Config;
+use pool::{Limits, Pools};
+use server::{ServerConn, Target};
+use session::Context;
+
+/// How long running sessions get to finish after shutdown begins.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Server connections kept back from the derived budget for admins and migrations.
+const BUDGET_HEADROOM_FRACTION: f64 = 0.1;
+
+#[derive(Debug, Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(
+        "cannot derive max_server_connections from the server ({0}); set max_server_connections"
+    )]
+    Budget(String),
+    #[error("invalid configuration: `users.{user}.password`: {why}")]
+    Secret { user: String, why: String },
+}
+
+/// A running Sluice.
+pub struct Handle {
+    pub local_addr: SocketAddr,
+    pub shutdown: CancellationToken,
+    pub context: Arc<Context>,
+    task: JoinHandle<()>,
+}
+
+impl Handle {
+    /// Stops accepting, lets sessions drain, and waits for the end.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.task.await;
+    }
+
+    /// Waits until the proxy ends (after its shutdown token is cancelled).
+    pub async fn wait(self) {
+        let _ = self.task.await;
+    }
+}
+
+/// Binds the listener and starts serving in the background.
+pub async fn start(config: Config) -> Result<Handle, StartError> {
+    let mut config = config;
+    if config.max_server_connections == 0 {
+        config.max_server_connections = derive_budget(&config).await?;
+        tracing::info!(
+            max_server_connections = config.max_server_connections,
+            "derived the server connection budget from the server's max_connections"
+        );
+    }
+    let credentials = derive_credentials(&config).await?;
+    let config = Arc::new(config);
+    metrics::describe();
+    metrics::global()
+        .budget
+        .set(f64::from(config.max_server_connections));
+
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let local_addr = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    let pools = Pools::new(Limits {
+        budget: config.max_server_connections,
+        max_connecting: config.max_connecting,
+        max_waiting: config.max_waiting,
+        wait_timeout: config.wait_timeout,
+        shed_target: config.shed_target,
+        shed_interval: config.shed_interval,
+    });
+    let shutdown = CancellationToken::new();
+    let context = Arc::new(Context {
+        config: config.clone(),
+        pools: pools.clone(),
+        credentials,
+        mock_secret: rand::random(),
+        cancels: Default::default(),
+        server_params: Default::default(),
+        shutdown: shutdown.clone(),
+    });
+    tracing::info!(%local_addr, budget = config.max_server_connections, "sluice listening");
+    let ctx = context.clone();
+    let task = tokio::spawn(async move {
+        let maintenance = tokio::spawn(maintain(ctx.clone()));
+        net::serve(ctx.clone(), listener, DRAIN_TIMEOUT).await;
+        ctx.pools.close();
+        maintenance.abort();
+        drop(ctx.pools.drain_idle());
+    });
+    Ok(Handle {
+        local_addr,
+        shutdown,
+        context,
+        task,
+    })
+}
+
+/// Closes idle and aged server connections and keeps `min_pool_size` warm ones, once a second.
+async fn maintain(ctx: Arc<Context>) {
+    let cfg = ctx.config.clone();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let dead = ctx.pools.reap(
+            tokio::time::Instant::now(),
+            cfg.server_idle_timeout,
+            cfg.server_lifetime,
+        );
+        drop(dead);
+        for stat in ctx.pools.pool_stats() {
+            let g = metrics::global();
+            let _ = (g, stat);
+        }
+        for mut slot in ctx.pools.warm_slots() {
+            let Some(stats) = ctx.pools.pool_stats().into_iter().nth(slot.pool().0) else {
+                continue;
+            };
+            let target = target_for(&cfg, &stats.database, &stats.user);
+            let ctx = ctx.clone();
+            tokio::spawn(async move {
+                match ServerConn::connect(&target).await {
+                    Ok(conn) => {
+                        metrics::server_connect("ok");
+                        ctx.server_params
+                            .lock()
+                            .insert(slot.pool(), Arc::new(conn.params.clone()));
+                        slot.fill(conn);
+                        slot.release();
+                    }
+                    Err(e) => {
+                        metrics::server_connect(e.kind());
+                        tracing::warn!(error = %e, "warm-up connect failed");
+                    }
+                }
+            });
+        }
+        let (total, _) = ctx.pools.totals();
+        let idle: u32 = ctx.pools.pool_stats().iter().map(|p| p.idle).sum();
+        let g = metrics::global();
+        g.servers_idle.set(f64::from(idle));
+        g.servers_active.set(f64::from(total.saturating_sub(idle)));
+    }
+}
+
+/// Where the pool for (database, user) connects.
+pub fn target_for(cfg: &Config, database: &str, user: &str) -> Target {
+    Target {
+        host: cfg.server_host.clone(),
+        port: cfg.server_port,
+        user: user.to_string(),
+        password: cfg.server_password(user).map(str::to_string),
+        database: cfg.server_dbname(database).to_string(),
+        connect_timeout: cfg.server_connect_timeout,
+    }
+}
+
+/// Derives every user's client-auth secret; PBKDF2 runs on the blocking pool.
+async fn derive_credentials(cfg: &Config) -> Result<HashMap<String, Credentials>, StartError> {
+    let users: Vec<(String, String)> = cfg
+        .users
+        .iter()
+        .filter_map(|(name, u)| u.password.clone().map(|p| (name.clone(), p)))
+        .collect();
+    let derived = tokio::task::spawn_blocking(move || {
+        users
+            .into_iter()
+            .map(|(name, secret)| {
+                let c = Credentials::from_secret_string(&name, &secret).map_err(|e| {
+                    StartError::Secret {
+                        user: name.clone(),
+                        why: e.to_string(),
+                    }
+                })?;
+                Ok((name, c))
+            })
+            .collect::<Result<HashMap<_, _>, StartError>>()
+    })
+    .await
+    .map_err(|e| StartError::Secret {
+        user: String::new(),
+        why: e.to_string(),
+    })??;
+    Ok(derived)
+}
+
+/// `max_connections` minus the server's reserved slots, minus 10% (at least 2) headroom.
+async fn derive_budget(cfg: &Config) -> Result<u32, StartError> {
+    let (db, user) = match (cfg.databases.keys().next(), cfg.users.keys().next()) {
+        (Some(d), Some(u)) => (d.clone(), u.clone()),
+        _ => return Err(StartError::Budget("no database or user configured".into())),
+    };
+    let t = target_for(cfg, &db, &user);
+    let mut pg = tokio_postgres::Config::new();
+    pg.host(&t.host)
+        .port(t.port)
+        .user(&t.user)
+        .dbname(&t.database)
+        .connect_timeout(t.connect_timeout)
+        .application_name("sluice");
+    if let Some(p) = &t.password {
+        pg.password(p);
+    }
+    let (client, conn) = pg
+        .connect(tokio_postgres::NoTls)
+        .await
+        .map_err(|e| StartError::Budget(e.to_string()))?;
+    let driver = tokio::spawn(conn);
+    let get = async |name: &str| -> Result<i64, StartError> {
+        let row = client
+            .query_one(
+                "SELECT setting::bigint FROM pg_settings WHERE name = $1",
+                &[&name],
+            )
+            .await;
+        Ok(row
+            .ok()
+            .and_then(|r| r.try_get::<_, i64>(0).ok())
+            .unwrap_or(0))
+    };
+    let max = get("max_connections").await?;
+    let reserved =
+        get("superuser_reserved_connections").await? + get("reserved_connections").await?;
+    drop(client);
+    let _ = driver.await;
+    let usable = max - reserved;
+    let headroom = ((usable as f64 * BUDGET_HEADROOM_FRACTION).ceil() as i64).max(2);
+    let budget = usable - headroom;
+    if budget < 1 {
+        return Err(StartError::Budget(format!(
+            "max_connections {max} leaves no room"
+        )));
+    }
+    Ok(budget as u32)
+}

@@ -1,1 +1,83 @@
-fn main() {}
+//! The `sluice` binary: parses flags, loads the configuration, runs the proxy until a signal.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use sluice::config::{Config, Overrides};
+
+/// Sluice: a PostgreSQL connection pooler for serverless fan-out.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// TOML configuration file.
+    #[arg(long, short = 'c', env = "SLUICE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Upstream server as postgres://user:password@host:port/dbname.
+    #[arg(long, env = "SLUICE_UPSTREAM")]
+    upstream: Option<String>,
+    /// Address for clients [default: 0.0.0.0:6432].
+    #[arg(long, env = "SLUICE_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Address for /metrics, /healthz, /readyz [default: 127.0.0.1:9930].
+    #[arg(long, env = "SLUICE_ADMIN_LISTEN")]
+    admin_listen: Option<SocketAddr>,
+    /// Server connections per (database, user) pool [default: 20].
+    #[arg(long, env = "SLUICE_POOL_SIZE")]
+    pool_size: Option<u32>,
+    /// Total server connections Sluice may hold [default: derived from the server].
+    #[arg(long, env = "SLUICE_MAX_SERVER_CONNECTIONS")]
+    max_server_connections: Option<u32>,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let overrides = Overrides {
+        listen: args.listen,
+        admin_listen: args.admin_listen,
+        upstream: args.upstream,
+        pool_size: args.pool_size,
+        max_server_connections: args.max_server_connections,
+    };
+    let config = Config::load(args.config.as_deref(), &overrides)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(async move {
+        let handle = sluice::start(config).await?;
+        let shutdown = handle.shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutting down: draining sessions");
+            shutdown.cancel();
+        });
+        handle.wait().await;
+        anyhow::Ok(())
+    })
+}
+
+/// SIGTERM or SIGINT (Ctrl-C) begins a graceful drain.
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}

@@ -31,22 +31,52 @@ pub const SESSION_PINS: &str = "sluice_session_pins_total";
 
 /// Describes every metric once, so the exposition carries HELP and unit lines.
 pub fn describe() {
-    describe_gauge!(CLIENT_CONNECTIONS, "Client connections by state (active, waiting, idle)");
+    describe_gauge!(
+        CLIENT_CONNECTIONS,
+        "Client connections by state (active, waiting, idle)"
+    );
     describe_counter!(CLIENT_ACCEPTED, "Client connections accepted");
     describe_counter!(CLIENT_REJECTED, "Client connections refused, by reason");
     describe_counter!(CLIENT_AUTH_FAILURES, "Client authentication failures");
-    describe_counter!(QUERIES_REJECTED, "Requests shed without being executed, by reason and group");
-    describe_histogram!(POOL_WAIT, Unit::Seconds, "Time to borrow a server connection");
-    describe_gauge!(POOL_WAITING, "Clients waiting for a server connection, by group");
-    describe_gauge!(SERVER_CONNECTIONS, "Server connections by state (active, idle, connecting)");
+    describe_counter!(
+        QUERIES_REJECTED,
+        "Requests shed without being executed, by reason and group"
+    );
+    describe_histogram!(
+        POOL_WAIT,
+        Unit::Seconds,
+        "Time to borrow a server connection"
+    );
+    describe_gauge!(
+        POOL_WAITING,
+        "Clients waiting for a server connection, by group"
+    );
+    describe_gauge!(
+        SERVER_CONNECTIONS,
+        "Server connections by state (active, idle, connecting)"
+    );
     describe_gauge!(SERVER_BUDGET, "The global server connection budget");
     describe_counter!(SERVER_CONNECTS, "Server connection attempts, by result");
-    describe_histogram!(SERVER_CONNECT_TIME, Unit::Seconds, "Time to connect and authenticate to the server");
+    describe_histogram!(
+        SERVER_CONNECT_TIME,
+        Unit::Seconds,
+        "Time to connect and authenticate to the server"
+    );
     describe_counter!(SERVER_CLOSED, "Server connections closed, by reason");
-    describe_counter!(TRANSACTIONS, "Transactions (pool checkouts) completed, by group");
-    describe_histogram!(TRANSACTION_TIME, Unit::Seconds, "Time a server connection was held per checkout");
+    describe_counter!(
+        TRANSACTIONS,
+        "Transactions (pool checkouts) completed, by group"
+    );
+    describe_histogram!(
+        TRANSACTION_TIME,
+        Unit::Seconds,
+        "Time a server connection was held per checkout"
+    );
     describe_counter!(BYTES, Unit::Bytes, "Bytes relayed, by direction");
-    describe_gauge!(PINNED_SESSIONS, "Client sessions pinned to a server connection");
+    describe_gauge!(
+        PINNED_SESSIONS,
+        "Client sessions pinned to a server connection"
+    );
     describe_counter!(SESSION_PINS, "Sessions pinned, by reason");
 }
 

@@ -22,8 +22,21 @@ pub struct Lease<C: Send + 'static> {
 }
 
 impl<C: Send + 'static> Lease<C> {
-    pub(crate) fn new(shared: Arc<Shared<C>>, pool: PoolId, group: Option<GroupId>, entry: Option<Entry<C>>, granted: Instant) -> Self {
-        Lease { shared, pool, group, entry, granted, done: false }
+    pub(crate) fn new(
+        shared: Arc<Shared<C>>,
+        pool: PoolId,
+        group: Option<GroupId>,
+        entry: Option<Entry<C>>,
+        granted: Instant,
+    ) -> Self {
+        Lease {
+            shared,
+            pool,
+            group,
+            entry,
+            granted,
+            done: false,
+        }
     }
 
     pub fn pool(&self) -> PoolId {
@@ -41,7 +54,10 @@ impl<C: Send + 'static> Lease<C> {
 
     /// How long the connection has existed.
     pub fn age(&self) -> std::time::Duration {
-        self.entry.as_ref().map(|e| e.created.elapsed()).unwrap_or_default()
+        self.entry
+            .as_ref()
+            .map(|e| e.created.elapsed())
+            .unwrap_or_default()
     }
 
     /// Puts a freshly opened connection in an empty lease.
@@ -54,7 +70,11 @@ impl<C: Send + 'static> Lease<C> {
             st.dispatch(&self.shared, now)
         };
         after.run();
-        self.entry = Some(Entry { conn, created: now, since: now });
+        self.entry = Some(Entry {
+            conn,
+            created: now,
+            since: now,
+        });
     }
 
     /// Drops a connection found dead before use and makes the lease a connect slot again,
@@ -105,6 +125,9 @@ impl<C: Send + 'static> Drop for Lease<C> {
 
 impl<C: Send + 'static> std::fmt::Debug for Lease<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Lease").field("pool", &self.pool).field("connected", &self.entry.is_some()).finish()
+        f.debug_struct("Lease")
+            .field("pool", &self.pool)
+            .field("connected", &self.entry.is_some())
+            .finish()
     }
 }

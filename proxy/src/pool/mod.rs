@@ -127,14 +127,20 @@ pub struct Pools<C: Send + 'static> {
 
 impl<C: Send + 'static> Clone for Pools<C> {
     fn clone(&self) -> Self {
-        Pools { shared: self.shared.clone() }
+        Pools {
+            shared: self.shared.clone(),
+        }
     }
 }
 
 impl<C: Send + 'static> Pools<C> {
     pub fn new(limits: Limits) -> Self {
         let shedder = Shedder::new(limits.shed_target, limits.shed_interval);
-        Pools { shared: Arc::new(Shared { state: Mutex::new(State::new(limits, shedder)) }) }
+        Pools {
+            shared: Arc::new(Shared {
+                state: Mutex::new(State::new(limits, shedder)),
+            }),
+        }
     }
 
     /// The pool for (database, user), created with `size`/`min` on first use.
@@ -165,10 +171,22 @@ impl<C: Send + 'static> Pools<C> {
                 return Ok(lease);
             }
             let (tx, rx) = oneshot::channel();
-            let id = st.enqueue(Waiter { id: 0, pool, tx, since: started }, group);
+            let id = st.enqueue(
+                Waiter {
+                    id: 0,
+                    pool,
+                    tx,
+                    since: started,
+                },
+                group,
+            );
             (rx, id, started + st.limits.wait_timeout)
         };
-        let mut guard = WaitGuard { shared: &self.shared, group, id: Some(id) };
+        let mut guard = WaitGuard {
+            shared: &self.shared,
+            group,
+            id: Some(id),
+        };
         match tokio::time::timeout_at(deadline, &mut rx).await {
             Ok(Ok(lease)) => {
                 guard.id = None;
@@ -177,7 +195,11 @@ impl<C: Send + 'static> Pools<C> {
             // Senders are dropped without a grant only on shutdown.
             Ok(Err(_)) => {
                 guard.id = None;
-                Err(Rejected { reason: Reason::Closed, detail: "Sluice is shutting down".into(), retry_after: Duration::from_secs(1) })
+                Err(Rejected {
+                    reason: Reason::Closed,
+                    detail: "Sluice is shutting down".into(),
+                    retry_after: Duration::from_secs(1),
+                })
             }
             Err(_elapsed) => {
                 guard.id = None;
@@ -185,7 +207,13 @@ impl<C: Send + 'static> Pools<C> {
                     let mut st = self.shared.state.lock();
                     if st.remove_waiter(group, id) {
                         let ms = st.limits.wait_timeout.as_millis();
-                        Some(st.reject(group, Reason::WaitTimeout, format!("no server connection became free within wait_timeout ({ms} ms)")))
+                        Some(st.reject(
+                            group,
+                            Reason::WaitTimeout,
+                            format!(
+                                "no server connection became free within wait_timeout ({ms} ms)"
+                            ),
+                        ))
                     } else {
                         None
                     }
@@ -194,7 +222,11 @@ impl<C: Send + 'static> Pools<C> {
                     Some(r) => Err(r),
                     // Granted between the timer firing and the lock: the lease is on its way
                     // (grants are sent right after the lock is released).
-                    None => rx.await.map_err(|_| Rejected { reason: Reason::Closed, detail: "Sluice is shutting down".into(), retry_after: Duration::from_secs(1) }),
+                    None => rx.await.map_err(|_| Rejected {
+                        reason: Reason::Closed,
+                        detail: "Sluice is shutting down".into(),
+                        retry_after: Duration::from_secs(1),
+                    }),
                 }
             }
         }

@@ -25,6 +25,8 @@ pub struct Shedder {
     window_start: Option<Instant>,
     window_count: u32,
     last_release: Option<Instant>,
+    /// Since when requests have been queueing (none while capacity is free).
+    saturated_since: Option<Instant>,
     /// Smoothed releases per second; `None` until a first window closes.
     rate: Option<f64>,
     /// When a run of served requests that waited above target began.
@@ -34,10 +36,25 @@ pub struct Shedder {
 
 impl Shedder {
     pub fn new(target: Duration, interval: Duration) -> Self {
-        Shedder { target, interval, window_start: None, window_count: 0, last_release: None, rate: None, above_since: None, overloaded: false }
+        Shedder {
+            target,
+            interval,
+            window_start: None,
+            window_count: 0,
+            last_release: None,
+            saturated_since: None,
+            rate: None,
+            above_since: None,
+            overloaded: false,
+        }
     }
 
+    /// Releases are counted only while requests queue: then their rate is the capacity, not
+    /// the demand, which is all a light load would measure.
     pub fn on_release(&mut self, now: Instant) {
+        if self.saturated_since.is_none() {
+            return;
+        }
         let start = *self.window_start.get_or_insert(now);
         self.window_count += 1;
         self.last_release = Some(now);
@@ -56,7 +73,11 @@ impl Shedder {
     /// The recent release rate, decayed when releases stopped coming.
     fn rate(&self, now: Instant) -> Option<f64> {
         let rate = self.rate?;
-        let quiet = now.saturating_duration_since(self.last_release?);
+        let since = match (self.last_release, self.saturated_since) {
+            (Some(r), Some(s)) => r.max(s),
+            (r, s) => r.or(s)?,
+        };
+        let quiet = now.saturating_duration_since(since);
         if quiet > WINDOW * 4 {
             // Nothing released for a while: the true rate is at most one per quiet period.
             return Some(rate.min(1.0 / quiet.as_secs_f64()));
@@ -77,9 +98,20 @@ impl Shedder {
         }
     }
 
+    /// The first request of a busy spell started queueing.
+    pub fn queue_started(&mut self, now: Instant) {
+        if self.saturated_since.is_none() {
+            self.saturated_since = Some(now);
+            // A window spanning an unsaturated spell would understate the rate.
+            self.window_start = Some(now);
+            self.window_count = 0;
+        }
+    }
+
     pub fn queue_empty(&mut self) {
         self.above_since = None;
         self.overloaded = false;
+        self.saturated_since = None;
     }
 
     pub fn is_overloaded(&self) -> bool {
@@ -92,7 +124,9 @@ impl Shedder {
         if rate <= 0.0 {
             return None;
         }
-        Some(Duration::from_secs_f64((f64::from(ahead) / rate).min(3600.0)))
+        Some(Duration::from_secs_f64(
+            (f64::from(ahead) / rate).min(3600.0),
+        ))
     }
 
     /// Whether a request that must queue should be refused now, and why.
@@ -128,7 +162,10 @@ impl Shedder {
     pub fn retry_after(&self, waiting: u32, timeout: Duration) -> Duration {
         let now = Instant::now();
         let guess = self.predict(now, waiting.max(1)).unwrap_or(timeout / 4);
-        guess.clamp(Duration::from_millis(50), timeout.max(Duration::from_millis(50)))
+        guess.clamp(
+            Duration::from_millis(50),
+            timeout.max(Duration::from_millis(50)),
+        )
     }
 }
 
@@ -140,20 +177,40 @@ mod tests {
     async fn predicts_from_release_rate() {
         let mut s = Shedder::new(Duration::from_millis(50), Duration::from_millis(200));
         assert_eq!(s.predict(Instant::now(), 10), None);
+        s.on_release(Instant::now());
+        assert_eq!(
+            s.predict(Instant::now(), 10),
+            None,
+            "releases under light load say nothing"
+        );
+        s.queue_started(Instant::now());
         // 100 releases per second for one second.
         for _ in 0..100 {
             tokio::time::advance(Duration::from_millis(10)).await;
             s.on_release(Instant::now());
         }
         let p = s.predict(Instant::now(), 50).unwrap();
-        assert!(p > Duration::from_millis(400) && p < Duration::from_millis(600), "{p:?}");
-        assert!(s.check(Instant::now(), 50, Duration::from_secs(1)).is_none());
-        let (reason, _) = s.check(Instant::now(), 500, Duration::from_secs(1)).unwrap();
+        assert!(
+            p > Duration::from_millis(400) && p < Duration::from_millis(600),
+            "{p:?}"
+        );
+        assert!(s
+            .check(Instant::now(), 50, Duration::from_secs(1))
+            .is_none());
+        let (reason, _) = s
+            .check(Instant::now(), 500, Duration::from_secs(1))
+            .unwrap();
         assert_eq!(reason, Reason::PredictedTimeout);
         // Releases stop: the estimate decays rather than staying optimistic.
         tokio::time::advance(Duration::from_secs(10)).await;
         let p = s.predict(Instant::now(), 5).unwrap();
         assert!(p >= Duration::from_secs(5), "{p:?} {:?}", s.rate);
+        // An idle spell is not slowness: a new busy spell starts from the last known rate.
+        s.queue_empty();
+        tokio::time::advance(Duration::from_secs(30)).await;
+        s.queue_started(Instant::now());
+        let p = s.predict(Instant::now(), 5).unwrap();
+        assert!(p < Duration::from_millis(100), "{p:?}");
     }
 
     #[tokio::test(start_paused = true)]
@@ -166,11 +223,19 @@ mod tests {
         s.on_dequeue(Instant::now(), Duration::from_millis(10));
         tokio::time::advance(Duration::from_millis(150)).await;
         s.on_dequeue(Instant::now(), slow);
-        assert!(!s.is_overloaded(), "a fast dequeue in between resets the run");
+        assert!(
+            !s.is_overloaded(),
+            "a fast dequeue in between resets the run"
+        );
         tokio::time::advance(Duration::from_millis(250)).await;
         s.on_dequeue(Instant::now(), slow);
         assert!(s.is_overloaded());
-        assert_eq!(s.check(Instant::now(), 1, Duration::from_secs(5)).unwrap().0, Reason::Overload);
+        assert_eq!(
+            s.check(Instant::now(), 1, Duration::from_secs(5))
+                .unwrap()
+                .0,
+            Reason::Overload
+        );
         s.queue_empty();
         assert!(!s.is_overloaded());
     }

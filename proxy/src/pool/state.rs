@@ -19,7 +19,9 @@ use tokio::time::Instant;
 
 use super::lease::Lease;
 use super::shed::Shedder;
-use super::{GroupId, GroupLimits, GroupStats, Limits, PoolId, PoolStats, Reason, Rejected, Shared};
+use super::{
+    GroupId, GroupLimits, GroupStats, Limits, PoolId, PoolStats, Reason, Rejected, Shared,
+};
 use crate::metrics::GroupMetrics;
 
 pub(crate) type Grant<C> = Lease<C>;
@@ -117,7 +119,11 @@ impl<C: Send + 'static> State<C> {
     }
 
     pub fn pool_id(&mut self, database: &str, user: &str, size: u32, min: u32) -> PoolId {
-        if let Some(i) = self.pools.iter().position(|p| p.database == database && p.user == user) {
+        if let Some(i) = self
+            .pools
+            .iter()
+            .position(|p| p.database == database && p.user == user)
+        {
             return PoolId(i);
         }
         self.pools.push(PoolState {
@@ -138,7 +144,13 @@ impl<C: Send + 'static> State<C> {
     }
 
     pub fn add_group(&mut self, name: &str, limits: GroupLimits, metrics: GroupMetrics) -> GroupId {
-        self.groups.push(GroupState { name: name.to_string(), limits, active: 0, waiters: VecDeque::new(), metrics });
+        self.groups.push(GroupState {
+            name: name.to_string(),
+            limits,
+            active: 0,
+            waiters: VecDeque::new(),
+            metrics,
+        });
         GroupId(self.groups.len() - 1)
     }
 
@@ -147,7 +159,12 @@ impl<C: Send + 'static> State<C> {
         self.rr
             .iter()
             .filter(|&&h| h != g)
-            .map(|&h| self.groups[h].limits.reserved.saturating_sub(self.groups[h].active))
+            .map(|&h| {
+                self.groups[h]
+                    .limits
+                    .reserved
+                    .saturating_sub(self.groups[h].active)
+            })
             .sum()
     }
 
@@ -155,7 +172,12 @@ impl<C: Send + 'static> State<C> {
     fn source(&self, g: usize, p: usize) -> Option<Source> {
         let gs = &self.groups[g];
         let ps = &self.pools[p];
-        if gs.limits.max_connections.is_some_and(|max| gs.active >= max) || ps.active >= ps.size {
+        if gs
+            .limits
+            .max_connections
+            .is_some_and(|max| gs.active >= max)
+            || ps.active >= ps.size
+        {
             return None;
         }
         if self.active >= self.limits.budget {
@@ -176,10 +198,20 @@ impl<C: Send + 'static> State<C> {
         }
         // The budget is all in use but not all busy: close another pool's oldest idle
         // connection to open one here.
-        self.pools.iter().position(|q| !q.idle.is_empty()).map(Source::Evict)
+        self.pools
+            .iter()
+            .position(|q| !q.idle.is_empty())
+            .map(Source::Evict)
     }
 
-    fn grant(&mut self, shared: &Arc<Shared<C>>, g: usize, p: usize, src: Source, now: Instant) -> Lease<C> {
+    fn grant(
+        &mut self,
+        shared: &Arc<Shared<C>>,
+        g: usize,
+        p: usize,
+        src: Source,
+        now: Instant,
+    ) -> Lease<C> {
         let entry = match src {
             Source::Idle => self.pools[p].idle.pop(),
             Source::New | Source::Evict(_) => {
@@ -203,7 +235,13 @@ impl<C: Send + 'static> State<C> {
         Lease::new(shared.clone(), PoolId(p), Some(GroupId(g)), entry, now)
     }
 
-    pub fn try_admit(&mut self, shared: &Arc<Shared<C>>, pool: PoolId, group: GroupId, now: Instant) -> Result<Admit<C>, Rejected> {
+    pub fn try_admit(
+        &mut self,
+        shared: &Arc<Shared<C>>,
+        pool: PoolId,
+        group: GroupId,
+        now: Instant,
+    ) -> Result<Admit<C>, Rejected> {
         let (g, p) = (group.0, pool.0);
         if self.closed {
             return Err(self.reject(group, Reason::Closed, "Sluice is shutting down".into()));
@@ -218,13 +256,19 @@ impl<C: Send + 'static> State<C> {
             }
         }
         if self.waiting >= self.limits.max_waiting {
-            let detail = format!("max_waiting ({}) clients are already waiting for a server connection", self.limits.max_waiting);
+            let detail = format!(
+                "max_waiting ({}) clients are already waiting for a server connection",
+                self.limits.max_waiting
+            );
             return Err(self.reject(group, Reason::QueueFull, detail));
         }
         let gs = &self.groups[g];
         if let Some(max) = gs.limits.max_waiting {
             if gs.waiters.len() as u32 >= max {
-                let detail = format!("group \"{}\" already has max_waiting ({max}) clients waiting", gs.name);
+                let detail = format!(
+                    "group \"{}\" already has max_waiting ({max}) clients waiting",
+                    gs.name
+                );
                 return Err(self.reject(group, Reason::QueueFull, detail));
             }
         }
@@ -239,13 +283,22 @@ impl<C: Send + 'static> State<C> {
 
     pub fn reject(&mut self, group: GroupId, reason: Reason, detail: String) -> Rejected {
         self.groups[group.0].metrics.rejected(reason.as_str());
-        let retry_after = self.shedder.retry_after(self.waiting, self.limits.wait_timeout);
-        Rejected { reason, detail, retry_after }
+        let retry_after = self
+            .shedder
+            .retry_after(self.waiting, self.limits.wait_timeout);
+        Rejected {
+            reason,
+            detail,
+            retry_after,
+        }
     }
 
     pub fn enqueue(&mut self, mut w: Waiter<C>, group: GroupId) -> u64 {
         w.id = self.next_id;
         self.next_id += 1;
+        if self.waiting == 0 {
+            self.shedder.queue_started(w.since);
+        }
         let gs = &mut self.groups[group.0];
         if gs.waiters.is_empty() {
             self.rr.push_back(group.0);
@@ -292,12 +345,18 @@ impl<C: Send + 'static> State<C> {
                         continue;
                     };
                     let needy = self.groups[g].active < self.groups[g].limits.reserved;
-                    let src = if reserved_pass && !needy { None } else { self.source(g, pool) };
+                    let src = if reserved_pass && !needy {
+                        None
+                    } else {
+                        self.source(g, pool)
+                    };
                     let Some(src) = src else {
                         kept.push(g);
                         continue;
                     };
-                    let Some(w) = self.groups[g].waiters.pop_front() else { continue };
+                    let Some(w) = self.groups[g].waiters.pop_front() else {
+                        continue;
+                    };
                     self.waiting -= 1;
                     let gs = &self.groups[g];
                     gs.metrics.waiting.decrement(1.0);
@@ -321,7 +380,10 @@ impl<C: Send + 'static> State<C> {
         if self.rr.is_empty() {
             self.shedder.queue_empty();
         }
-        Aftermath { grants, dead: std::mem::take(&mut self.dead) }
+        Aftermath {
+            grants,
+            dead: std::mem::take(&mut self.dead),
+        }
     }
 
     /// Pops waiters at the head of group `g` whose client has gone.
@@ -335,13 +397,23 @@ impl<C: Send + 'static> State<C> {
     }
 
     /// Takes a lease's connection back. `reuse` puts it in the idle list, else it is closed.
-    pub fn release(&mut self, pool: PoolId, group: Option<GroupId>, entry: Option<Entry<C>>, reuse: bool, granted: Instant, now: Instant) {
+    pub fn release(
+        &mut self,
+        pool: PoolId,
+        group: Option<GroupId>,
+        entry: Option<Entry<C>>,
+        reuse: bool,
+        granted: Instant,
+        now: Instant,
+    ) {
         let p = pool.0;
         if let Some(g) = group {
             let gs = &mut self.groups[g.0];
             gs.active -= 1;
             gs.metrics.transactions.increment(1);
-            gs.metrics.transaction_time.record(now.saturating_duration_since(granted).as_secs_f64());
+            gs.metrics
+                .transaction_time
+                .record(now.saturating_duration_since(granted).as_secs_f64());
             self.active -= 1;
             self.pools[p].active -= 1;
             self.shedder.on_release(now);
@@ -390,7 +462,9 @@ impl<C: Send + 'static> State<C> {
             while i < ps.idle.len() {
                 let e = &ps.idle[i];
                 let old = now.saturating_duration_since(e.created) >= lifetime;
-                let idle = !idle_timeout.is_zero() && now.saturating_duration_since(e.since) >= idle_timeout && ps.total > ps.min;
+                let idle = !idle_timeout.is_zero()
+                    && now.saturating_duration_since(e.since) >= idle_timeout
+                    && ps.total > ps.min;
                 if old || idle {
                     out.push(ps.idle.remove(i).conn);
                     ps.total -= 1;
@@ -437,12 +511,18 @@ impl<C: Send + 'static> State<C> {
         self.closed = true;
         self.rr.clear();
         self.waiting = 0;
-        self.groups.iter_mut().flat_map(|g| g.waiters.drain(..)).collect()
+        self.groups
+            .iter_mut()
+            .flat_map(|g| g.waiters.drain(..))
+            .collect()
     }
 
     pub fn pool_stats(&self) -> Vec<PoolStats> {
         let waiting = |p: usize| -> u32 {
-            self.groups.iter().map(|g| g.waiters.iter().filter(|w| w.pool.0 == p).count() as u32).sum()
+            self.groups
+                .iter()
+                .map(|g| g.waiters.iter().filter(|w| w.pool.0 == p).count() as u32)
+                .sum()
         };
         self.pools
             .iter()
@@ -475,7 +555,12 @@ impl<C: Send + 'static> State<C> {
     #[cfg(test)]
     pub fn check_invariants(&self) {
         let idle: u32 = self.pools.iter().map(|p| p.idle.len() as u32).sum();
-        assert!(self.total <= self.limits.budget, "total {} > budget {}", self.total, self.limits.budget);
+        assert!(
+            self.total <= self.limits.budget,
+            "total {} > budget {}",
+            self.total,
+            self.limits.budget
+        );
         assert!(self.active <= self.limits.budget);
         assert!(idle <= self.total);
         assert_eq!(self.pools.iter().map(|p| p.total).sum::<u32>(), self.total);
@@ -487,6 +572,12 @@ impl<C: Send + 'static> State<C> {
                 assert!(g.active <= max);
             }
         }
-        assert_eq!(self.groups.iter().map(|g| g.waiters.len() as u32).sum::<u32>(), self.waiting);
+        assert_eq!(
+            self.groups
+                .iter()
+                .map(|g| g.waiters.len() as u32)
+                .sum::<u32>(),
+            self.waiting
+        );
     }
 }

@@ -125,7 +125,10 @@ async fn dropped_lease_discards_and_frees_budget() {
     drop(ready(pools.acquire(p, g).await.unwrap(), &next));
     assert_eq!(pools.totals().0, 0);
     let lease = pools.acquire(p, g).await.unwrap();
-    assert!(lease.needs_connect(), "a discarded connection is never handed on");
+    assert!(
+        lease.needs_connect(),
+        "a discarded connection is never handed on"
+    );
     drop(lease);
     assert_eq!(pools.totals().0, 0, "an unfilled slot is freed too");
 }
@@ -166,8 +169,20 @@ async fn idle_connections_of_other_pools_are_evicted_for_waiters() {
 async fn reserved_group_is_served_first_and_caps_hold() {
     let pools = Pools::new(limits(4));
     let p = pools.pool("db", "u", 4, 0);
-    let hot = pools.group("hot", GroupLimits { max_connections: Some(3), ..Default::default() });
-    let vip = pools.group("vip", GroupLimits { reserved: 1, ..Default::default() });
+    let hot = pools.group(
+        "hot",
+        GroupLimits {
+            max_connections: Some(3),
+            ..Default::default()
+        },
+    );
+    let vip = pools.group(
+        "vip",
+        GroupLimits {
+            reserved: 1,
+            ..Default::default()
+        },
+    );
     let next = Arc::new(AtomicU32::new(1));
     // The hot group can never hold more than its cap.
     let mut held = Vec::new();
@@ -182,14 +197,20 @@ async fn reserved_group_is_served_first_and_caps_hold() {
     let mut waiters = Vec::new();
     for _ in 0..3 {
         let pools = pools.clone();
-        waiters.push(tokio::spawn(async move { pools.acquire(p, hot).await.map(|l| l.release()) }));
+        waiters.push(tokio::spawn(async move {
+            pools.acquire(p, hot).await.map(|l| l.release())
+        }));
     }
     sleep(Duration::from_millis(1)).await;
     let vip_wait = tokio::spawn({
         let pools = pools.clone();
         async move {
             let t0 = Instant::now();
-            pools.acquire(p, vip).await.map(|l| l.release()).map(|_| t0.elapsed())
+            pools
+                .acquire(p, vip)
+                .await
+                .map(|l| l.release())
+                .map(|_| t0.elapsed())
         }
     });
     sleep(Duration::from_millis(1)).await;
@@ -231,7 +252,12 @@ async fn groups_are_served_round_robin() {
         t.await.unwrap();
     }
     let order = order.lock();
-    let b_positions: Vec<_> = order.iter().enumerate().filter(|(_, n)| **n == "b").map(|(i, _)| i).collect();
+    let b_positions: Vec<_> = order
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| **n == "b")
+        .map(|(i, _)| i)
+        .collect();
     assert_eq!(b_positions, vec![1, 3], "{order:?}");
 }
 
@@ -247,7 +273,13 @@ async fn warm_slots_fill_to_min_and_reaper_keeps_it() {
     }
     assert_eq!(pools.pool_stats()[0].idle, 2);
     sleep(Duration::from_secs(100)).await;
-    assert!(pools.reap(Instant::now(), Duration::from_secs(10), Duration::from_secs(1000)).is_empty());
+    assert!(pools
+        .reap(
+            Instant::now(),
+            Duration::from_secs(10),
+            Duration::from_secs(1000)
+        )
+        .is_empty());
     let g = pools.group("g", GroupLimits::default());
     let extra: Vec<_> = [(); 3].iter().map(|_| ()).collect();
     let mut held = Vec::new();
@@ -256,7 +288,22 @@ async fn warm_slots_fill_to_min_and_reaper_keeps_it() {
     }
     held.into_iter().for_each(Lease::release);
     sleep(Duration::from_secs(100)).await;
-    assert_eq!(pools.reap(Instant::now(), Duration::from_secs(10), Duration::from_secs(1000)).len(), 1);
-    assert_eq!(pools.reap(Instant::now(), Duration::ZERO, Duration::from_secs(1)).len(), 2, "lifetime ignores min");
+    assert_eq!(
+        pools
+            .reap(
+                Instant::now(),
+                Duration::from_secs(10),
+                Duration::from_secs(1000)
+            )
+            .len(),
+        1
+    );
+    assert_eq!(
+        pools
+            .reap(Instant::now(), Duration::ZERO, Duration::from_secs(1))
+            .len(),
+        2,
+        "lifetime ignores min"
+    );
     check(&pools);
 }

@@ -227,7 +227,10 @@ mod tests {
         assert_eq!((frame.tag, n), (b'E', buf.len()));
         let back = ErrorFields::parse(frame.body).unwrap();
         assert_eq!(back.message, "nonul");
-        assert_eq!((back.code.as_str(), back.detail.as_deref()), ("53300", Some("d")));
+        assert_eq!(
+            (back.code.as_str(), back.detail.as_deref()),
+            ("53300", Some("d"))
+        );
     }
 
     #[test]

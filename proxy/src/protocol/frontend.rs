@@ -3,8 +3,7 @@
 //! See <https://www.postgresql.org/docs/current/protocol-message-formats.html>.
 
 use super::{
-    ProtocolError, Reader, CANCEL_REQUEST_CODE, GSSENC_REQUEST_CODE, PROTOCOL_3_0,
-    SSL_REQUEST_CODE,
+    ProtocolError, Reader, CANCEL_REQUEST_CODE, GSSENC_REQUEST_CODE, PROTOCOL_3_0, SSL_REQUEST_CODE,
 };
 
 /// Message tags of protocol 3.0 frontend messages.
@@ -34,9 +33,14 @@ pub const MAX_STARTUP_LEN: usize = 10_000;
 pub enum Startup {
     SslRequest,
     GssEncRequest,
-    Cancel { process_id: i32, secret_key: i32 },
+    Cancel {
+        process_id: i32,
+        secret_key: i32,
+    },
     /// A protocol 3.0 StartupMessage with its parameters in the order sent.
-    Startup { params: Vec<(String, String)> },
+    Startup {
+        params: Vec<(String, String)>,
+    },
 }
 
 impl Startup {
@@ -65,9 +69,14 @@ impl Startup {
                 let process_id = r.i32()?;
                 let secret_key = r.i32()?;
                 r.finish()?;
-                Startup::Cancel { process_id, secret_key }
+                Startup::Cancel {
+                    process_id,
+                    secret_key,
+                }
             }
-            PROTOCOL_3_0 => Startup::Startup { params: parse_params(packet)? },
+            PROTOCOL_3_0 => Startup::Startup {
+                params: parse_params(packet)?,
+            },
             other => {
                 return Err(ProtocolError::UnsupportedVersion {
                     major: (other >> 16) as u16,
@@ -89,7 +98,9 @@ fn parse_params(packet: &[u8]) -> Result<Vec<(String, String)>, ProtocolError> {
         }
         let value = r.cstr()?;
         if params.iter().any(|(n, _): &(String, String)| n == name) {
-            return Err(ProtocolError::Malformed("StartupMessage (duplicate parameter)"));
+            return Err(ProtocolError::Malformed(
+                "StartupMessage (duplicate parameter)",
+            ));
         }
         params.push((name.to_owned(), value.to_owned()));
     }
@@ -102,7 +113,11 @@ pub fn sasl_initial_response(body: &[u8]) -> Result<(&str, &[u8]), ProtocolError
     let mut r = Reader::new(body, "SASLInitialResponse");
     let mechanism = r.cstr()?;
     let len = r.i32()?;
-    let data = if len < 0 { &[][..] } else { r.bytes(len as usize)? };
+    let data = if len < 0 {
+        &[][..]
+    } else {
+        r.bytes(len as usize)?
+    };
     r.finish()?;
     Ok((mechanism, data))
 }
@@ -139,7 +154,9 @@ mod tests {
         let p = packet(PROTOCOL_3_0, b"user\0app\0database\0db\0\0");
         let (s, n) = Startup::parse(&p).unwrap().unwrap();
         assert_eq!(n, p.len());
-        let Startup::Startup { params } = s else { panic!("not a startup") };
+        let Startup::Startup { params } = s else {
+            panic!("not a startup")
+        };
         assert_eq!(params[0], ("user".into(), "app".into()));
         assert_eq!(params[1], ("database".into(), "db".into()));
         assert_eq!(Startup::parse(&p[..p.len() - 1]).unwrap(), None);
@@ -147,21 +164,36 @@ mod tests {
 
     #[test]
     fn parses_requests() {
-        assert_eq!(Startup::parse(&packet(SSL_REQUEST_CODE, b"")).unwrap().unwrap().0, Startup::SslRequest);
-        assert_eq!(Startup::parse(&packet(GSSENC_REQUEST_CODE, b"")).unwrap().unwrap().0, Startup::GssEncRequest);
+        assert_eq!(
+            Startup::parse(&packet(SSL_REQUEST_CODE, b""))
+                .unwrap()
+                .unwrap()
+                .0,
+            Startup::SslRequest
+        );
+        assert_eq!(
+            Startup::parse(&packet(GSSENC_REQUEST_CODE, b""))
+                .unwrap()
+                .unwrap()
+                .0,
+            Startup::GssEncRequest
+        );
         let c = packet(CANCEL_REQUEST_CODE, &[0, 0, 0, 7, 0, 0, 0, 9]);
         assert_eq!(
             Startup::parse(&c).unwrap().unwrap().0,
-            Startup::Cancel { process_id: 7, secret_key: 9 }
+            Startup::Cancel {
+                process_id: 7,
+                secret_key: 9
+            }
         );
     }
 
     #[test]
     fn rejects_malformed_startup() {
         for bad in [
-            packet(PROTOCOL_3_0, b"user\0app"),           // missing terminators
+            packet(PROTOCOL_3_0, b"user\0app"), // missing terminators
             packet(PROTOCOL_3_0, b"user\0a\0user\0b\0\0"), // duplicate
-            packet(PROTOCOL_3_0, b"user\0\xff\0\0"),       // not UTF-8
+            packet(PROTOCOL_3_0, b"user\0\xff\0\0"), // not UTF-8
             packet(CANCEL_REQUEST_CODE, &[0, 0, 0, 7]),
             packet(SSL_REQUEST_CODE, b"x"),
             packet(0x0002_0000, b""),
@@ -177,7 +209,10 @@ mod tests {
         let mut body = b"SCRAM-SHA-256\0".to_vec();
         body.extend_from_slice(&3i32.to_be_bytes());
         body.extend_from_slice(b"abc");
-        assert_eq!(sasl_initial_response(&body).unwrap(), ("SCRAM-SHA-256", &b"abc"[..]));
+        assert_eq!(
+            sasl_initial_response(&body).unwrap(),
+            ("SCRAM-SHA-256", &b"abc"[..])
+        );
         body.push(0);
         assert!(sasl_initial_response(&body).is_err());
         assert!(sasl_initial_response(b"SCRAM\0\0\0\0\x09ab").is_err());

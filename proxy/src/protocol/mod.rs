@@ -93,7 +93,11 @@ pub fn next_frame(buf: &[u8], max: usize) -> Result<Option<(Frame<'_>, usize)>, 
     };
     let total = h.total();
     if total > max {
-        return Err(ProtocolError::TooLong { tag: h.tag, len: total, max });
+        return Err(ProtocolError::TooLong {
+            tag: h.tag,
+            len: total,
+            max,
+        });
     }
     match buf.get(HEADER_LEN..total) {
         Some(body) => Ok(Some((Frame { tag: h.tag, body }, total))),
@@ -149,7 +153,11 @@ impl<'a> Reader<'a> {
 
     /// NUL-terminated bytes, without the NUL.
     pub fn cbytes(&mut self) -> Result<&'a [u8], ProtocolError> {
-        let end = self.buf.iter().position(|&b| b == 0).ok_or_else(|| self.err())?;
+        let end = self
+            .buf
+            .iter()
+            .position(|&b| b == 0)
+            .ok_or_else(|| self.err())?;
         let s = &self.buf[..end];
         self.buf = &self.buf[end + 1..];
         Ok(s)
@@ -195,7 +203,10 @@ mod tests {
         let (f, n) = next_frame(msg, 100).unwrap().unwrap();
         assert_eq!((f.tag, f.body, n), (b'Q', &b"abcd\0"[..], 10));
         assert_eq!(next_frame(&msg[..7], 100).unwrap(), None);
-        assert!(matches!(next_frame(msg, 9), Err(ProtocolError::TooLong { .. })));
+        assert!(matches!(
+            next_frame(msg, 9),
+            Err(ProtocolError::TooLong { .. })
+        ));
     }
 
     #[test]

@@ -1,0 +1,100 @@
+//! Runs the library against a real PostgreSQL named by
+//! `SLUICE_LOADTEST_PG_URL` (e.g. postgres://postgres@127.0.0.1:55432/postgres).
+//! Without it these tests only print that they were skipped.
+
+use std::time::Duration;
+
+use sluice_loadtest::{
+    plant_duplicate_writes, run, verify, LoadtestError, Model, Profile, RunOptions, Workload,
+};
+
+fn pg_url() -> Option<String> {
+    let url = std::env::var("SLUICE_LOADTEST_PG_URL").ok();
+    if url.is_none() {
+        eprintln!("SLUICE_LOADTEST_PG_URL not set: skipping live PostgreSQL test");
+    }
+    url
+}
+
+#[tokio::test]
+async fn write_run_then_planted_loss_is_detected() {
+    let Some(url) = pg_url() else { return };
+    let mut opts = RunOptions::new(url.clone())
+        .with_profile(Profile::Constant {
+            rate: 100.0,
+            duration: Duration::from_secs(1),
+        })
+        .with_workload(Workload::Write);
+    opts.setup = true;
+    opts.verify = false; // verify by hand below, after tampering
+    let mut report = run(&opts).await.expect("run");
+    let c = &report.counts;
+    assert_eq!(c.succeeded + c.failed, c.invocations);
+    assert_eq!(c.invocations, 100);
+    assert_eq!(report.acked_writes.len() as u64, c.succeeded);
+
+    let clean = verify(&url, &report).await.expect("verify");
+    assert_eq!((clean.lost, clean.duplicated), (0, 0), "{clean:?}");
+
+    // Delete one acknowledged row behind the load generator's back, the
+    // way a test through the proxy would plant a lost write.
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    let victim = report.acked_writes[0] as i64;
+    let deleted = client
+        .execute(
+            "DELETE FROM sluice_lt_writes WHERE run_id = $1 AND seq = $2",
+            &[&report.run_id, &victim],
+        )
+        .await
+        .expect("delete");
+    assert_eq!(deleted, 1);
+    plant_duplicate_writes(&url, &report, 2).await.expect("dup");
+
+    let v = verify(&url, &report).await.expect("verify");
+    assert_eq!(v.lost, 1);
+    assert_eq!(v.duplicated, 2);
+    report.set_verification(v);
+    assert!(report.data_loss());
+    assert_eq!(report.counts.lost, 1);
+    let json = serde_json::to_value(&report).expect("json");
+    assert_eq!(json["counts"]["duplicated"], 2);
+}
+
+#[tokio::test]
+async fn warm_burst_counts_add_up() {
+    let Some(url) = pg_url() else { return };
+    let mut opts = RunOptions::new(url)
+        .with_profile(Profile::Burst {
+            size: 200,
+            window: Duration::from_millis(200),
+            bursts: 2,
+            interval: Duration::from_millis(500),
+        })
+        .with_model(Model::Warm {
+            prewarm: 5,
+            max_uses: 0,
+        })
+        .with_workload(Workload::Mixed { write_ratio: 0.5 });
+    opts.setup = true;
+    let report = run(&opts).await.expect("run");
+    let c = &report.counts;
+    assert_eq!(c.invocations, 400);
+    assert_eq!(c.succeeded + c.failed, c.invocations);
+    let v = report.verification.as_ref().expect("verified");
+    assert_eq!((v.lost, v.duplicated), (0, 0), "{v:?}");
+}
+
+#[tokio::test]
+async fn unreachable_target_is_a_clear_error() {
+    // Port 1 on loopback: nothing listens there.
+    let opts = RunOptions::new("postgres://postgres@127.0.0.1:1/postgres");
+    match run(&opts).await {
+        Err(LoadtestError::Connect { reason, .. }) => {
+            assert!(reason.contains("refused"), "{reason}")
+        }
+        other => panic!("expected a connect error, got {other:?}"),
+    }
+}

@@ -1,0 +1,341 @@
+//! Server connections: connecting and authenticating to PostgreSQL, and the little Sluice says
+//! on them itself (reset statements, cancel requests, Terminate).
+//!
+//! Authentication answers whatever the server asks for: SCRAM-SHA-256 (with postgres-protocol's
+//! client), md5, cleartext or trust. See
+//! <https://www.postgresql.org/docs/current/protocol-flow.html#PROTOCOL-FLOW-START-UP>.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::message::{backend::Message, frontend};
+use thiserror::Error;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::protocol::backend::{self, ErrorFields, Out, TxStatus};
+use crate::protocol::{next_frame, sqlstate};
+
+/// Largest message accepted from a server during Sluice's own exchanges (startup, resets).
+const MAX_CONTROL_MESSAGE: usize = 1 << 20;
+/// Initial read buffer of a server connection; it grows for large messages and is reused.
+pub const READ_BUFFER: usize = 16 * 1024;
+
+#[derive(Debug, Error)]
+pub enum ServerError {
+    #[error("could not connect to server {addr}: {source}")]
+    Connect { addr: String, source: io::Error },
+    #[error("timed out connecting to server {0}")]
+    ConnectTimeout(String),
+    #[error("server connection failed: {0}")]
+    Io(#[from] io::Error),
+    #[error("server closed the connection unexpectedly")]
+    Closed,
+    #[error("server protocol error: {0}")]
+    Protocol(String),
+    #[error("server authentication: {0}")]
+    Auth(String),
+    /// The server refused the connection or a statement with an ErrorResponse.
+    #[error("server error {}: {}", .0.code, .0.message)]
+    Rejected(ErrorFields),
+}
+
+impl ServerError {
+    /// Metric label for connect failures.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ServerError::Connect { .. } => "refused",
+            ServerError::ConnectTimeout(_) => "timeout",
+            ServerError::Rejected(f) if f.code.starts_with("28") => "auth_failed",
+            ServerError::Rejected(_) => "rejected",
+            ServerError::Auth(_) => "auth_failed",
+            _ => "error",
+        }
+    }
+}
+
+/// Where and as whom to connect.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: Option<String>,
+    pub database: String,
+    pub connect_timeout: Duration,
+}
+
+/// One authenticated server connection.
+pub struct ServerConn {
+    pub stream: TcpStream,
+    /// Bytes read from the server and not yet relayed; kept across checkouts so its capacity is
+    /// reused.
+    pub buf: BytesMut,
+    pub params: Vec<(String, String)>,
+    pub process_id: i32,
+    pub secret_key: i32,
+    pub addr: SocketAddr,
+    /// The fields of the last ErrorResponse Sluice read itself (startup, resets).
+    error_fields: Option<ErrorFields>,
+}
+
+impl ServerConn {
+    pub async fn connect(t: &Target) -> Result<ServerConn, ServerError> {
+        let addr = format!("{}:{}", t.host, t.port);
+        let fut = async {
+            let stream = TcpStream::connect((t.host.as_str(), t.port))
+                .await
+                .map_err(|source| ServerError::Connect {
+                    addr: addr.clone(),
+                    source,
+                })?;
+            stream.set_nodelay(true)?;
+            let peer = stream.peer_addr()?;
+            let mut conn = ServerConn {
+                stream,
+                buf: BytesMut::with_capacity(READ_BUFFER),
+                params: Vec::new(),
+                process_id: 0,
+                secret_key: 0,
+                addr: peer,
+                error_fields: None,
+            };
+            conn.startup(t).await?;
+            Ok(conn)
+        };
+        tokio::time::timeout(t.connect_timeout, fut)
+            .await
+            .map_err(|_| ServerError::ConnectTimeout(addr.clone()))?
+    }
+
+    async fn startup(&mut self, t: &Target) -> Result<(), ServerError> {
+        let mut out = BytesMut::new();
+        let params = [
+            ("user", t.user.as_str()),
+            ("database", t.database.as_str()),
+            ("application_name", "sluice"),
+        ];
+        frontend::startup_message(params.iter().copied(), &mut out)?;
+        self.stream.write_all(&out).await?;
+        let mut scram: Option<ScramSha256> = None;
+        let password = || {
+            t.password.as_deref().ok_or_else(|| {
+                ServerError::Auth(
+                    "server asked for a password and none is configured (set server_password)"
+                        .into(),
+                )
+            })
+        };
+        loop {
+            out.clear();
+            match self.read_message().await? {
+                Message::AuthenticationOk => {}
+                Message::AuthenticationCleartextPassword => {
+                    frontend::password_message(password()?.as_bytes(), &mut out)?;
+                }
+                Message::AuthenticationMd5Password(body) => {
+                    let hash = postgres_protocol::authentication::md5_hash(
+                        t.user.as_bytes(),
+                        password()?.as_bytes(),
+                        body.salt(),
+                    );
+                    frontend::password_message(hash.as_bytes(), &mut out)?;
+                }
+                Message::AuthenticationSasl(body) => {
+                    let mut mechanisms = body.mechanisms();
+                    let mut found = false;
+                    while let Some(m) = fallible_next(&mut mechanisms)? {
+                        found |= m == SCRAM_SHA_256;
+                    }
+                    if !found {
+                        return Err(ServerError::Auth(
+                            "server offers no supported SASL mechanism".into(),
+                        ));
+                    }
+                    let s = ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
+                    frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut out)?;
+                    scram = Some(s);
+                }
+                Message::AuthenticationSaslContinue(body) => {
+                    let s = scram
+                        .as_mut()
+                        .ok_or_else(|| ServerError::Protocol("unexpected SASLContinue".into()))?;
+                    s.update(body.data())
+                        .map_err(|e| ServerError::Auth(e.to_string()))?;
+                    frontend::sasl_response(s.message(), &mut out)?;
+                }
+                Message::AuthenticationSaslFinal(body) => {
+                    let mut s = scram
+                        .take()
+                        .ok_or_else(|| ServerError::Protocol("unexpected SASLFinal".into()))?;
+                    s.finish(body.data())
+                        .map_err(|e| ServerError::Auth(e.to_string()))?;
+                }
+                Message::ParameterStatus(body) => {
+                    let name = body.name()?.to_string();
+                    let value = body.value()?.to_string();
+                    self.set_param(name, value);
+                }
+                Message::BackendKeyData(body) => {
+                    self.process_id = body.process_id();
+                    self.secret_key = body.secret_key();
+                }
+                Message::ReadyForQuery(_) => return Ok(()),
+                Message::ErrorResponse(_) => return Err(self.last_error()),
+                Message::NoticeResponse(_) => {}
+                _ => {
+                    return Err(ServerError::Protocol(
+                        "unexpected message during startup".into(),
+                    ))
+                }
+            }
+            if !out.is_empty() {
+                self.stream.write_all(&out).await?;
+            }
+        }
+    }
+
+    fn set_param(&mut self, name: String, value: String) {
+        match self.params.iter_mut().find(|(n, _)| *n == name) {
+            Some(slot) => slot.1 = value,
+            None => self.params.push((name, value)),
+        }
+    }
+
+    /// The ErrorResponse just parsed by `read_message` (its bytes are still at the buffer's head).
+    fn last_error(&mut self) -> ServerError {
+        match self.error_fields.take() {
+            Some(f) => ServerError::Rejected(f),
+            None => ServerError::Protocol("malformed ErrorResponse".into()),
+        }
+    }
+
+    async fn read_message(&mut self) -> Result<Message, ServerError> {
+        loop {
+            if let Some((frame, _)) = next_frame(&self.buf, MAX_CONTROL_MESSAGE)
+                .map_err(|e| ServerError::Protocol(e.to_string()))?
+            {
+                if frame.tag == backend::tag::ERROR_RESPONSE {
+                    self.error_fields = ErrorFields::parse(frame.body).ok();
+                }
+            }
+            if let Some(msg) = Message::parse(&mut self.buf)? {
+                return Ok(msg);
+            }
+            self.buf.reserve(READ_BUFFER);
+            if self.stream.read_buf(&mut self.buf).await? == 0 {
+                return Err(ServerError::Closed);
+            }
+        }
+    }
+
+    /// Runs one statement of Sluice's own (ROLLBACK, DISCARD ALL) and waits for ReadyForQuery.
+    /// Returns the transaction status after it; an ErrorResponse is returned as an error.
+    pub async fn simple_query(&mut self, sql: &str) -> Result<TxStatus, ServerError> {
+        let mut out = BytesMut::new();
+        Out::query(&mut out, sql);
+        self.stream.write_all(&out).await?;
+        let mut error = None;
+        loop {
+            match self.read_message().await? {
+                Message::ReadyForQuery(body) => {
+                    let status = TxStatus::from_byte(body.status())
+                        .map_err(|e| ServerError::Protocol(e.to_string()))?;
+                    return match error {
+                        Some(e) => Err(e),
+                        None => Ok(status),
+                    };
+                }
+                Message::ErrorResponse(_) => error = Some(self.last_error()),
+                Message::ParameterStatus(body) => {
+                    let (name, value) = (body.name()?.to_string(), body.value()?.to_string());
+                    self.set_param(name, value);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Whether an idle connection can be used: nothing buffered, nothing arrived and not closed.
+    /// A connection the server closed (restart, idle timeout, admin kill) is caught here, before
+    /// any byte of a client's request is sent to it.
+    pub fn is_reusable(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        let mut probe = [0u8; 1];
+        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+
+    /// The server's cancel key.
+    pub fn cancel_key(&self) -> CancelKey {
+        CancelKey {
+            addr: self.addr,
+            process_id: self.process_id,
+            secret_key: self.secret_key,
+        }
+    }
+}
+
+/// What is needed to cancel the query running on a server connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CancelKey {
+    pub addr: SocketAddr,
+    pub process_id: i32,
+    pub secret_key: i32,
+}
+
+impl CancelKey {
+    /// Sends a CancelRequest on a new connection, as the protocol requires.
+    pub async fn send(self, timeout: Duration) -> Result<(), ServerError> {
+        let fut = async {
+            let mut s = TcpStream::connect(self.addr).await?;
+            let mut out = BytesMut::new();
+            frontend::cancel_request(self.process_id, self.secret_key, &mut out);
+            s.write_all(&out).await?;
+            // The server closes the connection once it has the request.
+            let mut sink = [0u8; 16];
+            let _ = s.read(&mut sink).await;
+            Ok::<_, ServerError>(())
+        };
+        tokio::time::timeout(timeout, fut)
+            .await
+            .map_err(|_| ServerError::ConnectTimeout(self.addr.to_string()))?
+    }
+}
+
+impl Drop for ServerConn {
+    /// Says Terminate so the server ends the backend at once instead of logging an unexpected
+    /// EOF; best effort, never blocks.
+    fn drop(&mut self) {
+        const TERMINATE: [u8; 5] = [b'X', 0, 0, 0, 4];
+        let _ = self.stream.try_write(&TERMINATE);
+    }
+}
+
+fn fallible_next<I: fallible_iterator::FallibleIterator<Error = io::Error>>(
+    it: &mut I,
+) -> Result<Option<I::Item>, ServerError> {
+    it.next().map_err(ServerError::Io)
+}
+
+/// The error a client sees when Sluice cannot give it a server connection because connecting
+/// failed. Errors the server sent (a missing database, a refused login) pass through as they are.
+pub fn client_error(e: &ServerError) -> ErrorFields {
+    match e {
+        ServerError::Rejected(f) => f.clone(),
+        other => ErrorFields {
+            severity: "ERROR".into(),
+            code: sqlstate::CONNECTION_FAILURE.into(),
+            message: format!(
+                "Sluice could not connect to the database server: {}",
+                other.kind().replace('_', " ")
+            ),
+            detail: None,
+            hint: Some("The query was not executed; it is safe to retry.".into()),
+        },
+    }
+}

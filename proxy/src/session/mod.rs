@@ -1,0 +1,516 @@
+//! One client session: start-up and authentication, then requests relayed to pooled servers.
+//!
+//! In transaction pooling a request is buffered whole (a simple Query, or extended-protocol
+//! messages up to Sync or Flush) before a server connection is borrowed, so no server waits on a
+//! slow client; the server goes back to the pool at the ReadyForQuery that ends the transaction.
+//! A request refused for capacity is answered with a non-fatal ErrorResponse (SQLSTATE 53300)
+//! and ReadyForQuery, so the client keeps its connection and may retry on it.
+
+mod cancel;
+mod relay;
+mod startup;
+
+pub use startup::refuse;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use parking_lot::Mutex;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+pub use cancel::CancelRegistry;
+use relay::{End, Flow};
+use startup::Login;
+
+use crate::auth::Credentials;
+use crate::config::{Config, GroupBy, PoolMode};
+use crate::pool::{GroupLimits, Lease, PoolId, Pools, Reason, Rejected};
+use crate::protocol::backend::{ErrorFields, Out, TxStatus};
+use crate::protocol::frontend::tag;
+use crate::protocol::{sqlstate, Header};
+use crate::server::{self, ServerConn, Target};
+
+/// A request buffered past this many bytes without its end gets a server anyway and streams.
+const REQUEST_BUFFER_LIMIT: usize = 1 << 20;
+/// An idle client's read buffer is freed after this long, so idle clients cost almost nothing.
+const BUFFER_RELEASE_AFTER: Duration = Duration::from_secs(1);
+/// Time allowed to roll back the transaction of a client that disconnected mid-transaction.
+const ROLLBACK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Everything sessions share.
+pub struct Context {
+    pub config: Arc<Config>,
+    pub pools: Pools<ServerConn>,
+    pub credentials: HashMap<String, Credentials>,
+    /// Seeds the SCRAM exchange of unknown users, so it fails like a wrong password.
+    pub mock_secret: [u8; 32],
+    pub cancels: CancelRegistry,
+    /// ParameterStatus values of each pool's servers, reported to clients at start-up.
+    pub server_params: Mutex<HashMap<PoolId, Arc<Vec<(String, String)>>>>,
+    pub shutdown: CancellationToken,
+}
+
+/// A client socket and its read buffer.
+pub struct ClientIo {
+    pub stream: TcpStream,
+    pub buf: BytesMut,
+}
+
+/// How a session ends.
+pub enum Exit {
+    /// The client left, or there is nobody to tell.
+    Quiet,
+    /// Tell the client this FATAL error, then close.
+    Fatal(ErrorFields),
+}
+
+pub fn fatal(code: &str, message: impl Into<String>) -> Exit {
+    Exit::Fatal(ErrorFields {
+        severity: "FATAL".into(),
+        code: code.into(),
+        message: message.into(),
+        detail: None,
+        hint: None,
+    })
+}
+
+/// Serves one client connection to the end. Never panics on client or server input.
+pub async fn serve(ctx: Arc<Context>, stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let mut io = ClientIo {
+        stream,
+        buf: BytesMut::new(),
+    };
+    let exit = run(&ctx, &mut io).await;
+    if let Exit::Fatal(f) = exit {
+        let mut out = BytesMut::new();
+        Out::error_fields(&mut out, crate::protocol::backend::tag::ERROR_RESPONSE, &f);
+        let _ = io.send(&out).await;
+    }
+}
+
+async fn run(ctx: &Arc<Context>, io: &mut ClientIo) -> Exit {
+    let login_timeout = ctx.config.client_login_timeout;
+    let login = match tokio::time::timeout(login_timeout, async {
+        let Some(login) = startup::read_startup(ctx, io).await? else {
+            return Ok(None);
+        };
+        if !ctx.config.databases.contains_key(&login.database) {
+            return Err(fatal(
+                sqlstate::INVALID_CATALOG_NAME,
+                format!("database \"{}\" does not exist", login.database),
+            ));
+        }
+        startup::authenticate(ctx, io, &login).await?;
+        Ok(Some(login))
+    })
+    .await
+    {
+        Ok(Ok(Some(login))) => login,
+        Ok(Ok(None)) => return Exit::Quiet,
+        Ok(Err(exit)) => return exit,
+        Err(_) => {
+            return fatal(
+                sqlstate::PROTOCOL_VIOLATION,
+                "timeout expired before authentication completed",
+            )
+        }
+    };
+    tracing::debug!(user = %login.user, database = %login.database, "client connected");
+    let exit = Session::new(ctx, &login).run(io).await;
+    tracing::debug!(user = %login.user, database = %login.database, "client disconnected");
+    exit
+}
+
+struct Session<'a> {
+    ctx: &'a Context,
+    pool: PoolId,
+    group: crate::pool::GroupId,
+    mode: PoolMode,
+    target: Target,
+}
+
+/// The kind of request buffered at the head of the client's buffer.
+enum Request {
+    /// Whole messages up to `end`, ending with the message tagged `last`.
+    Complete { end: usize, last: u8 },
+    /// Not all there yet.
+    Incomplete,
+    /// The client said goodbye.
+    Terminate,
+}
+
+/// Finds the end of the first request in `buf`.
+fn scan_request(buf: &[u8], max_message: usize) -> Result<Request, String> {
+    let mut pos = 0;
+    loop {
+        let h = match Header::peek(&buf[pos..]) {
+            Ok(Some(h)) => h,
+            Ok(None) => return Ok(Request::Incomplete),
+            Err(e) => return Err(e.to_string()),
+        };
+        if h.total() > max_message {
+            return Err(format!(
+                "message of type '{}' is {} bytes, over the limit of {max_message} (max_message_bytes)",
+                char::from(h.tag),
+                h.total()
+            ));
+        }
+        if h.tag == tag::TERMINATE {
+            return Ok(Request::Terminate);
+        }
+        if buf.len() < pos + h.total() {
+            return Ok(Request::Incomplete);
+        }
+        pos += h.total();
+        if matches!(
+            h.tag,
+            tag::QUERY | tag::SYNC | tag::FUNCTION_CALL | tag::FLUSH
+        ) {
+            return Ok(Request::Complete {
+                end: pos,
+                last: h.tag,
+            });
+        }
+    }
+}
+
+impl<'a> Session<'a> {
+    fn new(ctx: &'a Context, login: &'a Login) -> Self {
+        let cfg = &ctx.config;
+        let db = login.database.as_str();
+        let pool = ctx.pools.pool(
+            db,
+            &login.user,
+            cfg.pool_size_for(db),
+            cfg.min_pool_size_for(db),
+        );
+        let group_name = match cfg.group_by {
+            GroupBy::User => login.user.as_str(),
+            GroupBy::Database => db,
+            GroupBy::ApplicationName => login.param("application_name").unwrap_or(""),
+        };
+        let limits = cfg
+            .groups
+            .get(group_name)
+            .map(|g| GroupLimits {
+                max_connections: g.max_connections,
+                reserved: g.reserved_connections.unwrap_or(0),
+                max_waiting: g.max_waiting,
+            })
+            .unwrap_or_default();
+        let group = ctx.pools.group(group_name, limits);
+        let target = Target {
+            host: cfg.server_host.clone(),
+            port: cfg.server_port,
+            user: login.user.clone(),
+            password: cfg.server_password(&login.user).map(str::to_string),
+            database: cfg.server_dbname(db).to_string(),
+            connect_timeout: cfg.server_connect_timeout,
+        };
+        Session {
+            ctx,
+            pool,
+            group,
+            mode: cfg.pool_mode_for(db),
+            target,
+        }
+    }
+
+    async fn run(&mut self, io: &mut ClientIo) -> Exit {
+        let registration = self.ctx.cancels.register();
+        let params = match self.server_params().await {
+            Ok(p) => p,
+            Err(e) => {
+                return Exit::Fatal(ErrorFields {
+                    severity: "FATAL".into(),
+                    ..e
+                })
+            }
+        };
+        let mut out = BytesMut::new();
+        for (name, value) in params.iter() {
+            Out::parameter_status(&mut out, name, value);
+        }
+        Out::backend_key_data(&mut out, registration.process_id, registration.secret_key);
+        Out::ready_for_query(&mut out, TxStatus::Idle);
+        if io.send(&out).await.is_err() {
+            return Exit::Quiet;
+        }
+        let g = crate::metrics::global();
+        g.clients_idle.increment(1.0);
+        let exit = self.serve_requests(io, &registration.slot).await;
+        g.clients_idle.decrement(1.0);
+        exit
+    }
+
+    /// The loop of a logged-in client: wait for a request, borrow a server, relay, give it back.
+    async fn serve_requests(&mut self, io: &mut ClientIo, slot: &cancel::CancelSlot) -> Exit {
+        let max_message = self.ctx.config.max_message_bytes as usize;
+        let g = crate::metrics::global();
+        let mut discard_until_sync = false;
+        loop {
+            // 1. A whole request (or a large one's head).
+            let request = match scan_request(&io.buf, max_message) {
+                Err(e) => return fatal(sqlstate::PROTOCOL_VIOLATION, e),
+                Ok(Request::Terminate) => return Exit::Quiet,
+                Ok(Request::Incomplete)
+                    if io.buf.len() < REQUEST_BUFFER_LIMIT || discard_until_sync =>
+                {
+                    if let Err(exit) = self.wait_for_client(io).await {
+                        return exit;
+                    }
+                    continue;
+                }
+                Ok(Request::Incomplete) => None,
+                Ok(Request::Complete { end, last }) => Some((end, last)),
+            };
+            if discard_until_sync {
+                // After a refused Flush the client's batch runs on to a Sync; drop it, answer
+                // that Sync.
+                if let Some((end, last)) = request {
+                    io.buf.advance(end);
+                    if last == tag::SYNC {
+                        discard_until_sync = false;
+                        let mut out = BytesMut::new();
+                        Out::ready_for_query(&mut out, TxStatus::Idle);
+                        if io.send(&out).await.is_err() {
+                            return Exit::Quiet;
+                        }
+                    }
+                }
+                continue;
+            }
+
+            // 2. A server connection.
+            g.clients_idle.decrement(1.0);
+            g.clients_waiting.increment(1.0);
+            let acquired = self.checkout().await;
+            g.clients_waiting.decrement(1.0);
+            let mut lease = match acquired {
+                Ok(lease) => lease,
+                Err(err) => {
+                    g.clients_idle.increment(1.0);
+                    let Some((end, last)) = request else {
+                        // A huge request half-received cannot be answered mid-stream.
+                        return Exit::Fatal(ErrorFields {
+                            severity: "FATAL".into(),
+                            ..err
+                        });
+                    };
+                    io.buf.advance(end);
+                    let mut out = BytesMut::new();
+                    Out::error_fields(
+                        &mut out,
+                        crate::protocol::backend::tag::ERROR_RESPONSE,
+                        &err,
+                    );
+                    if last == tag::FLUSH {
+                        discard_until_sync = true;
+                    } else {
+                        Out::ready_for_query(&mut out, TxStatus::Idle);
+                    }
+                    if io.send(&out).await.is_err() {
+                        return Exit::Quiet;
+                    }
+                    continue;
+                }
+            };
+
+            // 3. Relay until the transaction (or session) ends.
+            g.clients_active.increment(1.0);
+            let Some(server) = lease.conn() else {
+                return fatal(
+                    sqlstate::INTERNAL_ERROR,
+                    "internal error: lease without connection",
+                );
+            };
+            slot.set(Some(server.cancel_key()));
+            let flow = Flow::new();
+            let release = self.mode == PoolMode::Transaction;
+            let end = relay::relay(io, server, &flow, release, max_message).await;
+            slot.set(None);
+            g.clients_active.decrement(1.0);
+            g.bytes_to_server.increment(flow.to_server.get());
+            g.bytes_to_client.increment(flow.to_client.get());
+            match end {
+                End::Released => {
+                    lease.release();
+                    g.clients_idle.increment(1.0);
+                }
+                End::ClientGone => {
+                    g.clients_idle.increment(1.0);
+                    cleanup(lease, &flow).await;
+                    return Exit::Quiet;
+                }
+                End::ClientProtocol(msg) => {
+                    g.clients_idle.increment(1.0);
+                    lease.discard();
+                    return fatal(sqlstate::PROTOCOL_VIOLATION, msg);
+                }
+                End::ServerGone(msg) => {
+                    g.clients_idle.increment(1.0);
+                    tracing::warn!(error = %msg, "server connection lost while relaying");
+                    crate::metrics::server_closed("error");
+                    lease.discard();
+                    return fatal(
+                        sqlstate::CONNECTION_FAILURE,
+                        "server connection lost; the current transaction, if any, was rolled back",
+                    );
+                }
+            }
+        }
+    }
+
+    /// Waits for more bytes from the client: freeing the buffer when it idles, ending the
+    /// session on idle timeout or shutdown.
+    async fn wait_for_client(&self, io: &mut ClientIo) -> Result<(), Exit> {
+        let idle_timeout = self.ctx.config.client_idle_timeout;
+        if io.buf.is_empty() {
+            let shutdown = self.ctx.shutdown.cancelled();
+            tokio::pin!(shutdown);
+            let first = tokio::time::timeout(BUFFER_RELEASE_AFTER, io.stream.readable());
+            tokio::select! {
+                r = first => match r {
+                    Ok(_) => {}
+                    Err(_) => {
+                        io.buf = BytesMut::new();
+                        let rest = idle_timeout.saturating_sub(BUFFER_RELEASE_AFTER);
+                        let wait = async {
+                            if idle_timeout.is_zero() {
+                                let _ = io.stream.readable().await;
+                                Ok(())
+                            } else {
+                                tokio::time::timeout(rest, io.stream.readable()).await.map(|_| ())
+                            }
+                        };
+                        tokio::select! {
+                            r = wait => if r.is_err() {
+                                return Err(fatal(sqlstate::IDLE_SESSION_TIMEOUT, "terminating connection due to idle-session timeout (client_idle_timeout)"));
+                            },
+                            _ = &mut shutdown => return Err(fatal(sqlstate::ADMIN_SHUTDOWN, "terminating connection because Sluice is shutting down")),
+                        }
+                    }
+                },
+                _ = &mut shutdown => return Err(fatal(sqlstate::ADMIN_SHUTDOWN, "terminating connection because Sluice is shutting down")),
+            }
+        }
+        io.read_more().await
+    }
+
+    /// Borrows a usable server connection, connecting when the lease brings none, and
+    /// replacing an idle one that died while pooled. Errors are what the client is told.
+    async fn checkout(&self) -> Result<Lease<ServerConn>, ErrorFields> {
+        let mut lease = self
+            .ctx
+            .pools
+            .acquire(self.pool, self.group)
+            .await
+            .map_err(rejection)?;
+        if let Some(conn) = lease.conn() {
+            if conn.is_reusable() {
+                return Ok(lease);
+            }
+            lease.reconnect();
+        }
+        self.connect(&mut lease).await?;
+        Ok(lease)
+    }
+
+    async fn connect(&self, lease: &mut Lease<ServerConn>) -> Result<(), ErrorFields> {
+        let g = crate::metrics::global();
+        g.servers_connecting.increment(1.0);
+        let started = std::time::Instant::now();
+        let res = ServerConn::connect(&self.target).await;
+        g.servers_connecting.decrement(1.0);
+        match res {
+            Ok(conn) => {
+                g.connect_time.record(started.elapsed().as_secs_f64());
+                crate::metrics::server_connect("ok");
+                self.ctx
+                    .server_params
+                    .lock()
+                    .insert(self.pool, Arc::new(conn.params.clone()));
+                lease.fill(conn);
+                Ok(())
+            }
+            Err(e) => {
+                crate::metrics::server_connect(e.kind());
+                tracing::warn!(error = %e, database = %self.target.database, user = %self.target.user, "server connect failed");
+                let mut f = server::client_error(&e);
+                f.severity = "ERROR".into();
+                Err(f)
+            }
+        }
+    }
+
+    /// The server's ParameterStatus values for this pool, connecting once if none are known.
+    async fn server_params(&self) -> Result<Arc<Vec<(String, String)>>, ErrorFields> {
+        if let Some(p) = self.ctx.server_params.lock().get(&self.pool) {
+            return Ok(p.clone());
+        }
+        let lease = self.checkout().await?;
+        lease.release();
+        self.ctx
+            .server_params
+            .lock()
+            .get(&self.pool)
+            .cloned()
+            .ok_or_else(|| ErrorFields {
+                severity: "FATAL".into(),
+                code: sqlstate::INTERNAL_ERROR.into(),
+                message: "no server parameters known".into(),
+                ..Default::default()
+            })
+    }
+}
+
+/// The error for a request refused for capacity: it was not executed and may be retried.
+fn rejection(r: Rejected) -> ErrorFields {
+    let code = match r.reason {
+        Reason::Closed => sqlstate::CANNOT_CONNECT_NOW,
+        _ => sqlstate::TOO_MANY_CONNECTIONS,
+    };
+    ErrorFields {
+        severity: "ERROR".into(),
+        code: code.into(),
+        message: format!(
+            "Sluice is at capacity ({}): the query was not executed and is safe to retry",
+            r.reason.as_str()
+        ),
+        detail: Some(r.detail),
+        hint: Some(format!(
+            "Retry after about {} ms, with backoff.",
+            r.retry_after.as_millis()
+        )),
+    }
+}
+
+/// Returns or closes the server of a client that left mid-request. A server between requests
+/// but inside a transaction is rolled back; one with a request in flight is cancelled and closed
+/// (closing makes PostgreSQL roll back). Never hands on a connection in an unknown state.
+async fn cleanup(mut lease: Lease<ServerConn>, flow: &Flow) {
+    let Some(server) = lease.conn() else { return };
+    if flow.at_rest() && server.buf.is_empty() {
+        if flow.status() == TxStatus::Idle {
+            lease.release();
+            return;
+        }
+        if let Ok(Ok(TxStatus::Idle)) =
+            tokio::time::timeout(ROLLBACK_TIMEOUT, server.simple_query("ROLLBACK")).await
+        {
+            lease.release();
+            return;
+        }
+    } else {
+        let key = server.cancel_key();
+        tokio::spawn(async move {
+            let _ = key.send(Duration::from_secs(5)).await;
+        });
+    }
+    crate::metrics::server_closed("client_gone");
+    lease.discard();
+}

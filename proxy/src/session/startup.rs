@@ -1,0 +1,248 @@
+//! Client start-up: the startup packet (SSL/GSSENC refusals, cancel requests) and password
+//! authentication (SCRAM-SHA-256 or md5) against the users Sluice is configured with.
+//!
+//! See <https://www.postgresql.org/docs/current/protocol-flow.html#PROTOCOL-FLOW-START-UP>.
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::{fatal, ClientIo, Context, Exit};
+use crate::auth::{Md5Hash, ScramServer, ScramVerifier};
+use crate::config::ClientAuth;
+use crate::protocol::backend::Out;
+use crate::protocol::frontend::{self, tag, Startup};
+use crate::protocol::{next_frame, sqlstate};
+
+/// Largest password/SASL message a client may send.
+const MAX_AUTH_MESSAGE: usize = 4096;
+
+/// What a client asked for in its StartupMessage.
+pub struct Login {
+    pub user: String,
+    pub database: String,
+    pub params: Vec<(String, String)>,
+}
+
+impl Login {
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.params
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Reads the startup packet, refusing encryption requests, until a StartupMessage or a
+/// CancelRequest arrives. `Ok(None)` means the connection was a cancel request (handled).
+pub async fn read_startup(ctx: &Context, io: &mut ClientIo) -> Result<Option<Login>, Exit> {
+    loop {
+        let parsed = Startup::parse(&io.buf)
+            .map_err(|e| fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()))?;
+        let Some((msg, used)) = parsed else {
+            io.read_more().await?;
+            continue;
+        };
+        io.buf.advance(used);
+        match msg {
+            Startup::SslRequest | Startup::GssEncRequest => {
+                // Not offered (yet): the client may go on in plain text or give up.
+                if !io.buf.is_empty() {
+                    return Err(fatal(
+                        sqlstate::PROTOCOL_VIOLATION,
+                        "received unencrypted data after encryption request",
+                    ));
+                }
+                io.stream.write_all(b"N").await.map_err(|_| Exit::Quiet)?;
+            }
+            Startup::Cancel {
+                process_id,
+                secret_key,
+            } => {
+                ctx.cancels
+                    .cancel(process_id, secret_key, ctx.config.server_connect_timeout);
+                return Ok(None);
+            }
+            Startup::Startup { params } => return login(params).map(Some),
+        }
+    }
+}
+
+fn login(mut params: Vec<(String, String)>) -> Result<Login, Exit> {
+    let take = |params: &mut Vec<(String, String)>, name: &str| {
+        params
+            .iter()
+            .position(|(n, _)| n == name)
+            .map(|i| params.remove(i).1)
+    };
+    let user = take(&mut params, "user")
+        .filter(|u| !u.is_empty())
+        .ok_or_else(|| {
+            fatal(
+                sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+                "no PostgreSQL user name specified in startup packet",
+            )
+        })?;
+    let database = take(&mut params, "database")
+        .filter(|d| !d.is_empty())
+        .unwrap_or_else(|| user.clone());
+    if let Some(r) = params.iter().find(|(n, _)| n == "replication") {
+        if r.1 != "false" && r.1 != "0" && r.1 != "off" && r.1 != "no" {
+            return Err(fatal(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                "replication connections are not supported through Sluice",
+            ));
+        }
+    }
+    Ok(Login {
+        user,
+        database,
+        params,
+    })
+}
+
+/// Authenticates `login.user`. Unknown users go through the same exchange as known ones and
+/// fail the same way, so the answer does not reveal which users exist.
+pub async fn authenticate(ctx: &Context, io: &mut ClientIo, login: &Login) -> Result<(), Exit> {
+    let creds = ctx.credentials.get(&login.user);
+    let md5 = creds.and_then(|c| c.md5());
+    let scram = creds.and_then(|c| c.scram());
+    let use_md5 = match ctx.config.client_auth {
+        ClientAuth::Md5 => md5.is_some() || creds.is_none(),
+        ClientAuth::ScramSha256 => scram.is_none() && md5.is_some(),
+    };
+    let ok = if use_md5 {
+        md5_exchange(io, md5).await?
+    } else {
+        let mock;
+        let verifier = match scram {
+            Some(v) => v,
+            None => {
+                mock = ScramVerifier::mock(&login.user, &ctx.mock_secret);
+                &mock
+            }
+        };
+        scram_exchange(io, verifier).await?
+    };
+    if !ok {
+        crate::metrics::global().auth_failures.increment(1);
+        tracing::info!(user = %login.user, "client authentication failed");
+        return Err(fatal(
+            sqlstate::INVALID_PASSWORD,
+            format!("password authentication failed for user \"{}\"", login.user),
+        ));
+    }
+    let mut out = BytesMut::new();
+    Out::auth_ok(&mut out);
+    io.send(&out).await
+}
+
+/// Reads one password-family message ('p') whole.
+async fn read_password_message(io: &mut ClientIo) -> Result<BytesMut, Exit> {
+    loop {
+        match next_frame(&io.buf, MAX_AUTH_MESSAGE) {
+            Ok(Some((frame, n))) => {
+                if frame.tag != tag::PASSWORD {
+                    return Err(fatal(
+                        sqlstate::PROTOCOL_VIOLATION,
+                        format!(
+                            "expected password response, got message type '{}'",
+                            char::from(frame.tag)
+                        ),
+                    ));
+                }
+                let mut msg = io.buf.split_to(n);
+                msg.advance(crate::protocol::HEADER_LEN);
+                return Ok(msg);
+            }
+            Ok(None) => io.read_more().await?,
+            Err(e) => return Err(fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string())),
+        }
+    }
+}
+
+async fn scram_exchange(io: &mut ClientIo, verifier: &ScramVerifier) -> Result<bool, Exit> {
+    let mut out = BytesMut::new();
+    Out::auth_sasl(&mut out, &["SCRAM-SHA-256"]);
+    io.send(&out).await?;
+    let body = read_password_message(io).await?;
+    let (mechanism, first) = frontend::sasl_initial_response(&body)
+        .map_err(|e| fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()))?;
+    if mechanism != "SCRAM-SHA-256" {
+        return Err(fatal(
+            sqlstate::PROTOCOL_VIOLATION,
+            "client selected an invalid SASL authentication mechanism",
+        ));
+    }
+    let (server, server_first) = ScramServer::start(verifier, first, &ScramServer::random_nonce())
+        .map_err(|e| fatal(e.sqlstate(), e.to_string()))?;
+    out.clear();
+    Out::auth_sasl_continue(&mut out, &server_first);
+    io.send(&out).await?;
+    let body = read_password_message(io).await?;
+    match server.finish(&body) {
+        Ok(server_final) => {
+            out.clear();
+            Out::auth_sasl_final(&mut out, &server_final);
+            io.send(&out).await?;
+            Ok(true)
+        }
+        Err(crate::auth::AuthError::BadPassword) => Ok(false),
+        Err(e) => Err(fatal(e.sqlstate(), e.to_string())),
+    }
+}
+
+async fn md5_exchange(io: &mut ClientIo, hash: Option<&Md5Hash>) -> Result<bool, Exit> {
+    let salt: [u8; 4] = rand::random();
+    let mut out = BytesMut::new();
+    Out::auth_md5(&mut out, salt);
+    io.send(&out).await?;
+    let body = read_password_message(io).await?;
+    let response = frontend::password(&body)
+        .map_err(|e| fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()))?;
+    Ok(hash.is_some_and(|h| h.verify(salt, response)))
+}
+
+impl ClientIo {
+    /// Reads more bytes into the buffer; EOF ends the session quietly.
+    pub async fn read_more(&mut self) -> Result<(), Exit> {
+        self.buf.reserve(1024);
+        match self.stream.read_buf(&mut self.buf).await {
+            Ok(0) | Err(_) => Err(Exit::Quiet),
+            Ok(_) => Ok(()),
+        }
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) -> Result<(), Exit> {
+        self.stream.write_all(bytes).await.map_err(|_| Exit::Quiet)
+    }
+}
+
+/// Refuses a connection before a session starts (client limit, shutdown): reads its startup
+/// packet like PostgreSQL does, so the client is listening, then sends the FATAL error.
+pub async fn refuse(stream: tokio::net::TcpStream, error: crate::protocol::backend::ErrorFields) {
+    let mut io = ClientIo {
+        stream,
+        buf: BytesMut::new(),
+    };
+    let read = async {
+        loop {
+            match Startup::parse(&io.buf) {
+                Ok(Some((Startup::SslRequest | Startup::GssEncRequest, n))) => {
+                    io.buf.advance(n);
+                    io.send(b"N").await?;
+                }
+                Ok(Some(_)) | Err(_) => return Ok::<_, Exit>(()),
+                Ok(None) => io.read_more().await?,
+            }
+        }
+    };
+    if let Ok(Ok(())) = tokio::time::timeout(std::time::Duration::from_secs(2), read).await {
+        let mut out = BytesMut::new();
+        Out::error_fields(
+            &mut out,
+            crate::protocol::backend::tag::ERROR_RESPONSE,
+            &error,
+        );
+        let _ = io.send(&out).await;
+    }
+}

@@ -1,0 +1,4 @@
+//! Integration tests: one test binary (`cargo test -p sluice --test it`).
+
+mod harness_selftest;
+mod pg;

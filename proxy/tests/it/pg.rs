@@ -1,0 +1,748 @@
+//! Test harness that runs a real, throw-away PostgreSQL server.
+//!
+//! Every [`PgServer`] gets its own data directory (a copy of a per-process
+//! template made once with `initdb`), its own free TCP port on 127.0.0.1 and
+//! its own Unix socket directory, so many servers can run in parallel threads
+//! of one test binary. Authentication is SCRAM-SHA-256 for TCP and local
+//! connections. Dropping a `PgServer` stops the server and deletes its files.
+//!
+//! PostgreSQL refuses to run as root: when the tests run as root the server
+//! binaries are run as the `postgres` OS user (created by Debian's package) or,
+//! if that does not exist, as a `sluice-test` system user created on demand.
+//!
+//! The server binaries are found with `pg_config --bindir`, else in the newest
+//! `/usr/lib/postgresql/*/bin`; `SLUICE_PG_BINDIR` overrides both.
+//! Server directories go to `/dev/shm` when it has room (fast), else `/tmp`;
+//! `SLUICE_PG_TMPDIR` overrides that. Directories left by killed test
+//! processes (and postmasters still running in them) are cleaned up by the
+//! next test process.
+#![allow(dead_code)]
+
+use std::collections::HashSet;
+use std::ffi::CString;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write as _;
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
+use std::os::unix::fs::PermissionsExt as _;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+const HOST: &str = "127.0.0.1";
+const SUPERUSER: &str = "postgres";
+const SUPERUSER_PASSWORD: &str = "sluice-super-secret";
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+const PORT_ATTEMPTS: usize = 10;
+
+/// Options for [`PgServer::start`].
+#[derive(Debug, Clone)]
+pub struct PgOptions {
+    /// `max_connections` of the server.
+    pub max_connections: u32,
+    /// Extra `postgresql.conf` settings, written last (so they override ours).
+    /// Values are written verbatim: quote strings yourself, e.g. `"'on'"`.
+    pub extra_conf: Vec<(String, String)>,
+}
+
+impl Default for PgOptions {
+    fn default() -> Self {
+        PgOptions {
+            max_connections: 30,
+            extra_conf: Vec::new(),
+        }
+    }
+}
+
+/// A running (or stopped, see [`PgServer::stop`]) PostgreSQL server.
+pub struct PgServer {
+    port: u16,
+    /// Instance root (removed on drop); holds `data/`, the socket and the log.
+    dir: tempfile::TempDir,
+    data: PathBuf,
+    log: PathBuf,
+    child: Mutex<Option<Child>>,
+}
+
+impl PgServer {
+    /// Starts a fresh server. Panics with a clear message on failure.
+    pub fn start(opts: PgOptions) -> PgServer {
+        let tpl = template();
+        let mut last_log = String::new();
+        for _ in 0..PORT_ATTEMPTS {
+            let dir = new_owned_tempdir("");
+            let data = dir.path().join("data");
+            run_checked(
+                Command::new("cp").arg("-a").arg(&tpl.data).arg(&data),
+                "copy template data directory",
+            );
+            let port = pick_port();
+            let mut conf = format!(
+                "\n# --- per-server settings (sluice test harness) ---\n\
+                 port = {port}\n\
+                 max_connections = {}\n\
+                 unix_socket_directories = '{}'\n",
+                opts.max_connections,
+                dir.path().display()
+            );
+            for (k, v) in &opts.extra_conf {
+                conf.push_str(&format!("{k} = {v}\n"));
+            }
+            append(&data.join("postgresql.conf"), &conf);
+
+            let server = PgServer {
+                port,
+                log: dir.path().join("postgres.log"),
+                data,
+                dir,
+                child: Mutex::new(None),
+            };
+            match server.spawn_and_wait() {
+                Ok(()) => return server,
+                Err(StartError::AddrInUse(log)) => {
+                    // Someone grabbed the port between our probe and the
+                    // server's bind(): try again with another one.
+                    last_log = log;
+                    continue;
+                }
+                Err(StartError::Other(msg)) => panic!("{msg}"),
+            }
+        }
+        panic!(
+            "PostgreSQL test server: port still in use after {PORT_ATTEMPTS} attempts; last log:\n{last_log}"
+        );
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn host(&self) -> &str {
+        HOST
+    }
+
+    /// Superuser name and password (SCRAM-SHA-256).
+    pub fn superuser(&self) -> (&str, &str) {
+        (SUPERUSER, SUPERUSER_PASSWORD)
+    }
+
+    /// `postgres://user:password@127.0.0.1:port/db` (user and password percent-encoded).
+    pub fn url(&self, user: &str, password: &str, db: &str) -> String {
+        format!(
+            "postgres://{}:{}@{HOST}:{}/{}",
+            pct(user),
+            pct(password),
+            self.port,
+            pct(db)
+        )
+    }
+
+    /// URL of the superuser for the `postgres` database.
+    pub fn superuser_url(&self) -> String {
+        self.url(SUPERUSER, SUPERUSER_PASSWORD, "postgres")
+    }
+
+    /// `CREATE ROLE name LOGIN PASSWORD 'password'` (stored as SCRAM-SHA-256).
+    pub fn create_user(&self, name: &str, password: &str) {
+        self.psql(&format!(
+            "SET password_encryption = 'scram-sha-256'; CREATE ROLE {} LOGIN PASSWORD {}",
+            quote_ident(name),
+            quote_literal(password)
+        ));
+    }
+
+    /// `CREATE DATABASE name OWNER owner`.
+    pub fn create_database(&self, name: &str, owner: &str) {
+        self.psql(&format!(
+            "CREATE DATABASE {} OWNER {}",
+            quote_ident(name),
+            quote_ident(owner)
+        ));
+    }
+
+    /// Runs `sql` with psql as superuser on database `postgres` over TCP and
+    /// returns stdout (`-At`: unaligned, tuples only). Panics on failure.
+    pub fn psql(&self, sql: &str) -> String {
+        self.psql_db("postgres", sql)
+    }
+
+    /// Like [`PgServer::psql`] on another database.
+    pub fn psql_db(&self, db: &str, sql: &str) -> String {
+        let out = output(
+            Command::new(self.bin("psql"))
+                .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1"])
+                .args(["-h", HOST, "-p", &self.port.to_string()])
+                .args(["-U", SUPERUSER, "-d", db, "-c", sql])
+                .env("PGPASSWORD", SUPERUSER_PASSWORD)
+                .env("PGCONNECT_TIMEOUT", "10")
+                .env_remove("PGSERVICE")
+                .env_remove("PGOPTIONS")
+                .stdin(Stdio::null()),
+            "psql",
+        );
+        if !out.status.success() {
+            panic!(
+                "psql failed ({}) running {sql:?} on port {}:\n{}",
+                out.status,
+                self.port,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        String::from_utf8_lossy(&out.stdout).trim_end().to_string()
+    }
+
+    /// Stops the server (fast shutdown: clients are disconnected, data is
+    /// kept). Does nothing if it is not running. Use [`PgServer::start_again`]
+    /// to bring it back on the same port and data directory.
+    pub fn stop(&self) {
+        let mut guard = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(child) = guard.take() {
+            shutdown(child, libc::SIGINT, STOP_TIMEOUT);
+        }
+    }
+
+    /// Starts a server stopped by [`PgServer::stop`] again, on the same port
+    /// and data directory. Panics if it cannot (e.g. the port was taken).
+    pub fn start_again(&self) {
+        if self.is_running() {
+            return;
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.spawn_and_wait() {
+                Ok(()) => return,
+                // The old listen socket can linger very briefly; retry a bit.
+                Err(StartError::AddrInUse(log)) => {
+                    if Instant::now() > deadline {
+                        panic!(
+                            "PostgreSQL test server: port {} is taken, cannot start again; log:\n{log}",
+                            self.port
+                        );
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(StartError::Other(msg)) => panic!("{msg}"),
+            }
+        }
+    }
+
+    /// Alias of [`PgServer::start_again`].
+    pub fn restart_after_stop(&self) {
+        self.start_again()
+    }
+
+    /// Whether the postmaster process we started is still alive.
+    pub fn is_running(&self) -> bool {
+        let mut guard = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        match guard.as_mut() {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// Path of a PostgreSQL binary, e.g. `bin("pgbench")`.
+    pub fn bin(&self, name: &str) -> PathBuf {
+        bin(name)
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.data
+    }
+
+    /// Directory of the server's Unix socket.
+    pub fn socket_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Contents of the server log so far.
+    pub fn log_contents(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Spawns the postmaster and waits until it accepts connections.
+    fn spawn_and_wait(&self) -> Result<(), StartError> {
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap_or_else(|e| panic!("cannot open {}: {e}", self.log.display()));
+        let log_offset = log.metadata().map(|m| m.len()).unwrap_or(0);
+        let log_err = log.try_clone().expect("dup log fd");
+        let mut cmd = Command::new(bin("postgres"));
+        cmd.arg("-D")
+            .arg(&self.data)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err);
+        as_pg_user(&mut cmd, self.dir.path());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin("postgres").display()));
+        let pid = child.id();
+        let read_log = || {
+            let all = fs::read(&self.log).unwrap_or_default();
+            String::from_utf8_lossy(&all[(log_offset as usize).min(all.len())..]).into_owned()
+        };
+
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                let log = read_log();
+                if log.contains("Address already in use") {
+                    return Err(StartError::AddrInUse(log));
+                }
+                return Err(StartError::Other(format!(
+                    "PostgreSQL test server exited during startup ({status}), port {}, data dir {}; log:\n{log}",
+                    self.port,
+                    self.data.display()
+                )));
+            }
+            if postmaster_ready(&self.data, pid, self.port) {
+                *self.child.lock().unwrap_or_else(|e| e.into_inner()) = Some(child);
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                shutdown(child, libc::SIGQUIT, Duration::from_secs(5));
+                return Err(StartError::Other(format!(
+                    "PostgreSQL test server did not become ready within {START_TIMEOUT:?} on port {}; log:\n{}",
+                    self.port,
+                    read_log()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        let mut guard = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(child) = guard.take() {
+            // Immediate shutdown: nothing needs to survive.
+            shutdown(child, libc::SIGQUIT, Duration::from_secs(10));
+        }
+        release_port(self.port);
+        // The TempDir field removes the directory after this.
+    }
+}
+
+enum StartError {
+    AddrInUse(String),
+    Other(String),
+}
+
+/// Sends `sig` to the postmaster and waits for it; SIGKILL after `timeout`.
+fn shutdown(mut child: Child, sig: libc::c_int, timeout: Duration) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    // SAFETY: plain kill(2) on the pid of our own, not yet reaped, child.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, sig);
+    }
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// True when `postmaster.pid` says our postmaster accepts connections
+/// (the same check `pg_ctl -w` does).
+fn postmaster_ready(data: &Path, pid: u32, port: u16) -> bool {
+    let Ok(text) = fs::read_to_string(data.join("postmaster.pid")) else {
+        return false;
+    };
+    let lines: Vec<&str> = text.lines().collect();
+    lines.len() >= 8
+        && lines[0].trim() == pid.to_string()
+        && lines[3].trim() == port.to_string()
+        && lines[7].trim() == "ready"
+}
+
+// ---------------------------------------------------------------------------
+// Template data directory (initdb once per test process).
+
+struct Template {
+    root: PathBuf,
+    data: PathBuf,
+}
+
+fn template() -> &'static Template {
+    static TEMPLATE: OnceLock<Template> = OnceLock::new();
+    TEMPLATE.get_or_init(|| {
+        // Kept for the whole process; removed by an atexit hook.
+        let root = new_owned_tempdir("template-").keep();
+        register_cleanup(root.clone());
+        let data = root.join("data");
+        let pwfile = root.join("pwfile");
+        fs::write(&pwfile, format!("{SUPERUSER_PASSWORD}\n")).expect("write pwfile");
+        chown_to_pg_user(&pwfile);
+
+        let mut cmd = Command::new(bin("initdb"));
+        cmd.arg("-D")
+            .arg(&data)
+            .arg(format!("--pwfile={}", pwfile.display()))
+            .args(["-U", SUPERUSER])
+            .args(["--auth-local=scram-sha-256", "--auth-host=scram-sha-256"])
+            .args(["-E", "UTF8", "--locale=C", "--no-sync", "--wal-segsize=1"])
+            .stdin(Stdio::null());
+        as_pg_user(&mut cmd, &root);
+        let out = output(&mut cmd, "initdb");
+        let _ = fs::remove_file(&pwfile);
+        if !out.status.success() {
+            panic!(
+                "initdb failed ({}):\n{}\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+
+        fs::write(
+            data.join("pg_hba.conf"),
+            "# sluice test harness\n\
+             local all all scram-sha-256\n\
+             host all all 127.0.0.1/32 scram-sha-256\n",
+        )
+        .expect("write pg_hba.conf");
+        append(
+            &data.join("postgresql.conf"),
+            "\n# --- sluice test harness ---\n\
+             listen_addresses = '127.0.0.1'\n\
+             password_encryption = 'scram-sha-256'\n\
+             fsync = off\n\
+             synchronous_commit = off\n\
+             full_page_writes = off\n\
+             shared_buffers = 32MB\n\
+             max_parallel_workers_per_gather = 0\n",
+        );
+        Template { root, data }
+    })
+}
+
+fn register_cleanup(path: PathBuf) {
+    static CLEANUP: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+    extern "C" fn cleanup() {
+        if let Ok(paths) = CLEANUP.lock() {
+            for p in paths.iter() {
+                let _ = fs::remove_dir_all(p);
+            }
+        }
+    }
+    let mut paths = CLEANUP.lock().unwrap_or_else(|e| e.into_inner());
+    if paths.is_empty() {
+        // SAFETY: registering a plain extern "C" function with atexit(3).
+        unsafe {
+            libc::atexit(cleanup);
+        }
+    }
+    paths.push(path);
+}
+
+// ---------------------------------------------------------------------------
+// Binaries.
+
+/// Path of a PostgreSQL binary in the server bin directory.
+pub fn bin(name: &str) -> PathBuf {
+    bindir().join(name)
+}
+
+/// Directory holding `initdb`, `postgres`, `pg_ctl`, `psql`, `pgbench`, ...
+pub fn bindir() -> &'static Path {
+    static BINDIR: OnceLock<PathBuf> = OnceLock::new();
+    BINDIR.get_or_init(find_bindir)
+}
+
+fn find_bindir() -> PathBuf {
+    let has_server = |d: &Path| d.join("initdb").is_file() && d.join("postgres").is_file();
+    if let Some(dir) = std::env::var_os("SLUICE_PG_BINDIR") {
+        let dir = PathBuf::from(dir);
+        assert!(
+            has_server(&dir),
+            "SLUICE_PG_BINDIR={} has no initdb/postgres",
+            dir.display()
+        );
+        return dir;
+    }
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
+        if out.status.success() {
+            let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+            if has_server(&dir) {
+                return dir;
+            }
+        }
+    }
+    // Debian/Ubuntu: /usr/lib/postgresql/<major>/bin; take the newest.
+    let mut best: Option<(u32, PathBuf)> = None;
+    if let Ok(entries) = fs::read_dir("/usr/lib/postgresql") {
+        for e in entries.flatten() {
+            let Some(ver) = e
+                .file_name()
+                .to_str()
+                .and_then(|s| s.split('.').next()?.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let dir = e.path().join("bin");
+            if has_server(&dir) && best.as_ref().is_none_or(|(v, _)| ver > *v) {
+                best = Some((ver, dir));
+            }
+        }
+    }
+    match best {
+        Some((_, dir)) => dir,
+        None => panic!(
+            "PostgreSQL server binaries (initdb, postgres) not found: neither `pg_config --bindir` \
+             nor /usr/lib/postgresql/*/bin has them. Install the server, e.g. \
+             `apt-get install -y postgresql` on Debian/Ubuntu (CI's .ci/run does this), \
+             or set SLUICE_PG_BINDIR to the directory holding initdb."
+        ),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Running as an unprivileged user when we are root.
+
+/// (uid, gid) to run server binaries as, or None when we are not root.
+fn pg_user() -> Option<(u32, u32)> {
+    static USER: OnceLock<Option<(u32, u32)>> = OnceLock::new();
+    *USER.get_or_init(|| {
+        // SAFETY: geteuid(2) has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return None;
+        }
+        if let Some(ids) = lookup_user("postgres") {
+            return Some(ids);
+        }
+        if let Some(ids) = lookup_user("sluice-test") {
+            return Some(ids);
+        }
+        let out = Command::new("useradd")
+            .args([
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+            ])
+            .arg("sluice-test")
+            .output();
+        // Another test process may have created it concurrently: look again.
+        match lookup_user("sluice-test") {
+            Some(ids) => Some(ids),
+            None => panic!(
+                "running as root: PostgreSQL needs an unprivileged OS user, and there is no \
+                 `postgres` user and `useradd sluice-test` failed: {out:?}"
+            ),
+        }
+    })
+}
+
+fn lookup_user(name: &str) -> Option<(u32, u32)> {
+    let cname = CString::new(name).ok()?;
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    // SAFETY: getpwnam_r with a zeroed passwd struct and a buffer we own;
+    // `result` is only read after the call returns.
+    unsafe {
+        let mut pwd: libc::passwd = std::mem::zeroed();
+        let mut result: *mut libc::passwd = std::ptr::null_mut();
+        let rc = libc::getpwnam_r(
+            cname.as_ptr(),
+            &mut pwd,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut result,
+        );
+        if rc != 0 || result.is_null() {
+            return None;
+        }
+        Some((pwd.pw_uid, pwd.pw_gid))
+    }
+}
+
+/// Configures `cmd` to run as the PostgreSQL OS user (when root) from `cwd`.
+fn as_pg_user(cmd: &mut Command, cwd: &Path) {
+    cmd.current_dir(cwd).env("LC_ALL", "C").env_remove("PGDATA");
+    if let Some((uid, gid)) = pg_user() {
+        cmd.uid(uid).gid(gid);
+    }
+}
+
+fn chown_to_pg_user(path: &Path) {
+    if let Some((uid, gid)) = pg_user() {
+        std::os::unix::fs::chown(path, Some(uid), Some(gid))
+            .unwrap_or_else(|e| panic!("chown {}: {e}", path.display()));
+    }
+}
+
+/// A 0700 temp dir owned by the PostgreSQL OS user, in [`base_dir`], named
+/// `sluice-pg-<pid>-<prefix>...` so that leftovers of dead test processes can
+/// be recognised and removed.
+fn new_owned_tempdir(prefix: &str) -> tempfile::TempDir {
+    let base = base_dir();
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("{STALE_PREFIX}{}-{prefix}", std::process::id()))
+        .tempdir_in(base)
+        .unwrap_or_else(|e| panic!("cannot create a temp dir in {}: {e}", base.display()));
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700)).expect("chmod temp dir");
+    chown_to_pg_user(dir.path());
+    dir
+}
+
+const STALE_PREFIX: &str = "sluice-pg-";
+
+/// Where server directories go: `SLUICE_PG_TMPDIR` if set, else `/dev/shm`
+/// when it is a tmpfs with room (copying a data directory there is ~10x
+/// faster than on a disk), else `/tmp` (when root, so the PostgreSQL user can
+/// reach it whatever TMPDIR says) or the usual temp dir.
+fn base_dir() -> &'static Path {
+    static BASE: OnceLock<PathBuf> = OnceLock::new();
+    BASE.get_or_init(|| {
+        let base = if let Some(dir) = std::env::var_os("SLUICE_PG_TMPDIR") {
+            PathBuf::from(dir)
+        } else if free_bytes(Path::new("/dev/shm")) >= 2 << 30 {
+            PathBuf::from("/dev/shm")
+        } else if pg_user().is_some() {
+            PathBuf::from("/tmp")
+        } else {
+            std::env::temp_dir()
+        };
+        remove_stale_dirs(&base);
+        base
+    })
+}
+
+fn free_bytes(path: &Path) -> u64 {
+    let Ok(cpath) = CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return 0;
+    };
+    // SAFETY: statvfs(3) on a NUL-terminated path into a zeroed struct we own.
+    unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(cpath.as_ptr(), &mut st) != 0
+            || libc::access(cpath.as_ptr(), libc::W_OK) != 0
+        {
+            return 0;
+        }
+        st.f_bavail as u64 * st.f_frsize as u64
+    }
+}
+
+/// Removes `sluice-pg-<pid>-*` dirs of test processes that no longer exist,
+/// first stopping a postmaster they left running.
+fn remove_stale_dirs(base: &Path) {
+    let Ok(entries) = fs::read_dir(base) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(STALE_PREFIX))
+            .and_then(|rest| rest.split('-').next()?.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let pidfile = e.path().join("data").join("postmaster.pid");
+        if let Some(pm) = fs::read_to_string(pidfile)
+            .ok()
+            .and_then(|t| t.lines().next()?.trim().parse::<libc::pid_t>().ok())
+        {
+            let cmdline = fs::read(format!("/proc/{pm}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains("postgres") {
+                // SAFETY: kill(2) on a postmaster left behind by a dead test process.
+                unsafe {
+                    libc::kill(pm, libc::SIGQUIT);
+                }
+            }
+        }
+        let _ = fs::remove_dir_all(e.path());
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Ports.
+
+static PORTS_IN_USE: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+
+/// A port that was free a moment ago and that no other server of this
+/// process uses. (The race with other processes is handled by retrying.)
+fn pick_port() -> u16 {
+    let mut used = PORTS_IN_USE.lock().unwrap_or_else(|e| e.into_inner());
+    let used = used.get_or_insert_with(HashSet::new);
+    for _ in 0..100 {
+        let listener =
+            TcpListener::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)).expect("bind 127.0.0.1:0");
+        let port = listener.local_addr().expect("local_addr").port();
+        if used.insert(port) {
+            return port;
+        }
+    }
+    panic!("could not find a free TCP port on 127.0.0.1");
+}
+
+fn release_port(port: u16) {
+    let mut used = PORTS_IN_USE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(used) = used.as_mut() {
+        used.remove(&port);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Small helpers.
+
+fn output(cmd: &mut Command, what: &str) -> Output {
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {what} ({:?}): {e}", cmd.get_program()))
+}
+
+fn run_checked(cmd: &mut Command, what: &str) {
+    let out = output(cmd, what);
+    if !out.status.success() {
+        panic!(
+            "{what} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+fn append(path: &Path, text: &str) {
+    let mut f: File = OpenOptions::new()
+        .append(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()));
+    f.write_all(text.as_bytes())
+        .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+}
+
+/// Percent-encodes everything but unreserved URL characters.
+fn pct(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+pub fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
