@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use figment::providers::{Env, Format, Serialized, Toml};
@@ -401,11 +401,6 @@ impl Config {
             .get(db)
             .and_then(|d| d.dbname.as_deref())
             .unwrap_or(db)
-    }
-
-    /// Path given by `--config`/`SLUICE_CONFIG`, kept for RELOAD.
-    pub fn default_path() -> Option<PathBuf> {
-        std::env::var_os("SLUICE_CONFIG").map(PathBuf::from)
     }
 }
 

@@ -8,6 +8,7 @@
 //! from the path: [`config`], [`metrics`], [`auth`] (client authentication secrets and
 //! exchanges). [`start`] wires them together.
 
+pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod metrics;
@@ -57,6 +58,7 @@ pub enum StartError {
 pub struct Handle {
     pub local_addr: SocketAddr,
     pub shutdown: CancellationToken,
+    pub admin_addr: SocketAddr,
     pub context: Arc<Context>,
     task: JoinHandle<()>,
 }
@@ -86,6 +88,7 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
     }
     let credentials = derive_credentials(&config).await?;
     let config = Arc::new(config);
+    admin::recorder();
     metrics::describe();
     metrics::global()
         .budget
@@ -101,6 +104,18 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         addr: config.listen,
         source,
     })?;
+    let admin_listener = TcpListener::bind(config.admin_listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: config.admin_listen,
+            source,
+        })?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            addr: config.admin_listen,
+            source,
+        })?;
     let pools = Pools::new(Limits {
         budget: config.max_server_connections,
         max_connecting: config.max_connecting,
@@ -119,30 +134,39 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         server_params: Default::default(),
         shutdown: shutdown.clone(),
     });
-    tracing::info!(%local_addr, budget = config.max_server_connections, "sluice listening");
+    tracing::info!(%local_addr, %admin_addr, budget = config.max_server_connections, "sluice listening");
+    let ready = Arc::new(admin::Readiness::default());
     let ctx = context.clone();
     let task = tokio::spawn(async move {
-        let maintenance = tokio::spawn(maintain(ctx.clone()));
+        let maintenance = tokio::spawn(maintain(ctx.clone(), ready.clone()));
+        let admin = tokio::spawn(admin::serve(admin_listener, ready, ctx.shutdown.clone()));
         net::serve(ctx.clone(), listener, DRAIN_TIMEOUT).await;
         ctx.pools.close();
         maintenance.abort();
+        let _ = admin.await;
         drop(ctx.pools.drain_idle());
     });
     Ok(Handle {
         local_addr,
+        admin_addr,
         shutdown,
         context,
         task,
     })
 }
 
-/// Closes idle and aged server connections and keeps `min_pool_size` warm ones, once a second.
-async fn maintain(ctx: Arc<Context>) {
+/// Once a second: probes the server for readiness, closes idle and aged server connections,
+/// and keeps `min_pool_size` warm ones.
+async fn maintain(ctx: Arc<Context>, ready: Arc<admin::Readiness>) {
     let cfg = ctx.config.clone();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        let up = server::probe(&cfg.server_host, cfg.server_port, Duration::from_secs(1)).await;
+        ready
+            .upstream_ok
+            .store(up, std::sync::atomic::Ordering::Relaxed);
         let dead = ctx.pools.reap(
             tokio::time::Instant::now(),
             cfg.server_idle_timeout,

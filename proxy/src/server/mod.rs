@@ -339,3 +339,18 @@ pub fn client_error(e: &ServerError) -> ErrorFields {
         },
     }
 }
+
+/// Whether the server answers at all: connects and sends an SSLRequest, which PostgreSQL answers
+/// with one byte before any authentication, so the probe uses no session or budget slot.
+pub async fn probe(host: &str, port: u16, timeout: Duration) -> bool {
+    let fut = async {
+        let mut s = TcpStream::connect((host, port)).await.ok()?;
+        let mut out = BytesMut::new();
+        frontend::ssl_request(&mut out);
+        s.write_all(&out).await.ok()?;
+        let mut answer = [0u8; 1];
+        s.read_exact(&mut answer).await.ok()?;
+        matches!(answer[0], b'S' | b'N').then_some(())
+    };
+    matches!(tokio::time::timeout(timeout, fut).await, Ok(Some(())))
+}
