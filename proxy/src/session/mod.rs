@@ -343,7 +343,7 @@ impl<'a> Session<'a> {
                 }
                 End::ClientGone => {
                     g.clients_idle.increment(1.0);
-                    cleanup(lease, &flow).await;
+                    cleanup(lease, &flow, self.mode).await;
                     return Exit::Quiet;
                 }
                 End::ClientProtocol(msg) => {
@@ -492,16 +492,25 @@ fn rejection(r: Rejected) -> ErrorFields {
 /// Returns or closes the server of a client that left mid-request. A server between requests
 /// but inside a transaction is rolled back; one with a request in flight is cancelled and closed
 /// (closing makes PostgreSQL roll back). Never hands on a connection in an unknown state.
-async fn cleanup(mut lease: Lease<ServerConn>, flow: &Flow) {
+async fn cleanup(mut lease: Lease<ServerConn>, flow: &Flow, mode: PoolMode) {
     let Some(server) = lease.conn() else { return };
     if flow.at_rest() && server.buf.is_empty() {
-        if flow.status() == TxStatus::Idle {
+        if flow.status() == TxStatus::Idle && mode == PoolMode::Transaction {
             lease.release();
             return;
         }
-        if let Ok(Ok(TxStatus::Idle)) =
-            tokio::time::timeout(ROLLBACK_TIMEOUT, server.simple_query("ROLLBACK")).await
-        {
+        // Roll back what the client left open; in session pooling also drop the session state
+        // (settings, prepared statements, temporary tables) it built up.
+        let reset = async {
+            if flow.status() != TxStatus::Idle && server.simple_query("ROLLBACK").await? != TxStatus::Idle {
+                return Ok(false);
+            }
+            if mode == PoolMode::Session && server.simple_query("DISCARD ALL").await? != TxStatus::Idle {
+                return Ok(false);
+            }
+            Ok::<_, server::ServerError>(true)
+        };
+        if let Ok(Ok(true)) = tokio::time::timeout(ROLLBACK_TIMEOUT, reset).await {
             lease.release();
             return;
         }

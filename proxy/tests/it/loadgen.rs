@@ -1,6 +1,5 @@
-//! Runs the library against a real PostgreSQL named by
-//! `SLUICE_LOADTEST_PG_URL` (e.g. postgres://postgres@127.0.0.1:55432/postgres).
-//! Without it these tests only print that they were skipped.
+//! The load generator against a harness PostgreSQL, directly and through Sluice: counts add up,
+//! nothing acknowledged is lost through Sluice, and planted losses are detected.
 
 use std::time::Duration;
 
@@ -8,18 +7,30 @@ use sluice_loadtest::{
     plant_duplicate_writes, run, verify, LoadtestError, Model, Profile, RunOptions, Workload,
 };
 
-fn pg_url() -> Option<String> {
-    let url = std::env::var("SLUICE_LOADTEST_PG_URL").ok();
-    if url.is_none() {
-        eprintln!("SLUICE_LOADTEST_PG_URL not set: skipping live PostgreSQL test");
-    }
-    url
+use crate::pg::{PgOptions, PgServer};
+use crate::proxy::start_sluice;
+
+/// A server with a user and database for the load, and its direct URL.
+fn server() -> (PgServer, String) {
+    let pg = PgServer::start(PgOptions {
+        max_connections: 30,
+        ..Default::default()
+    });
+    pg.create_user("lt", "lt-pw");
+    pg.create_database("ltdb", "lt");
+    let url = pg.url("lt", "lt-pw", "ltdb");
+    (pg, url)
 }
 
-#[tokio::test]
+fn proxy_url(h: &sluice::Handle) -> String {
+    format!("postgres://lt:lt-pw@127.0.0.1:{}/ltdb", h.local_addr.port())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn write_run_then_planted_loss_is_detected() {
-    let Some(url) = pg_url() else { return };
-    let mut opts = RunOptions::new(url.clone())
+    let (pg, url) = server();
+    let sluice = start_sluice(&pg, "lt", "lt-pw", "ltdb", 10, 10, |_| {}).await;
+    let mut opts = RunOptions::new(proxy_url(&sluice))
         .with_profile(Profile::Constant {
             rate: 100.0,
             duration: Duration::from_secs(1),
@@ -63,10 +74,11 @@ async fn write_run_then_planted_loss_is_detected() {
     assert_eq!(json["counts"]["duplicated"], 2);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn warm_burst_counts_add_up() {
-    let Some(url) = pg_url() else { return };
-    let mut opts = RunOptions::new(url)
+    let (pg, url) = server();
+    let sluice = start_sluice(&pg, "lt", "lt-pw", "ltdb", 10, 10, |_| {}).await;
+    let mut opts = RunOptions::new(proxy_url(&sluice))
         .with_profile(Profile::Burst {
             size: 200,
             window: Duration::from_millis(200),
@@ -79,6 +91,7 @@ async fn warm_burst_counts_add_up() {
         })
         .with_workload(Workload::Mixed { write_ratio: 0.5 });
     opts.setup = true;
+    opts.verify_url = Some(url);
     let report = run(&opts).await.expect("run");
     let c = &report.counts;
     assert_eq!(c.invocations, 400);
