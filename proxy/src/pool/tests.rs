@@ -215,7 +215,9 @@ async fn reserved_group_is_served_first_and_caps_hold() {
     });
     sleep(Duration::from_millis(1)).await;
     v.release();
-    held.pop().map(Lease::release);
+    if let Some(l) = held.pop() {
+        l.release();
+    }
     // The vip waiter, below its reservation, got the first connection freed.
     let waited = vip_wait.await.unwrap().unwrap();
     assert_eq!(waited, Duration::from_millis(1));

@@ -40,6 +40,9 @@ const BUFFER_RELEASE_AFTER: Duration = Duration::from_secs(1);
 /// Time allowed to roll back the transaction of a client that disconnected mid-transaction.
 const ROLLBACK_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// ParameterStatus (name, value) pairs a server reported.
+pub type ServerParams = Arc<Vec<(String, String)>>;
+
 /// Everything sessions share.
 pub struct Context {
     pub config: Arc<Config>,
@@ -49,7 +52,7 @@ pub struct Context {
     pub mock_secret: [u8; 32],
     pub cancels: CancelRegistry,
     /// ParameterStatus values of each pool's servers, reported to clients at start-up.
-    pub server_params: Mutex<HashMap<PoolId, Arc<Vec<(String, String)>>>>,
+    pub server_params: Mutex<HashMap<PoolId, ServerParams>>,
     pub shutdown: CancellationToken,
 }
 
@@ -448,7 +451,7 @@ impl<'a> Session<'a> {
     }
 
     /// The server's ParameterStatus values for this pool, connecting once if none are known.
-    async fn server_params(&self) -> Result<Arc<Vec<(String, String)>>, ErrorFields> {
+    async fn server_params(&self) -> Result<ServerParams, ErrorFields> {
         if let Some(p) = self.ctx.server_params.lock().get(&self.pool) {
             return Ok(p.clone());
         }
@@ -502,10 +505,14 @@ async fn cleanup(mut lease: Lease<ServerConn>, flow: &Flow, mode: PoolMode) {
         // Roll back what the client left open; in session pooling also drop the session state
         // (settings, prepared statements, temporary tables) it built up.
         let reset = async {
-            if flow.status() != TxStatus::Idle && server.simple_query("ROLLBACK").await? != TxStatus::Idle {
+            if flow.status() != TxStatus::Idle
+                && server.simple_query("ROLLBACK").await? != TxStatus::Idle
+            {
                 return Ok(false);
             }
-            if mode == PoolMode::Session && server.simple_query("DISCARD ALL").await? != TxStatus::Idle {
+            if mode == PoolMode::Session
+                && server.simple_query("DISCARD ALL").await? != TxStatus::Idle
+            {
                 return Ok(false);
             }
             Ok::<_, server::ServerError>(true)
