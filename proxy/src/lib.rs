@@ -181,7 +181,7 @@ async fn maintain(ctx: Arc<Context>, ready: Arc<admin::Readiness>) {
             let Some(stats) = ctx.pools.pool_stats().into_iter().nth(slot.pool().0) else {
                 continue;
             };
-            let target = target_for(&cfg, &stats.database, &stats.user);
+            let target = Target::new(&cfg, &stats.database, &stats.user);
             let ctx = ctx.clone();
             tokio::spawn(async move {
                 match ServerConn::connect(&target).await {
@@ -205,18 +205,6 @@ async fn maintain(ctx: Arc<Context>, ready: Arc<admin::Readiness>) {
         let g = metrics::global();
         g.servers_idle.set(f64::from(idle));
         g.servers_active.set(f64::from(total.saturating_sub(idle)));
-    }
-}
-
-/// Where the pool for (database, user) connects.
-pub fn target_for(cfg: &Config, database: &str, user: &str) -> Target {
-    Target {
-        host: cfg.server_host.clone(),
-        port: cfg.server_port,
-        user: user.to_string(),
-        password: cfg.server_password(user).map(str::to_string),
-        database: cfg.server_dbname(database).to_string(),
-        connect_timeout: cfg.server_connect_timeout,
     }
 }
 
@@ -255,7 +243,7 @@ async fn derive_budget(cfg: &Config) -> Result<u32, StartError> {
         (Some(d), Some(u)) => (d.clone(), u.clone()),
         _ => return Err(StartError::Budget("no database or user configured".into())),
     };
-    let t = target_for(cfg, &db, &user);
+    let t = Target::new(cfg, &db, &user);
     let mut pg = tokio_postgres::Config::new();
     pg.host(&t.host)
         .port(t.port)

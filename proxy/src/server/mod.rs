@@ -68,6 +68,20 @@ pub struct Target {
     pub connect_timeout: Duration,
 }
 
+impl Target {
+    /// Where the pool for (`database`, `user`) connects, as configured.
+    pub fn new(cfg: &crate::config::Config, database: &str, user: &str) -> Target {
+        Target {
+            host: cfg.server_host.clone(),
+            port: cfg.server_port,
+            user: user.to_string(),
+            password: cfg.server_password(user).map(str::to_string),
+            database: cfg.server_dbname(database).to_string(),
+            connect_timeout: cfg.server_connect_timeout,
+        }
+    }
+}
+
 /// One authenticated server connection.
 pub struct ServerConn {
     pub stream: TcpStream,

@@ -206,14 +206,7 @@ impl<'a> Session<'a> {
             })
             .unwrap_or_default();
         let group = ctx.pools.group(group_name, limits);
-        let target = Target {
-            host: cfg.server_host.clone(),
-            port: cfg.server_port,
-            user: login.user.clone(),
-            password: cfg.server_password(&login.user).map(str::to_string),
-            database: cfg.server_dbname(db).to_string(),
-            connect_timeout: cfg.server_connect_timeout,
-        };
+        let target = Target::new(cfg, db, &login.user);
         Session {
             ctx,
             pool,
