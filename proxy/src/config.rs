@@ -107,7 +107,11 @@ pub struct Config {
     /// Largest single client message accepted, in bytes.
     pub max_message_bytes: u32,
     pub client_auth: ClientAuth,
+    /// Users that may connect to the admin console (the virtual database `sluice`).
+    pub admin_users: Vec<String>,
     pub group_by: GroupBy,
+    /// Distinct group label values exported in metrics; the rest are reported as `other`.
+    pub max_group_labels: u32,
     pub databases: BTreeMap<String, DatabaseConfig>,
     pub users: BTreeMap<String, UserConfig>,
     pub groups: BTreeMap<String, GroupConfig>,
@@ -166,7 +170,9 @@ impl Default for Config {
             client_login_timeout: Duration::from_secs(15),
             max_message_bytes: 64 << 20,
             client_auth: ClientAuth::ScramSha256,
+            admin_users: Vec::new(),
             group_by: GroupBy::User,
+            max_group_labels: 100,
             databases: BTreeMap::new(),
             users: BTreeMap::new(),
             groups: BTreeMap::new(),
@@ -328,6 +334,20 @@ impl Config {
                     "needed when `password` is a SCRAM verifier or md5 hash",
                 ));
             }
+        }
+        for admin in &self.admin_users {
+            if !self.users.contains_key(admin) {
+                return Err(invalid(
+                    "admin_users",
+                    format!("\"{admin}\" is not in users"),
+                ));
+            }
+        }
+        if self.databases.contains_key("sluice") {
+            return Err(invalid(
+                "databases.sluice",
+                "the name is reserved for the admin console",
+            ));
         }
         let mut reserved = 0u64;
         for (name, g) in &self.groups {

@@ -23,6 +23,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::RwLock;
 use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -30,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use auth::Credentials;
 use config::Config;
-use pool::{Limits, Pools};
+use pool::Pools;
 use server::{ServerConn, Target};
 use session::Context;
 
@@ -78,6 +79,15 @@ impl Handle {
 
 /// Binds the listener and starts serving in the background.
 pub async fn start(config: Config) -> Result<Handle, StartError> {
+    start_from(config, None, Default::default()).await
+}
+
+/// Like [`start`], remembering the file the configuration came from (for RELOAD and SIGHUP).
+pub async fn start_from(
+    config: Config,
+    config_path: Option<std::path::PathBuf>,
+    flags: config::Overrides,
+) -> Result<Handle, StartError> {
     let mut config = config;
     if config.max_server_connections == 0 {
         config.max_server_connections = derive_budget(&config).await?;
@@ -89,6 +99,7 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
     let credentials = derive_credentials(&config).await?;
     let config = Arc::new(config);
     admin::recorder();
+    metrics::set_group_label_cap(config.max_group_labels as usize);
     metrics::describe();
     metrics::global()
         .budget
@@ -116,21 +127,17 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
             addr: config.admin_listen,
             source,
         })?;
-    let pools = Pools::new(Limits {
-        budget: config.max_server_connections,
-        max_connecting: config.max_connecting,
-        max_waiting: config.max_waiting,
-        wait_timeout: config.wait_timeout,
-        shed_target: config.shed_target,
-        shed_interval: config.shed_interval,
-    });
+    let pools = Pools::new(session::limits(&config));
     let shutdown = CancellationToken::new();
     let context = Arc::new(Context {
-        config: config.clone(),
+        config: RwLock::new(config.clone()),
+        config_path,
+        flags,
         pools: pools.clone(),
-        credentials,
+        credentials: RwLock::new(Arc::new(credentials)),
+        servers: Default::default(),
         mock_secret: rand::random(),
-        cancels: Default::default(),
+        clients: Default::default(),
         server_params: Default::default(),
         shutdown: shutdown.clone(),
     });
@@ -158,11 +165,11 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
 /// Once a second: probes the server for readiness, closes idle and aged server connections,
 /// and keeps `min_pool_size` warm ones.
 async fn maintain(ctx: Arc<Context>, ready: Arc<admin::Readiness>) {
-    let cfg = ctx.config.clone();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        let cfg = ctx.config();
         let up = server::probe(&cfg.server_host, cfg.server_port, Duration::from_secs(1)).await;
         ready
             .upstream_ok
@@ -182,9 +189,10 @@ async fn maintain(ctx: Arc<Context>, ready: Arc<admin::Readiness>) {
                 continue;
             };
             let target = Target::new(&cfg, &stats.database, &stats.user);
+            let database = stats.database.clone();
             let ctx = ctx.clone();
             tokio::spawn(async move {
-                match ServerConn::connect(&target).await {
+                match ServerConn::connect(&target, &database, &ctx.servers).await {
                     Ok(conn) => {
                         metrics::server_connect("ok");
                         ctx.server_params
@@ -209,7 +217,9 @@ async fn maintain(ctx: Arc<Context>, ready: Arc<admin::Readiness>) {
 }
 
 /// Derives every user's client-auth secret; PBKDF2 runs on the blocking pool.
-async fn derive_credentials(cfg: &Config) -> Result<HashMap<String, Credentials>, StartError> {
+pub(crate) async fn derive_credentials(
+    cfg: &Config,
+) -> Result<HashMap<String, Credentials>, StartError> {
     let users: Vec<(String, String)> = cfg
         .users
         .iter()

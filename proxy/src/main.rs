@@ -49,21 +49,39 @@ fn main() -> anyhow::Result<()> {
         max_server_connections: args.max_server_connections,
     };
     let config = Config::load(args.config.as_deref(), &overrides)?;
+    let path = args.config.clone();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
     runtime.block_on(async move {
-        let handle = sluice::start(config).await?;
+        let handle = sluice::start_from(config, path, overrides).await?;
         let shutdown = handle.shutdown.clone();
         tokio::spawn(async move {
             wait_for_signal().await;
             tracing::info!("shutting down: draining sessions");
             shutdown.cancel();
         });
+        reload_on_hangup(handle.context.clone());
         handle.wait().await;
         anyhow::Ok(())
     })
+}
+
+/// SIGHUP reloads the configuration, like the admin console's RELOAD.
+fn reload_on_hangup(ctx: std::sync::Arc<sluice::session::Context>) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            if let Err(e) = ctx.reload().await {
+                tracing::error!(error = %e, "reload failed; keeping the running configuration");
+            }
+        }
+    });
 }
 
 /// SIGTERM or SIGINT (Ctrl-C) begins a graceful drain.

@@ -24,7 +24,6 @@ impl Drop for ClientSlot {
 pub async fn serve(ctx: Arc<Context>, listener: TcpListener, drain: Duration) {
     let tracker = TaskTracker::new();
     let live = Arc::new(AtomicU32::new(0));
-    let max = ctx.config.max_client_connections;
     let accepted = &crate::metrics::global().accepted;
     loop {
         let accept = tokio::select! {
@@ -40,6 +39,7 @@ pub async fn serve(ctx: Arc<Context>, listener: TcpListener, drain: Duration) {
                 continue;
             }
         };
+        let max = ctx.config().max_client_connections;
         if live.fetch_add(1, Ordering::AcqRel) >= max {
             live.fetch_sub(1, Ordering::AcqRel);
             crate::metrics::client_rejected("max_client_connections");

@@ -114,6 +114,10 @@ pub struct GroupStats {
     pub waiting: u32,
     pub max_connections: Option<u32>,
     pub reserved: u32,
+    pub transactions: u64,
+    pub transaction_time: Duration,
+    pub wait_time: Duration,
+    pub rejected: u64,
 }
 
 pub(crate) struct Shared<C: Send + 'static> {
@@ -272,6 +276,36 @@ impl<C: Send + 'static> Pools<C> {
 
     pub fn group_stats(&self) -> Vec<GroupStats> {
         self.shared.state.lock().group_stats()
+    }
+
+    /// Stops (or resumes) handing out server connections; requests queue meanwhile.
+    pub fn set_paused(&self, paused: bool) {
+        let after = {
+            let mut st = self.shared.state.lock();
+            st.set_paused(paused);
+            st.dispatch(&self.shared, Instant::now())
+        };
+        after.run();
+    }
+
+    /// Server connections currently lent to clients.
+    pub fn active(&self) -> u32 {
+        self.shared.state.lock().active()
+    }
+
+    /// Applies new limits, pool sizes and group limits (RELOAD).
+    pub fn reconfigure(
+        &self,
+        limits: Limits,
+        pool_size: &dyn Fn(&str, &str) -> (u32, u32),
+        group: &dyn Fn(&str) -> GroupLimits,
+    ) {
+        let after = {
+            let mut st = self.shared.state.lock();
+            st.reconfigure(limits, pool_size, group);
+            st.dispatch(&self.shared, Instant::now())
+        };
+        after.run();
     }
 
     /// (total connections, budget).

@@ -85,6 +85,11 @@ impl Shedder {
         Some(rate)
     }
 
+    pub fn retarget(&mut self, target: Duration, interval: Duration) {
+        self.target = target;
+        self.interval = interval;
+    }
+
     /// A waiter was served after `waited`.
     pub fn on_dequeue(&mut self, now: Instant, waited: Duration) {
         if waited < self.target {

@@ -56,6 +56,10 @@ struct GroupState<C: Send + 'static> {
     name: String,
     limits: GroupLimits,
     active: u32,
+    transactions: u64,
+    transaction_time: Duration,
+    wait_time: Duration,
+    rejected: u64,
     waiters: VecDeque<Waiter<C>>,
     metrics: GroupMetrics,
 }
@@ -97,6 +101,7 @@ pub(crate) struct State<C: Send + 'static> {
     next_id: u64,
     shedder: Shedder,
     closed: bool,
+    paused: bool,
     dead: Vec<C>,
 }
 
@@ -114,6 +119,7 @@ impl<C: Send + 'static> State<C> {
             next_id: 1,
             shedder,
             closed: false,
+            paused: false,
             dead: Vec::new(),
         }
     }
@@ -148,6 +154,10 @@ impl<C: Send + 'static> State<C> {
             name: name.to_string(),
             limits,
             active: 0,
+            transactions: 0,
+            transaction_time: Duration::ZERO,
+            wait_time: Duration::ZERO,
+            rejected: 0,
             waiters: VecDeque::new(),
             metrics,
         });
@@ -180,7 +190,7 @@ impl<C: Send + 'static> State<C> {
         {
             return None;
         }
-        if self.active >= self.limits.budget {
+        if self.paused || self.active >= self.limits.budget {
             return None;
         }
         let within_reservation = gs.active < gs.limits.reserved;
@@ -283,6 +293,7 @@ impl<C: Send + 'static> State<C> {
 
     pub fn reject(&mut self, group: GroupId, reason: Reason, detail: String) -> Rejected {
         self.groups[group.0].metrics.rejected(reason.as_str());
+        self.groups[group.0].rejected += 1;
         let retry_after = self
             .shedder
             .retry_after(self.waiting, self.limits.wait_timeout);
@@ -362,6 +373,7 @@ impl<C: Send + 'static> State<C> {
                     gs.metrics.waiting.decrement(1.0);
                     let waited = now.saturating_duration_since(w.since);
                     gs.metrics.wait.record(waited.as_secs_f64());
+                    self.groups[g].wait_time += waited;
                     self.shedder.on_dequeue(now, waited);
                     let lease = self.grant(shared, g, pool, src, now);
                     grants.push((w.tx, lease));
@@ -409,17 +421,19 @@ impl<C: Send + 'static> State<C> {
         let p = pool.0;
         if let Some(g) = group {
             let gs = &mut self.groups[g.0];
+            let held = now.saturating_duration_since(granted);
             gs.active -= 1;
             gs.metrics.transactions.increment(1);
-            gs.metrics
-                .transaction_time
-                .record(now.saturating_duration_since(granted).as_secs_f64());
+            gs.metrics.transaction_time.record(held.as_secs_f64());
+            gs.transactions += 1;
+            gs.transaction_time += held;
             self.active -= 1;
             self.pools[p].active -= 1;
             self.shedder.on_release(now);
         }
         match entry {
-            Some(mut e) if reuse && !self.closed => {
+            // Over budget after a RELOAD lowered it: close instead of keeping it.
+            Some(mut e) if reuse && !self.closed && self.total <= self.limits.budget => {
                 e.since = now;
                 self.pools[p].idle.push(e);
             }
@@ -548,8 +562,38 @@ impl<C: Send + 'static> State<C> {
                 waiting: g.waiters.len() as u32,
                 max_connections: g.limits.max_connections,
                 reserved: g.limits.reserved,
+                transactions: g.transactions,
+                transaction_time: g.transaction_time,
+                wait_time: g.wait_time,
+                rejected: g.rejected,
             })
             .collect()
+    }
+
+    pub fn set_paused(&mut self, paused: bool) {
+        self.paused = paused;
+    }
+
+    pub fn active(&self) -> u32 {
+        self.active
+    }
+
+    /// Applies new limits (RELOAD). Lower sizes take effect as connections are returned.
+    pub fn reconfigure(
+        &mut self,
+        limits: Limits,
+        pool_size: &dyn Fn(&str, &str) -> (u32, u32),
+        group: &dyn Fn(&str) -> GroupLimits,
+    ) {
+        self.shedder
+            .retarget(limits.shed_target, limits.shed_interval);
+        self.limits = limits;
+        for p in &mut self.pools {
+            (p.size, p.min) = pool_size(&p.database, &p.user);
+        }
+        for g in &mut self.groups {
+            g.limits = group(&g.name);
+        }
     }
 
     #[cfg(test)]

@@ -201,6 +201,50 @@ impl Out {
         end(buf, at);
     }
 
+    /// RowDescription for text columns (`int8` where `numeric` is set, else `text`).
+    pub fn row_description(buf: &mut BytesMut, columns: &[(&str, bool)]) {
+        let at = begin(buf, b'T');
+        buf.put_i16(columns.len() as i16);
+        for (name, numeric) in columns {
+            put_cstr(buf, name.as_bytes());
+            buf.put_i32(0); // table oid
+            buf.put_i16(0); // column number
+            let (oid, len) = if *numeric { (20, 8) } else { (25, -1) };
+            buf.put_i32(oid);
+            buf.put_i16(len);
+            buf.put_i32(-1); // type modifier
+            buf.put_i16(0); // text format
+        }
+        end(buf, at);
+    }
+
+    /// DataRow of text values; `None` is SQL NULL.
+    pub fn data_row(buf: &mut BytesMut, values: &[Option<&str>]) {
+        let at = begin(buf, tag::DATA_ROW);
+        buf.put_i16(values.len() as i16);
+        for v in values {
+            match v {
+                Some(v) => {
+                    buf.put_i32(v.len() as i32);
+                    buf.put_slice(v.as_bytes());
+                }
+                None => buf.put_i32(-1),
+            }
+        }
+        end(buf, at);
+    }
+
+    pub fn command_complete(buf: &mut BytesMut, command_tag: &str) {
+        let at = begin(buf, tag::COMMAND_COMPLETE);
+        put_cstr(buf, command_tag.as_bytes());
+        end(buf, at);
+    }
+
+    pub fn empty_query_response(buf: &mut BytesMut) {
+        let at = begin(buf, b'I');
+        end(buf, at);
+    }
+
     pub fn terminate(buf: &mut BytesMut) {
         let at = begin(buf, super::frontend::tag::TERMINATE);
         end(buf, at);
@@ -241,6 +285,9 @@ mod tests {
         Out::backend_key_data(&mut buf, 1, 2);
         Out::ready_for_query(&mut buf, TxStatus::Idle);
         Out::auth_sasl(&mut buf, &["SCRAM-SHA-256"]);
+        Out::row_description(&mut buf, &[("a", false), ("b", true)]);
+        Out::data_row(&mut buf, &[Some("x"), None]);
+        Out::command_complete(&mut buf, "SHOW");
         let mut rest = &buf[..];
         let mut tags = vec![];
         while let Some((f, n)) = next_frame(rest, 1 << 20).unwrap() {
@@ -251,7 +298,7 @@ mod tests {
             rest = &rest[n..];
         }
         assert!(rest.is_empty());
-        assert_eq!(tags, b"RSKZR");
+        assert_eq!(tags, b"RSKZRTDC");
     }
 
     #[test]

@@ -5,11 +5,14 @@
 //! client), md5, cleartext or trust. See
 //! <https://www.postgresql.org/docs/current/protocol-flow.html#PROTOCOL-FLOW-START-UP>.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use parking_lot::Mutex;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
 use postgres_protocol::message::{backend::Message, frontend};
 use thiserror::Error;
@@ -82,8 +85,78 @@ impl Target {
     }
 }
 
+/// What a server connection is doing, for SHOW SERVERS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerState {
+    Idle = 0,
+    Active = 1,
+}
+
+/// A server connection's entry in the [`ServerRegistry`].
+pub struct ServerInfo {
+    pub id: u64,
+    pub database: String,
+    pub user: String,
+    pub addr: SocketAddr,
+    pub process_id: i32,
+    pub connected_at: std::time::SystemTime,
+    state: std::sync::atomic::AtomicU8,
+}
+
+impl ServerInfo {
+    pub fn set_state(&self, s: ServerState) {
+        self.state
+            .store(s as u8, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn state(&self) -> ServerState {
+        match self.state.load(std::sync::atomic::Ordering::Relaxed) {
+            1 => ServerState::Active,
+            _ => ServerState::Idle,
+        }
+    }
+}
+
+/// Every open server connection, for the admin console. Touched when connections open and close.
+#[derive(Default, Clone)]
+pub struct ServerRegistry {
+    inner: Arc<Mutex<(u64, HashMap<u64, Arc<ServerInfo>>)>>,
+}
+
+impl ServerRegistry {
+    fn add(
+        &self,
+        database: &str,
+        user: &str,
+        addr: SocketAddr,
+        process_id: i32,
+    ) -> Arc<ServerInfo> {
+        let mut g = self.inner.lock();
+        g.0 += 1;
+        let info = Arc::new(ServerInfo {
+            id: g.0,
+            database: database.to_string(),
+            user: user.to_string(),
+            addr,
+            process_id,
+            connected_at: std::time::SystemTime::now(),
+            state: std::sync::atomic::AtomicU8::new(ServerState::Idle as u8),
+        });
+        g.1.insert(info.id, info.clone());
+        info
+    }
+
+    pub fn snapshot(&self) -> Vec<Arc<ServerInfo>> {
+        let mut v: Vec<_> = self.inner.lock().1.values().cloned().collect();
+        v.sort_by_key(|i| i.id);
+        v
+    }
+}
+
 /// One authenticated server connection.
 pub struct ServerConn {
+    pub info: Arc<ServerInfo>,
+    registry: ServerRegistry,
     pub stream: TcpStream,
     /// Bytes read from the server and not yet relayed; kept across checkouts so its capacity is
     /// reused.
@@ -97,7 +170,13 @@ pub struct ServerConn {
 }
 
 impl ServerConn {
-    pub async fn connect(t: &Target) -> Result<ServerConn, ServerError> {
+    /// Connects and authenticates. `t.database` is the server-side name; the connection is
+    /// registered under `pool_database` (the name clients use).
+    pub async fn connect(
+        t: &Target,
+        pool_database: &str,
+        registry: &ServerRegistry,
+    ) -> Result<ServerConn, ServerError> {
         let addr = format!("{}:{}", t.host, t.port);
         let fut = async {
             let stream = TcpStream::connect((t.host.as_str(), t.port))
@@ -109,6 +188,16 @@ impl ServerConn {
             stream.set_nodelay(true)?;
             let peer = stream.peer_addr()?;
             let mut conn = ServerConn {
+                info: Arc::new(ServerInfo {
+                    id: 0,
+                    database: pool_database.to_string(),
+                    user: t.user.clone(),
+                    addr: peer,
+                    process_id: 0,
+                    connected_at: std::time::SystemTime::now(),
+                    state: std::sync::atomic::AtomicU8::new(0),
+                }),
+                registry: registry.clone(),
                 stream,
                 buf: BytesMut::with_capacity(READ_BUFFER),
                 params: Vec::new(),
@@ -118,6 +207,7 @@ impl ServerConn {
                 error_fields: None,
             };
             conn.startup(t).await?;
+            conn.info = registry.add(pool_database, &t.user, peer, conn.process_id);
             Ok(conn)
         };
         tokio::time::timeout(t.connect_timeout, fut)
@@ -327,6 +417,9 @@ impl Drop for ServerConn {
     fn drop(&mut self) {
         const TERMINATE: [u8; 5] = [b'X', 0, 0, 0, 4];
         let _ = self.stream.try_write(&TERMINATE);
+        if self.info.id != 0 {
+            self.registry.inner.lock().1.remove(&self.info.id);
+        }
     }
 }
 

@@ -6,7 +6,8 @@
 //! A request refused for capacity is answered with a non-fatal ErrorResponse (SQLSTATE 53300)
 //! and ReadyForQuery, so the client keeps its connection and may retry on it.
 
-mod cancel;
+mod admin;
+mod clients;
 mod relay;
 mod startup;
 
@@ -17,21 +18,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-pub use cancel::CancelRegistry;
+pub use admin::{group_limits, limits};
+pub use clients::{ClientRegistry, ClientState};
 use relay::{End, Flow};
 use startup::Login;
 
 use crate::auth::Credentials;
 use crate::config::{Config, GroupBy, PoolMode};
-use crate::pool::{GroupLimits, Lease, PoolId, Pools, Reason, Rejected};
+use crate::pool::{Lease, PoolId, Pools, Reason, Rejected};
 use crate::protocol::backend::{ErrorFields, Out, TxStatus};
 use crate::protocol::frontend::tag;
 use crate::protocol::{sqlstate, Header};
-use crate::server::{self, ServerConn, Target};
+use crate::server::{self, ServerConn, ServerRegistry, ServerState, Target};
 
 /// A request buffered past this many bytes without its end gets a server anyway and streams.
 const REQUEST_BUFFER_LIMIT: usize = 1 << 20;
@@ -45,16 +47,30 @@ pub type ServerParams = Arc<Vec<(String, String)>>;
 
 /// Everything sessions share.
 pub struct Context {
-    pub config: Arc<Config>,
+    /// The configuration in force; RELOAD swaps it. Sessions keep the one they started with.
+    pub config: RwLock<Arc<Config>>,
+    /// The file and flags the configuration came from, for RELOAD.
+    pub config_path: Option<std::path::PathBuf>,
+    pub flags: crate::config::Overrides,
     pub pools: Pools<ServerConn>,
-    pub credentials: HashMap<String, Credentials>,
+    pub credentials: RwLock<Arc<HashMap<String, Credentials>>>,
+    pub servers: ServerRegistry,
     /// Seeds the SCRAM exchange of unknown users, so it fails like a wrong password.
     pub mock_secret: [u8; 32],
-    pub cancels: CancelRegistry,
+    pub clients: ClientRegistry,
     /// ParameterStatus values of each pool's servers, reported to clients at start-up.
     pub server_params: Mutex<HashMap<PoolId, ServerParams>>,
     pub shutdown: CancellationToken,
 }
+
+impl Context {
+    pub fn config(&self) -> Arc<Config> {
+        self.config.read().clone()
+    }
+}
+
+/// The virtual database of the admin console.
+pub const ADMIN_DATABASE: &str = "sluice";
 
 /// A client socket and its read buffer.
 pub struct ClientIo {
@@ -96,12 +112,13 @@ pub async fn serve(ctx: Arc<Context>, stream: TcpStream) {
 }
 
 async fn run(ctx: &Arc<Context>, io: &mut ClientIo) -> Exit {
-    let login_timeout = ctx.config.client_login_timeout;
+    let config = ctx.config();
+    let login_timeout = config.client_login_timeout;
     let login = match tokio::time::timeout(login_timeout, async {
         let Some(login) = startup::read_startup(ctx, io).await? else {
             return Ok(None);
         };
-        if !ctx.config.databases.contains_key(&login.database) {
+        if login.database != ADMIN_DATABASE && !config.databases.contains_key(&login.database) {
             return Err(fatal(
                 sqlstate::INVALID_CATALOG_NAME,
                 format!("database \"{}\" does not exist", login.database),
@@ -123,13 +140,32 @@ async fn run(ctx: &Arc<Context>, io: &mut ClientIo) -> Exit {
         }
     };
     tracing::debug!(user = %login.user, database = %login.database, "client connected");
-    let exit = Session::new(ctx, &login).run(io).await;
+    let exit = if login.database == ADMIN_DATABASE {
+        if config.admin_users.contains(&login.user) {
+            admin::serve(ctx, io, &login).await
+        } else {
+            fatal(
+                sqlstate::INSUFFICIENT_PRIVILEGE,
+                format!(
+                    "permission denied: \"{}\" is not an admin user (admin_users)",
+                    login.user
+                ),
+            )
+        }
+    } else {
+        let peer = io.stream.peer_addr().ok();
+        Session::new(ctx, config, &login)
+            .run(io, &login, peer)
+            .await
+    };
     tracing::debug!(user = %login.user, database = %login.database, "client disconnected");
     exit
 }
 
 struct Session<'a> {
     ctx: &'a Context,
+    config: Arc<Config>,
+    database: String,
     pool: PoolId,
     group: crate::pool::GroupId,
     mode: PoolMode,
@@ -182,8 +218,8 @@ fn scan_request(buf: &[u8], max_message: usize) -> Result<Request, String> {
 }
 
 impl<'a> Session<'a> {
-    fn new(ctx: &'a Context, login: &'a Login) -> Self {
-        let cfg = &ctx.config;
+    fn new(ctx: &'a Context, config: Arc<Config>, login: &Login) -> Self {
+        let cfg = &config;
         let db = login.database.as_str();
         let pool = ctx.pools.pool(
             db,
@@ -196,28 +232,33 @@ impl<'a> Session<'a> {
             GroupBy::Database => db,
             GroupBy::ApplicationName => login.param("application_name").unwrap_or(""),
         };
-        let limits = cfg
-            .groups
-            .get(group_name)
-            .map(|g| GroupLimits {
-                max_connections: g.max_connections,
-                reserved: g.reserved_connections.unwrap_or(0),
-                max_waiting: g.max_waiting,
-            })
-            .unwrap_or_default();
+        let limits = admin::group_limits(cfg, group_name);
         let group = ctx.pools.group(group_name, limits);
         let target = Target::new(cfg, db, &login.user);
+        let mode = cfg.pool_mode_for(db);
         Session {
             ctx,
+            database: login.database.clone(),
+            config,
             pool,
             group,
-            mode: cfg.pool_mode_for(db),
+            mode,
             target,
         }
     }
 
-    async fn run(&mut self, io: &mut ClientIo) -> Exit {
-        let registration = self.ctx.cancels.register();
+    async fn run(
+        &mut self,
+        io: &mut ClientIo,
+        login: &Login,
+        addr: Option<std::net::SocketAddr>,
+    ) -> Exit {
+        let registration = self.ctx.clients.register(clients::ClientIdentity {
+            user: login.user.clone(),
+            database: login.database.clone(),
+            application_name: login.param("application_name").unwrap_or("").to_string(),
+            addr,
+        });
         let params = match self.server_params().await {
             Ok(p) => p,
             Err(e) => {
@@ -244,8 +285,8 @@ impl<'a> Session<'a> {
     }
 
     /// The loop of a logged-in client: wait for a request, borrow a server, relay, give it back.
-    async fn serve_requests(&mut self, io: &mut ClientIo, slot: &cancel::CancelSlot) -> Exit {
-        let max_message = self.ctx.config.max_message_bytes as usize;
+    async fn serve_requests(&mut self, io: &mut ClientIo, slot: &clients::ClientSlot) -> Exit {
+        let max_message = self.config.max_message_bytes as usize;
         let g = crate::metrics::global();
         let mut discard_until_sync = false;
         loop {
@@ -284,8 +325,10 @@ impl<'a> Session<'a> {
             // 2. A server connection.
             g.clients_idle.decrement(1.0);
             g.clients_waiting.increment(1.0);
+            slot.set_state(ClientState::Waiting);
             let acquired = self.checkout().await;
             g.clients_waiting.decrement(1.0);
+            slot.set_state(ClientState::Idle);
             let mut lease = match acquired {
                 Ok(lease) => lease,
                 Err(err) => {
@@ -318,17 +361,21 @@ impl<'a> Session<'a> {
 
             // 3. Relay until the transaction (or session) ends.
             g.clients_active.increment(1.0);
+            slot.set_state(ClientState::Active);
             let Some(server) = lease.conn() else {
                 return fatal(
                     sqlstate::INTERNAL_ERROR,
                     "internal error: lease without connection",
                 );
             };
-            slot.set(Some(server.cancel_key()));
+            slot.set_server(Some(server.cancel_key()));
+            server.info.set_state(ServerState::Active);
             let flow = Flow::new();
             let release = self.mode == PoolMode::Transaction;
             let end = relay::relay(io, server, &flow, release, max_message).await;
-            slot.set(None);
+            slot.set_server(None);
+            server.info.set_state(ServerState::Idle);
+            slot.set_state(ClientState::Idle);
             g.clients_active.decrement(1.0);
             g.bytes_to_server.increment(flow.to_server.get());
             g.bytes_to_client.increment(flow.to_client.get());
@@ -364,7 +411,7 @@ impl<'a> Session<'a> {
     /// Waits for more bytes from the client: freeing the buffer when it idles, ending the
     /// session on idle timeout or shutdown.
     async fn wait_for_client(&self, io: &mut ClientIo) -> Result<(), Exit> {
-        let idle_timeout = self.ctx.config.client_idle_timeout;
+        let idle_timeout = self.config.client_idle_timeout;
         if io.buf.is_empty() {
             let shutdown = self.ctx.shutdown.cancelled();
             tokio::pin!(shutdown);
@@ -420,7 +467,7 @@ impl<'a> Session<'a> {
         let g = crate::metrics::global();
         g.servers_connecting.increment(1.0);
         let started = std::time::Instant::now();
-        let res = ServerConn::connect(&self.target).await;
+        let res = ServerConn::connect(&self.target, &self.database, &self.ctx.servers).await;
         g.servers_connecting.decrement(1.0);
         match res {
             Ok(conn) => {

@@ -58,8 +58,8 @@ pub async fn read_startup(ctx: &Context, io: &mut ClientIo) -> Result<Option<Log
                 process_id,
                 secret_key,
             } => {
-                ctx.cancels
-                    .cancel(process_id, secret_key, ctx.config.server_connect_timeout);
+                ctx.clients
+                    .cancel(process_id, secret_key, ctx.config().server_connect_timeout);
                 return Ok(None);
             }
             Startup::Startup { params } => return login(params).map(Some),
@@ -103,10 +103,11 @@ fn login(mut params: Vec<(String, String)>) -> Result<Login, Exit> {
 /// Authenticates `login.user`. Unknown users go through the same exchange as known ones and
 /// fail the same way, so the answer does not reveal which users exist.
 pub async fn authenticate(ctx: &Context, io: &mut ClientIo, login: &Login) -> Result<(), Exit> {
-    let creds = ctx.credentials.get(&login.user);
+    let credentials = ctx.credentials.read().clone();
+    let creds = credentials.get(&login.user);
     let md5 = creds.and_then(|c| c.md5());
     let scram = creds.and_then(|c| c.scram());
-    let use_md5 = match ctx.config.client_auth {
+    let use_md5 = match ctx.config().client_auth {
         ClientAuth::Md5 => md5.is_some() || creds.is_none(),
         ClientAuth::ScramSha256 => scram.is_none() && md5.is_some(),
     };

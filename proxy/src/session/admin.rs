@@ -1,0 +1,468 @@
+//! The admin console: the virtual database `sluice`, for users listed in `admin_users`.
+//!
+//! Speaks the simple query protocol: `SHOW POOLS|CLIENTS|SERVERS|STATS|CONFIG|GROUPS|HELP`,
+//! `PAUSE`, `RESUME`, `RELOAD`. Column names follow PgBouncer's where the concept is the same,
+//! so habits and scripts carry over.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::BytesMut;
+
+use super::startup::Login;
+use super::{fatal, ClientIo, Context, Exit};
+use crate::config::{Config, PoolMode};
+use crate::pool::{GroupLimits, Limits};
+use crate::protocol::backend::{tag as btag, ErrorFields, Out, TxStatus};
+use crate::protocol::frontend::{self, tag};
+use crate::protocol::{next_frame, sqlstate};
+use crate::server::ServerState;
+
+/// Largest admin command accepted.
+const MAX_COMMAND: usize = 64 * 1024;
+/// How long PAUSE waits for lent server connections to come back.
+const PAUSE_WAIT: Duration = Duration::from_secs(30);
+
+type Table = (Vec<(&'static str, bool)>, Vec<Vec<Option<String>>>);
+
+pub async fn serve(ctx: &Arc<Context>, io: &mut ClientIo, login: &Login) -> Exit {
+    let mut out = BytesMut::new();
+    for (name, value) in [
+        ("server_version", "15.0 (Sluice admin console)"),
+        ("client_encoding", "UTF8"),
+        ("DateStyle", "ISO, MDY"),
+        ("standard_conforming_strings", "on"),
+        ("integer_datetimes", "on"),
+    ] {
+        Out::parameter_status(&mut out, name, value);
+    }
+    Out::backend_key_data(&mut out, 0, 0);
+    Out::ready_for_query(&mut out, TxStatus::Idle);
+    if io.send(&out).await.is_err() {
+        return Exit::Quiet;
+    }
+    tracing::info!(user = %login.user, "admin console session");
+    let mut extended_error = false;
+    loop {
+        let frame = match next_frame(&io.buf, MAX_COMMAND) {
+            Ok(Some((f, n))) => Some((f.tag, n)),
+            Ok(None) => None,
+            Err(e) => return fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()),
+        };
+        let Some((msg_tag, n)) = frame else {
+            if let Err(exit) = io.read_more().await {
+                return exit;
+            }
+            continue;
+        };
+        let msg = io.buf.split_to(n);
+        out.clear();
+        match msg_tag {
+            tag::TERMINATE => return Exit::Quiet,
+            tag::QUERY => {
+                let sql = match frontend::query(&msg[crate::protocol::HEADER_LEN..]) {
+                    Ok(q) => q.to_string(),
+                    Err(e) => return fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()),
+                };
+                run_command(ctx, &sql, &mut out).await;
+                Out::ready_for_query(&mut out, TxStatus::Idle);
+            }
+            tag::SYNC => {
+                if std::mem::take(&mut extended_error) {
+                    Out::error_fields(
+                        &mut out,
+                        btag::ERROR_RESPONSE,
+                        &error(
+                            sqlstate::FEATURE_NOT_SUPPORTED,
+                            "the admin console supports only simple queries",
+                        ),
+                    );
+                }
+                Out::ready_for_query(&mut out, TxStatus::Idle);
+            }
+            _ => extended_error = true,
+        }
+        if !out.is_empty() && io.send(&out).await.is_err() {
+            return Exit::Quiet;
+        }
+    }
+}
+
+fn error(code: &str, message: impl Into<String>) -> ErrorFields {
+    ErrorFields {
+        severity: "ERROR".into(),
+        code: code.into(),
+        message: message.into(),
+        detail: None,
+        hint: None,
+    }
+}
+
+async fn run_command(ctx: &Arc<Context>, sql: &str, out: &mut BytesMut) {
+    let words: Vec<String> = sql
+        .trim()
+        .trim_end_matches(';')
+        .split_whitespace()
+        .map(str::to_ascii_uppercase)
+        .collect();
+    let words: Vec<&str> = words.iter().map(String::as_str).collect();
+    let table = match words.as_slice() {
+        [] => {
+            Out::empty_query_response(out);
+            return;
+        }
+        ["SHOW", "POOLS"] => pools(ctx),
+        ["SHOW", "CLIENTS"] => clients(ctx),
+        ["SHOW", "SERVERS"] => servers(ctx),
+        ["SHOW", "STATS"] => stats(ctx),
+        ["SHOW", "CONFIG"] => config(&ctx.config()),
+        ["SHOW", "GROUPS"] => groups(ctx),
+        ["SHOW", "HELP"] | ["HELP"] => help(),
+        ["PAUSE"] => {
+            ctx.pools.set_paused(true);
+            let deadline = tokio::time::Instant::now() + PAUSE_WAIT;
+            while ctx.pools.active() > 0 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            tracing::info!("pools paused from the admin console");
+            Out::command_complete(out, "PAUSE");
+            return;
+        }
+        ["RESUME"] => {
+            ctx.pools.set_paused(false);
+            tracing::info!("pools resumed from the admin console");
+            Out::command_complete(out, "RESUME");
+            return;
+        }
+        ["RELOAD"] => {
+            match ctx.reload().await {
+                Ok(()) => Out::command_complete(out, "RELOAD"),
+                Err(e) => Out::error_fields(
+                    out,
+                    btag::ERROR_RESPONSE,
+                    &error(sqlstate::INTERNAL_ERROR, format!("RELOAD failed: {e}")),
+                ),
+            }
+            return;
+        }
+        _ => {
+            let msg = format!("unknown admin command: {}; try SHOW HELP", sql.trim());
+            Out::error_fields(out, btag::ERROR_RESPONSE, &error("42601", msg));
+            return;
+        }
+    };
+    let (columns, rows) = table;
+    Out::row_description(out, &columns);
+    for row in &rows {
+        let values: Vec<Option<&str>> = row.iter().map(|v| v.as_deref()).collect();
+        Out::data_row(out, &values);
+    }
+    Out::command_complete(out, &format!("SHOW {}", rows.len()));
+}
+
+fn s(v: impl ToString) -> Option<String> {
+    Some(v.to_string())
+}
+
+fn time(t: SystemTime) -> Option<String> {
+    s(humantime::format_rfc3339_seconds(t))
+}
+
+fn pools(ctx: &Context) -> Table {
+    let cfg = ctx.config();
+    let rows = ctx
+        .pools
+        .pool_stats()
+        .into_iter()
+        .map(|p| {
+            let mode = match cfg.pool_mode_for(&p.database) {
+                PoolMode::Transaction => "transaction",
+                PoolMode::Session => "session",
+            };
+            vec![
+                s(&p.database),
+                s(&p.user),
+                s(p.active),
+                s(p.waiting),
+                s(p.active),
+                s(p.idle),
+                s(p.connecting),
+                s(p.size),
+                s(mode),
+            ]
+        })
+        .collect();
+    let cols = vec![
+        ("database", false),
+        ("user", false),
+        ("cl_active", true),
+        ("cl_waiting", true),
+        ("sv_active", true),
+        ("sv_idle", true),
+        ("sv_login", true),
+        ("pool_size", true),
+        ("pool_mode", false),
+    ];
+    (cols, rows)
+}
+
+fn clients(ctx: &Context) -> Table {
+    let rows = ctx
+        .clients
+        .snapshot()
+        .into_iter()
+        .map(|(pid, c)| {
+            let server = c.server();
+            vec![
+                s("C"),
+                s(&c.user),
+                s(&c.database),
+                s(c.state().as_str()),
+                c.addr.map(|a| a.ip().to_string()),
+                c.addr.map(|a| a.port().to_string()),
+                time(c.connected_at),
+                s(pid),
+                s(&c.application_name),
+                server.map(|k| k.process_id.to_string()),
+            ]
+        })
+        .collect();
+    let cols = vec![
+        ("type", false),
+        ("user", false),
+        ("database", false),
+        ("state", false),
+        ("addr", false),
+        ("port", true),
+        ("connect_time", false),
+        ("pid", true),
+        ("application_name", false),
+        ("server_pid", true),
+    ];
+    (cols, rows)
+}
+
+fn servers(ctx: &Context) -> Table {
+    let rows = ctx
+        .servers
+        .snapshot()
+        .into_iter()
+        .map(|i| {
+            let state = match i.state() {
+                ServerState::Active => "active",
+                ServerState::Idle => "idle",
+            };
+            vec![
+                s("S"),
+                s(&i.user),
+                s(&i.database),
+                s(state),
+                s(i.addr.ip()),
+                s(i.addr.port()),
+                time(i.connected_at),
+                s(i.process_id),
+            ]
+        })
+        .collect();
+    let cols = vec![
+        ("type", false),
+        ("user", false),
+        ("database", false),
+        ("state", false),
+        ("addr", false),
+        ("port", true),
+        ("connect_time", false),
+        ("remote_pid", true),
+    ];
+    (cols, rows)
+}
+
+fn stats(ctx: &Context) -> Table {
+    let us = |d: Duration| d.as_micros().to_string();
+    let rows = ctx
+        .pools
+        .group_stats()
+        .into_iter()
+        .map(|g| {
+            let n = g.transactions.max(1) as u32;
+            vec![
+                s(&g.name),
+                s(g.transactions),
+                Some(us(g.transaction_time)),
+                Some(us(g.wait_time)),
+                s(g.rejected),
+                Some(us(g.transaction_time / n)),
+                Some(us(g.wait_time / n)),
+            ]
+        })
+        .collect();
+    let cols = vec![
+        ("group", false),
+        ("total_xact_count", true),
+        ("total_xact_time", true),
+        ("total_wait_time", true),
+        ("total_rejected", true),
+        ("avg_xact_time", true),
+        ("avg_wait_time", true),
+    ];
+    (cols, rows)
+}
+
+fn groups(ctx: &Context) -> Table {
+    let rows = ctx
+        .pools
+        .group_stats()
+        .into_iter()
+        .map(|g| {
+            vec![
+                s(&g.name),
+                s(g.active),
+                s(g.waiting),
+                g.max_connections.map(|m| m.to_string()),
+                s(g.reserved),
+            ]
+        })
+        .collect();
+    let cols = vec![
+        ("group", false),
+        ("active", true),
+        ("waiting", true),
+        ("max_connections", true),
+        ("reserved_connections", true),
+    ];
+    (cols, rows)
+}
+
+/// Every key with its value; secrets are masked.
+fn config(cfg: &Config) -> Table {
+    let mut rows = Vec::new();
+    if let Ok(value) = toml::Value::try_from(cfg) {
+        flatten("", &value, &mut rows);
+    }
+    (vec![("key", false), ("value", false)], rows)
+}
+
+fn flatten(prefix: &str, v: &toml::Value, rows: &mut Vec<Vec<Option<String>>>) {
+    match v {
+        toml::Value::Table(t) => {
+            for (k, v) in t {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&key, v, rows);
+            }
+        }
+        other => {
+            let secret = prefix.ends_with("password") || prefix == "upstream";
+            let shown = match other {
+                toml::Value::String(s) => s.clone(),
+                v => v.to_string(),
+            };
+            rows.push(vec![
+                s(prefix),
+                if secret { s("********") } else { Some(shown) },
+            ]);
+        }
+    }
+}
+
+fn help() -> Table {
+    let rows = [
+        "SHOW POOLS",
+        "SHOW CLIENTS",
+        "SHOW SERVERS",
+        "SHOW STATS",
+        "SHOW CONFIG",
+        "SHOW GROUPS",
+        "PAUSE",
+        "RESUME",
+        "RELOAD",
+    ]
+    .iter()
+    .map(|c| vec![s(c)])
+    .collect();
+    (vec![("command", false)], rows)
+}
+
+/// Pool limits from a configuration.
+pub fn limits(cfg: &Config) -> Limits {
+    Limits {
+        budget: cfg.max_server_connections,
+        max_connecting: cfg.max_connecting,
+        max_waiting: cfg.max_waiting,
+        wait_timeout: cfg.wait_timeout,
+        shed_target: cfg.shed_target,
+        shed_interval: cfg.shed_interval,
+    }
+}
+
+/// A group's limits from a configuration.
+pub fn group_limits(cfg: &Config, name: &str) -> GroupLimits {
+    cfg.groups
+        .get(name)
+        .map(|g| GroupLimits {
+            max_connections: g.max_connections,
+            reserved: g.reserved_connections.unwrap_or(0),
+            max_waiting: g.max_waiting,
+        })
+        .unwrap_or_default()
+}
+
+impl Context {
+    /// Re-reads the configuration file (and environment) and applies it: users and passwords,
+    /// pool sizes, limits and group settings take effect at once; addresses need a restart.
+    pub async fn reload(&self) -> Result<(), String> {
+        let old = self.config();
+        let mut cfg =
+            Config::load(self.config_path.as_deref(), &self.flags).map_err(|e| e.to_string())?;
+        if cfg.max_server_connections == 0 {
+            cfg.max_server_connections = old.max_server_connections;
+        }
+        if cfg.listen != old.listen || cfg.admin_listen != old.admin_listen {
+            tracing::warn!("listen addresses changed: they take effect after a restart");
+        }
+        let credentials = crate::derive_credentials(&cfg)
+            .await
+            .map_err(|e| e.to_string())?;
+        let cfg = Arc::new(cfg);
+        let pool_size = |db: &str, _user: &str| (cfg.pool_size_for(db), cfg.min_pool_size_for(db));
+        let group = |name: &str| group_limits(&cfg, name);
+        self.pools.reconfigure(limits(&cfg), &pool_size, &group);
+        crate::metrics::global()
+            .budget
+            .set(f64::from(cfg.max_server_connections));
+        *self.credentials.write() = Arc::new(credentials);
+        *self.config.write() = cfg;
+        tracing::info!("configuration reloaded");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_rows_mask_secrets() {
+        let mut cfg = Config::default();
+        cfg.users.insert(
+            "app".into(),
+            crate::config::UserConfig {
+                password: Some("hunter2".into()),
+                server_password: None,
+            },
+        );
+        let (_, rows) = config(&cfg);
+        let find = |k: &str| {
+            rows.iter()
+                .find(|r| r[0].as_deref() == Some(k))
+                .and_then(|r| r[1].clone())
+        };
+        assert_eq!(find("users.app.password").as_deref(), Some("********"));
+        assert_eq!(find("pool_size").as_deref(), Some("20"));
+        assert_eq!(find("wait_timeout").as_deref(), Some("5s"));
+        assert!(rows.iter().all(|r| r[1].as_deref() != Some("hunter2")));
+    }
+}

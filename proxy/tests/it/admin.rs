@@ -1,0 +1,190 @@
+//! Observability: /metrics, /healthz, /readyz, the admin console, and a real Prometheus.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::pg::{PgOptions, PgServer};
+use crate::proxy::{connect, start_sluice};
+
+/// A plain HTTP/1.0 GET: (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect admin");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").expect("write");
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).expect("read");
+    let status = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+/// The value of the exposition line `name{labels}` (labels as rendered), or 0 when absent.
+fn metric(body: &str, series: &str) -> f64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn server(user: &str) -> PgServer {
+    let pg = PgServer::start(PgOptions::default());
+    pg.create_user(user, "pw");
+    pg.create_user("ops", "ops-pw");
+    pg.create_database("obs", user);
+    pg
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_exactly_what_the_test_drives() {
+    let pg = server("metrics_u");
+    let h = start_sluice(&pg, "metrics_u", "pw", "obs", 1, 1, |c| c.wait_timeout = Duration::from_millis(300)).await;
+    let (status, _) = http_get(h.admin_addr, "/healthz");
+    assert_eq!(status, 200);
+
+    let a = connect(&h, "metrics_u", "pw", "obs").await.expect("connect a");
+    for _ in 0..7 {
+        a.simple_query("SELECT 1").await.expect("query");
+    }
+    // Hold the only server connection, then have a second client time out waiting.
+    a.simple_query("BEGIN").await.expect("begin");
+    let b = connect(&h, "metrics_u", "pw", "obs").await.expect("connect b");
+    let err = b.simple_query("SELECT 1").await.expect_err("must be shed");
+    assert_eq!(err.as_db_error().map(|e| e.code().code()), Some("53300"));
+    a.simple_query("COMMIT").await.expect("commit");
+
+    let (status, body) = http_get(h.admin_addr, "/metrics");
+    assert_eq!(status, 200);
+    let group = r#"{group="metrics_u"}"#;
+    // 7 single statements + the BEGIN..COMMIT transaction (+1 startup parameter fetch).
+    assert_eq!(metric(&body, &format!("sluice_transactions_total{group}")), 9.0, "{body}");
+    assert_eq!(metric(&body, r#"sluice_queries_rejected_total{reason="wait_timeout",group="metrics_u"}"#), 1.0);
+    assert_eq!(metric(&body, &format!("sluice_pool_wait_seconds_count{group}")), 9.0);
+    // Gauges are per process, shared by the other proxies this test binary runs: only present.
+    assert!(body.contains("\nsluice_server_connections_budget "), "{body}");
+    assert!(body.contains("# TYPE sluice_pool_wait_seconds histogram"), "{body}");
+    assert!(metric(&body, r#"sluice_bytes_total{direction="server_to_client"}"#) > 0.0);
+
+    if let Some(promtool) = which("promtool") {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("metrics.txt");
+        std::fs::write(&path, &body).expect("write");
+        let out = Command::new(promtool).args(["check", "metrics"]).stdin(std::fs::File::open(&path).expect("open")).output().expect("promtool");
+        let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "promtool check metrics: {text}");
+    }
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_follows_the_database() {
+    let pg = server("ready_u");
+    let h = start_sluice(&pg, "ready_u", "pw", "obs", 2, 2, |_| {}).await;
+    let wait_for = |want: u16| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (status, _) = http_get(h.admin_addr, "/readyz");
+            if status == want {
+                return;
+            }
+            assert!(Instant::now() < deadline, "/readyz stayed {status}, wanted {want}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    wait_for(200);
+    pg.stop();
+    wait_for(503);
+    pg.start_again();
+    wait_for(200);
+    let c = connect(&h, "ready_u", "pw", "obs").await.expect("connect after restart");
+    c.simple_query("SELECT 1").await.expect("query after restart");
+    h.stop().await;
+}
+
+fn psql(pg: &PgServer, port: u16, user: &str, password: &str, sql: &str) -> (bool, String) {
+    let out = Command::new(pg.bin("psql"))
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", user, "-d", "sluice", "-X", "-A", "-F", "|", "-c", sql])
+        .env("PGPASSWORD", password)
+        .output()
+        .expect("psql");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_console_answers_psql_and_refuses_others() {
+    let pg = server("console_u");
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("sluice.toml");
+    let write_config = |pool_size: u32| {
+        let toml = format!(
+            "upstream = \"{}\"\nmax_server_connections = 5\npool_size = {pool_size}\nadmin_users = [\"ops\"]\n[users.ops]\npassword = \"ops-pw\"\n",
+            pg.url("console_u", "pw", "obs")
+        );
+        std::fs::write(&path, toml).expect("write config");
+    };
+    write_config(3);
+    let flags = sluice::config::Overrides {
+        listen: Some("127.0.0.1:0".parse().expect("addr")),
+        admin_listen: Some("127.0.0.1:0".parse().expect("addr")),
+        ..Default::default()
+    };
+    let cfg = sluice::config::Config::load(Some(&path), &flags).expect("config");
+    let h = sluice::start_from(cfg, Some(path.clone()), flags).await.expect("start");
+    let port = h.local_addr.port();
+    let app = connect(&h, "console_u", "pw", "obs").await.expect("app client");
+    app.simple_query("SELECT 1").await.expect("query");
+    let admin = |sql: &str| tokio::task::block_in_place(|| psql(&pg, port, "ops", "ops-pw", sql));
+
+    for (cmd, header) in [
+        ("SHOW POOLS", "database|user|cl_active|cl_waiting|sv_active|sv_idle|sv_login|pool_size|pool_mode"),
+        ("SHOW CLIENTS", "type|user|database|state|addr|port|connect_time|pid|application_name|server_pid"),
+        ("SHOW SERVERS", "type|user|database|state|addr|port|connect_time|remote_pid"),
+        ("SHOW STATS", "group|total_xact_count|total_xact_time|total_wait_time|total_rejected|avg_xact_time|avg_wait_time"),
+        ("SHOW CONFIG", "key|value"),
+        ("SHOW GROUPS", "group|active|waiting|max_connections|reserved_connections"),
+    ] {
+        let (ok, out) = admin(cmd);
+        assert!(ok, "{cmd}: {out}");
+        assert!(out.lines().next() == Some(header), "{cmd}: {out}");
+    }
+    let (_, pools) = admin("SHOW POOLS");
+    assert!(pools.contains("obs|console_u|0|0|0|1|0|3|transaction"), "{pools}");
+    let (_, clients) = admin("show clients;");
+    assert!(clients.contains("C|console_u|obs|idle|127.0.0.1|"), "{clients}");
+    let (_, servers) = admin("SHOW SERVERS");
+    assert!(servers.contains("S|console_u|obs|idle|127.0.0.1|"), "{servers}");
+    let (_, config) = admin("SHOW CONFIG");
+    assert!(config.contains("users.ops.password|********") && !config.contains("ops-pw"), "{config}");
+
+    // PAUSE holds new transactions until RESUME.
+    assert!(admin("PAUSE").0);
+    let held = tokio::spawn(async move { app.simple_query("SELECT 2").await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!held.is_finished(), "a paused pool must not serve");
+    assert!(admin("RESUME").0);
+    tokio::time::timeout(Duration::from_secs(10), held).await.expect("resumed").expect("join").expect("query after resume");
+
+    // RELOAD applies the file's new pool size.
+    write_config(4);
+    let (ok, out) = admin("RELOAD");
+    assert!(ok, "{out}");
+    let (_, pools) = admin("SHOW POOLS");
+    assert!(pools.contains("|4|transaction"), "{pools}");
+
+    let (ok, out) = admin("SHOW NONSENSE");
+    assert!(!ok && out.contains("unknown admin command"), "{out}");
+    // Not an admin: refused with 42501.
+    let (ok, out) = tokio::task::block_in_place(|| psql(&pg, port, "console_u", "pw", "SHOW POOLS"));
+    assert!(!ok && out.contains("not an admin user"), "{out}");
+    let err = tokio_postgres::connect(&format!("host=127.0.0.1 port={port} user=console_u password=pw dbname=sluice"), tokio_postgres::NoTls)
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(err.as_db_error().map(|e| e.code().code()), Some("42501"));
+    h.stop().await;
+}
+
+fn which(cmd: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| std::path::Path::new(d).join(cmd)).find(|p| p.is_file())
+}
