@@ -146,7 +146,16 @@ pub async fn start_from(
     let ctx = context.clone();
     let task = tokio::spawn(async move {
         let maintenance = tokio::spawn(maintain(ctx.clone(), ready.clone()));
-        let admin = tokio::spawn(admin::serve(admin_listener, ready, ctx.shutdown.clone()));
+        let refresh: admin::Refresh = {
+            let ctx = ctx.clone();
+            Arc::new(move || server_gauges(&ctx))
+        };
+        let admin = tokio::spawn(admin::serve(
+            admin_listener,
+            ready,
+            ctx.shutdown.clone(),
+            refresh,
+        ));
         net::serve(ctx.clone(), listener, DRAIN_TIMEOUT).await;
         ctx.pools.close();
         maintenance.abort();
@@ -208,12 +217,22 @@ async fn maintain(ctx: Arc<Context>, ready: Arc<admin::Readiness>) {
                 }
             });
         }
-        let (total, _) = ctx.pools.totals();
-        let idle: u32 = ctx.pools.pool_stats().iter().map(|p| p.idle).sum();
-        let g = metrics::global();
-        g.servers_idle.set(f64::from(idle));
-        g.servers_active.set(f64::from(total.saturating_sub(idle)));
+        server_gauges(&ctx);
     }
+}
+
+/// Sets the server connection gauges from the pools' state.
+fn server_gauges(ctx: &Context) {
+    let (mut active, mut idle, mut connecting) = (0, 0, 0);
+    for p in ctx.pools.pool_stats() {
+        active += p.active.saturating_sub(p.connecting);
+        idle += p.idle;
+        connecting += p.connecting;
+    }
+    let g = metrics::global();
+    g.servers_active.set(f64::from(active));
+    g.servers_idle.set(f64::from(idle));
+    g.servers_connecting.set(f64::from(connecting));
 }
 
 /// Derives every user's client-auth secret; PBKDF2 runs on the blocking pool.

@@ -41,17 +41,27 @@ pub struct Readiness {
     pub upstream_ok: AtomicBool,
 }
 
+/// Brings gauges that are cheaper to read than to maintain up to date before a scrape.
+pub type Refresh = Arc<dyn Fn() + Send + Sync>;
+
 #[derive(Clone)]
 struct AppState {
     ready: Arc<Readiness>,
     shutdown: CancellationToken,
+    refresh: Refresh,
 }
 
 /// Serves the admin endpoint until `shutdown`.
-pub async fn serve(listener: TcpListener, ready: Arc<Readiness>, shutdown: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    ready: Arc<Readiness>,
+    shutdown: CancellationToken,
+    refresh: Refresh,
+) {
     let state = AppState {
         ready,
         shutdown: shutdown.clone(),
+        refresh,
     };
     let app = Router::new()
         .route("/metrics", get(metrics))

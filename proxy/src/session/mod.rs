@@ -465,10 +465,8 @@ impl<'a> Session<'a> {
 
     async fn connect(&self, lease: &mut Lease<ServerConn>) -> Result<(), ErrorFields> {
         let g = crate::metrics::global();
-        g.servers_connecting.increment(1.0);
         let started = std::time::Instant::now();
         let res = ServerConn::connect(&self.target, &self.database, &self.ctx.servers).await;
-        g.servers_connecting.decrement(1.0);
         match res {
             Ok(conn) => {
                 g.connect_time.record(started.elapsed().as_secs_f64());

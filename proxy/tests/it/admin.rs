@@ -11,19 +11,30 @@ use crate::proxy::{connect, start_sluice};
 /// A plain HTTP/1.0 GET: (status, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).expect("connect admin");
-    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
     write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").expect("write");
     let mut resp = String::new();
     s.read_to_string(&mut resp).expect("read");
-    let status = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (status, body)
 }
 
 /// The value of the exposition line `name{labels}` (labels as rendered), or 0 when absent.
 fn metric(body: &str, series: &str) -> f64 {
     body.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0.0)
 }
@@ -39,17 +50,24 @@ fn server(user: &str) -> PgServer {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_exactly_what_the_test_drives() {
     let pg = server("metrics_u");
-    let h = start_sluice(&pg, "metrics_u", "pw", "obs", 1, 1, |c| c.wait_timeout = Duration::from_millis(300)).await;
+    let h = start_sluice(&pg, "metrics_u", "pw", "obs", 1, 1, |c| {
+        c.wait_timeout = Duration::from_millis(300)
+    })
+    .await;
     let (status, _) = http_get(h.admin_addr, "/healthz");
     assert_eq!(status, 200);
 
-    let a = connect(&h, "metrics_u", "pw", "obs").await.expect("connect a");
+    let a = connect(&h, "metrics_u", "pw", "obs")
+        .await
+        .expect("connect a");
     for _ in 0..7 {
         a.simple_query("SELECT 1").await.expect("query");
     }
     // Hold the only server connection, then have a second client time out waiting.
     a.simple_query("BEGIN").await.expect("begin");
-    let b = connect(&h, "metrics_u", "pw", "obs").await.expect("connect b");
+    let b = connect(&h, "metrics_u", "pw", "obs")
+        .await
+        .expect("connect b");
     let err = b.simple_query("SELECT 1").await.expect_err("must be shed");
     assert_eq!(err.as_db_error().map(|e| e.code().code()), Some("53300"));
     a.simple_query("COMMIT").await.expect("commit");
@@ -58,20 +76,44 @@ async fn metrics_count_exactly_what_the_test_drives() {
     assert_eq!(status, 200);
     let group = r#"{group="metrics_u"}"#;
     // 7 single statements + the BEGIN..COMMIT transaction (+1 startup parameter fetch).
-    assert_eq!(metric(&body, &format!("sluice_transactions_total{group}")), 9.0, "{body}");
-    assert_eq!(metric(&body, r#"sluice_queries_rejected_total{reason="wait_timeout",group="metrics_u"}"#), 1.0);
-    assert_eq!(metric(&body, &format!("sluice_pool_wait_seconds_count{group}")), 9.0);
+    assert_eq!(
+        metric(&body, &format!("sluice_transactions_total{group}")),
+        9.0,
+        "{body}"
+    );
+    assert_eq!(
+        metric(
+            &body,
+            r#"sluice_queries_rejected_total{reason="wait_timeout",group="metrics_u"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(&body, &format!("sluice_pool_wait_seconds_count{group}")),
+        9.0
+    );
     // Gauges are per process, shared by the other proxies this test binary runs: only present.
-    assert!(body.contains("\nsluice_server_connections_budget "), "{body}");
-    assert!(body.contains("# TYPE sluice_pool_wait_seconds histogram"), "{body}");
+    assert!(
+        body.contains("\nsluice_server_connections_budget "),
+        "{body}"
+    );
+    assert!(
+        body.contains("# TYPE sluice_pool_wait_seconds histogram"),
+        "{body}"
+    );
     assert!(metric(&body, r#"sluice_bytes_total{direction="server_to_client"}"#) > 0.0);
 
     if let Some(promtool) = which("promtool") {
         let dir = tempfile::tempdir().expect("tmp");
         let path = dir.path().join("metrics.txt");
         std::fs::write(&path, &body).expect("write");
-        let out = Command::new(promtool).args(["check", "metrics"]).stdin(std::fs::File::open(&path).expect("open")).output().expect("promtool");
-        let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        let out = Command::new(promtool)
+            .args(["check", "metrics"])
+            .stdin(std::fs::File::open(&path).expect("open"))
+            .output()
+            .expect("promtool");
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "promtool check metrics: {text}");
     }
     h.stop().await;
@@ -88,7 +130,10 @@ async fn readyz_follows_the_database() {
             if status == want {
                 return;
             }
-            assert!(Instant::now() < deadline, "/readyz stayed {status}, wanted {want}");
+            assert!(
+                Instant::now() < deadline,
+                "/readyz stayed {status}, wanted {want}"
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
     };
@@ -97,18 +142,40 @@ async fn readyz_follows_the_database() {
     wait_for(503);
     pg.start_again();
     wait_for(200);
-    let c = connect(&h, "ready_u", "pw", "obs").await.expect("connect after restart");
-    c.simple_query("SELECT 1").await.expect("query after restart");
+    let c = connect(&h, "ready_u", "pw", "obs")
+        .await
+        .expect("connect after restart");
+    c.simple_query("SELECT 1")
+        .await
+        .expect("query after restart");
     h.stop().await;
 }
 
 fn psql(pg: &PgServer, port: u16, user: &str, password: &str, sql: &str) -> (bool, String) {
     let out = Command::new(pg.bin("psql"))
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", user, "-d", "sluice", "-X", "-A", "-F", "|", "-c", sql])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-U",
+            user,
+            "-d",
+            "sluice",
+            "-X",
+            "-A",
+            "-F",
+            "|",
+            "-c",
+            sql,
+        ])
         .env("PGPASSWORD", password)
         .output()
         .expect("psql");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -130,9 +197,13 @@ async fn admin_console_answers_psql_and_refuses_others() {
         ..Default::default()
     };
     let cfg = sluice::config::Config::load(Some(&path), &flags).expect("config");
-    let h = sluice::start_from(cfg, Some(path.clone()), flags).await.expect("start");
+    let h = sluice::start_from(cfg, Some(path.clone()), flags)
+        .await
+        .expect("start");
     let port = h.local_addr.port();
-    let app = connect(&h, "console_u", "pw", "obs").await.expect("app client");
+    let app = connect(&h, "console_u", "pw", "obs")
+        .await
+        .expect("app client");
     app.simple_query("SELECT 1").await.expect("query");
     let admin = |sql: &str| tokio::task::block_in_place(|| psql(&pg, port, "ops", "ops-pw", sql));
 
@@ -149,13 +220,25 @@ async fn admin_console_answers_psql_and_refuses_others() {
         assert!(out.lines().next() == Some(header), "{cmd}: {out}");
     }
     let (_, pools) = admin("SHOW POOLS");
-    assert!(pools.contains("obs|console_u|0|0|0|1|0|3|transaction"), "{pools}");
+    assert!(
+        pools.contains("obs|console_u|0|0|0|1|0|3|transaction"),
+        "{pools}"
+    );
     let (_, clients) = admin("show clients;");
-    assert!(clients.contains("C|console_u|obs|idle|127.0.0.1|"), "{clients}");
+    assert!(
+        clients.contains("C|console_u|obs|idle|127.0.0.1|"),
+        "{clients}"
+    );
     let (_, servers) = admin("SHOW SERVERS");
-    assert!(servers.contains("S|console_u|obs|idle|127.0.0.1|"), "{servers}");
+    assert!(
+        servers.contains("S|console_u|obs|idle|127.0.0.1|"),
+        "{servers}"
+    );
     let (_, config) = admin("SHOW CONFIG");
-    assert!(config.contains("users.ops.password|********") && !config.contains("ops-pw"), "{config}");
+    assert!(
+        config.contains("users.ops.password|********") && !config.contains("ops-pw"),
+        "{config}"
+    );
 
     // PAUSE holds new transactions until RESUME.
     assert!(admin("PAUSE").0);
@@ -163,7 +246,11 @@ async fn admin_console_answers_psql_and_refuses_others() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!held.is_finished(), "a paused pool must not serve");
     assert!(admin("RESUME").0);
-    tokio::time::timeout(Duration::from_secs(10), held).await.expect("resumed").expect("join").expect("query after resume");
+    tokio::time::timeout(Duration::from_secs(10), held)
+        .await
+        .expect("resumed")
+        .expect("join")
+        .expect("query after resume");
 
     // RELOAD applies the file's new pool size.
     write_config(4);
@@ -175,16 +262,87 @@ async fn admin_console_answers_psql_and_refuses_others() {
     let (ok, out) = admin("SHOW NONSENSE");
     assert!(!ok && out.contains("unknown admin command"), "{out}");
     // Not an admin: refused with 42501.
-    let (ok, out) = tokio::task::block_in_place(|| psql(&pg, port, "console_u", "pw", "SHOW POOLS"));
+    let (ok, out) =
+        tokio::task::block_in_place(|| psql(&pg, port, "console_u", "pw", "SHOW POOLS"));
     assert!(!ok && out.contains("not an admin user"), "{out}");
-    let err = tokio_postgres::connect(&format!("host=127.0.0.1 port={port} user=console_u password=pw dbname=sluice"), tokio_postgres::NoTls)
-        .await
-        .err()
-        .expect("refused");
+    let err = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port={port} user=console_u password=pw dbname=sluice"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .err()
+    .expect("refused");
     assert_eq!(err.as_db_error().map(|e| e.code().code()), Some("42501"));
     h.stop().await;
 }
 
+/// A real Prometheus scrapes Sluice and sees the rejection series after induced shedding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_prometheus_scrapes_rejections() {
+    let prometheus = which("prometheus")
+        .expect("prometheus is not installed: apt-get install -y prometheus (bash .ci/run does)");
+    let pg = server("prom_u");
+    let h = start_sluice(&pg, "prom_u", "pw", "obs", 1, 1, |c| {
+        c.wait_timeout = Duration::from_millis(200)
+    })
+    .await;
+    let a = connect(&h, "prom_u", "pw", "obs").await.expect("connect a");
+    a.simple_query("BEGIN").await.expect("begin");
+    let b = connect(&h, "prom_u", "pw", "obs").await.expect("connect b");
+    assert!(
+        b.simple_query("SELECT 1").await.is_err(),
+        "shed while the budget is held"
+    );
+    a.simple_query("COMMIT").await.expect("commit");
+
+    let dir = tempfile::tempdir().expect("tmp");
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: sluice\n    static_configs:\n      - targets: ['{}']\n", h.admin_addr),
+    )
+    .expect("write config");
+    let web = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("port")
+        .local_addr()
+        .expect("addr");
+    let mut child = Command::new(prometheus)
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("data").display()
+        ))
+        .arg(format!("--web.listen-address={web}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start prometheus");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let query = "/api/v1/query?query=sluice_queries_rejected_total%7Bgroup%3D%22prom_u%22%7D";
+    let found = loop {
+        let body = TcpStream::connect(web)
+            .ok()
+            .map(|_| http_get(web, query).1)
+            .unwrap_or_default();
+        if body.contains("\"reason\":\"wait_timeout\"") {
+            break Some(body);
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let body = found.expect("Prometheus never returned the sluice_queries_rejected_total series");
+    assert!(body.contains("\"status\":\"success\""), "{body}");
+    h.stop().await;
+}
+
 fn which(cmd: &str) -> Option<std::path::PathBuf> {
-    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| std::path::Path::new(d).join(cmd)).find(|p| p.is_file())
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| std::path::Path::new(d).join(cmd))
+        .find(|p| p.is_file())
 }
