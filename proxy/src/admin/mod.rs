@@ -85,7 +85,8 @@ pub async fn serve(
     upkeep.abort();
 }
 
-async fn metrics() -> impl IntoResponse {
+async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
+    (s.refresh)();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         recorder().render(),
