@@ -106,6 +106,8 @@ pub struct Config {
     pub client_login_timeout: Duration,
     /// Largest single client message accepted, in bytes.
     pub max_message_bytes: u32,
+    /// Named prepared statements kept per server connection (least recently used closed).
+    pub max_prepared_statements: u32,
     pub client_auth: ClientAuth,
     /// Users that may connect to the admin console (the virtual database `sluice`).
     pub admin_users: Vec<String>,
@@ -169,6 +171,7 @@ impl Default for Config {
             client_idle_timeout: Duration::from_secs(900),
             client_login_timeout: Duration::from_secs(15),
             max_message_bytes: 64 << 20,
+            max_prepared_statements: 200,
             client_auth: ClientAuth::ScramSha256,
             admin_users: Vec::new(),
             group_by: GroupBy::User,
@@ -291,6 +294,7 @@ impl Config {
             ("max_client_connections", self.max_client_connections),
             ("max_connecting", self.max_connecting),
             ("max_message_bytes", self.max_message_bytes),
+            ("max_prepared_statements", self.max_prepared_statements),
         ] {
             if v == 0 {
                 return Err(invalid(key, "must be at least 1"));

@@ -140,6 +140,7 @@ pub async fn start_from(
         clients: Default::default(),
         server_params: Default::default(),
         shutdown: shutdown.clone(),
+        statement_hasher: Default::default(),
     });
     tracing::info!(%local_addr, %admin_addr, budget = config.max_server_connections, "sluice listening");
     let ready = Arc::new(admin::Readiness::default());

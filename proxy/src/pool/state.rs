@@ -294,6 +294,7 @@ impl<C: Send + 'static> State<C> {
     pub fn reject(&mut self, group: GroupId, reason: Reason, detail: String) -> Rejected {
         self.groups[group.0].metrics.rejected(reason.as_str());
         self.groups[group.0].rejected += 1;
+        tracing::debug!(group = %self.groups[group.0].name, reason = reason.as_str(), %detail, "request shed");
         let retry_after = self
             .shedder
             .retry_after(self.waiting, self.limits.wait_timeout);

@@ -69,6 +69,7 @@ pub struct Target {
     pub password: Option<String>,
     pub database: String,
     pub connect_timeout: Duration,
+    pub max_prepared_statements: usize,
 }
 
 impl Target {
@@ -81,6 +82,7 @@ impl Target {
             password: cfg.server_password(user).map(str::to_string),
             database: cfg.server_dbname(database).to_string(),
             connect_timeout: cfg.server_connect_timeout,
+            max_prepared_statements: cfg.max_prepared_statements as usize,
         }
     }
 }
@@ -153,8 +155,81 @@ impl ServerRegistry {
     }
 }
 
+/// The `sluice_<hash>` statements prepared on one server connection, least recently used
+/// evicted past `cap`.
+#[derive(Debug, Default)]
+pub struct Prepared {
+    last_use: HashMap<u64, u64>,
+    tick: u64,
+    cap: usize,
+}
+
+impl Prepared {
+    pub fn with_capacity(cap: usize) -> Self {
+        Prepared {
+            last_use: HashMap::new(),
+            tick: 0,
+            cap: cap.max(1),
+        }
+    }
+
+    /// Whether the statement is there, marking it used.
+    pub fn touch(&mut self, hash: u64) -> bool {
+        self.tick += 1;
+        match self.last_use.get_mut(&hash) {
+            Some(t) => {
+                *t = self.tick;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Records a statement; returns the one evicted to make room, which the caller closes.
+    pub fn insert(&mut self, hash: u64) -> Option<u64> {
+        self.tick += 1;
+        let evicted = if self.last_use.len() >= self.cap && !self.last_use.contains_key(&hash) {
+            let oldest = self
+                .last_use
+                .iter()
+                .min_by_key(|(_, t)| **t)
+                .map(|(h, _)| *h);
+            oldest.inspect(|h| {
+                self.last_use.remove(h);
+            })
+        } else {
+            None
+        };
+        self.last_use.insert(hash, self.tick);
+        evicted
+    }
+
+    pub fn remove(&mut self, hash: u64) {
+        self.last_use.remove(&hash);
+    }
+
+    pub fn clear(&mut self) {
+        self.last_use.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.last_use.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.last_use.is_empty()
+    }
+}
+
+/// The server-side name of a statement hash.
+pub fn statement_name(hash: u64) -> String {
+    format!("sluice_{hash:016x}")
+}
+
 /// One authenticated server connection.
 pub struct ServerConn {
+    /// Statements Sluice prepared on this connection for clients in transaction pooling.
+    pub prepared: Prepared,
     pub info: Arc<ServerInfo>,
     registry: ServerRegistry,
     pub stream: TcpStream,
@@ -198,6 +273,7 @@ impl ServerConn {
                     state: std::sync::atomic::AtomicU8::new(0),
                 }),
                 registry: registry.clone(),
+                prepared: Prepared::with_capacity(t.max_prepared_statements),
                 stream,
                 buf: BytesMut::with_capacity(READ_BUFFER),
                 params: Vec::new(),

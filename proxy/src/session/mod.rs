@@ -8,6 +8,7 @@
 
 mod admin;
 mod clients;
+mod prepared;
 mod relay;
 mod startup;
 
@@ -61,6 +62,8 @@ pub struct Context {
     /// ParameterStatus values of each pool's servers, reported to clients at start-up.
     pub server_params: Mutex<HashMap<PoolId, ServerParams>>,
     pub shutdown: CancellationToken,
+    /// Keys the hash that names prepared statements on servers.
+    pub statement_hasher: std::collections::hash_map::RandomState,
 }
 
 impl Context {
@@ -164,6 +167,7 @@ async fn run(ctx: &Arc<Context>, io: &mut ClientIo) -> Exit {
 
 struct Session<'a> {
     ctx: &'a Context,
+    statements: prepared::ClientStatements,
     config: Arc<Config>,
     database: String,
     pool: PoolId,
@@ -238,6 +242,7 @@ impl<'a> Session<'a> {
         let mode = cfg.pool_mode_for(db);
         Session {
             ctx,
+            statements: Default::default(),
             database: login.database.clone(),
             config,
             pool,
@@ -372,7 +377,11 @@ impl<'a> Session<'a> {
             server.info.set_state(ServerState::Active);
             let flow = Flow::new();
             let release = self.mode == PoolMode::Transaction;
-            let end = relay::relay(io, server, &flow, release, max_message).await;
+            let statements = release.then_some(relay::Statements {
+                client: &mut self.statements,
+                hasher: &self.ctx.statement_hasher,
+            });
+            let end = relay::relay(io, server, &flow, release, max_message, statements).await;
             slot.set_server(None);
             server.info.set_state(ServerState::Idle);
             slot.set_state(ClientState::Idle);

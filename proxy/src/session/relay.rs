@@ -3,8 +3,10 @@
 //! Frame, don't decode: each direction reads into its buffer, walks the 5-byte headers, and
 //! forwards everything walked with one write, straight from the buffer (no copy, no allocation
 //! in steady state). A message too large to buffer whole is streamed: its header is acted on and
-//! its body forwarded as it arrives. Only ReadyForQuery and CopyInResponse from the server, and
-//! the tags of what the client sends, are looked at.
+//! its body forwarded as it arrives. Only ReadyForQuery, CopyInResponse and the tags that end a
+//! message's response are looked at on the server side; on the client side the tags, and in
+//! transaction pooling the statement names of Parse, Bind, Describe and Close (see
+//! [`super::prepared`]).
 //!
 //! Both directions run concurrently in one task, so neither side can deadlock the other by
 //! filling a socket buffer while Sluice waits to write the opposite way.
@@ -16,19 +18,31 @@
 //! transaction. Whenever the client half is inside a write, `pending > 0` or `partial` holds (it
 //! counts before writing), so the release can never cut a client message in two. Syncs that the
 //! server reads during COPY FROM STDIN are ignored by it and so are not counted.
+//!
+//! # Answers Sluice adds or removes
+//! When statements are rewritten, the client half queues an [`Entry`] per message sent (or
+//! answered by Sluice itself) and the server half walks the responses against that queue: a
+//! response that ends an entry sent by Sluice is swallowed, and an entry Sluice answers itself
+//! is answered when its turn comes. An ErrorResponse makes the server skip to the next Sync, so
+//! the queue skips with it.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{
     AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed,
 };
+use std::sync::Arc;
 
-use bytes::Buf;
+use bytes::{Buf, Bytes, BytesMut};
+use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Notify;
 
+use super::prepared::{self, ClientStatements, Statement, StatementCommand};
 use super::ClientIo;
-use crate::protocol::backend::{self, TxStatus};
-use crate::protocol::frontend::tag;
+use crate::protocol::backend::{self, Out, TxStatus};
+use crate::protocol::frontend::{self, tag};
 use crate::protocol::{Header, HEADER_LEN};
-use crate::server::{ServerConn, READ_BUFFER};
+use crate::server::{statement_name, Prepared, ServerConn, READ_BUFFER};
 
 /// A value both halves read and write. They run in one task, never at once, so relaxed
 /// loads and stores suffice (plain moves on common targets); atomics only keep the future `Send`.
@@ -64,6 +78,75 @@ shared!(AtomicBool, bool);
 shared!(AtomicU64, u64);
 shared!(AtomicUsize, usize);
 
+/// The extended-protocol messages whose responses are tracked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Parse,
+    Bind,
+    Close,
+    Describe,
+    Execute,
+    Sync,
+    Query,
+    FunctionCall,
+}
+
+impl Kind {
+    /// Whether a response with `tag` is the last one for this message.
+    fn ends_with(self, tag: u8) -> bool {
+        match self {
+            Kind::Parse => tag == b'1',
+            Kind::Bind => tag == b'2',
+            Kind::Close => tag == b'3',
+            Kind::Describe => tag == b'T' || tag == b'n',
+            Kind::Execute => matches!(tag, b'C' | b'I' | b's'),
+            Kind::Sync | Kind::Query | Kind::FunctionCall => tag == backend::tag::READY_FOR_QUERY,
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Action {
+    /// Sent for the client: its responses go to the client.
+    Forward,
+    /// Sent by Sluice: its closing response is swallowed (errors still reach the client).
+    Swallow,
+    /// Answered by Sluice with these bytes when its turn comes.
+    Inject(Bytes),
+}
+
+/// One message in flight, in the order sent.
+#[derive(Debug)]
+struct Entry {
+    kind: Kind,
+    action: Action,
+    /// A Parse that registered (client name, hash): undone if the server refuses it.
+    registered: Option<(String, u64)>,
+    /// A `DISCARD ALL`/`DEALLOCATE ALL` that empties the server's statements if it succeeds.
+    clears_server: bool,
+    errored: bool,
+}
+
+impl Entry {
+    fn new(kind: Kind, action: Action) -> Self {
+        Entry {
+            kind,
+            action,
+            registered: None,
+            clears_server: false,
+            errored: false,
+        }
+    }
+}
+
+/// Statement bookkeeping and the response queue, shared by the two halves.
+struct Tracker<'a> {
+    queue: VecDeque<Entry>,
+    client: &'a mut ClientStatements,
+    server: Prepared,
+    hasher: &'a std::collections::hash_map::RandomState,
+}
+
 /// Request-tracking state shared by the two halves.
 pub struct Flow {
     pub pending: Shared<AtomicU32>,
@@ -75,6 +158,8 @@ pub struct Flow {
     pub server_skip: Shared<AtomicUsize>,
     pub to_server: Shared<AtomicU64>,
     pub to_client: Shared<AtomicU64>,
+    /// Wakes the server half when the client half queued an answer of Sluice's own.
+    wake: Notify,
 }
 
 impl Flow {
@@ -88,6 +173,7 @@ impl Flow {
             server_skip: Shared::<AtomicUsize>::new(0),
             to_server: Shared::<AtomicU64>::new(0),
             to_client: Shared::<AtomicU64>::new(0),
+            wake: Notify::new(),
         }
     }
 
@@ -116,6 +202,23 @@ pub enum End {
     ServerGone(String),
 }
 
+/// Named statements to rewrite (transaction pooling), or none (session pooling, where the
+/// client's names live on its own server).
+pub struct Statements<'a> {
+    pub client: &'a mut ClientStatements,
+    pub hasher: &'a std::collections::hash_map::RandomState,
+}
+
+/// What the client half does with one whole message it looked into.
+enum Rewrite {
+    /// Forward it as it is.
+    Keep,
+    /// Forward these bytes instead (queue entries already pushed).
+    Replace(BytesMut),
+    /// Send nothing (the answer is queued).
+    Drop,
+}
+
 /// Relays until one of the [`End`]s. With `release` false (session pooling, pinned clients)
 /// the relay only ends when one side goes away.
 pub async fn relay(
@@ -124,16 +227,32 @@ pub async fn relay(
     flow: &Flow,
     release: bool,
     max_message: usize,
+    statements: Option<Statements<'_>>,
 ) -> End {
     let (mut cr, mut cw) = client.stream.split();
     let (mut sr, mut sw) = server.stream.split();
     let cbuf = &mut client.buf;
     let sbuf = &mut server.buf;
+    let tracking = statements.is_some();
+    let tracker = statements.map(|s| {
+        Mutex::new(Tracker {
+            queue: VecDeque::new(),
+            client: s.client,
+            server: std::mem::take(&mut server.prepared),
+            hasher: s.hasher,
+        })
+    });
+    let tracker = &tracker;
 
     let to_server = async {
         let mut skip = 0usize;
+        let mut staged = BytesMut::new();
         loop {
             let mut pos = 0;
+            // Start of the bytes walked but not yet copied to `staged` (when rewriting).
+            let mut run_start = 0;
+            let mut rewrote = false;
+            let mut injected = false;
             loop {
                 if skip > 0 {
                     let n = skip.min(cbuf.len() - pos);
@@ -155,45 +274,72 @@ pub async fn relay(
                         h.total()
                     ));
                 }
-                match h.tag {
-                    tag::TERMINATE => {
-                        if pos > 0 && sw.write_all(&cbuf[..pos]).await.is_err() {
-                            return End::ServerGone("write failed".into());
-                        }
-                        cbuf.clear();
-                        return End::ClientGone;
+                if h.tag == tag::TERMINATE {
+                    if rewrote {
+                        staged.extend_from_slice(&cbuf[run_start..pos]);
                     }
-                    tag::QUERY | tag::FUNCTION_CALL => {
-                        flow.pending.set(flow.pending.get() + 1);
-                        flow.partial.set(false);
-                        flow.syncs_since_execute.set(0);
+                    let bytes = if rewrote { &staged[..] } else { &cbuf[..pos] };
+                    if !bytes.is_empty() && sw.write_all(bytes).await.is_err() {
+                        return End::ServerGone("write failed".into());
                     }
-                    tag::SYNC => {
-                        if !flow.copy_in.get() {
-                            flow.pending.set(flow.pending.get() + 1);
-                            flow.syncs_since_execute
-                                .set(flow.syncs_since_execute.get() + 1);
-                        }
-                        flow.partial.set(false);
-                    }
-                    tag::EXECUTE => {
-                        flow.syncs_since_execute.set(0);
-                        flow.partial.set(true);
-                    }
-                    tag::COPY_DONE | tag::COPY_FAIL => flow.copy_in.set(false),
-                    tag::COPY_DATA => {}
-                    _ => flow.partial.set(true),
+                    cbuf.clear();
+                    return End::ClientGone;
                 }
-                let take = h.total().min(cbuf.len() - pos);
-                pos += take;
-                skip = h.total() - take;
+                let mut rewrite = Rewrite::Keep;
+                if let Some(t) = tracker {
+                    if needs_look(h) {
+                        let Some(body) = cbuf.get(pos + HEADER_LEN..pos + h.total()) else {
+                            // Wait for the whole message; make room for it.
+                            cbuf.reserve(h.total());
+                            break;
+                        };
+                        let mut t = t.lock();
+                        match look(&mut t, h.tag, body, flow) {
+                            Ok((r, inj)) => {
+                                rewrite = r;
+                                injected |= inj;
+                            }
+                            Err(e) => return End::ClientProtocol(e),
+                        }
+                    } else if let Some(kind) = kind_of(h.tag) {
+                        t.lock().queue.push_back(Entry::new(kind, Action::Forward));
+                    }
+                }
+                count(h.tag, flow, &rewrite);
+                match rewrite {
+                    Rewrite::Keep => {
+                        let take = h.total().min(cbuf.len() - pos);
+                        pos += take;
+                        skip = h.total() - take;
+                    }
+                    Rewrite::Replace(_) | Rewrite::Drop => {
+                        if !rewrote {
+                            staged.clear();
+                            rewrote = true;
+                        }
+                        staged.extend_from_slice(&cbuf[run_start..pos]);
+                        if let Rewrite::Replace(bytes) = rewrite {
+                            staged.extend_from_slice(&bytes);
+                        }
+                        pos += h.total();
+                        run_start = pos;
+                    }
+                }
             }
-            if pos > 0 {
-                if sw.write_all(&cbuf[..pos]).await.is_err() {
+            if rewrote {
+                staged.extend_from_slice(&cbuf[run_start..pos]);
+            }
+            let bytes = if rewrote { &staged[..] } else { &cbuf[..pos] };
+            if !bytes.is_empty() {
+                if sw.write_all(bytes).await.is_err() {
                     return End::ServerGone("write to server failed".into());
                 }
-                cbuf.advance(pos);
-                flow.to_server.set(flow.to_server.get() + pos as u64);
+                flow.to_server
+                    .set(flow.to_server.get() + bytes.len() as u64);
+            }
+            cbuf.advance(pos);
+            if injected {
+                flow.wake.notify_one();
             }
             cbuf.reserve(READ_BUFFER);
             match cr.read_buf(cbuf).await {
@@ -204,8 +350,11 @@ pub async fn relay(
     };
 
     let to_client = async {
+        let mut staged = BytesMut::new();
         loop {
             let mut pos = 0;
+            let mut run_start = 0;
+            let mut restaged = false;
             let mut done = false;
             loop {
                 let skip = flow.server_skip.get();
@@ -222,12 +371,41 @@ pub async fn relay(
                     Ok(None) => break,
                     Err(e) => return End::ServerGone(e.to_string()),
                 };
+                if h.tag == backend::tag::READY_FOR_QUERY && sbuf.len() < pos + h.total() {
+                    break;
+                }
                 done = false;
+                if let Some(t) = tracker {
+                    if ends_a_response(h.tag) && sbuf.len() < pos + h.total() {
+                        // Answers of Sluice's own may follow it: take it whole.
+                        sbuf.reserve(h.total());
+                        break;
+                    }
+                    let (swallow, inj) = respond(&mut t.lock(), h.tag);
+                    if swallow || !inj.is_empty() {
+                        if !restaged {
+                            staged.clear();
+                            restaged = true;
+                        }
+                        staged.extend_from_slice(&sbuf[run_start..pos]);
+                        staged.extend_from_slice(&inj.before);
+                        if swallow {
+                            staged.extend_from_slice(&inj.after);
+                            pos += h.total();
+                            run_start = pos;
+                            continue;
+                        }
+                        // Answers due after a message come only after whole ones (see above);
+                        // a message streamed in parts only has answers due before it.
+                        let end = (pos + h.total()).min(sbuf.len());
+                        staged.extend_from_slice(&sbuf[pos..end]);
+                        staged.extend_from_slice(&inj.after);
+                        run_start = end;
+                    }
+                }
                 match h.tag {
                     backend::tag::READY_FOR_QUERY => {
-                        let Some(body) = sbuf.get(pos + HEADER_LEN..pos + h.total()) else {
-                            break;
-                        };
+                        let body = &sbuf[pos + HEADER_LEN..pos + h.total()];
                         let status = match backend::ready_for_query_status(body) {
                             Ok(s) => s,
                             Err(e) => return End::ServerGone(e.to_string()),
@@ -245,6 +423,13 @@ pub async fn relay(
                         let ignored = flow.syncs_since_execute.replace(0);
                         flow.pending.set(flow.pending.get().saturating_sub(ignored));
                         flow.copy_in.set(true);
+                        if let Some(t) = tracker {
+                            let mut t = t.lock();
+                            let mut first = true;
+                            t.queue.retain(|e| {
+                                std::mem::replace(&mut first, false) || e.kind != Kind::Sync
+                            });
+                        }
                     }
                     _ => {}
                 }
@@ -252,29 +437,335 @@ pub async fn relay(
                 pos += take;
                 flow.server_skip.set(h.total() - take);
             }
-            if pos > 0 {
-                if cw.write_all(&sbuf[..pos]).await.is_err() {
+            if restaged {
+                staged.extend_from_slice(&sbuf[run_start..pos]);
+            }
+            let bytes = if restaged { &staged[..] } else { &sbuf[..pos] };
+            if !bytes.is_empty() {
+                if cw.write_all(bytes).await.is_err() {
                     return End::ClientGone;
                 }
-                sbuf.advance(pos);
-                flow.to_client.set(flow.to_client.get() + pos as u64);
+                flow.to_client
+                    .set(flow.to_client.get() + bytes.len() as u64);
             }
+            sbuf.advance(pos);
             if done && sbuf.is_empty() && flow.server_skip.get() == 0 {
                 return End::Released;
             }
             sbuf.reserve(READ_BUFFER);
-            match sr.read_buf(sbuf).await {
-                Ok(0) => {
-                    return End::ServerGone("server closed the connection unexpectedly".into())
+            tokio::select! {
+                r = sr.read_buf(sbuf) => match r {
+                    Ok(0) => return End::ServerGone("server closed the connection unexpectedly".into()),
+                    Err(e) => return End::ServerGone(e.to_string()),
+                    Ok(_) => {}
+                },
+                _ = flow.wake.notified(), if tracking => {
+                    // Answers of Sluice's own with nothing ahead of them in the queue.
+                    let due = tracker.as_ref().map(|t| take_injections(&mut t.lock())).unwrap_or_default();
+                    if !due.is_empty() {
+                        if cw.write_all(&due).await.is_err() {
+                            return End::ClientGone;
+                        }
+                        flow.to_client.set(flow.to_client.get() + due.len() as u64);
+                    }
+                    let idle = flow.status() == TxStatus::Idle && flow.pending.get() == 0 && !flow.partial.get();
+                    if release && idle && sbuf.is_empty() && flow.server_skip.get() == 0 {
+                        return End::Released;
+                    }
                 }
-                Err(e) => return End::ServerGone(e.to_string()),
-                Ok(_) => {}
             }
         }
     };
 
-    tokio::select! {
+    let end = tokio::select! {
         end = to_server => end,
         end = to_client => end,
+    };
+    if let Some(t) = tracker {
+        let mut t = t.lock();
+        // An entry still queued means the server owes responses: it is not at rest.
+        if !t.queue.is_empty() {
+            flow.partial.set(true);
+        }
+        server.prepared = std::mem::take(&mut t.server);
     }
+    end
+}
+
+/// Server messages that can end a message's response, after which Sluice may add answers.
+fn ends_a_response(t: u8) -> bool {
+    matches!(
+        t,
+        b'1' | b'2'
+            | b'3'
+            | b'T'
+            | b'n'
+            | b'C'
+            | b'I'
+            | b's'
+            | b'E'
+            | backend::tag::READY_FOR_QUERY
+    )
+}
+
+/// Messages whose bodies the client half must read when rewriting statements.
+fn needs_look(h: Header) -> bool {
+    match h.tag {
+        tag::PARSE | tag::BIND | tag::DESCRIBE | tag::CLOSE => true,
+        // Only a short Query can be a lone DEALLOCATE or DISCARD ALL.
+        tag::QUERY => h.body_len() <= 256,
+        _ => false,
+    }
+}
+
+fn kind_of(t: u8) -> Option<Kind> {
+    Some(match t {
+        tag::PARSE => Kind::Parse,
+        tag::BIND => Kind::Bind,
+        tag::CLOSE => Kind::Close,
+        tag::DESCRIBE => Kind::Describe,
+        tag::EXECUTE => Kind::Execute,
+        tag::SYNC => Kind::Sync,
+        tag::QUERY => Kind::Query,
+        tag::FUNCTION_CALL => Kind::FunctionCall,
+        _ => return None,
+    })
+}
+
+/// Updates the request counters for a client message about to be sent (or answered by Sluice).
+fn count(t: u8, flow: &Flow, rewrite: &Rewrite) {
+    match t {
+        tag::QUERY | tag::FUNCTION_CALL => {
+            // A Query Sluice answers itself gets its ReadyForQuery from Sluice.
+            if !matches!(rewrite, Rewrite::Drop) {
+                flow.pending.set(flow.pending.get() + 1);
+            }
+            flow.partial.set(false);
+            flow.syncs_since_execute.set(0);
+        }
+        tag::SYNC => {
+            if !flow.copy_in.get() {
+                flow.pending.set(flow.pending.get() + 1);
+                flow.syncs_since_execute
+                    .set(flow.syncs_since_execute.get() + 1);
+            }
+            flow.partial.set(false);
+        }
+        tag::EXECUTE => {
+            flow.syncs_since_execute.set(0);
+            flow.partial.set(true);
+        }
+        tag::COPY_DONE | tag::COPY_FAIL => flow.copy_in.set(false),
+        tag::COPY_DATA => {}
+        _ => flow.partial.set(true),
+    }
+}
+
+fn parse_complete() -> Bytes {
+    Bytes::from_static(&[b'1', 0, 0, 0, 4])
+}
+
+fn close_complete() -> Bytes {
+    Bytes::from_static(&[b'3', 0, 0, 0, 4])
+}
+
+/// Makes sure the server has `stmt`, appending (and queueing) a Close for an evicted statement
+/// and a Parse when it lacks it.
+fn ensure(t: &mut Tracker<'_>, stmt: &Statement, out: &mut BytesMut) {
+    if t.server.touch(stmt.hash) {
+        return;
+    }
+    if let Some(old) = t.server.insert(stmt.hash) {
+        prepared::put_target(out, tag::CLOSE, b'S', &statement_name(old));
+        t.queue.push_back(Entry::new(Kind::Close, Action::Swallow));
+    }
+    out.extend_from_slice(&stmt.parse);
+    let mut e = Entry::new(Kind::Parse, Action::Swallow);
+    e.registered = Some((String::new(), stmt.hash));
+    t.queue.push_back(e);
+}
+
+/// Looks into a whole Parse, Bind, Describe, Close or short Query; returns what to send and
+/// whether an answer of Sluice's own was queued.
+fn look(
+    t: &mut Tracker<'_>,
+    msg_tag: u8,
+    body: &[u8],
+    flow: &Flow,
+) -> Result<(Rewrite, bool), String> {
+    let err = |e: crate::protocol::ProtocolError| e.to_string();
+    match msg_tag {
+        tag::PARSE => {
+            let p = prepared::parse_parse(body).map_err(err)?;
+            if p.name.is_empty() {
+                t.queue.push_back(Entry::new(Kind::Parse, Action::Forward));
+                return Ok((Rewrite::Keep, false));
+            }
+            let stmt = Arc::new(prepared::statement(t.hasher, p.rest));
+            let name = p.name.to_string();
+            t.client.insert(name.clone(), stmt.clone());
+            if t.server.touch(stmt.hash) {
+                t.queue
+                    .push_back(Entry::new(Kind::Parse, Action::Inject(parse_complete())));
+                return Ok((Rewrite::Drop, true));
+            }
+            let mut out = BytesMut::new();
+            if let Some(old) = t.server.insert(stmt.hash) {
+                prepared::put_target(&mut out, tag::CLOSE, b'S', &statement_name(old));
+                t.queue.push_back(Entry::new(Kind::Close, Action::Swallow));
+            }
+            out.extend_from_slice(&stmt.parse);
+            let mut e = Entry::new(Kind::Parse, Action::Forward);
+            e.registered = Some((name, stmt.hash));
+            t.queue.push_back(e);
+            Ok((Rewrite::Replace(out), false))
+        }
+        tag::BIND => {
+            let (portal, name, used) = prepared::parse_bind(body).map_err(err)?;
+            let Some(stmt) = (!name.is_empty())
+                .then(|| t.client.get(name).cloned())
+                .flatten()
+            else {
+                t.queue.push_back(Entry::new(Kind::Bind, Action::Forward));
+                return Ok((Rewrite::Keep, false));
+            };
+            let mut out = BytesMut::new();
+            ensure(t, &stmt, &mut out);
+            prepared::put_bind(&mut out, portal, &stmt.server_name, &body[used..]);
+            t.queue.push_back(Entry::new(Kind::Bind, Action::Forward));
+            Ok((Rewrite::Replace(out), false))
+        }
+        tag::DESCRIBE => {
+            let (kind, name) = prepared::parse_target(body, "Describe").map_err(err)?;
+            let stmt = (kind == b'S' && !name.is_empty())
+                .then(|| t.client.get(name).cloned())
+                .flatten();
+            let Some(stmt) = stmt else {
+                t.queue
+                    .push_back(Entry::new(Kind::Describe, Action::Forward));
+                return Ok((Rewrite::Keep, false));
+            };
+            let mut out = BytesMut::new();
+            ensure(t, &stmt, &mut out);
+            prepared::put_target(&mut out, tag::DESCRIBE, b'S', &stmt.server_name);
+            t.queue
+                .push_back(Entry::new(Kind::Describe, Action::Forward));
+            Ok((Rewrite::Replace(out), false))
+        }
+        tag::CLOSE => {
+            let (kind, name) = prepared::parse_target(body, "Close").map_err(err)?;
+            if kind == b'S' && !name.is_empty() {
+                // The server keeps its copy, shared with other clients; the client forgets.
+                t.client.remove(name);
+                t.queue
+                    .push_back(Entry::new(Kind::Close, Action::Inject(close_complete())));
+                return Ok((Rewrite::Drop, true));
+            }
+            t.queue.push_back(Entry::new(Kind::Close, Action::Forward));
+            Ok((Rewrite::Keep, false))
+        }
+        tag::QUERY => {
+            let sql = frontend::query(body).map_err(err)?;
+            match prepared::statement_command(sql) {
+                StatementCommand::ForgetAll => {
+                    t.client.clear();
+                    let mut e = Entry::new(Kind::Query, Action::Forward);
+                    e.clears_server = true;
+                    t.queue.push_back(e);
+                    Ok((Rewrite::Keep, false))
+                }
+                StatementCommand::Forget(name) if t.client.remove(name).is_some() => {
+                    let mut answer = BytesMut::new();
+                    Out::command_complete(&mut answer, "DEALLOCATE");
+                    Out::ready_for_query(&mut answer, flow.status());
+                    t.queue
+                        .push_back(Entry::new(Kind::Query, Action::Inject(answer.freeze())));
+                    Ok((Rewrite::Drop, true))
+                }
+                _ => {
+                    t.queue.push_back(Entry::new(Kind::Query, Action::Forward));
+                    Ok((Rewrite::Keep, false))
+                }
+            }
+        }
+        _ => Ok((Rewrite::Keep, false)),
+    }
+}
+
+/// Answers of Sluice's own to send around one server message.
+#[derive(Default)]
+struct Injections {
+    before: BytesMut,
+    after: BytesMut,
+}
+
+impl Injections {
+    fn is_empty(&self) -> bool {
+        self.before.is_empty() && self.after.is_empty()
+    }
+}
+
+/// Pops the answers of Sluice's own at the head of the queue.
+fn take_injections(t: &mut Tracker<'_>) -> BytesMut {
+    let mut out = BytesMut::new();
+    while let Some(Entry {
+        action: Action::Inject(_),
+        ..
+    }) = t.queue.front()
+    {
+        if let Some(Entry {
+            action: Action::Inject(b),
+            ..
+        }) = t.queue.pop_front()
+        {
+            out.extend_from_slice(&b);
+        }
+    }
+    out
+}
+
+/// Matches one server message (by tag) against the queue: whether to swallow it, and the
+/// answers of Sluice's own due before and after it.
+fn respond(t: &mut Tracker<'_>, msg_tag: u8) -> (bool, Injections) {
+    let mut inj = Injections {
+        before: take_injections(t),
+        after: BytesMut::new(),
+    };
+    let Some(head) = t.queue.front_mut() else {
+        // Notices, notifications and parameter changes come at any time.
+        return (false, inj);
+    };
+    if msg_tag == backend::tag::ERROR_RESPONSE {
+        head.errored = true;
+        if matches!(head.kind, Kind::Query | Kind::FunctionCall) {
+            return (false, inj);
+        }
+        // The server skips everything up to the next Sync: so does the queue.
+        while let Some(e) = t.queue.front() {
+            if e.kind == Kind::Sync {
+                break;
+            }
+            if let Some(e) = t.queue.pop_front() {
+                // A statement the server refused (or skipped) is not there after all.
+                if let Some((name, hash)) = e.registered {
+                    if !name.is_empty() {
+                        t.client.remove(&name);
+                    }
+                    t.server.remove(hash);
+                }
+            }
+        }
+        return (false, inj);
+    }
+    if !head.kind.ends_with(msg_tag) {
+        return (false, inj);
+    }
+    let Some(entry) = t.queue.pop_front() else {
+        return (false, inj);
+    };
+    if entry.clears_server && !entry.errored {
+        t.server.clear();
+    }
+    inj.after = take_injections(t);
+    (matches!(entry.action, Action::Swallow), inj)
 }

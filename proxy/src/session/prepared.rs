@@ -1,0 +1,246 @@
+//! Protocol-level named prepared statements in transaction pooling.
+//!
+//! A client's named statements must survive its hopping between server connections. Sluice
+//! tracks what each client prepared (name → [`Statement`]) and names every statement on the
+//! server after a keyed hash of its text and parameter types (`sluice_<hash>`), so clients that
+//! prepare the same statement share it on each server. Each server connection remembers which
+//! of those it has ([`crate::server::Prepared`], bounded, least recently used evicted with a
+//! Close). In the client's stream:
+//!
+//! - `Parse(name)` is renamed; when the server already has the statement it is not sent at all
+//!   and Sluice answers ParseComplete itself;
+//! - `Bind`/`Describe` of a named statement are renamed, and a Parse is slipped in first when the
+//!   server lacks the statement (its ParseComplete is swallowed);
+//! - `Close` of a named statement only forgets it (the server keeps its shared copy) and is
+//!   answered with CloseComplete;
+//! - `DEALLOCATE name|ALL` and `DISCARD ALL` act on the client's statements.
+//!
+//! Unknown names go to the server unchanged, so its errors name them as the client did.
+//! See <https://www.postgresql.org/docs/current/protocol-flow.html#PROTOCOL-FLOW-EXT-QUERY>.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::protocol::{ProtocolError, Reader};
+
+/// One statement as prepared on servers.
+#[derive(Debug)]
+pub struct Statement {
+    pub hash: u64,
+    pub server_name: String,
+    /// A whole Parse message under `server_name`, to prepare it on a server that lacks it.
+    pub parse: Bytes,
+}
+
+/// The named statements one client has prepared.
+#[derive(Default)]
+pub struct ClientStatements {
+    by_name: HashMap<String, Arc<Statement>>,
+}
+
+impl ClientStatements {
+    pub fn get(&self, name: &str) -> Option<&Arc<Statement>> {
+        self.by_name.get(name)
+    }
+
+    pub fn insert(&mut self, name: String, s: Arc<Statement>) {
+        self.by_name.insert(name, s);
+    }
+
+    pub fn remove(&mut self, name: &str) -> Option<Arc<Statement>> {
+        self.by_name.remove(name)
+    }
+
+    pub fn clear(&mut self) {
+        self.by_name.clear();
+    }
+}
+
+/// The parts of a Parse body.
+pub struct ParseMsg<'a> {
+    pub name: &'a str,
+    /// Query text and parameter types, exactly as sent (everything after the name).
+    pub rest: &'a [u8],
+}
+
+pub fn parse_parse(body: &[u8]) -> Result<ParseMsg<'_>, ProtocolError> {
+    let mut r = Reader::new(body, "Parse");
+    let name = r.cstr()?;
+    let rest = r.rest();
+    // The query must be NUL-terminated and the type count present.
+    let mut check = Reader::new(rest, "Parse");
+    check.cbytes()?;
+    let n = check.i16()?;
+    check.bytes(usize::try_from(n).map_err(|_| ProtocolError::Malformed("Parse"))? * 4)?;
+    check.finish()?;
+    Ok(ParseMsg { name, rest })
+}
+
+/// Makes the statement for a Parse body, named by a keyed hash of its text and types.
+pub fn statement(hasher: &impl BuildHasher, rest: &[u8]) -> Statement {
+    let mut h = hasher.build_hasher();
+    h.write(rest);
+    let hash = h.finish();
+    let server_name = crate::server::statement_name(hash);
+    let mut parse = BytesMut::with_capacity(rest.len() + server_name.len() + 6);
+    parse.put_u8(b'P');
+    parse.put_u32((4 + server_name.len() + 1 + rest.len()) as u32);
+    parse.put_slice(server_name.as_bytes());
+    parse.put_u8(0);
+    parse.put_slice(rest);
+    Statement {
+        hash,
+        server_name,
+        parse: parse.freeze(),
+    }
+}
+
+/// Bind's portal and statement names, and where the rest of its body starts.
+pub fn parse_bind(body: &[u8]) -> Result<(&str, &str, usize), ProtocolError> {
+    let mut r = Reader::new(body, "Bind");
+    let portal = r.cstr()?;
+    let stmt = r.cstr()?;
+    let used = portal.len() + stmt.len() + 2;
+    Ok((portal, stmt, used))
+}
+
+/// Describe's or Close's kind (`S` or `P`) and name.
+pub fn parse_target<'a>(
+    body: &'a [u8],
+    what: &'static str,
+) -> Result<(u8, &'a str), ProtocolError> {
+    let mut r = Reader::new(body, what);
+    let kind = r.u8()?;
+    let name = r.cstr()?;
+    r.finish()?;
+    if kind != b'S' && kind != b'P' {
+        return Err(ProtocolError::Malformed(what));
+    }
+    Ok((kind, name))
+}
+
+/// Appends a Bind with its statement name replaced.
+pub fn put_bind(out: &mut BytesMut, portal: &str, stmt: &str, rest: &[u8]) {
+    out.put_u8(b'B');
+    out.put_u32((4 + portal.len() + 1 + stmt.len() + 1 + rest.len()) as u32);
+    out.put_slice(portal.as_bytes());
+    out.put_u8(0);
+    out.put_slice(stmt.as_bytes());
+    out.put_u8(0);
+    out.put_slice(rest);
+}
+
+/// Appends a Describe or Close (`tag`) of a statement or portal.
+pub fn put_target(out: &mut BytesMut, tag: u8, kind: u8, name: &str) {
+    out.put_u8(tag);
+    out.put_u32((4 + 1 + name.len() + 1) as u32);
+    out.put_u8(kind);
+    out.put_slice(name.as_bytes());
+    out.put_u8(0);
+}
+
+/// What a simple Query does to prepared statements.
+#[derive(Debug, PartialEq, Eq)]
+pub enum StatementCommand<'a> {
+    /// `DEALLOCATE [PREPARE] ALL` or `DISCARD ALL`.
+    ForgetAll,
+    /// `DEALLOCATE [PREPARE] name`.
+    Forget(&'a str),
+    Other,
+}
+
+/// Recognises the statements that act on prepared statements. Only a lone statement counts.
+pub fn statement_command(sql: &str) -> StatementCommand<'_> {
+    let sql = sql.trim().trim_end_matches(';').trim();
+    let mut words = sql.split_whitespace();
+    let first = words.next().unwrap_or("");
+    let second = words.next().unwrap_or("");
+    let third = words.next();
+    if sql.contains(';') {
+        return StatementCommand::Other;
+    }
+    if first.eq_ignore_ascii_case("discard")
+        && second.eq_ignore_ascii_case("all")
+        && third.is_none()
+    {
+        return StatementCommand::ForgetAll;
+    }
+    if !first.eq_ignore_ascii_case("deallocate") {
+        return StatementCommand::Other;
+    }
+    let (name, extra) = if second.eq_ignore_ascii_case("prepare") {
+        (third.unwrap_or(""), words.next())
+    } else {
+        (second, third)
+    };
+    if name.is_empty() || extra.is_some() {
+        return StatementCommand::Other;
+    }
+    if name.eq_ignore_ascii_case("all") {
+        StatementCommand::ForgetAll
+    } else {
+        StatementCommand::Forget(name.trim_matches('"'))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::hash_map::RandomState;
+
+    fn body(name: &str, query: &str) -> Vec<u8> {
+        let mut v = format!("{name}\0{query}\0").into_bytes();
+        v.extend_from_slice(&1i16.to_be_bytes());
+        v.extend_from_slice(&23i32.to_be_bytes());
+        v
+    }
+
+    #[test]
+    fn same_text_same_server_name() {
+        let h = RandomState::new();
+        let a = body("a", "select $1");
+        let b = body("other", "select $1");
+        let pa = parse_parse(&a).unwrap();
+        let pb = parse_parse(&b).unwrap();
+        assert_eq!(pa.name, "a");
+        let (sa, sb) = (statement(&h, pa.rest), statement(&h, pb.rest));
+        assert_eq!(sa.server_name, sb.server_name);
+        assert_ne!(
+            statement(&h, parse_parse(&body("a", "select $2")).unwrap().rest).server_name,
+            sa.server_name
+        );
+        // The rebuilt Parse frames correctly.
+        let (f, n) = crate::protocol::next_frame(&sa.parse, 1 << 20)
+            .unwrap()
+            .unwrap();
+        assert_eq!((f.tag, n), (b'P', sa.parse.len()));
+        assert_eq!(parse_parse(f.body).unwrap().name, sa.server_name);
+    }
+
+    #[test]
+    fn malformed_messages_are_errors() {
+        assert!(parse_parse(b"a\0select").is_err());
+        assert!(parse_parse(b"a\0select\0\0\x02\0\0\0\x17").is_err());
+        assert!(parse_bind(b"portal").is_err());
+        assert!(parse_target(b"Xname\0", "Describe").is_err());
+        assert!(parse_target(b"S", "Close").is_err());
+        assert_eq!(parse_target(b"Sname\0", "Close").unwrap(), (b'S', "name"));
+        assert_eq!(parse_bind(b"p\0s\0rest").unwrap(), ("p", "s", 4));
+    }
+
+    #[test]
+    fn recognises_statement_commands() {
+        use StatementCommand::*;
+        assert_eq!(statement_command("DISCARD ALL"), ForgetAll);
+        assert_eq!(statement_command(" deallocate all; "), ForgetAll);
+        assert_eq!(statement_command("DEALLOCATE PREPARE ALL"), ForgetAll);
+        assert_eq!(statement_command("deallocate s1"), Forget("s1"));
+        assert_eq!(statement_command("DEALLOCATE PREPARE \"s1\""), Forget("s1"));
+        assert_eq!(statement_command("select 1; deallocate all"), Other);
+        assert_eq!(statement_command("DISCARD PLANS"), Other);
+        assert_eq!(statement_command("deallocate"), Other);
+    }
+}
