@@ -39,6 +39,16 @@ pub enum PoolMode {
     Session,
 }
 
+/// What transaction pooling does with statements whose state outlives the transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnSessionState {
+    /// Keep the client on its server for the rest of its session.
+    Pin,
+    /// Refuse the statement with an error.
+    Reject,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum GroupBy {
@@ -72,6 +82,7 @@ pub struct Config {
     pub server_host: String,
     pub server_port: u16,
     pub pool_mode: PoolMode,
+    pub on_session_state: OnSessionState,
     /// Server connections per (database, user) pool.
     pub pool_size: u32,
     /// Warm server connections kept per pool.
@@ -156,6 +167,7 @@ impl Default for Config {
             server_host: "127.0.0.1".into(),
             server_port: 5432,
             pool_mode: PoolMode::Transaction,
+            on_session_state: OnSessionState::Pin,
             pool_size: 20,
             min_pool_size: 0,
             max_server_connections: 0,

@@ -141,6 +141,7 @@ pub async fn start_from(
         server_params: Default::default(),
         shutdown: shutdown.clone(),
         statement_hasher: Default::default(),
+        validated_settings: Default::default(),
     });
     tracing::info!(%local_addr, %admin_addr, budget = config.max_server_connections, "sluice listening");
     let ready = Arc::new(admin::Readiness::default());

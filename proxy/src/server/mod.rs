@@ -230,6 +230,8 @@ pub fn statement_name(hash: u64) -> String {
 pub struct ServerConn {
     /// Statements Sluice prepared on this connection for clients in transaction pooling.
     pub prepared: Prepared,
+    /// Settings Sluice applied with SET for the client it last served (name → value).
+    pub settings: std::collections::BTreeMap<String, String>,
     pub info: Arc<ServerInfo>,
     registry: ServerRegistry,
     pub stream: TcpStream,
@@ -274,6 +276,7 @@ impl ServerConn {
                 }),
                 registry: registry.clone(),
                 prepared: Prepared::with_capacity(t.max_prepared_statements),
+                settings: Default::default(),
                 stream,
                 buf: BytesMut::with_capacity(READ_BUFFER),
                 params: Vec::new(),

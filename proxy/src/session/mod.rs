@@ -9,6 +9,7 @@
 mod admin;
 mod clients;
 mod prepared;
+mod state;
 mod relay;
 mod startup;
 
@@ -64,6 +65,8 @@ pub struct Context {
     pub shutdown: CancellationToken,
     /// Keys the hash that names prepared statements on servers.
     pub statement_hasher: std::collections::hash_map::RandomState,
+    /// Startup settings (name, value) a server has accepted, with the value it reported.
+    pub validated_settings: Mutex<HashMap<(String, String), Option<String>>>,
 }
 
 impl Context {
@@ -168,6 +171,9 @@ async fn run(ctx: &Arc<Context>, io: &mut ClientIo) -> Exit {
 struct Session<'a> {
     ctx: &'a Context,
     statements: prepared::ClientStatements,
+    /// The settings the client asked for at startup, applied on every server it gets.
+    settings: state::Settings,
+    pinned: Option<state::Pin>,
     config: Arc<Config>,
     database: String,
     pool: PoolId,
@@ -243,6 +249,8 @@ impl<'a> Session<'a> {
         Session {
             ctx,
             statements: Default::default(),
+            settings: Default::default(),
+            pinned: None,
             database: login.database.clone(),
             config,
             pool,
@@ -264,18 +272,26 @@ impl<'a> Session<'a> {
             application_name: login.param("application_name").unwrap_or("").to_string(),
             addr,
         });
+        self.settings = match state::startup_settings(&login.params) {
+            Ok(s) => s,
+            Err(e) => return fatal(sqlstate::PROTOCOL_VIOLATION, e),
+        };
+        if let Some(bad) = self.settings.keys().find(|n| !state::valid_name(n)) {
+            return fatal("42602", format!("invalid startup parameter name \"{bad}\""));
+        }
         let params = match self.server_params().await {
             Ok(p) => p,
-            Err(e) => {
-                return Exit::Fatal(ErrorFields {
-                    severity: "FATAL".into(),
-                    ..e
-                })
-            }
+            Err(e) => return Exit::Fatal(ErrorFields { severity: "FATAL".into(), ..e }),
+        };
+        let reported = match self.validate_settings().await {
+            Ok(r) => r,
+            Err(e) => return Exit::Fatal(ErrorFields { severity: "FATAL".into(), ..e }),
         };
         let mut out = BytesMut::new();
         for (name, value) in params.iter() {
-            Out::parameter_status(&mut out, name, value);
+            // The client sees its own settings, as the server would report them to it.
+            let own = reported.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str());
+            Out::parameter_status(&mut out, name, own.unwrap_or(value));
         }
         Out::backend_key_data(&mut out, registration.process_id, registration.secret_key);
         Out::ready_for_query(&mut out, TxStatus::Idle);
@@ -286,7 +302,50 @@ impl<'a> Session<'a> {
         g.clients_idle.increment(1.0);
         let exit = self.serve_requests(io, &registration.slot).await;
         g.clients_idle.decrement(1.0);
+        if self.pinned.is_some() {
+            g.pinned.decrement(1.0);
+        }
         exit
+    }
+
+    /// Applies the client's startup settings on a server once per distinct (name, value), so a
+    /// value the server refuses is refused at startup with the server's error. Returns the
+    /// client's settings as the server reports them (its canonical spelling).
+    async fn validate_settings(&self) -> Result<Vec<(String, String)>, ErrorFields> {
+        let unknown: state::Settings = {
+            let known = self.ctx.validated_settings.lock();
+            self.settings.iter().filter(|(n, v)| !known.contains_key(&((*n).clone(), (*v).clone()))).map(|(n, v)| (n.clone(), v.clone())).collect()
+        };
+        if !unknown.is_empty() {
+            let mut lease = self.checkout().await?;
+            let Some(server) = lease.conn() else {
+                return Err(ErrorFields { severity: "FATAL".into(), code: sqlstate::INTERNAL_ERROR.into(), message: "lease without connection".into(), ..Default::default() });
+            };
+            for (name, value) in &unknown {
+                let sql = state::settings_sql(&[(name.clone(), value.clone())].into(), &Default::default());
+                match server.simple_query(&sql).await {
+                    Ok(TxStatus::Idle) => {
+                        let shown = server.params.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone());
+                        self.ctx.validated_settings.lock().insert((name.clone(), value.clone()), shown);
+                    }
+                    Ok(_) => return Err(ErrorFields { code: sqlstate::INTERNAL_ERROR.into(), message: "unexpected transaction state".into(), ..Default::default() }),
+                    Err(server::ServerError::Rejected(f)) => {
+                        // Leave the server as it was before handing it back.
+                        let _ = server.simple_query(&format!("RESET {name}")).await;
+                        return Err(f);
+                    }
+                    Err(e) => return Err(server::client_error(&e)),
+                }
+            }
+            // The server now holds these values: record them so the next checkout resets or
+            // keeps them as needed.
+            for (name, value) in &unknown {
+                server.settings.insert(name.clone(), value.clone());
+            }
+            lease.release();
+        }
+        let known = self.ctx.validated_settings.lock();
+        Ok(self.settings.iter().filter_map(|(n, v)| known.get(&(n.clone(), v.clone())).cloned().flatten().map(|shown| (n.clone(), shown))).collect())
     }
 
     /// The loop of a logged-in client: wait for a request, borrow a server, relay, give it back.
@@ -376,12 +435,27 @@ impl<'a> Session<'a> {
             slot.set_server(Some(server.cancel_key()));
             server.info.set_state(ServerState::Active);
             let flow = Flow::new();
-            let release = self.mode == PoolMode::Transaction;
-            let statements = release.then_some(relay::Statements {
+            let pooling = self.mode == PoolMode::Transaction;
+            flow.release.set(pooling && self.pinned.is_none());
+            // Bring the server's settings to the client's, in the same write as its request.
+            let prefix = pooling.then(|| state::settings_sql(&self.settings, &server.settings)).filter(|sql| !sql.is_empty()).map(|sql| {
+                server.settings.clone_from(&self.settings);
+                let mut q = BytesMut::new();
+                Out::query(&mut q, &sql);
+                q.freeze()
+            });
+            let statements = pooling.then_some(relay::Statements {
                 client: &mut self.statements,
                 hasher: &self.ctx.statement_hasher,
+                reject_session_state: self.config.on_session_state == crate::config::OnSessionState::Reject,
             });
-            let end = relay::relay(io, server, &flow, release, max_message, statements).await;
+            let end = relay::relay(io, server, &flow, max_message, statements, prefix).await;
+            if let (None, Some(pin)) = (self.pinned, flow.pinned()) {
+                self.pinned = Some(pin);
+                g.pinned.increment(1.0);
+                crate::metrics::session_pinned(pin.as_str());
+                tracing::info!(user = %self.target.user, database = %self.database, reason = pin.as_str(), "session pinned to its server connection");
+            }
             slot.set_server(None);
             server.info.set_state(ServerState::Idle);
             slot.set_state(ClientState::Idle);
@@ -395,7 +469,8 @@ impl<'a> Session<'a> {
                 }
                 End::ClientGone => {
                     g.clients_idle.increment(1.0);
-                    cleanup(lease, &flow, self.mode).await;
+                    let reset = self.mode == PoolMode::Session || self.pinned.is_some();
+                    cleanup(lease, &flow, self.mode, reset).await;
                     return Exit::Quiet;
                 }
                 End::ClientProtocol(msg) => {
@@ -542,25 +617,26 @@ fn rejection(r: Rejected) -> ErrorFields {
 /// Returns or closes the server of a client that left mid-request. A server between requests
 /// but inside a transaction is rolled back; one with a request in flight is cancelled and closed
 /// (closing makes PostgreSQL roll back). Never hands on a connection in an unknown state.
-async fn cleanup(mut lease: Lease<ServerConn>, flow: &Flow, mode: PoolMode) {
+async fn cleanup(mut lease: Lease<ServerConn>, flow: &Flow, mode: PoolMode, reset_session: bool) {
     let Some(server) = lease.conn() else { return };
     if flow.at_rest() && server.buf.is_empty() {
-        if flow.status() == TxStatus::Idle && mode == PoolMode::Transaction {
+        if flow.status() == TxStatus::Idle && mode == PoolMode::Transaction && !reset_session {
             lease.release();
             return;
         }
-        // Roll back what the client left open; in session pooling also drop the session state
-        // (settings, prepared statements, temporary tables) it built up.
+        // Roll back what the client left open; for session pooling and pinned sessions also
+        // drop the session state (settings, prepared statements, temporary tables, advisory
+        // locks, LISTENs) it built up.
         let reset = async {
-            if flow.status() != TxStatus::Idle
-                && server.simple_query("ROLLBACK").await? != TxStatus::Idle
-            {
+            if flow.status() != TxStatus::Idle && server.simple_query("ROLLBACK").await? != TxStatus::Idle {
                 return Ok(false);
             }
-            if mode == PoolMode::Session
-                && server.simple_query("DISCARD ALL").await? != TxStatus::Idle
-            {
-                return Ok(false);
+            if reset_session {
+                server.prepared.clear();
+                server.settings.clear();
+                if server.simple_query("DISCARD ALL").await? != TxStatus::Idle {
+                    return Ok(false);
+                }
             }
             Ok::<_, server::ServerError>(true)
         };

@@ -38,6 +38,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
 
 use super::prepared::{self, ClientStatements, Statement, StatementCommand};
+use super::state::{self, Pin};
 use super::ClientIo;
 use crate::protocol::backend::{self, Out, TxStatus};
 use crate::protocol::frontend::{self, tag};
@@ -142,6 +143,10 @@ impl Entry {
 /// Statement bookkeeping and the response queue, shared by the two halves.
 struct Tracker<'a> {
     queue: VecDeque<Entry>,
+    reject_session_state: bool,
+    /// After refusing a Parse, the client's messages up to its Sync are dropped, as the server
+    /// would after an error.
+    discarding: bool,
     client: &'a mut ClientStatements,
     server: Prepared,
     hasher: &'a std::collections::hash_map::RandomState,
@@ -160,7 +165,13 @@ pub struct Flow {
     pub to_client: Shared<AtomicU64>,
     /// Wakes the server half when the client half queued an answer of Sluice's own.
     wake: Notify,
+    /// Whether the server goes back to the pool when a transaction ends; cleared by a pin.
+    pub release: Shared<AtomicBool>,
+    /// The first statement seen whose state outlives its transaction (index + 1 into PINS).
+    pin: AtomicU8,
 }
+
+const PINS: [Pin; 7] = [Pin::Set, Pin::Listen, Pin::AdvisoryLock, Pin::TempTable, Pin::HoldCursor, Pin::Prepare, Pin::Load];
 
 impl Flow {
     pub fn new() -> Self {
@@ -174,7 +185,22 @@ impl Flow {
             to_server: Shared::<AtomicU64>::new(0),
             to_client: Shared::<AtomicU64>::new(0),
             wake: Notify::new(),
+            release: Shared::<AtomicBool>::new(true),
+            pin: AtomicU8::new(0),
         }
+    }
+
+    /// Why the session must keep its server, if a statement said so.
+    pub fn pinned(&self) -> Option<Pin> {
+        PINS.get(usize::from(self.pin.load(Relaxed)).checked_sub(1)?).copied()
+    }
+
+    fn pin(&self, p: Pin) {
+        if self.pin.load(Relaxed) == 0 {
+            let i = PINS.iter().position(|x| *x == p).unwrap_or(0);
+            self.pin.store(i as u8 + 1, Relaxed);
+        }
+        self.release.set(false);
     }
 
     /// The transaction status of the last ReadyForQuery.
@@ -207,6 +233,8 @@ pub enum End {
 pub struct Statements<'a> {
     pub client: &'a mut ClientStatements,
     pub hasher: &'a std::collections::hash_map::RandomState,
+    /// Refuse statements whose state outlives the transaction instead of pinning.
+    pub reject_session_state: bool,
 }
 
 /// What the client half does with one whole message it looked into.
@@ -219,15 +247,16 @@ enum Rewrite {
     Drop,
 }
 
-/// Relays until one of the [`End`]s. With `release` false (session pooling, pinned clients)
-/// the relay only ends when one side goes away.
+/// Relays until one of the [`End`]s. With `flow.release` false (session pooling, pinned
+/// clients) the relay only ends when one side goes away. `prefix` is a Query Sluice sends first
+/// (the client's settings), whose answers are swallowed.
 pub async fn relay(
     client: &mut ClientIo,
     server: &mut ServerConn,
     flow: &Flow,
-    release: bool,
     max_message: usize,
     statements: Option<Statements<'_>>,
+    prefix: Option<Bytes>,
 ) -> End {
     let (mut cr, mut cw) = client.stream.split();
     let (mut sr, mut sw) = server.stream.split();
@@ -237,6 +266,8 @@ pub async fn relay(
     let tracker = statements.map(|s| {
         Mutex::new(Tracker {
             queue: VecDeque::new(),
+            reject_session_state: s.reject_session_state,
+            discarding: false,
             client: s.client,
             server: std::mem::take(&mut server.prepared),
             hasher: s.hasher,
@@ -247,6 +278,12 @@ pub async fn relay(
     let to_server = async {
         let mut skip = 0usize;
         let mut staged = BytesMut::new();
+        if let (Some(p), Some(t)) = (prefix, tracker) {
+            t.lock().queue.push_back(Entry::new(Kind::Query, Action::Swallow));
+            if sw.write_all(&p).await.is_err() {
+                return End::ServerGone("write to server failed".into());
+            }
+        }
         loop {
             let mut pos = 0;
             // Start of the bytes walked but not yet copied to `staged` (when rewriting).
@@ -287,7 +324,23 @@ pub async fn relay(
                 }
                 let mut rewrite = Rewrite::Keep;
                 if let Some(t) = tracker {
-                    if needs_look(h) {
+                    let mut discard = false;
+                    {
+                        let mut t = t.lock();
+                        if t.discarding {
+                            if h.tag == tag::SYNC {
+                                t.discarding = false;
+                            } else if cbuf.len() >= pos + h.total() {
+                                discard = true;
+                            } else {
+                                cbuf.reserve(h.total());
+                                break;
+                            }
+                        }
+                    }
+                    if discard {
+                        rewrite = Rewrite::Drop;
+                    } else if needs_look(h) {
                         let Some(body) = cbuf.get(pos + HEADER_LEN..pos + h.total()) else {
                             // Wait for the whole message; make room for it.
                             cbuf.reserve(h.total());
@@ -376,7 +429,8 @@ pub async fn relay(
                 }
                 done = false;
                 if let Some(t) = tracker {
-                    if ends_a_response(h.tag) && sbuf.len() < pos + h.total() {
+                    let swallowing = t.lock().queue.front().is_some_and(|e| e.kind == Kind::Query && matches!(e.action, Action::Swallow));
+                    if (swallowing || ends_a_response(h.tag)) && sbuf.len() < pos + h.total() {
                         // Answers of Sluice's own may follow it: take it whole.
                         sbuf.reserve(h.total());
                         break;
@@ -412,7 +466,7 @@ pub async fn relay(
                         };
                         flow.status.store(status.byte(), Relaxed);
                         flow.pending.set(flow.pending.get().saturating_sub(1));
-                        done = release
+                        done = flow.release.get()
                             && status == TxStatus::Idle
                             && flow.pending.get() == 0
                             && !flow.partial.get();
@@ -469,7 +523,7 @@ pub async fn relay(
                         flow.to_client.set(flow.to_client.get() + due.len() as u64);
                     }
                     let idle = flow.status() == TxStatus::Idle && flow.pending.get() == 0 && !flow.partial.get();
-                    if release && idle && sbuf.is_empty() && flow.server_skip.get() == 0 {
+                    if flow.release.get() && idle && sbuf.is_empty() && flow.server_skip.get() == 0 {
                         return End::Released;
                     }
                 }
@@ -510,12 +564,7 @@ fn ends_a_response(t: u8) -> bool {
 
 /// Messages whose bodies the client half must read when rewriting statements.
 fn needs_look(h: Header) -> bool {
-    match h.tag {
-        tag::PARSE | tag::BIND | tag::DESCRIBE | tag::CLOSE => true,
-        // Only a short Query can be a lone DEALLOCATE or DISCARD ALL.
-        tag::QUERY => h.body_len() <= 256,
-        _ => false,
-    }
+    matches!(h.tag, tag::PARSE | tag::BIND | tag::DESCRIBE | tag::CLOSE | tag::QUERY)
 }
 
 fn kind_of(t: u8) -> Option<Kind> {
@@ -597,6 +646,15 @@ fn look(
     match msg_tag {
         tag::PARSE => {
             let p = prepared::parse_parse(body).map_err(err)?;
+            let text = p.rest.split(|b| *b == 0).next().unwrap_or_default();
+            if let Some(pin) = state::pins(&String::from_utf8_lossy(text)) {
+                if t.reject_session_state {
+                    t.discarding = true;
+                    t.queue.push_back(Entry::new(Kind::Parse, Action::Inject(refusal(pin, None))));
+                    return Ok((Rewrite::Drop, true));
+                }
+                flow.pin(pin);
+            }
             if p.name.is_empty() {
                 t.queue.push_back(Entry::new(Kind::Parse, Action::Forward));
                 return Ok((Rewrite::Keep, false));
@@ -666,6 +724,13 @@ fn look(
         }
         tag::QUERY => {
             let sql = frontend::query(body).map_err(err)?;
+            if let Some(pin) = state::pins(sql) {
+                if t.reject_session_state {
+                    t.queue.push_back(Entry::new(Kind::Query, Action::Inject(refusal(pin, Some(flow.status())))));
+                    return Ok((Rewrite::Drop, true));
+                }
+                flow.pin(pin);
+            }
             match prepared::statement_command(sql) {
                 StatementCommand::ForgetAll => {
                     t.client.clear();
@@ -690,6 +755,24 @@ fn look(
         }
         _ => Ok((Rewrite::Keep, false)),
     }
+}
+
+/// The ErrorResponse (and ReadyForQuery, for a simple Query) refusing a statement whose state
+/// would outlive its transaction (`on_session_state = "reject"`).
+fn refusal(pin: Pin, ready: Option<TxStatus>) -> Bytes {
+    let mut out = BytesMut::new();
+    let fields = backend::ErrorFields {
+        severity: "ERROR".into(),
+        code: crate::protocol::sqlstate::FEATURE_NOT_SUPPORTED.into(),
+        message: format!("{} is not supported in transaction pooling: its effect would outlive the transaction and reach other clients", pin.describe()),
+        detail: Some("Sluice is configured with on_session_state = \"reject\". The statement was not executed.".into()),
+        hint: Some(format!("Instead, {}.", pin.advice())),
+    };
+    Out::error_fields(&mut out, backend::tag::ERROR_RESPONSE, &fields);
+    if let Some(status) = ready {
+        Out::ready_for_query(&mut out, status);
+    }
+    out.freeze()
 }
 
 /// Answers of Sluice's own to send around one server message.
@@ -735,6 +818,17 @@ fn respond(t: &mut Tracker<'_>, msg_tag: u8) -> (bool, Injections) {
         // Notices, notifications and parameter changes come at any time.
         return (false, inj);
     };
+    if head.kind == Kind::Query && matches!(head.action, Action::Swallow) {
+        // Sluice's own statements: everything they answer is swallowed, errors included.
+        if msg_tag == backend::tag::ERROR_RESPONSE {
+            tracing::warn!("a statement Sluice sent to apply client settings failed");
+        }
+        if msg_tag == backend::tag::READY_FOR_QUERY {
+            t.queue.pop_front();
+            inj.after = take_injections(t);
+        }
+        return (true, inj);
+    }
     if msg_tag == backend::tag::ERROR_RESPONSE {
         head.errored = true;
         if matches!(head.kind, Kind::Query | Kind::FunctionCall) {

@@ -1,0 +1,276 @@
+//! Session state in transaction pooling: the startup parameters each client must see on
+//! whichever server it gets, and the statements whose effects outlive a transaction, which pin
+//! the client to its server (or are refused, by configuration).
+
+use std::collections::BTreeMap;
+
+/// Startup parameters that are not settings.
+const NOT_SETTINGS: &[&str] = &["user", "database", "replication", "options"];
+
+/// A client's settings from its StartupMessage: lower-cased name → value as given.
+pub type Settings = BTreeMap<String, String>;
+
+/// The settings a StartupMessage asks for, including `-c name=value` (and `--name=value`) pairs
+/// in `options`. Errors name what could not be understood.
+pub fn startup_settings(params: &[(String, String)]) -> Result<Settings, String> {
+    let mut out = Settings::new();
+    for (name, value) in params {
+        if name == "options" {
+            parse_options(value, &mut out)?;
+        } else if !NOT_SETTINGS.contains(&name.as_str()) {
+            out.insert(name.to_ascii_lowercase(), value.clone());
+        }
+    }
+    Ok(out)
+}
+
+/// Splits `options` like PostgreSQL: whitespace separates, backslash escapes.
+fn parse_options(options: &str, out: &mut Settings) -> Result<(), String> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut chars = options.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => word.extend(chars.next()),
+            c if c.is_whitespace() => {
+                if !word.is_empty() {
+                    words.push(std::mem::take(&mut word));
+                }
+            }
+            c => word.push(c),
+        }
+    }
+    if !word.is_empty() {
+        words.push(word);
+    }
+    let mut it = words.into_iter();
+    while let Some(w) = it.next() {
+        let pair = if w == "-c" {
+            it.next().ok_or("\"-c\" in options needs name=value")?
+        } else if let Some(rest) = w.strip_prefix("-c") {
+            rest.to_string()
+        } else if let Some(rest) = w.strip_prefix("--") {
+            rest.to_string()
+        } else {
+            return Err(format!("unsupported startup option \"{w}\": only -c name=value is supported"));
+        };
+        let (name, value) = pair.split_once('=').ok_or_else(|| format!("startup option \"{pair}\" is not name=value"))?;
+        out.insert(name.trim().to_ascii_lowercase().replace('-', "_"), value.to_string());
+    }
+    Ok(())
+}
+
+/// Whether a setting name is safe to put in a SET statement unquoted.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 63 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.')
+}
+
+/// SQL that takes a server from `have` to `want`: `set_config` for what differs (it parses
+/// values as the startup packet and the configuration file do, so list settings such as
+/// `search_path = a,b` keep their meaning) and `RESET` for settings the client did not ask for.
+pub fn settings_sql(want: &Settings, have: &Settings) -> String {
+    let mut calls = Vec::new();
+    for (name, value) in want {
+        if have.get(name) != Some(value) {
+            calls.push(format!("set_config({}, {}, false)", quote_literal(name), quote_literal(value)));
+        }
+    }
+    let mut sql = if calls.is_empty() { String::new() } else { format!("SELECT {};", calls.join(", ")) };
+    for name in have.keys() {
+        if !want.contains_key(name) {
+            sql.push_str(&format!("RESET {name};"));
+        }
+    }
+    sql
+}
+
+fn quote_literal(v: &str) -> String {
+    let escaped = v.replace('\'', "''");
+    if v.contains('\\') {
+        format!("E'{}'", escaped.replace('\\', "\\\\"))
+    } else {
+        format!("'{escaped}'")
+    }
+}
+
+/// State a statement leaves behind after its transaction ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pin {
+    Set,
+    Listen,
+    AdvisoryLock,
+    TempTable,
+    HoldCursor,
+    Prepare,
+    Load,
+}
+
+impl Pin {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Pin::Set => "set",
+            Pin::Listen => "listen",
+            Pin::AdvisoryLock => "advisory_lock",
+            Pin::TempTable => "temp_table",
+            Pin::HoldCursor => "with_hold_cursor",
+            Pin::Prepare => "sql_prepare",
+            Pin::Load => "load",
+        }
+    }
+
+    /// The statement, for messages.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Pin::Set => "a session-level SET or RESET",
+            Pin::Listen => "LISTEN",
+            Pin::AdvisoryLock => "a session-level advisory lock",
+            Pin::TempTable => "a temporary table",
+            Pin::HoldCursor => "a cursor WITH HOLD",
+            Pin::Prepare => "SQL-level PREPARE",
+            Pin::Load => "LOAD",
+        }
+    }
+
+    /// What to do instead, for the error in `reject` mode.
+    pub fn advice(self) -> &'static str {
+        match self {
+            Pin::Set => "use SET LOCAL inside a transaction, or set it in the connection's startup parameters (options=-c name=value)",
+            Pin::Listen => "use a database in session pooling mode for LISTEN",
+            Pin::AdvisoryLock => "use pg_advisory_xact_lock, which is released at the end of the transaction",
+            Pin::TempTable => "create the temporary table with ON COMMIT DROP inside a transaction, or use a regular table",
+            Pin::HoldCursor => "declare the cursor WITHOUT HOLD inside a transaction",
+            Pin::Prepare => "use protocol-level prepared statements (your driver's prepare), which Sluice carries across connections",
+            Pin::Load => "load the library with shared_preload_libraries or session_preload_libraries on the server",
+        }
+    }
+}
+
+/// Strips leading whitespace and SQL comments.
+fn skip_comments(mut s: &str) -> &str {
+    loop {
+        s = s.trim_start();
+        if let Some(rest) = s.strip_prefix("--") {
+            s = rest.split_once('\n').map(|(_, r)| r).unwrap_or("");
+        } else if let Some(rest) = s.strip_prefix("/*") {
+            s = rest.split_once("*/").map(|(_, r)| r).unwrap_or("");
+        } else {
+            return s;
+        }
+    }
+}
+
+/// Case-insensitive (ASCII) substring search, without allocating.
+fn contains_ci(haystack: &str, needle: &str) -> bool {
+    let (h, n) = (haystack.as_bytes(), needle.as_bytes());
+    h.len() >= n.len() && h.windows(n.len()).any(|w| w.eq_ignore_ascii_case(n))
+}
+
+fn starts_with_word(s: &str, word: &str) -> bool {
+    // The first bytes must be the ASCII word, so slicing after them is on a char boundary.
+    s.len() >= word.len()
+        && s.as_bytes()[..word.len()].eq_ignore_ascii_case(word.as_bytes())
+        && s[word.len()..].chars().next().is_none_or(|c| !c.is_alphanumeric() && c != '_')
+}
+
+/// Finds the first statement in `sql` whose effect outlives its transaction. Every statement of
+/// a multi-statement Query is looked at. Text inside quotes is not parsed, so a keyword inside a
+/// string literal may pin needlessly, which is safe.
+pub fn pins(sql: &str) -> Option<Pin> {
+    if contains_ci(sql, "advisory_lock") && (contains_ci(sql, "pg_advisory_lock") || contains_ci(sql, "pg_try_advisory_lock")) {
+        return Some(Pin::AdvisoryLock);
+    }
+    for stmt in sql.split(';') {
+        let s = skip_comments(stmt);
+        if starts_with_word(s, "set") {
+            let rest = skip_comments(&s[3..]);
+            let transaction_scoped = ["local", "transaction", "constraints"].iter().any(|w| starts_with_word(rest, w));
+            if !transaction_scoped {
+                return Some(Pin::Set);
+            }
+        } else if starts_with_word(s, "reset") {
+            return Some(Pin::Set);
+        } else if starts_with_word(s, "listen") {
+            return Some(Pin::Listen);
+        } else if starts_with_word(s, "prepare") {
+            let rest = skip_comments(&s[7..]);
+            if !starts_with_word(rest, "transaction") {
+                return Some(Pin::Prepare);
+            }
+        } else if starts_with_word(s, "load") {
+            return Some(Pin::Load);
+        } else if starts_with_word(s, "declare") && contains_ci(s, " with hold") {
+            return Some(Pin::HoldCursor);
+        } else if starts_with_word(s, "create") {
+            let mut words = s[6..].split_whitespace();
+            let mut w = words.next().unwrap_or("");
+            if w.eq_ignore_ascii_case("local") || w.eq_ignore_ascii_case("global") {
+                w = words.next().unwrap_or("");
+            }
+            if w.eq_ignore_ascii_case("temp") || w.eq_ignore_ascii_case("temporary") {
+                return Some(Pin::TempTable);
+            }
+        } else if contains_ci(s, " into temp ") || contains_ci(s, " into temporary ") {
+            return Some(Pin::TempTable);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn startup_settings_include_options() {
+        let params = vec![
+            ("user".to_string(), "u".to_string()),
+            ("TimeZone".to_string(), "UTC".to_string()),
+            ("options".to_string(), "-c search_path=a,b --statement-timeout=5s -cwork_mem=64MB -c x.y=a\\ b".to_string()),
+        ];
+        let s = startup_settings(&params).unwrap();
+        assert_eq!(s["timezone"], "UTC");
+        assert_eq!(s["search_path"], "a,b");
+        assert_eq!(s["statement_timeout"], "5s");
+        assert_eq!(s["work_mem"], "64MB");
+        assert_eq!(s["x.y"], "a b");
+        assert!(!s.contains_key("user"));
+        assert!(startup_settings(&[("options".into(), "-x".into())]).is_err());
+        assert!(startup_settings(&[("options".into(), "-c".into())]).is_err());
+    }
+
+    #[test]
+    fn settings_sql_applies_the_difference() {
+        let want: Settings = [("timezone".to_string(), "UTC".to_string()), ("application_name".to_string(), "o'k".to_string())].into();
+        let have: Settings = [("timezone".to_string(), "UTC".to_string()), ("search_path".to_string(), "x".to_string())].into();
+        assert_eq!(settings_sql(&want, &have), "SELECT set_config('application_name', 'o''k', false);RESET search_path;");
+        assert_eq!(settings_sql(&want, &want), "");
+        assert_eq!(quote_literal("a\\b"), "E'a\\\\b'");
+    }
+
+    #[test]
+    fn detects_state_that_outlives_a_transaction() {
+        assert_eq!(pins("SET search_path = x"), Some(Pin::Set));
+        assert_eq!(pins("  /* c */ set session timezone to 'UTC'"), Some(Pin::Set));
+        assert_eq!(pins("select 1; RESET ALL"), Some(Pin::Set));
+        assert_eq!(pins("SET LOCAL search_path = x"), None);
+        assert_eq!(pins("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"), None);
+        assert_eq!(pins("set constraints all deferred"), None);
+        assert_eq!(pins("LISTEN chan"), Some(Pin::Listen));
+        assert_eq!(pins("SELECT pg_advisory_lock(1)"), Some(Pin::AdvisoryLock));
+        assert_eq!(pins("SELECT pg_try_advisory_lock_shared(1)"), Some(Pin::AdvisoryLock));
+        assert_eq!(pins("SELECT pg_advisory_xact_lock(1)"), None);
+        assert_eq!(pins("CREATE TEMP TABLE t (a int)"), Some(Pin::TempTable));
+        assert_eq!(pins("create local temporary table t (a int)"), Some(Pin::TempTable));
+        assert_eq!(pins("SELECT * INTO TEMP t FROM x"), Some(Pin::TempTable));
+        assert_eq!(pins("CREATE TABLE temp (a int)"), None);
+        assert_eq!(pins("DECLARE c CURSOR WITH HOLD FOR SELECT 1"), Some(Pin::HoldCursor));
+        assert_eq!(pins("DECLARE c CURSOR FOR SELECT 1"), None);
+        assert_eq!(pins("PREPARE p AS SELECT 1"), Some(Pin::Prepare));
+        assert_eq!(pins("PREPARE TRANSACTION 'x'"), None);
+        assert_eq!(pins("LOAD 'auto_explain'"), Some(Pin::Load));
+        assert_eq!(pins("SELECT settings FROM t"), None);
+        assert_eq!(pins("UPDATE t SET a = 1"), None);
+        assert_eq!(pins("séléct 'ü'; sé"), None);
+    }
+}
