@@ -73,10 +73,12 @@ impl Shedder {
     /// The recent release rate, decayed when releases stopped coming.
     fn rate(&self, now: Instant) -> Option<f64> {
         let rate = self.rate?;
-        let since = match (self.last_release, self.saturated_since) {
-            (Some(r), Some(s)) => r.max(s),
-            (r, s) => r.or(s)?,
+        // Only a busy spell says anything about slowness: with nobody queueing, the time since
+        // the last release is just a quiet period.
+        let Some(saturated) = self.saturated_since else {
+            return Some(rate);
         };
+        let since = self.last_release.map_or(saturated, |r| r.max(saturated));
         let quiet = now.saturating_duration_since(since);
         if quiet > WINDOW * 4 {
             // Nothing released for a while: the true rate is at most one per quiet period.
@@ -210,9 +212,11 @@ mod tests {
         tokio::time::advance(Duration::from_secs(10)).await;
         let p = s.predict(Instant::now(), 5).unwrap();
         assert!(p >= Duration::from_secs(5), "{p:?} {:?}", s.rate);
-        // An idle spell is not slowness: a new busy spell starts from the last known rate.
+        // An idle spell is not slowness: a new busy spell starts from the last known rate,
+        // and so does a request that finds the queue empty after a quiet spell.
         s.queue_empty();
         tokio::time::advance(Duration::from_secs(30)).await;
+        assert!(s.predict(Instant::now(), 1).unwrap() < Duration::from_millis(100));
         s.queue_started(Instant::now());
         let p = s.predict(Instant::now(), 5).unwrap();
         assert!(p < Duration::from_millis(100), "{p:?}");
