@@ -449,7 +449,8 @@ impl<'a> Session<'a> {
                 hasher: &self.ctx.statement_hasher,
                 reject_session_state: self.config.on_session_state == crate::config::OnSessionState::Reject,
             });
-            let end = relay::relay(io, server, &flow, max_message, statements, prefix).await;
+            let span = tracing::trace_span!("relay", client = slot.addr.map(|a| a.port()).unwrap_or(0), server = server.process_id);
+            let end = tracing::Instrument::instrument(relay::relay(io, server, &flow, max_message, statements, prefix), span).await;
             if let (None, Some(pin)) = (self.pinned, flow.pinned()) {
                 self.pinned = Some(pin);
                 g.pinned.increment(1.0);

@@ -661,6 +661,7 @@ fn look(
             }
             let stmt = Arc::new(prepared::statement(t.hasher, p.rest));
             let name = p.name.to_string();
+            tracing::trace!(%name, server_name = %stmt.server_name, on_server = t.server.len(), "client Parse");
             t.client.insert(name.clone(), stmt.clone());
             if t.server.touch(stmt.hash) {
                 t.queue
@@ -810,6 +811,7 @@ fn take_injections(t: &mut Tracker<'_>) -> BytesMut {
 /// Matches one server message (by tag) against the queue: whether to swallow it, and the
 /// answers of Sluice's own due before and after it.
 fn respond(t: &mut Tracker<'_>, msg_tag: u8) -> (bool, Injections) {
+    tracing::trace!(tag = %char::from(msg_tag), queue = ?t.queue.iter().map(|e| (e.kind, matches!(e.action, Action::Swallow), matches!(e.action, Action::Inject(_)))).collect::<Vec<_>>(), "server message");
     let mut inj = Injections {
         before: take_injections(t),
         after: BytesMut::new(),
