@@ -224,8 +224,10 @@ impl Config {
             }
             fig = fig.merge(Toml::file(path));
         }
-        // `SLUICE_CONFIG` names the file, it is not a key.
-        fig = fig.merge(Env::prefixed("SLUICE_").split("__").ignore(&["config"]));
+        // `SLUICE_CONFIG` names the file, it is not a key; `SLUICE_LOADTEST_*` belong to the
+        // load generator, which may share the environment.
+        let env = Env::prefixed("SLUICE_").split("__").ignore(&["config"]).filter(|k| !k.as_str().starts_with("loadtest_"));
+        fig = fig.merge(env);
         fig = fig.merge(Serialized::defaults(flags));
         let mut cfg: Config = fig
             .extract()
