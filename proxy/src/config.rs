@@ -494,6 +494,12 @@ mod tests {
     }
 
     #[test]
+    fn load_generator_variables_are_not_keys() {
+        std::env::set_var("SLUICE_LOADTEST_URL", "postgres://x@y/z");
+        assert!(Config::load(None, &flags("postgres://app:pw@db/appdb")).is_ok());
+    }
+
+    #[test]
     fn file_keys_and_env_references() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.toml");
