@@ -15,8 +15,11 @@ use tokio::time::Instant;
 
 use super::Reason;
 
-/// Width of a rate-measurement window.
+/// A rate-measurement window closes after at least this long and `WINDOW_RELEASES` releases,
+/// or after `WINDOW_MAX` whatever the count, so one slow transaction is not taken for the rate.
 const WINDOW: Duration = Duration::from_millis(250);
+const WINDOW_RELEASES: u32 = 8;
+const WINDOW_MAX: Duration = Duration::from_secs(2);
 
 pub struct Shedder {
     target: Duration,
@@ -59,7 +62,7 @@ impl Shedder {
         self.window_count += 1;
         self.last_release = Some(now);
         let elapsed = now.saturating_duration_since(start);
-        if elapsed >= WINDOW {
+        if (elapsed >= WINDOW && self.window_count >= WINDOW_RELEASES) || elapsed >= WINDOW_MAX {
             let r = f64::from(self.window_count) / elapsed.as_secs_f64();
             self.rate = Some(match self.rate {
                 Some(old) => 0.5 * old + 0.5 * r,
@@ -80,7 +83,7 @@ impl Shedder {
         };
         let since = self.last_release.map_or(saturated, |r| r.max(saturated));
         let quiet = now.saturating_duration_since(since);
-        if quiet > WINDOW * 4 {
+        if quiet > WINDOW_MAX {
             // Nothing released for a while: the true rate is at most one per quiet period.
             return Some(rate.min(1.0 / quiet.as_secs_f64()));
         }

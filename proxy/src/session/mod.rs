@@ -323,7 +323,9 @@ impl<'a> Session<'a> {
             };
             for (name, value) in &unknown {
                 let sql = state::settings_sql(&[(name.clone(), value.clone())].into(), &Default::default());
-                match server.simple_query(&sql).await {
+                let applied = tokio::time::timeout(ROLLBACK_TIMEOUT, server.simple_query(&sql)).await;
+                let applied = applied.unwrap_or_else(|_| Err(server::ServerError::ConnectTimeout("applying startup parameters".into())));
+                match applied {
                     Ok(TxStatus::Idle) => {
                         let shown = server.params.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone());
                         self.ctx.validated_settings.lock().insert((name.clone(), value.clone()), shown);

@@ -161,6 +161,9 @@ pub struct Flow {
     status: AtomicU8,
     /// Bytes of a server message still to be streamed to the client.
     pub server_skip: Shared<AtomicUsize>,
+    /// Bytes of a client message still to be streamed to the server: while any remain the
+    /// server is mid-message and must not be released.
+    client_skip: Shared<AtomicUsize>,
     pub to_server: Shared<AtomicU64>,
     pub to_client: Shared<AtomicU64>,
     /// Wakes the server half when the client half queued an answer of Sluice's own.
@@ -182,6 +185,7 @@ impl Flow {
             syncs_since_execute: Shared::<AtomicU32>::new(0),
             status: AtomicU8::new(b'I'),
             server_skip: Shared::<AtomicUsize>::new(0),
+            client_skip: Shared::<AtomicUsize>::new(0),
             to_server: Shared::<AtomicU64>::new(0),
             to_client: Shared::<AtomicU64>::new(0),
             wake: Notify::new(),
@@ -210,11 +214,15 @@ impl Flow {
 
     /// Nothing in flight in either direction: the server is between requests.
     pub fn at_rest(&self) -> bool {
-        self.pending.get() == 0
-            && !self.partial.get()
-            && !self.copy_in.get()
-            && self.server_skip.get() == 0
+        self.between_requests() && self.server_skip.get() == 0
     }
+
+    /// Every request sent has been answered and the client is not inside a message or a COPY:
+    /// the next client byte starts a new request.
+    fn between_requests(&self) -> bool {
+        self.pending.get() == 0 && !self.partial.get() && !self.copy_in.get() && self.client_skip.get() == 0
+    }
+
 }
 
 pub enum End {
@@ -382,6 +390,7 @@ pub async fn relay(
             if rewrote {
                 staged.extend_from_slice(&cbuf[run_start..pos]);
             }
+            flow.client_skip.set(skip);
             let bytes = if rewrote { &staged[..] } else { &cbuf[..pos] };
             if !bytes.is_empty() {
                 if sw.write_all(bytes).await.is_err() {
@@ -466,10 +475,7 @@ pub async fn relay(
                         };
                         flow.status.store(status.byte(), Relaxed);
                         flow.pending.set(flow.pending.get().saturating_sub(1));
-                        done = flow.release.get()
-                            && status == TxStatus::Idle
-                            && flow.pending.get() == 0
-                            && !flow.partial.get();
+                        done = flow.release.get() && status == TxStatus::Idle && flow.between_requests();
                     }
                     backend::tag::COPY_IN_RESPONSE => {
                         // Syncs sent after the Execute that started this COPY are read by the
@@ -522,7 +528,7 @@ pub async fn relay(
                         }
                         flow.to_client.set(flow.to_client.get() + due.len() as u64);
                     }
-                    let idle = flow.status() == TxStatus::Idle && flow.pending.get() == 0 && !flow.partial.get();
+                    let idle = flow.status() == TxStatus::Idle && flow.between_requests();
                     if flow.release.get() && idle && sbuf.is_empty() && flow.server_skip.get() == 0 {
                         return End::Released;
                     }

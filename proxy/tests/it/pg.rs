@@ -11,9 +11,9 @@
 //! if that does not exist, as a `sluice-test` system user created on demand.
 //!
 //! The server binaries are found with `pg_config --bindir`, else in the newest
-//! `/usr/lib/postgresql/*/bin`; `SLUICE_PG_BINDIR` overrides both.
+//! `/usr/lib/postgresql/*/bin`; `PGTEST_BINDIR` overrides both.
 //! Server directories go to `/dev/shm` when it has room (fast), else `/tmp`;
-//! `SLUICE_PG_TMPDIR` overrides that. Directories left by killed test
+//! `PGTEST_TMPDIR` overrides that. Directories left by killed test
 //! processes (and postmasters still running in them) are cleaned up by the
 //! next test process.
 #![allow(dead_code)]
@@ -463,11 +463,11 @@ pub fn bindir() -> &'static Path {
 
 fn find_bindir() -> PathBuf {
     let has_server = |d: &Path| d.join("initdb").is_file() && d.join("postgres").is_file();
-    if let Some(dir) = std::env::var_os("SLUICE_PG_BINDIR") {
+    if let Some(dir) = std::env::var_os("PGTEST_BINDIR") {
         let dir = PathBuf::from(dir);
         assert!(
             has_server(&dir),
-            "SLUICE_PG_BINDIR={} has no initdb/postgres",
+            "PGTEST_BINDIR={} has no initdb/postgres",
             dir.display()
         );
         return dir;
@@ -503,7 +503,7 @@ fn find_bindir() -> PathBuf {
             "PostgreSQL server binaries (initdb, postgres) not found: neither `pg_config --bindir` \
              nor /usr/lib/postgresql/*/bin has them. Install the server, e.g. \
              `apt-get install -y postgresql` on Debian/Ubuntu (CI's .ci/run does this), \
-             or set SLUICE_PG_BINDIR to the directory holding initdb."
+             or set PGTEST_BINDIR to the directory holding initdb."
         ),
     }
 }
@@ -598,14 +598,14 @@ fn new_owned_tempdir(prefix: &str) -> tempfile::TempDir {
 
 const STALE_PREFIX: &str = "sluice-pg-";
 
-/// Where server directories go: `SLUICE_PG_TMPDIR` if set, else `/dev/shm`
+/// Where server directories go: `PGTEST_TMPDIR` if set, else `/dev/shm`
 /// when it is a tmpfs with room (copying a data directory there is ~10x
 /// faster than on a disk), else `/tmp` (when root, so the PostgreSQL user can
 /// reach it whatever TMPDIR says) or the usual temp dir.
 fn base_dir() -> &'static Path {
     static BASE: OnceLock<PathBuf> = OnceLock::new();
     BASE.get_or_init(|| {
-        let base = if let Some(dir) = std::env::var_os("SLUICE_PG_TMPDIR") {
+        let base = if let Some(dir) = std::env::var_os("PGTEST_TMPDIR") {
             PathBuf::from(dir)
         } else if free_bytes(Path::new("/dev/shm")) >= 2 << 30 {
             PathBuf::from("/dev/shm")

@@ -45,3 +45,36 @@ pub async fn connect(
     tokio::spawn(conn);
     Ok(client)
 }
+
+/// Like [`connect`], also returning the connection task: aborting it drops the socket without a
+/// Terminate message, the way a crashed or frozen client vanishes.
+pub async fn connect_with_task(
+    handle: &sluice::Handle,
+    user: &str,
+    password: &str,
+    db: &str,
+) -> Result<(Client, tokio::task::JoinHandle<()>), tokio_postgres::Error> {
+    let (client, conn) =
+        tokio_postgres::connect(&conn_string(handle, user, password, db), NoTls).await?;
+    let task = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok((client, task))
+}
+
+/// A libpq-style connection string for Sluice.
+pub fn conn_string(handle: &sluice::Handle, user: &str, password: &str, db: &str) -> String {
+    format!(
+        "host=127.0.0.1 port={} user={user} password={password} dbname={db}",
+        handle.local_addr.port()
+    )
+}
+
+/// A `postgres://` URL for Sluice, as psql and pgbench take it (password left out: give it in
+/// `PGPASSWORD`).
+pub fn url(handle: &sluice::Handle, user: &str, db: &str) -> String {
+    format!(
+        "postgres://{user}@127.0.0.1:{}/{db}",
+        handle.local_addr.port()
+    )
+}
