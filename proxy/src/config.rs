@@ -226,7 +226,10 @@ impl Config {
         }
         // `SLUICE_CONFIG` names the file, it is not a key; `SLUICE_LOADTEST_*` belong to the
         // load generator, which may share the environment.
-        let env = Env::prefixed("SLUICE_").split("__").ignore(&["config"]).filter(|k| !k.as_str().to_ascii_lowercase().starts_with("loadtest_"));
+        let env = Env::prefixed("SLUICE_")
+            .split("__")
+            .ignore(&["config"])
+            .filter(|k| !k.as_str().to_ascii_lowercase().starts_with("loadtest_"));
         fig = fig.merge(env);
         fig = fig.merge(Serialized::defaults(flags));
         let mut cfg: Config = fig

@@ -32,6 +32,9 @@ pub struct Shedder {
     saturated_since: Option<Instant>,
     /// Smoothed releases per second; `None` until a first window closes.
     rate: Option<f64>,
+    /// The last window's rate: predictions use the higher of the two, so a rate that is
+    /// rising is believed at once and shedding errs towards admitting.
+    last_rate: f64,
     /// When a run of served requests that waited above target began.
     above_since: Option<Instant>,
     overloaded: bool,
@@ -47,6 +50,7 @@ impl Shedder {
             last_release: None,
             saturated_since: None,
             rate: None,
+            last_rate: 0.0,
             above_since: None,
             overloaded: false,
         }
@@ -54,8 +58,16 @@ impl Shedder {
 
     /// Releases are counted only while requests queue: then their rate is the capacity, not
     /// the demand, which is all a light load would measure.
-    pub fn on_release(&mut self, now: Instant) {
+    ///
+    /// `steady` is false while server connections are being opened: capacity is still growing,
+    /// so the window measuring the rate starts over.
+    pub fn on_release(&mut self, now: Instant, steady: bool) {
         if self.saturated_since.is_none() {
+            return;
+        }
+        if !steady {
+            self.window_start = Some(now);
+            self.window_count = 0;
             return;
         }
         let start = *self.window_start.get_or_insert(now);
@@ -64,6 +76,7 @@ impl Shedder {
         let elapsed = now.saturating_duration_since(start);
         if (elapsed >= WINDOW && self.window_count >= WINDOW_RELEASES) || elapsed >= WINDOW_MAX {
             let r = f64::from(self.window_count) / elapsed.as_secs_f64();
+            self.last_rate = r;
             self.rate = Some(match self.rate {
                 Some(old) => 0.5 * old + 0.5 * r,
                 None => r,
@@ -75,7 +88,7 @@ impl Shedder {
 
     /// The recent release rate, decayed when releases stopped coming.
     fn rate(&self, now: Instant) -> Option<f64> {
-        let rate = self.rate?;
+        let rate = self.rate?.max(self.last_rate);
         // Only a busy spell says anything about slowness: with nobody queueing, the time since
         // the last release is just a quiet period.
         let Some(saturated) = self.saturated_since else {
@@ -187,7 +200,7 @@ mod tests {
     async fn predicts_from_release_rate() {
         let mut s = Shedder::new(Duration::from_millis(50), Duration::from_millis(200));
         assert_eq!(s.predict(Instant::now(), 10), None);
-        s.on_release(Instant::now());
+        s.on_release(Instant::now(), true);
         assert_eq!(
             s.predict(Instant::now(), 10),
             None,
@@ -197,7 +210,7 @@ mod tests {
         // 100 releases per second for one second.
         for _ in 0..100 {
             tokio::time::advance(Duration::from_millis(10)).await;
-            s.on_release(Instant::now());
+            s.on_release(Instant::now(), true);
         }
         let p = s.predict(Instant::now(), 50).unwrap();
         assert!(

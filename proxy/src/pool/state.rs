@@ -285,7 +285,10 @@ impl<C: Send + 'static> State<C> {
         let ahead = gs.waiters.len() as u32 + 1;
         let groups_waiting = (self.rr.len() as u32 + u32::from(gs.waiters.is_empty())).max(1);
         let ahead = (ahead * groups_waiting).min(self.waiting + 1);
-        if let Some((reason, detail)) = self.shedder.check(now, ahead, self.limits.wait_timeout) {
+        // Predictions need a steady pool: while connections are opening, requests wait on the
+        // connect limit, not on releases.
+        let steady = self.connecting == 0;
+        if let Some((reason, detail)) = steady.then(|| self.shedder.check(now, ahead, self.limits.wait_timeout)).flatten() {
             return Err(self.reject(group, reason, detail));
         }
         Ok(Admit::Queue)
@@ -430,7 +433,9 @@ impl<C: Send + 'static> State<C> {
             gs.transaction_time += held;
             self.active -= 1;
             self.pools[p].active -= 1;
-            self.shedder.on_release(now);
+            // While connections are being opened capacity is still growing: the release rate
+            // would understate it.
+            self.shedder.on_release(now, self.connecting == 0);
         }
         match entry {
             // Over budget after a RELOAD lowered it: close instead of keeping it.

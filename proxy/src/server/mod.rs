@@ -119,10 +119,13 @@ impl ServerInfo {
     }
 }
 
+/// The last id given out, and the entries by id.
+type Registered = (u64, HashMap<u64, Arc<ServerInfo>>);
+
 /// Every open server connection, for the admin console. Touched when connections open and close.
 #[derive(Default, Clone)]
 pub struct ServerRegistry {
-    inner: Arc<Mutex<(u64, HashMap<u64, Arc<ServerInfo>>)>>,
+    inner: Arc<Mutex<Registered>>,
 }
 
 impl ServerRegistry {
@@ -343,12 +346,17 @@ impl ServerConn {
                     scram = Some(s);
                 }
                 Message::AuthenticationSaslContinue(body) => {
-                    let s = scram
-                        .as_mut()
+                    let mut s = scram
+                        .take()
                         .ok_or_else(|| ServerError::Protocol("unexpected SASLContinue".into()))?;
-                    s.update(body.data())
+                    // The client proof costs a PBKDF2 run: keep it off the async workers.
+                    let data = body.data().to_vec();
+                    let s = tokio::task::spawn_blocking(move || s.update(&data).map(|()| s))
+                        .await
+                        .map_err(|e| ServerError::Auth(e.to_string()))?
                         .map_err(|e| ServerError::Auth(e.to_string()))?;
                     frontend::sasl_response(s.message(), &mut out)?;
+                    scram = Some(s);
                 }
                 Message::AuthenticationSaslFinal(body) => {
                     let mut s = scram

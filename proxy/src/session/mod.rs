@@ -9,9 +9,9 @@
 mod admin;
 mod clients;
 mod prepared;
-mod state;
-mod relay;
+pub mod relay;
 mod startup;
+mod state;
 
 pub use startup::refuse;
 
@@ -281,16 +281,29 @@ impl<'a> Session<'a> {
         }
         let params = match self.server_params().await {
             Ok(p) => p,
-            Err(e) => return Exit::Fatal(ErrorFields { severity: "FATAL".into(), ..e }),
+            Err(e) => {
+                return Exit::Fatal(ErrorFields {
+                    severity: "FATAL".into(),
+                    ..e
+                })
+            }
         };
         let reported = match self.validate_settings().await {
             Ok(r) => r,
-            Err(e) => return Exit::Fatal(ErrorFields { severity: "FATAL".into(), ..e }),
+            Err(e) => {
+                return Exit::Fatal(ErrorFields {
+                    severity: "FATAL".into(),
+                    ..e
+                })
+            }
         };
         let mut out = BytesMut::new();
         for (name, value) in params.iter() {
             // The client sees its own settings, as the server would report them to it.
-            let own = reported.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str());
+            let own = reported
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str());
             Out::parameter_status(&mut out, name, own.unwrap_or(value));
         }
         Out::backend_key_data(&mut out, registration.process_id, registration.secret_key);
@@ -314,23 +327,53 @@ impl<'a> Session<'a> {
     async fn validate_settings(&self) -> Result<Vec<(String, String)>, ErrorFields> {
         let unknown: state::Settings = {
             let known = self.ctx.validated_settings.lock();
-            self.settings.iter().filter(|(n, v)| !known.contains_key(&((*n).clone(), (*v).clone()))).map(|(n, v)| (n.clone(), v.clone())).collect()
+            self.settings
+                .iter()
+                .filter(|(n, v)| !known.contains_key(&((*n).clone(), (*v).clone())))
+                .map(|(n, v)| (n.clone(), v.clone()))
+                .collect()
         };
         if !unknown.is_empty() {
             let mut lease = self.checkout().await?;
             let Some(server) = lease.conn() else {
-                return Err(ErrorFields { severity: "FATAL".into(), code: sqlstate::INTERNAL_ERROR.into(), message: "lease without connection".into(), ..Default::default() });
+                return Err(ErrorFields {
+                    severity: "FATAL".into(),
+                    code: sqlstate::INTERNAL_ERROR.into(),
+                    message: "lease without connection".into(),
+                    ..Default::default()
+                });
             };
             for (name, value) in &unknown {
-                let sql = state::settings_sql(&[(name.clone(), value.clone())].into(), &Default::default());
-                let applied = tokio::time::timeout(ROLLBACK_TIMEOUT, server.simple_query(&sql)).await;
-                let applied = applied.unwrap_or_else(|_| Err(server::ServerError::ConnectTimeout("applying startup parameters".into())));
+                let sql = state::settings_sql(
+                    &[(name.clone(), value.clone())].into(),
+                    &Default::default(),
+                );
+                let applied =
+                    tokio::time::timeout(ROLLBACK_TIMEOUT, server.simple_query(&sql)).await;
+                let applied = applied.unwrap_or_else(|_| {
+                    Err(server::ServerError::ConnectTimeout(
+                        "applying startup parameters".into(),
+                    ))
+                });
                 match applied {
                     Ok(TxStatus::Idle) => {
-                        let shown = server.params.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone());
-                        self.ctx.validated_settings.lock().insert((name.clone(), value.clone()), shown);
+                        let shown = server
+                            .params
+                            .iter()
+                            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                            .map(|(_, v)| v.clone());
+                        self.ctx
+                            .validated_settings
+                            .lock()
+                            .insert((name.clone(), value.clone()), shown);
                     }
-                    Ok(_) => return Err(ErrorFields { code: sqlstate::INTERNAL_ERROR.into(), message: "unexpected transaction state".into(), ..Default::default() }),
+                    Ok(_) => {
+                        return Err(ErrorFields {
+                            code: sqlstate::INTERNAL_ERROR.into(),
+                            message: "unexpected transaction state".into(),
+                            ..Default::default()
+                        })
+                    }
                     Err(server::ServerError::Rejected(f)) => {
                         // Leave the server as it was before handing it back.
                         let _ = server.simple_query(&format!("RESET {name}")).await;
@@ -347,7 +390,17 @@ impl<'a> Session<'a> {
             lease.release();
         }
         let known = self.ctx.validated_settings.lock();
-        Ok(self.settings.iter().filter_map(|(n, v)| known.get(&(n.clone(), v.clone())).cloned().flatten().map(|shown| (n.clone(), shown))).collect())
+        Ok(self
+            .settings
+            .iter()
+            .filter_map(|(n, v)| {
+                known
+                    .get(&(n.clone(), v.clone()))
+                    .cloned()
+                    .flatten()
+                    .map(|shown| (n.clone(), shown))
+            })
+            .collect())
     }
 
     /// The loop of a logged-in client: wait for a request, borrow a server, relay, give it back.
@@ -440,19 +493,31 @@ impl<'a> Session<'a> {
             let pooling = self.mode == PoolMode::Transaction;
             flow.release.set(pooling && self.pinned.is_none());
             // Bring the server's settings to the client's, in the same write as its request.
-            let prefix = pooling.then(|| state::settings_sql(&self.settings, &server.settings)).filter(|sql| !sql.is_empty()).map(|sql| {
-                server.settings.clone_from(&self.settings);
-                let mut q = BytesMut::new();
-                Out::query(&mut q, &sql);
-                q.freeze()
-            });
+            let prefix = pooling
+                .then(|| state::settings_sql(&self.settings, &server.settings))
+                .filter(|sql| !sql.is_empty())
+                .map(|sql| {
+                    server.settings.clone_from(&self.settings);
+                    let mut q = BytesMut::new();
+                    Out::query(&mut q, &sql);
+                    q.freeze()
+                });
             let statements = pooling.then_some(relay::Statements {
                 client: &mut self.statements,
                 hasher: &self.ctx.statement_hasher,
-                reject_session_state: self.config.on_session_state == crate::config::OnSessionState::Reject,
+                reject_session_state: self.config.on_session_state
+                    == crate::config::OnSessionState::Reject,
             });
-            let span = tracing::trace_span!("relay", client = slot.addr.map(|a| a.port()).unwrap_or(0), server = server.process_id);
-            let end = tracing::Instrument::instrument(relay::relay(io, server, &flow, max_message, statements, prefix), span).await;
+            let span = tracing::trace_span!(
+                "relay",
+                client = slot.addr.map(|a| a.port()).unwrap_or(0),
+                server = server.process_id
+            );
+            let end = tracing::Instrument::instrument(
+                relay::relay(io, server, &flow, max_message, statements, prefix),
+                span,
+            )
+            .await;
             if let (None, Some(pin)) = (self.pinned, flow.pinned()) {
                 self.pinned = Some(pin);
                 g.pinned.increment(1.0);
@@ -631,7 +696,9 @@ async fn cleanup(mut lease: Lease<ServerConn>, flow: &Flow, mode: PoolMode, rese
         // drop the session state (settings, prepared statements, temporary tables, advisory
         // locks, LISTENs) it built up.
         let reset = async {
-            if flow.status() != TxStatus::Idle && server.simple_query("ROLLBACK").await? != TxStatus::Idle {
+            if flow.status() != TxStatus::Idle
+                && server.simple_query("ROLLBACK").await? != TxStatus::Idle
+            {
                 return Ok(false);
             }
             if reset_session {

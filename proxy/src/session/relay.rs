@@ -34,7 +34,7 @@ use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
 use parking_lot::Mutex;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 
 use super::prepared::{self, ClientStatements, Statement, StatementCommand};
@@ -153,6 +153,7 @@ struct Tracker<'a> {
 }
 
 /// Request-tracking state shared by the two halves.
+#[derive(Default)]
 pub struct Flow {
     pub pending: Shared<AtomicU32>,
     pub partial: Shared<AtomicBool>,
@@ -174,29 +175,29 @@ pub struct Flow {
     pin: AtomicU8,
 }
 
-const PINS: [Pin; 7] = [Pin::Set, Pin::Listen, Pin::AdvisoryLock, Pin::TempTable, Pin::HoldCursor, Pin::Prepare, Pin::Load];
+const PINS: [Pin; 7] = [
+    Pin::Set,
+    Pin::Listen,
+    Pin::AdvisoryLock,
+    Pin::TempTable,
+    Pin::HoldCursor,
+    Pin::Prepare,
+    Pin::Load,
+];
 
 impl Flow {
     pub fn new() -> Self {
         Flow {
-            pending: Shared::<AtomicU32>::new(0),
-            partial: Shared::<AtomicBool>::new(false),
-            copy_in: Shared::<AtomicBool>::new(false),
-            syncs_since_execute: Shared::<AtomicU32>::new(0),
             status: AtomicU8::new(b'I'),
-            server_skip: Shared::<AtomicUsize>::new(0),
-            client_skip: Shared::<AtomicUsize>::new(0),
-            to_server: Shared::<AtomicU64>::new(0),
-            to_client: Shared::<AtomicU64>::new(0),
-            wake: Notify::new(),
             release: Shared::<AtomicBool>::new(true),
-            pin: AtomicU8::new(0),
+            ..Default::default()
         }
     }
 
     /// Why the session must keep its server, if a statement said so.
     pub fn pinned(&self) -> Option<Pin> {
-        PINS.get(usize::from(self.pin.load(Relaxed)).checked_sub(1)?).copied()
+        PINS.get(usize::from(self.pin.load(Relaxed)).checked_sub(1)?)
+            .copied()
     }
 
     fn pin(&self, p: Pin) {
@@ -220,9 +221,11 @@ impl Flow {
     /// Every request sent has been answered and the client is not inside a message or a COPY:
     /// the next client byte starts a new request.
     fn between_requests(&self) -> bool {
-        self.pending.get() == 0 && !self.partial.get() && !self.copy_in.get() && self.client_skip.get() == 0
+        self.pending.get() == 0
+            && !self.partial.get()
+            && !self.copy_in.get()
+            && self.client_skip.get() == 0
     }
-
 }
 
 pub enum End {
@@ -266,10 +269,55 @@ pub async fn relay(
     statements: Option<Statements<'_>>,
     prefix: Option<Bytes>,
 ) -> End {
-    let (mut cr, mut cw) = client.stream.split();
-    let (mut sr, mut sw) = server.stream.split();
-    let cbuf = &mut client.buf;
-    let sbuf = &mut server.buf;
+    let (cr, cw) = client.stream.split();
+    let (sr, sw) = server.stream.split();
+    let sides = Sides {
+        cr,
+        cw,
+        cbuf: &mut client.buf,
+        sr,
+        sw,
+        sbuf: &mut server.buf,
+        prepared: &mut server.prepared,
+    };
+    relay_streams(sides, flow, max_message, statements, prefix).await
+}
+
+/// The two ends of a relay: each side's read and write halves and read buffer, and the
+/// statements prepared on the server.
+pub struct Sides<'a, CR, CW, SR, SW> {
+    pub cr: CR,
+    pub cw: CW,
+    pub cbuf: &'a mut BytesMut,
+    pub sr: SR,
+    pub sw: SW,
+    pub sbuf: &'a mut BytesMut,
+    pub prepared: &'a mut Prepared,
+}
+
+/// [`relay`] over any streams (benchmarks drive it over in-memory pipes).
+pub async fn relay_streams<CR, CW, SR, SW>(
+    sides: Sides<'_, CR, CW, SR, SW>,
+    flow: &Flow,
+    max_message: usize,
+    statements: Option<Statements<'_>>,
+    prefix: Option<Bytes>,
+) -> End
+where
+    CR: AsyncRead + Unpin,
+    CW: AsyncWrite + Unpin,
+    SR: AsyncRead + Unpin,
+    SW: AsyncWrite + Unpin,
+{
+    let Sides {
+        mut cr,
+        mut cw,
+        cbuf,
+        mut sr,
+        mut sw,
+        sbuf,
+        prepared,
+    } = sides;
     let tracking = statements.is_some();
     let tracker = statements.map(|s| {
         Mutex::new(Tracker {
@@ -277,7 +325,7 @@ pub async fn relay(
             reject_session_state: s.reject_session_state,
             discarding: false,
             client: s.client,
-            server: std::mem::take(&mut server.prepared),
+            server: std::mem::take(&mut *prepared),
             hasher: s.hasher,
         })
     });
@@ -287,7 +335,9 @@ pub async fn relay(
         let mut skip = 0usize;
         let mut staged = BytesMut::new();
         if let (Some(p), Some(t)) = (prefix, tracker) {
-            t.lock().queue.push_back(Entry::new(Kind::Query, Action::Swallow));
+            t.lock()
+                .queue
+                .push_back(Entry::new(Kind::Query, Action::Swallow));
             if sw.write_all(&p).await.is_err() {
                 return End::ServerGone("write to server failed".into());
             }
@@ -438,7 +488,9 @@ pub async fn relay(
                 }
                 done = false;
                 if let Some(t) = tracker {
-                    let swallowing = t.lock().queue.front().is_some_and(|e| e.kind == Kind::Query && matches!(e.action, Action::Swallow));
+                    let swallowing = t.lock().queue.front().is_some_and(|e| {
+                        e.kind == Kind::Query && matches!(e.action, Action::Swallow)
+                    });
                     if (swallowing || ends_a_response(h.tag)) && sbuf.len() < pos + h.total() {
                         // Answers of Sluice's own may follow it: take it whole.
                         sbuf.reserve(h.total());
@@ -475,7 +527,9 @@ pub async fn relay(
                         };
                         flow.status.store(status.byte(), Relaxed);
                         flow.pending.set(flow.pending.get().saturating_sub(1));
-                        done = flow.release.get() && status == TxStatus::Idle && flow.between_requests();
+                        done = flow.release.get()
+                            && status == TxStatus::Idle
+                            && flow.between_requests();
                     }
                     backend::tag::COPY_IN_RESPONSE => {
                         // Syncs sent after the Execute that started this COPY are read by the
@@ -547,7 +601,7 @@ pub async fn relay(
         if !t.queue.is_empty() {
             flow.partial.set(true);
         }
-        server.prepared = std::mem::take(&mut t.server);
+        *prepared = std::mem::take(&mut t.server);
     }
     end
 }
@@ -570,7 +624,10 @@ fn ends_a_response(t: u8) -> bool {
 
 /// Messages whose bodies the client half must read when rewriting statements.
 fn needs_look(h: Header) -> bool {
-    matches!(h.tag, tag::PARSE | tag::BIND | tag::DESCRIBE | tag::CLOSE | tag::QUERY)
+    matches!(
+        h.tag,
+        tag::PARSE | tag::BIND | tag::DESCRIBE | tag::CLOSE | tag::QUERY
+    )
 }
 
 fn kind_of(t: u8) -> Option<Kind> {
@@ -656,7 +713,8 @@ fn look(
             if let Some(pin) = state::pins(&String::from_utf8_lossy(text)) {
                 if t.reject_session_state {
                     t.discarding = true;
-                    t.queue.push_back(Entry::new(Kind::Parse, Action::Inject(refusal(pin, None))));
+                    t.queue
+                        .push_back(Entry::new(Kind::Parse, Action::Inject(refusal(pin, None))));
                     return Ok((Rewrite::Drop, true));
                 }
                 flow.pin(pin);
@@ -733,7 +791,10 @@ fn look(
             let sql = frontend::query(body).map_err(err)?;
             if let Some(pin) = state::pins(sql) {
                 if t.reject_session_state {
-                    t.queue.push_back(Entry::new(Kind::Query, Action::Inject(refusal(pin, Some(flow.status())))));
+                    t.queue.push_back(Entry::new(
+                        Kind::Query,
+                        Action::Inject(refusal(pin, Some(flow.status()))),
+                    ));
                     return Ok((Rewrite::Drop, true));
                 }
                 flow.pin(pin);

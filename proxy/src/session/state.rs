@@ -52,17 +52,28 @@ fn parse_options(options: &str, out: &mut Settings) -> Result<(), String> {
         } else if let Some(rest) = w.strip_prefix("--") {
             rest.to_string()
         } else {
-            return Err(format!("unsupported startup option \"{w}\": only -c name=value is supported"));
+            return Err(format!(
+                "unsupported startup option \"{w}\": only -c name=value is supported"
+            ));
         };
-        let (name, value) = pair.split_once('=').ok_or_else(|| format!("startup option \"{pair}\" is not name=value"))?;
-        out.insert(name.trim().to_ascii_lowercase().replace('-', "_"), value.to_string());
+        let (name, value) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("startup option \"{pair}\" is not name=value"))?;
+        out.insert(
+            name.trim().to_ascii_lowercase().replace('-', "_"),
+            value.to_string(),
+        );
     }
     Ok(())
 }
 
 /// Whether a setting name is safe to put in a SET statement unquoted.
 pub fn valid_name(name: &str) -> bool {
-    !name.is_empty() && name.len() <= 63 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.')
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.')
 }
 
 /// SQL that takes a server from `have` to `want`: `set_config` for what differs (it parses
@@ -72,10 +83,18 @@ pub fn settings_sql(want: &Settings, have: &Settings) -> String {
     let mut calls = Vec::new();
     for (name, value) in want {
         if have.get(name) != Some(value) {
-            calls.push(format!("set_config({}, {}, false)", quote_literal(name), quote_literal(value)));
+            calls.push(format!(
+                "set_config({}, {}, false)",
+                quote_literal(name),
+                quote_literal(value)
+            ));
         }
     }
-    let mut sql = if calls.is_empty() { String::new() } else { format!("SELECT {};", calls.join(", ")) };
+    let mut sql = if calls.is_empty() {
+        String::new()
+    } else {
+        format!("SELECT {};", calls.join(", "))
+    };
     for name in have.keys() {
         if !want.contains_key(name) {
             sql.push_str(&format!("RESET {name};"));
@@ -170,21 +189,28 @@ fn starts_with_word(s: &str, word: &str) -> bool {
     // The first bytes must be the ASCII word, so slicing after them is on a char boundary.
     s.len() >= word.len()
         && s.as_bytes()[..word.len()].eq_ignore_ascii_case(word.as_bytes())
-        && s[word.len()..].chars().next().is_none_or(|c| !c.is_alphanumeric() && c != '_')
+        && s[word.len()..]
+            .chars()
+            .next()
+            .is_none_or(|c| !c.is_alphanumeric() && c != '_')
 }
 
 /// Finds the first statement in `sql` whose effect outlives its transaction. Every statement of
 /// a multi-statement Query is looked at. Text inside quotes is not parsed, so a keyword inside a
 /// string literal may pin needlessly, which is safe.
 pub fn pins(sql: &str) -> Option<Pin> {
-    if contains_ci(sql, "advisory_lock") && (contains_ci(sql, "pg_advisory_lock") || contains_ci(sql, "pg_try_advisory_lock")) {
+    if contains_ci(sql, "advisory_lock")
+        && (contains_ci(sql, "pg_advisory_lock") || contains_ci(sql, "pg_try_advisory_lock"))
+    {
         return Some(Pin::AdvisoryLock);
     }
     for stmt in sql.split(';') {
         let s = skip_comments(stmt);
         if starts_with_word(s, "set") {
             let rest = skip_comments(&s[3..]);
-            let transaction_scoped = ["local", "transaction", "constraints"].iter().any(|w| starts_with_word(rest, w));
+            let transaction_scoped = ["local", "transaction", "constraints"]
+                .iter()
+                .any(|w| starts_with_word(rest, w));
             if !transaction_scoped {
                 return Some(Pin::Set);
             }
@@ -226,7 +252,11 @@ mod tests {
         let params = vec![
             ("user".to_string(), "u".to_string()),
             ("TimeZone".to_string(), "UTC".to_string()),
-            ("options".to_string(), "-c search_path=a,b --statement-timeout=5s -cwork_mem=64MB -c x.y=a\\ b".to_string()),
+            (
+                "options".to_string(),
+                "-c search_path=a,b --statement-timeout=5s -cwork_mem=64MB -c x.y=a\\ b"
+                    .to_string(),
+            ),
         ];
         let s = startup_settings(&params).unwrap();
         assert_eq!(s["timezone"], "UTC");
@@ -241,9 +271,20 @@ mod tests {
 
     #[test]
     fn settings_sql_applies_the_difference() {
-        let want: Settings = [("timezone".to_string(), "UTC".to_string()), ("application_name".to_string(), "o'k".to_string())].into();
-        let have: Settings = [("timezone".to_string(), "UTC".to_string()), ("search_path".to_string(), "x".to_string())].into();
-        assert_eq!(settings_sql(&want, &have), "SELECT set_config('application_name', 'o''k', false);RESET search_path;");
+        let want: Settings = [
+            ("timezone".to_string(), "UTC".to_string()),
+            ("application_name".to_string(), "o'k".to_string()),
+        ]
+        .into();
+        let have: Settings = [
+            ("timezone".to_string(), "UTC".to_string()),
+            ("search_path".to_string(), "x".to_string()),
+        ]
+        .into();
+        assert_eq!(
+            settings_sql(&want, &have),
+            "SELECT set_config('application_name', 'o''k', false);RESET search_path;"
+        );
         assert_eq!(settings_sql(&want, &want), "");
         assert_eq!(quote_literal("a\\b"), "E'a\\\\b'");
     }
@@ -251,20 +292,32 @@ mod tests {
     #[test]
     fn detects_state_that_outlives_a_transaction() {
         assert_eq!(pins("SET search_path = x"), Some(Pin::Set));
-        assert_eq!(pins("  /* c */ set session timezone to 'UTC'"), Some(Pin::Set));
+        assert_eq!(
+            pins("  /* c */ set session timezone to 'UTC'"),
+            Some(Pin::Set)
+        );
         assert_eq!(pins("select 1; RESET ALL"), Some(Pin::Set));
         assert_eq!(pins("SET LOCAL search_path = x"), None);
         assert_eq!(pins("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"), None);
         assert_eq!(pins("set constraints all deferred"), None);
         assert_eq!(pins("LISTEN chan"), Some(Pin::Listen));
         assert_eq!(pins("SELECT pg_advisory_lock(1)"), Some(Pin::AdvisoryLock));
-        assert_eq!(pins("SELECT pg_try_advisory_lock_shared(1)"), Some(Pin::AdvisoryLock));
+        assert_eq!(
+            pins("SELECT pg_try_advisory_lock_shared(1)"),
+            Some(Pin::AdvisoryLock)
+        );
         assert_eq!(pins("SELECT pg_advisory_xact_lock(1)"), None);
         assert_eq!(pins("CREATE TEMP TABLE t (a int)"), Some(Pin::TempTable));
-        assert_eq!(pins("create local temporary table t (a int)"), Some(Pin::TempTable));
+        assert_eq!(
+            pins("create local temporary table t (a int)"),
+            Some(Pin::TempTable)
+        );
         assert_eq!(pins("SELECT * INTO TEMP t FROM x"), Some(Pin::TempTable));
         assert_eq!(pins("CREATE TABLE temp (a int)"), None);
-        assert_eq!(pins("DECLARE c CURSOR WITH HOLD FOR SELECT 1"), Some(Pin::HoldCursor));
+        assert_eq!(
+            pins("DECLARE c CURSOR WITH HOLD FOR SELECT 1"),
+            Some(Pin::HoldCursor)
+        );
         assert_eq!(pins("DECLARE c CURSOR FOR SELECT 1"), None);
         assert_eq!(pins("PREPARE p AS SELECT 1"), Some(Pin::Prepare));
         assert_eq!(pins("PREPARE TRANSACTION 'x'"), None);

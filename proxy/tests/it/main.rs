@@ -1,5 +1,9 @@
 //! Integration tests: one test binary (`cargo test -p sluice --test it`).
 
+mod admin;
+mod backpressure;
+mod core;
+mod drivers;
 mod harness_selftest;
 mod loadgen;
 mod pg;

@@ -1,0 +1,1 @@
+//! Benchmarks only: see `benches/hot_path.rs` and `compare.sh`.
