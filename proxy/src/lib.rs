@@ -129,9 +129,18 @@ pub async fn start_from(
         })?;
     let pools = Pools::new(session::limits(&config));
     // Pools that keep warm connections exist from the start, so the first burst finds them.
-    for db in config.databases.keys().filter(|db| config.min_pool_size_for(db) > 0) {
+    for db in config
+        .databases
+        .keys()
+        .filter(|db| config.min_pool_size_for(db) > 0)
+    {
         for user in config.users.keys() {
-            pools.pool(db, user, config.pool_size_for(db), config.min_pool_size_for(db));
+            pools.pool(
+                db,
+                user,
+                config.pool_size_for(db),
+                config.min_pool_size_for(db),
+            );
         }
     }
     let shutdown = CancellationToken::new();

@@ -288,7 +288,10 @@ impl<C: Send + 'static> State<C> {
         // Predictions need a steady pool: while connections are opening, requests wait on the
         // connect limit, not on releases.
         let steady = self.connecting == 0;
-        if let Some((reason, detail)) = steady.then(|| self.shedder.check(now, ahead, self.limits.wait_timeout)).flatten() {
+        if let Some((reason, detail)) = steady
+            .then(|| self.shedder.check(now, ahead, self.limits.wait_timeout))
+            .flatten()
+        {
             return Err(self.reject(group, reason, detail));
         }
         Ok(Admit::Queue)

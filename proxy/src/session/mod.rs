@@ -445,7 +445,9 @@ impl<'a> Session<'a> {
             g.clients_idle.decrement(1.0);
             g.clients_waiting.increment(1.0);
             slot.set_state(ClientState::Waiting);
+            tracing::trace!(buffered = io.buf.len(), "checking out a server");
             let acquired = self.checkout().await;
+            tracing::trace!(ok = acquired.is_ok(), "checkout done");
             g.clients_waiting.decrement(1.0);
             slot.set_state(ClientState::Idle);
             let mut lease = match acquired {
@@ -518,11 +520,12 @@ impl<'a> Session<'a> {
                 span,
             )
             .await;
-            if let (None, Some(pin)) = (self.pinned, flow.pinned()) {
-                self.pinned = Some(pin);
-                g.pinned.increment(1.0);
-                crate::metrics::session_pinned(pin.as_str());
-                tracing::info!(user = %self.target.user, database = %self.database, reason = pin.as_str(), "session pinned to its server connection");
+            tracing::trace!(released = matches!(end, End::Released), "relay ended");
+            if flow.settings_reset.get() {
+                server.settings.clear();
+            }
+            if self.pinned.is_none() {
+                self.pinned = flow.pinned();
             }
             slot.set_server(None);
             server.info.set_state(ServerState::Idle);

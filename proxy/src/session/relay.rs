@@ -147,6 +147,8 @@ struct Tracker<'a> {
     /// After refusing a Parse, the client's messages up to its Sync are dropped, as the server
     /// would after an error.
     discarding: bool,
+    /// The client ran `DISCARD ALL`/`DEALLOCATE ALL`: the server's settings are its defaults.
+    settings_reset: bool,
     client: &'a mut ClientStatements,
     server: Prepared,
     hasher: &'a std::collections::hash_map::RandomState,
@@ -169,6 +171,8 @@ pub struct Flow {
     pub to_client: Shared<AtomicU64>,
     /// Wakes the server half when the client half queued an answer of Sluice's own.
     wake: Notify,
+    /// The client reset the server's session (`DISCARD ALL`): its settings are the defaults.
+    pub settings_reset: Shared<AtomicBool>,
     /// Whether the server goes back to the pool when a transaction ends; cleared by a pin.
     pub release: Shared<AtomicBool>,
     /// The first statement seen whose state outlives its transaction (index + 1 into PINS).
@@ -200,10 +204,17 @@ impl Flow {
             .copied()
     }
 
+    /// Keeps the server for the rest of the session; counted and logged once, when it happens.
     fn pin(&self, p: Pin) {
-        if self.pin.load(Relaxed) == 0 {
+        if self.pin.load(Relaxed) == 0 && self.release.get() {
             let i = PINS.iter().position(|x| *x == p).unwrap_or(0);
             self.pin.store(i as u8 + 1, Relaxed);
+            crate::metrics::session_pinned(p.as_str());
+            crate::metrics::global().pinned.increment(1.0);
+            tracing::info!(
+                reason = p.as_str(),
+                "session pinned to its server connection"
+            );
         }
         self.release.set(false);
     }
@@ -324,6 +335,7 @@ where
             queue: VecDeque::new(),
             reject_session_state: s.reject_session_state,
             discarding: false,
+            settings_reset: false,
             client: s.client,
             server: std::mem::take(&mut *prepared),
             hasher: s.hasher,
@@ -563,7 +575,8 @@ where
                     .set(flow.to_client.get() + bytes.len() as u64);
             }
             sbuf.advance(pos);
-            if done && sbuf.is_empty() && flow.server_skip.get() == 0 {
+            let owed = || tracker.as_ref().is_some_and(|t| !t.lock().queue.is_empty());
+            if done && sbuf.is_empty() && flow.server_skip.get() == 0 && !owed() {
                 return End::Released;
             }
             sbuf.reserve(READ_BUFFER);
@@ -576,13 +589,16 @@ where
                 _ = flow.wake.notified(), if tracking => {
                     // Answers of Sluice's own with nothing ahead of them in the queue.
                     let due = tracker.as_ref().map(|t| take_injections(&mut t.lock())).unwrap_or_default();
+                    tracing::trace!(bytes = due.len(), pending = flow.pending.get(), partial = flow.partial.get(), "woken for answers of Sluice's own");
                     if !due.is_empty() {
                         if cw.write_all(&due).await.is_err() {
                             return End::ClientGone;
                         }
                         flow.to_client.set(flow.to_client.get() + due.len() as u64);
                     }
-                    let idle = flow.status() == TxStatus::Idle && flow.between_requests();
+                    // Nothing may be owed by the server either (Sluice's own statements in flight).
+                    let owed = tracker.as_ref().is_some_and(|t| !t.lock().queue.is_empty());
+                    let idle = flow.status() == TxStatus::Idle && flow.between_requests() && !owed;
                     if flow.release.get() && idle && sbuf.is_empty() && flow.server_skip.get() == 0 {
                         return End::Released;
                     }
@@ -602,6 +618,9 @@ where
             flow.partial.set(true);
         }
         *prepared = std::mem::take(&mut t.server);
+        if t.settings_reset {
+            flow.settings_reset.set(true);
+        }
     }
     end
 }
@@ -790,6 +809,11 @@ fn look(
         tag::QUERY => {
             let sql = frontend::query(body).map_err(err)?;
             if let Some(pin) = state::pins(sql) {
+                tracing::trace!(
+                    reason = pin.as_str(),
+                    reject = t.reject_session_state,
+                    "session state in a Query"
+                );
                 if t.reject_session_state {
                     t.queue.push_back(Entry::new(
                         Kind::Query,
@@ -928,6 +952,7 @@ fn respond(t: &mut Tracker<'_>, msg_tag: u8) -> (bool, Injections) {
     };
     if entry.clears_server && !entry.errored {
         t.server.clear();
+        t.settings_reset = true;
     }
     inj.after = take_injections(t);
     (matches!(entry.action, Action::Swallow), inj)

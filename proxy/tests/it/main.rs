@@ -8,3 +8,4 @@ mod harness_selftest;
 mod loadgen;
 mod pg;
 mod proxy;
+mod session_state;
