@@ -222,7 +222,16 @@ impl Config {
                     format!("{} does not exist", path.display()),
                 ));
             }
-            fig = fig.merge(Toml::file(path));
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| invalid("--config", format!("{}: {e}", path.display())))?;
+            // `${NAME}` anywhere in the file is the environment variable NAME.
+            let text = text
+                .lines()
+                .enumerate()
+                .map(|(i, line)| expand(line, &format!("{} line {}", path.display(), i + 1)))
+                .collect::<Result<Vec<_>, _>>()?
+                .join("\n");
+            fig = fig.merge(Toml::string(&text));
         }
         // `SLUICE_CONFIG` names the file, it is not a key; `SLUICE_LOADTEST_*` belong to the
         // load generator, which may share the environment.
@@ -507,10 +516,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.toml");
         std::env::set_var("CFGTEST_PW_1", "from-env");
+        std::env::set_var("CFGTEST_HOST_1", "db.internal");
         std::fs::write(
             &path,
             r#"
             pool_size = 7
+            server_host = "${CFGTEST_HOST_1}"
             wait_timeout = "250ms"
             [databases.a]
             pool_mode = "session"
@@ -524,6 +535,7 @@ mod tests {
         assert_eq!(cfg.wait_timeout, Duration::from_millis(250));
         assert_eq!(cfg.pool_mode_for("a"), PoolMode::Session);
         assert_eq!(cfg.users["u"].password.as_deref(), Some("from-env"));
+        assert_eq!(cfg.server_host, "db.internal");
     }
 
     #[test]
@@ -540,9 +552,10 @@ mod tests {
         assert!(err(&format!("pool_size = 0\n{base}")).contains("pool_size"));
         assert!(err(&format!("bogus = 1\n{base}")).contains("bogus"));
         assert!(err(&format!("wait_timeout = \"soon\"\n{base}")).contains("wait_timeout"));
+        let unset = err("[databases.d]\n[users.u]\npassword = \"${CFGTEST_UNSET_X}\"\n");
         assert!(
-            err("[databases.d]\n[users.u]\npassword = \"${CFGTEST_UNSET_X}\"\n")
-                .contains("users.u.password")
+            unset.contains("line 3") && unset.contains("CFGTEST_UNSET_X is not set"),
+            "{unset}"
         );
         assert!(err(
             "[databases.d]\n[users.u]\npassword = \"md5aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"\n"

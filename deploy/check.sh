@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Offline checks of the operator files in deploy/ and the scripts in benches/ (CI runs this in its
+# "deploy checks" step). Needs promtool (Debian package prometheus) and python3 with PyYAML
+# (python3-yaml); uses systemd-analyze when present. Takes a few seconds.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+ok() { printf '  ok  %s\n' "$*"; }
+
+# Prometheus: configuration, rules and the rules' unit tests.
+promtool check config deploy/prometheus/prometheus.yml >/dev/null
+ok "promtool check config deploy/prometheus/prometheus.yml"
+promtool check rules deploy/prometheus/sluice-rules.yml >/dev/null
+ok "promtool check rules deploy/prometheus/sluice-rules.yml"
+promtool test rules deploy/prometheus/tests.yml >/dev/null
+ok "promtool test rules deploy/prometheus/tests.yml"
+
+# Debian's python3 has PyYAML (python3-yaml); another python3 first on PATH may not.
+PY=python3
+if [[ -x /usr/bin/python3 ]] && /usr/bin/python3 -c 'import yaml' 2>/dev/null; then PY=/usr/bin/python3; fi
+
+# Grafana: well-formed JSON, and every panel query is about Sluice.
+"$PY" - deploy/grafana/sluice-dashboard.json <<'EOF'
+import json, sys
+path = sys.argv[1]
+d = json.load(open(path))
+assert d.get("schemaVersion", 0) >= 36, "schemaVersion"
+assert any(v.get("type") == "datasource" and v.get("query") == "prometheus"
+           for v in d["templating"]["list"]), "no Prometheus data source variable"
+ids, exprs = set(), 0
+for p in d["panels"]:
+    assert p["id"] not in ids, f"duplicate panel id {p['id']}"
+    ids.add(p["id"])
+    for t in p.get("targets", []):
+        assert "sluice_" in t["expr"], f"{p['title']}: {t['expr']}"
+        exprs += 1
+print(f"  ok  {path}: valid JSON, {len(d['panels'])} panels, {exprs} queries")
+EOF
+
+# CloudFormation: YAML with CloudFormation tags, references, user data (bash -n), embedded unit.
+"$PY" deploy/aws/validate.py | sed 's/^/  ok  /'
+
+# systemd unit (ExecStart's binary replaced: it need not be installed here).
+if command -v systemd-analyze >/dev/null 2>&1; then
+    tmp=$(mktemp -d)
+    sed 's#^ExecStart=/usr/local/bin/sluice #ExecStart=/bin/true #' deploy/systemd/sluice.service \
+        >"$tmp/sluice.service"
+    if ! out=$(systemd-analyze verify "$tmp/sluice.service" 2>&1) || [[ -n $out ]]; then
+        rm -rf "$tmp"
+        printf '%s\n' "$out" >&2
+        echo "systemd-analyze verify deploy/systemd/sluice.service failed" >&2
+        exit 1
+    fi
+    rm -rf "$tmp"
+    ok "systemd-analyze verify deploy/systemd/sluice.service"
+fi
+
+# Docker: the health check command is a well-formed exec-form JSON array.
+"$PY" - deploy/docker/Dockerfile <<'EOF'
+import json, re, sys
+text = open(sys.argv[1]).read().replace("\\\n", " ")
+m = re.search(r"^HEALTHCHECK .*?CMD (\[.*\])\s*$", text, re.M)
+assert m, "HEALTHCHECK ... CMD [...] not found"
+cmd = json.loads(m.group(1))
+assert cmd[0] == "bash" and "/healthz" in cmd[-1], cmd
+assert re.search(r"^ENTRYPOINT \[\"/usr/local/bin/sluice\"\]", text, re.M), "ENTRYPOINT"
+assert re.search(r"^USER \d+", text, re.M), "USER (non-root, numeric)"
+print(f"  ok  {sys.argv[1]}: HEALTHCHECK, USER, ENTRYPOINT")
+EOF
+
+# Shell scripts parse.
+for f in deploy/check.sh deploy/local/lib.sh deploy/local/demo.sh benches/compare.sh; do
+    bash -n "$f"
+done
+ok "bash -n deploy/check.sh deploy/local/*.sh benches/compare.sh"
