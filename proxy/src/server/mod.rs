@@ -450,6 +450,41 @@ impl ServerConn {
         }
     }
 
+    /// Runs a one-row query of Sluice's own and returns its columns as text (NULL as empty).
+    pub async fn read_row(&mut self, sql: &str) -> Result<Vec<String>, ServerError> {
+        let mut out = BytesMut::new();
+        Out::query(&mut out, sql);
+        self.stream.write_all(&out).await?;
+        let mut row = None;
+        let mut error = None;
+        loop {
+            match self.read_message().await? {
+                Message::DataRow(body) => {
+                    let mut values = Vec::new();
+                    let buf = body.buffer();
+                    let mut ranges = body.ranges();
+                    while let Some(r) = fallible_next(&mut ranges)? {
+                        values.push(
+                            r.and_then(|r| buf.get(r))
+                                .map(|b| String::from_utf8_lossy(b).into_owned())
+                                .unwrap_or_default(),
+                        );
+                    }
+                    row = Some(values);
+                }
+                Message::ErrorResponse(_) => error = Some(self.last_error()),
+                Message::ReadyForQuery(_) => {
+                    return match (error, row) {
+                        (Some(e), _) => Err(e),
+                        (None, Some(r)) => Ok(r),
+                        (None, None) => Err(ServerError::Protocol("no row".into())),
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
     /// Whether an idle connection can be used: nothing buffered, nothing arrived and not closed.
     /// A connection the server closed (restart, idle timeout, admin kill) is caught here, before
     /// any byte of a client's request is sent to it.

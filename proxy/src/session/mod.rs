@@ -321,6 +321,33 @@ impl<'a> Session<'a> {
         exit
     }
 
+    /// Records the current values of `names` on `server` as the client's settings (and the
+    /// server's). If they cannot be read, the server's settings are forgotten, so the next client
+    /// gets them reset rather than inherited.
+    async fn adopt_settings(&mut self, server: &mut ServerConn, names: &[String]) {
+        let list = names
+            .iter()
+            .map(|n| format!("current_setting('{n}')"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let read =
+            tokio::time::timeout(ROLLBACK_TIMEOUT, server.read_row(&format!("SELECT {list}")))
+                .await;
+        match read {
+            Ok(Ok(values)) if values.len() == names.len() => {
+                for (name, value) in names.iter().zip(values) {
+                    self.settings.insert(name.clone(), value.clone());
+                    server.settings.insert(name.clone(), value);
+                }
+            }
+            _ => {
+                for name in names {
+                    server.settings.insert(name.clone(), "\u{0}unknown".into());
+                }
+            }
+        }
+    }
+
     /// Applies the client's startup settings on a server once per distinct (name, value), so a
     /// value the server refuses is refused at startup with the server's error. Returns the
     /// client's settings as the server reports them (its canonical spelling).
@@ -523,6 +550,12 @@ impl<'a> Session<'a> {
             tracing::trace!(released = matches!(end, End::Released), "relay ended");
             if flow.settings_reset.get() {
                 server.settings.clear();
+            }
+            let changed = std::mem::take(&mut *flow.settings_changed.lock());
+            if !changed.is_empty() && matches!(end, End::Released) {
+                // What a SET inside the transaction left behind is now this client's own setting:
+                // read it back once, and carry it to whichever server the client gets next.
+                self.adopt_settings(server, &changed).await;
             }
             if self.pinned.is_none() {
                 self.pinned = flow.pinned();

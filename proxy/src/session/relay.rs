@@ -173,6 +173,8 @@ pub struct Flow {
     wake: Notify,
     /// The client reset the server's session (`DISCARD ALL`): its settings are the defaults.
     pub settings_reset: Shared<AtomicBool>,
+    /// Settings the client changed with a session SET inside a transaction block.
+    pub settings_changed: Mutex<Vec<String>>,
     /// Whether the server goes back to the pool when a transaction ends; cleared by a pin.
     pub release: Shared<AtomicBool>,
     /// The first statement seen whose state outlives its transaction (index + 1 into PINS).
@@ -808,7 +810,17 @@ fn look(
         }
         tag::QUERY => {
             let sql = frontend::query(body).map_err(err)?;
-            if let Some(pin) = state::pins(sql) {
+            // A session SET inside a transaction block does not pin: the session reads back what
+            // the transaction left (see `Flow::settings_changed`) and carries it as its own.
+            let in_block = flow.status() != TxStatus::Idle;
+            let set_names = if in_block {
+                state::set_names(sql)
+            } else {
+                None
+            };
+            if let Some(names) = set_names {
+                flow.settings_changed.lock().extend(names);
+            } else if let Some(pin) = state::pins(sql) {
                 tracing::trace!(
                     reason = pin.as_str(),
                     reject = t.reject_session_state,

@@ -195,6 +195,63 @@ fn starts_with_word(s: &str, word: &str) -> bool {
             .is_none_or(|c| !c.is_alphanumeric() && c != '_')
 }
 
+/// The settings a Query changes with session-level `SET name …`/`RESET name` statements, when
+/// every statement in it is one of those or leaves no session state. `None` when there is none,
+/// or when something else (such as `RESET ALL`) needs the full pinning rules.
+pub fn set_names(sql: &str) -> Option<Vec<String>> {
+    let mut names = Vec::new();
+    for stmt in sql.split(';') {
+        let s = skip_comments(stmt);
+        let rest = if starts_with_word(s, "set") {
+            skip_comments(&s[3..])
+        } else if starts_with_word(s, "reset") {
+            skip_comments(&s[5..])
+        } else if s.is_empty() || pins(s).is_none() {
+            continue;
+        } else {
+            return None;
+        };
+        let rest = if starts_with_word(rest, "session") {
+            skip_comments(&rest[7..])
+        } else {
+            rest
+        };
+        if [
+            "local",
+            "transaction",
+            "constraints",
+            "all",
+            "role",
+            "session",
+        ]
+        .iter()
+        .any(|w| starts_with_word(rest, w))
+        {
+            if starts_with_word(rest, "local")
+                || starts_with_word(rest, "transaction")
+                || starts_with_word(rest, "constraints")
+            {
+                continue;
+            }
+            return None;
+        }
+        let name = if starts_with_word(rest, "time") {
+            "timezone".to_string()
+        } else {
+            rest.split(|c: char| c.is_whitespace() || c == '=')
+                .next()
+                .unwrap_or("")
+                .trim_matches('"')
+                .to_ascii_lowercase()
+        };
+        if !valid_name(&name) {
+            return None;
+        }
+        names.push(name);
+    }
+    (!names.is_empty()).then_some(names)
+}
+
 /// Finds the first statement in `sql` whose effect outlives its transaction. Every statement of
 /// a multi-statement Query is looked at. Text inside quotes is not parsed, so a keyword inside a
 /// string literal may pin needlessly, which is safe.
@@ -287,6 +344,27 @@ mod tests {
         );
         assert_eq!(settings_sql(&want, &want), "");
         assert_eq!(quote_literal("a\\b"), "E'a\\\\b'");
+    }
+
+    #[test]
+    fn finds_the_settings_a_set_changes() {
+        assert_eq!(
+            set_names("SET work_mem = '9MB'"),
+            Some(vec!["work_mem".to_string()])
+        );
+        assert_eq!(
+            set_names("set session search_path to a, b; RESET statement_timeout"),
+            Some(vec!["search_path".into(), "statement_timeout".into()])
+        );
+        assert_eq!(
+            set_names("SET TIME ZONE 'UTC'"),
+            Some(vec!["timezone".to_string()])
+        );
+        assert_eq!(set_names("SET LOCAL work_mem = '1MB'"), None);
+        assert_eq!(set_names("RESET ALL"), None);
+        assert_eq!(set_names("SET ROLE admin"), None);
+        assert_eq!(set_names("SELECT 1"), None);
+        assert_eq!(set_names("SET work_mem = '9MB'; LISTEN x"), None);
     }
 
     #[test]

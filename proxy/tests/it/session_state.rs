@@ -136,7 +136,7 @@ const TRIGGERS: &[(&[&str], &str, &str)] = &[
     (
         &["SELECT pg_advisory_lock(4242)"],
         "advisory_lock",
-        "SELECT pg_try_advisory_lock(4242)",
+        "SELECT pg_try_advisory_xact_lock(4242)",
     ),
     (
         &["CREATE TEMP TABLE tt (a int)"],
@@ -223,21 +223,37 @@ async fn session_state_pins_and_never_leaks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transaction_scoped_state_does_not_pin() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("TEST_LOG").unwrap_or_default())
+        .try_init();
     let pg = server("local_u");
     let h = start_sluice(&pg, "local_u", "pw", "st", 1, 1, |c| {
         c.wait_timeout = Duration::from_secs(5)
     })
     .await;
     let x = connect_with(&h, "local_u", "x", "").await;
+    let y = connect_with(&h, "local_u", "y", "").await;
     one(&x, "BEGIN").await;
     one(&x, "SET LOCAL work_mem = '9MB'").await;
+    // A session SET inside a transaction block outlives it (PostgreSQL keeps it after COMMIT):
+    // it does not pin, but it stays this client's setting and reaches nobody else.
+    one(&x, "SET statement_timeout = '4321ms'").await;
     one(&x, "SELECT pg_advisory_xact_lock(7)").await;
     assert_eq!(one(&x, "SHOW work_mem").await, "9MB");
     one(&x, "COMMIT").await;
-    // Not pinned: another client gets the server at once and sees none of it.
-    let y = connect_with(&h, "local_u", "y", "").await;
+    // Not pinned: another client gets the (only) server at once and sees none of it.
+    let before = pins(&http_get(h.admin_addr, "/metrics").1, "set");
     assert_ne!(one(&y, "SHOW work_mem").await, "9MB");
-    assert_eq!(one(&y, "SELECT pg_try_advisory_lock(7)").await, "t");
+    assert_eq!(one(&y, "SHOW statement_timeout").await, "0");
+    assert_eq!(one(&y, "SELECT pg_try_advisory_xact_lock(7)").await, "t");
+    assert_eq!(one(&x, "SHOW statement_timeout").await, "4321ms");
+    assert_ne!(one(&x, "SHOW work_mem").await, "9MB");
+    assert_eq!(one(&y, "SHOW statement_timeout").await, "0");
+    assert_eq!(
+        pins(&http_get(h.admin_addr, "/metrics").1, "set"),
+        before,
+        "nothing pinned"
+    );
     h.stop().await;
 }
 
