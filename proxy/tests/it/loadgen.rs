@@ -111,3 +111,36 @@ async fn unreachable_target_is_a_clear_error() {
         other => panic!("expected a connect error, got {other:?}"),
     }
 }
+
+/// The same cold write burst directly and through Sluice (`--compare`): both reports add up,
+/// and nothing acknowledged through Sluice is lost or duplicated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_burst_direct_and_through_sluice() {
+    let (pg, url) = server();
+    let sluice = start_sluice(&pg, "lt", "lt-pw", "ltdb", 10, 10, |_| {}).await;
+    let mut opts = RunOptions::new(url.clone())
+        .with_profile(Profile::Burst {
+            size: 60,
+            window: Duration::from_millis(300),
+            bursts: 1,
+            interval: Duration::from_millis(100),
+        })
+        .with_model(Model::Cold)
+        .with_workload(Workload::Write);
+    opts.setup = true;
+    let cmp =
+        sluice_loadtest::compare(&opts, &url, &proxy_url(&sluice), Duration::from_millis(200))
+            .await
+            .expect("compare");
+    for r in [&cmp.direct, &cmp.proxy] {
+        let c = &r.counts;
+        assert_eq!(c.invocations, 60);
+        assert_eq!(c.succeeded + c.failed, c.invocations);
+    }
+    let v = cmp.proxy.verification.as_ref().expect("verified");
+    assert_eq!((v.lost, v.duplicated), (0, 0), "{v:?}");
+    assert_eq!(
+        cmp.proxy.counts.succeeded, 60,
+        "every invocation through Sluice succeeds"
+    );
+}
