@@ -16,7 +16,8 @@ use tokio_util::sync::CancellationToken;
 
 /// Histogram buckets for every `_seconds` histogram: from half a millisecond to half a minute.
 const SECONDS_BUCKETS: &[f64] = &[
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0,
+    5.0, 7.5, 10.0, 30.0,
 ];
 
 /// Installs the process-wide Prometheus recorder once and returns its handle. Later calls (more

@@ -37,6 +37,8 @@ pub struct Shedder {
     last_rate: f64,
     /// When a run of served requests that waited above target began.
     above_since: Option<Instant>,
+    /// While overloaded: when served requests started waiting less than target again.
+    below_since: Option<Instant>,
     overloaded: bool,
 }
 
@@ -52,6 +54,7 @@ impl Shedder {
             rate: None,
             last_rate: 0.0,
             above_since: None,
+            below_since: None,
             overloaded: false,
         }
     }
@@ -112,9 +115,18 @@ impl Shedder {
     pub fn on_dequeue(&mut self, now: Instant, waited: Duration) {
         if waited < self.target {
             self.above_since = None;
-            self.overloaded = false;
+            // Hysteresis: overload ends only once waits have stayed below target for a whole
+            // interval, else admitting everything again rebuilds the standing queue at once.
+            if self.overloaded {
+                let since = *self.below_since.get_or_insert(now);
+                if now.saturating_duration_since(since) >= self.interval {
+                    self.overloaded = false;
+                    self.below_since = None;
+                }
+            }
             return;
         }
+        self.below_since = None;
         let since = *self.above_since.get_or_insert(now);
         if now.saturating_duration_since(since) >= self.interval {
             self.overloaded = true;
@@ -133,6 +145,7 @@ impl Shedder {
 
     pub fn queue_empty(&mut self) {
         self.above_since = None;
+        self.below_since = None;
         self.overloaded = false;
         self.saturated_since = None;
     }
@@ -261,6 +274,16 @@ mod tests {
                 .0,
             Reason::Overload
         );
+        // One fast request does not end overload; waits below target for an interval do.
+        s.on_dequeue(Instant::now(), Duration::from_millis(10));
+        assert!(s.is_overloaded());
+        tokio::time::advance(Duration::from_millis(250)).await;
+        s.on_dequeue(Instant::now(), Duration::from_millis(10));
+        assert!(!s.is_overloaded());
+        s.on_dequeue(Instant::now(), slow);
+        tokio::time::advance(Duration::from_millis(250)).await;
+        s.on_dequeue(Instant::now(), slow);
+        assert!(s.is_overloaded());
         s.queue_empty();
         assert!(!s.is_overloaded());
     }
