@@ -104,7 +104,9 @@ async fn metrics_count_exactly_what_the_test_drives() {
     );
     assert!(metric(&body, r#"sluice_bytes_total{direction="server_to_client"}"#) > 0.0);
 
-    if let Some(promtool) = which("promtool") {
+    {
+        let promtool = which("promtool")
+            .expect("promtool is not installed: apt-get install -y prometheus (bash .ci/run does)");
         let dir = tempfile::tempdir().expect("tmp");
         let path = dir.path().join("metrics.txt");
         std::fs::write(&path, &body).expect("write");
