@@ -23,6 +23,17 @@ const MAX_COMMAND: usize = 64 * 1024;
 /// How long PAUSE waits for lent server connections to come back.
 const PAUSE_WAIT: Duration = Duration::from_secs(30);
 
+/// The columns SHOW CLIENTS and SHOW SERVERS share (PgBouncer's names).
+const CONNECTION_COLUMNS: &[(&str, bool)] = &[
+    ("type", false),
+    ("user", false),
+    ("database", false),
+    ("state", false),
+    ("addr", false),
+    ("port", true),
+    ("connect_time", false),
+];
+
 type Table = (Vec<(&'static str, bool)>, Vec<Vec<Option<String>>>);
 
 pub async fn serve(ctx: &Arc<Context>, io: &mut ClientIo, login: &Login) -> Exit {
@@ -227,18 +238,15 @@ fn clients(ctx: &Context) -> Table {
             ]
         })
         .collect();
-    let cols = vec![
-        ("type", false),
-        ("user", false),
-        ("database", false),
-        ("state", false),
-        ("addr", false),
-        ("port", true),
-        ("connect_time", false),
-        ("pid", true),
-        ("application_name", false),
-        ("server_pid", true),
-    ];
+    let cols = [
+        CONNECTION_COLUMNS,
+        &[
+            ("pid", true),
+            ("application_name", false),
+            ("server_pid", true),
+        ],
+    ]
+    .concat();
     (cols, rows)
 }
 
@@ -264,16 +272,7 @@ fn servers(ctx: &Context) -> Table {
             ]
         })
         .collect();
-    let cols = vec![
-        ("type", false),
-        ("user", false),
-        ("database", false),
-        ("state", false),
-        ("addr", false),
-        ("port", true),
-        ("connect_time", false),
-        ("remote_pid", true),
-    ];
+    let cols = [CONNECTION_COLUMNS, &[("remote_pid", true)]].concat();
     (cols, rows)
 }
 

@@ -472,9 +472,7 @@ impl<'a> Session<'a> {
             g.clients_idle.decrement(1.0);
             g.clients_waiting.increment(1.0);
             slot.set_state(ClientState::Waiting);
-            tracing::trace!(buffered = io.buf.len(), "checking out a server");
             let acquired = self.checkout().await;
-            tracing::trace!(ok = acquired.is_ok(), "checkout done");
             g.clients_waiting.decrement(1.0);
             slot.set_state(ClientState::Idle);
             let mut lease = match acquired {

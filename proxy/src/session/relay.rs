@@ -396,18 +396,17 @@ where
                 }
                 let mut rewrite = Rewrite::Keep;
                 if let Some(t) = tracker {
+                    // One lock per client message.
+                    let mut t = t.lock();
                     let mut discard = false;
-                    {
-                        let mut t = t.lock();
-                        if t.discarding {
-                            if h.tag == tag::SYNC {
-                                t.discarding = false;
-                            } else if cbuf.len() >= pos + h.total() {
-                                discard = true;
-                            } else {
-                                cbuf.reserve(h.total());
-                                break;
-                            }
+                    if t.discarding {
+                        if h.tag == tag::SYNC {
+                            t.discarding = false;
+                        } else if cbuf.len() >= pos + h.total() {
+                            discard = true;
+                        } else {
+                            cbuf.reserve(h.total());
+                            break;
                         }
                     }
                     if discard {
@@ -418,7 +417,6 @@ where
                             cbuf.reserve(h.total());
                             break;
                         };
-                        let mut t = t.lock();
                         match look(&mut t, h.tag, body, flow) {
                             Ok((r, inj)) => {
                                 rewrite = r;
@@ -427,7 +425,7 @@ where
                             Err(e) => return End::ClientProtocol(e),
                         }
                     } else if let Some(kind) = kind_of(h.tag) {
-                        t.lock().queue.push_back(Entry::new(kind, Action::Forward));
+                        t.queue.push_back(Entry::new(kind, Action::Forward));
                     }
                 }
                 count(h.tag, flow, &rewrite);
@@ -502,7 +500,9 @@ where
                 }
                 done = false;
                 if let Some(t) = tracker {
-                    let swallowing = t.lock().queue.front().is_some_and(|e| {
+                    // One lock per server message.
+                    let mut t = t.lock();
+                    let swallowing = t.queue.front().is_some_and(|e| {
                         e.kind == Kind::Query && matches!(e.action, Action::Swallow)
                     });
                     if (swallowing || ends_a_response(h.tag)) && sbuf.len() < pos + h.total() {
@@ -510,7 +510,8 @@ where
                         sbuf.reserve(h.total());
                         break;
                     }
-                    let (swallow, inj) = respond(&mut t.lock(), h.tag);
+                    let (swallow, inj) = respond(&mut t, h.tag);
+                    drop(t);
                     if swallow || !inj.is_empty() {
                         if !restaged {
                             staged.clear();

@@ -223,9 +223,6 @@ async fn session_state_pins_and_never_leaks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transaction_scoped_state_does_not_pin() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(std::env::var("TEST_LOG").unwrap_or_default())
-        .try_init();
     let pg = server("local_u");
     let h = start_sluice(&pg, "local_u", "pw", "st", 1, 1, |c| {
         c.wait_timeout = Duration::from_secs(5)
@@ -259,9 +256,6 @@ async fn transaction_scoped_state_does_not_pin() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reject_mode_refuses_session_state() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(std::env::var("TEST_LOG").unwrap_or_default())
-        .try_init();
     let pg = server("reject_u");
     let h = start_sluice(&pg, "reject_u", "pw", "st", 1, 1, |c| {
         c.on_session_state = OnSessionState::Reject;
