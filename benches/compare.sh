@@ -1,20 +1,43 @@
 #!/usr/bin/env bash
-# End-to-end comparison of Sluice with PgBouncer (and PostgreSQL directly) under pgbench.
+# End-to-end comparison of Sluice with PgBouncer (and PostgreSQL directly): pgbench workloads,
+# memory per idle client, and one large result relayed.
 #
-#   bash benches/compare.sh                      # 3 rounds of 10 s runs, scale 10 (~7 minutes)
-#   bash benches/compare.sh --quick              # 1 round of 2 s runs, scale 1 (CI; < 1 minute)
+#   bash benches/compare.sh                      # 3 rounds of 10 s runs, scale 10 (~12 minutes)
+#   bash benches/compare.sh --quick              # 1 round of 1 s runs, small sizes (CI; ~1 minute)
 #   bash benches/compare.sh --rounds 5 --duration 20 --out /tmp/results.md
 #
 # Starts a throwaway PostgreSQL (max_connections 60, SCRAM), PgBouncer (transaction pooling,
-# default_pool_size 20, scram-sha-256 with the verifier copied from pg_authid) and Sluice (pool
-# size 20, budget 20), initialises pgbench data directly, then runs each workload against each
-# target. Each pooler runs only during its own runs (started fresh before, stopped after), so
-# the server connections it keeps cannot take room from the other targets: 60 connections do
-# not fit 50 direct clients next to two pools of 20. The order of the targets alternates between
-# rounds. Reported per workload and target: medians over the rounds of tps, average latency, tps
-# as a ratio to PgBouncer's in the same round, and the CPU seconds the pooler process used per
-# 1,000 transactions (utime + stime from /proc/PID/stat); failed transactions and aborted
-# clients are summed over the rounds. Prints a Markdown table (and writes it to --out FILE).
+# default_pool_size 20; scram-sha-256 with the verifier copied from pg_authid, or, for the md5
+# workload, a second configuration with auth_type md5 and the plaintext password in its
+# userlist) and Sluice (pool size 20, budget 20; SLUICE_CLIENT_AUTH=md5 for the md5 workload),
+# initialises pgbench data directly, then:
+#
+# 1. pgbench workloads (select-only, -S), each against each target, in rounds whose target order
+#    alternates: simple, extended and prepared protocol with 50 clients; a new connection per
+#    transaction (-C) with 50 clients, SCRAM and md5 client authentication; -C with 400 clients;
+#    5,000 persistent clients. Each pooler runs only during its own runs (started fresh before,
+#    stopped after), so the server connections it keeps cannot take room from the other targets:
+#    60 connections do not fit 50 direct clients next to two pools of 20. Before each run, the
+#    authentication the target asks for is read from its reply to a startup packet, so the
+#    report shows what was negotiated (md5 or SCRAM-SHA-256). Reported per workload and target:
+#    medians over the rounds of tps, average latency, tps as a ratio to PgBouncer's and to
+#    PostgreSQL's directly in the same round, the CPU seconds the pooler process used per 1,000
+#    transactions (utime + stime from /proc/PID/stat) and its ratio to PgBouncer's; failed
+#    transactions and aborted clients are summed over the rounds. PgBouncer 1.18 has no
+#    protocol-level prepared statements in transaction pooling: its -M prepared run is made and
+#    reported as it goes, but is no baseline; that row's Sluice ratio is to direct. The md5
+#    workload has no direct run of its own (PostgreSQL here asks for SCRAM): its "vs direct"
+#    uses the SCRAM -C run of the same round.
+# 2. Idle clients: for each pooler (fresh), a warm-up of 50 connections that each run SELECT 1
+#    and leave, then VmRSS; then benches' hold_clients opens 5,000 connections (64 at a time,
+#    SELECT 1 on each) and holds them idle, and VmRSS again: (held - before) / 5,000 per client.
+# 3. One large result: psql fetching SELECT repeat('x', 1000) FROM generate_series(1, N) (about
+#    1 KB of DataRow per row: 10 MB and 50 MB) directly and through each pooler, timed
+#    repetitions in alternating order; both poolers run through this phase, and their VmRSS before
+#    and after and VmHWM (peak) after each size show whether their memory follows the result size.
+#
+# Prints a Markdown report: the pgbench table, the issue's targets with the measured value and
+# whether each is met, and the memory and large-result tables (and writes it to --out FILE).
 #
 # Everything runs on this machine over 127.0.0.1, pgbench included, so the targets share the
 # CPUs with the load generator: compare the targets with each other, not with other machines.
@@ -23,27 +46,35 @@ set -euo pipefail
 usage() {
     cat <<'EOF'
 usage: bash benches/compare.sh [--quick] [--rounds N] [--duration SECONDS] [--scale N]
-                               [--fanout-clients N] [--out FILE] [--bin-dir DIR]
+                               [--fanout-clients N] [--many-clients N] [--idle-clients N]
+                               [--large-reps N] [--out FILE] [--bin-dir DIR]
 
-  --quick            1 round of 2 s runs at scale 1 (a smoke test of this script, for CI)
+  --quick            1 round of 1 s runs at scale 1, 500 many/idle clients, 1 repetition of
+                     the large results (a smoke test of this script, for CI)
   --rounds N         rounds; the order of the targets alternates between them (default 3)
   --duration S       seconds per pgbench run (default 10)
   --scale N          pgbench -i scale factor (default 10)
-  --fanout-clients N clients of the fan-out workload (default 400)
+  --fanout-clients N clients of the fan-out workload, a connection per transaction (default 400)
+  --many-clients N   persistent clients of the many-clients workload (default 5000)
+  --idle-clients N   idle clients held for the memory measurement (default 5000)
+  --large-reps N     timed repetitions of each large result per target (default 5)
   --out FILE         also write the Markdown report to FILE
-  --bin-dir DIR      use the sluice and sluice-loadtest binaries in DIR (e.g. target/release)
-                     instead of building them
+  --bin-dir DIR      use the sluice, sluice-loadtest and hold_clients binaries in DIR (e.g.
+                     target/release) instead of building them
 EOF
 }
 
-ROUNDS=3 DURATION=10 SCALE=10 FANOUT=400 OUT='' BIN_DIR=''
+ROUNDS=3 DURATION=10 SCALE=10 FANOUT=400 MANY=5000 IDLE=5000 LARGE_REPS=5 OUT='' BIN_DIR=''
 while [[ $# -gt 0 ]]; do
     case $1 in
-        --quick) ROUNDS=1 DURATION=2 SCALE=1 ;;
+        --quick) ROUNDS=1 DURATION=1 SCALE=1 MANY=500 IDLE=500 LARGE_REPS=1 ;;
         --rounds) ROUNDS=${2:?}; shift ;;
         --duration) DURATION=${2:?}; shift ;;
         --scale) SCALE=${2:?}; shift ;;
         --fanout-clients) FANOUT=${2:?}; shift ;;
+        --many-clients) MANY=${2:?}; shift ;;
+        --idle-clients) IDLE=${2:?}; shift ;;
+        --large-reps) LARGE_REPS=${2:?}; shift ;;
         --out) OUT=${2:?}; shift ;;
         --bin-dir) BIN_DIR=${2:?}; shift ;;
         -h | --help) usage; exit 0 ;;
@@ -51,7 +82,7 @@ while [[ $# -gt 0 ]]; do
     esac
     shift
 done
-for v in "$ROUNDS" "$DURATION" "$SCALE" "$FANOUT"; do
+for v in "$ROUNDS" "$DURATION" "$SCALE" "$FANOUT" "$MANY" "$IDLE" "$LARGE_REPS"; do
     [[ $v =~ ^[1-9][0-9]*$ ]] || { echo "expected a positive number, got '$v'" >&2; exit 2; }
 done
 [[ -z $OUT ]] || OUT=$(cd "$(dirname "$OUT")" && pwd)/$(basename "$OUT")
@@ -66,21 +97,61 @@ BENCH_USER=bench
 BENCH_DB=benchdb
 BENCH_PW=bench-pw-$RANDOM$RANDOM
 TARGETS=(direct pgbouncer sluice)
-# name|pgbench options (each run adds -n: no vacuum first, the tables are only read)
-WORKLOADS=(
-    "select simple|-S -M simple -c 50 -j 2"
-    "select extended|-S -M extended -c 50 -j 2"
-    "select, connection per transaction|-S -C -c 50 -j 2"
-    "fan-out: $FANOUT clients, connection per transaction|-S -C -c $FANOUT -j 2"
+WARM_CLIENTS=50       # connections of the warm-up before the idle-client measurement
+LARGE_MB=(10 50)      # large results, in thousands of 1,000-byte rows (about MB of DataRows)
+GROWTH_LIMIT_KIB=2048 # "does not grow with result size": peak RSS after 50 MB within this of 10 MB
+
+# The pgbench workloads, in the order they run and are reported. Each run adds -n (no vacuum
+# first: the tables are only read) and -T DURATION.
+#   WL_NAME    label in the report
+#   WL_OPTS    pgbench options
+#   WL_AUTH    client authentication the poolers ask for: scram or md5
+#   WL_TARGETS targets run
+#   WL_DIRECT  workload whose direct run is this one's "vs direct" baseline (default: itself)
+#   WL_NOPGB   why PgBouncer cannot serve this workload (it is not run; empty: it can)
+#   WL_EXTRA_T seconds added to -T: pgbench connects its clients (one at a time per thread)
+#              within -T, before the timed part starts
+WORKLOADS=(simple extended prepared connect connect_md5 fanout many)
+declare -A WL_NAME=(
+    [simple]="select simple"
+    [extended]="select extended"
+    [prepared]="select prepared"
+    [connect]="select, connection per transaction, SCRAM"
+    [connect_md5]="select, connection per transaction, md5"
+    [fanout]="fan-out: $FANOUT clients, connection per transaction"
+    [many]="$MANY concurrent clients, md5"
 )
+declare -A WL_OPTS=(
+    [simple]="-S -M simple -c 50 -j 2"
+    [extended]="-S -M extended -c 50 -j 2"
+    [prepared]="-S -M prepared -c 50 -j 2"
+    [connect]="-S -C -c 50 -j 2"
+    [connect_md5]="-S -C -c 50 -j 2"
+    [fanout]="-S -C -c $FANOUT -j 2"
+    [many]="-S -c $MANY -j 2"
+)
+declare -A WL_AUTH=([connect_md5]=md5 [many]=md5)
+declare -A WL_TARGETS=([connect_md5]="pgbouncer sluice" [prepared]="direct sluice")
+declare -A WL_DIRECT=([connect_md5]=connect)
+declare -A WL_NOPGB=(
+    [prepared]="PgBouncer 1.18 has no prepared statements in transaction pooling"
+)
+declare -A WL_EXTRA_T=([many]=$(((MANY + 999) / 1000)))
+for k in "${WORKLOADS[@]}"; do
+    : "${WL_AUTH[$k]:=scram}" "${WL_TARGETS[$k]:=${TARGETS[*]}}" "${WL_DIRECT[$k]:=$k}"
+    : "${WL_NOPGB[$k]:=}" "${WL_EXTRA_T[$k]:=0}"
+done
+
 WORK=
 PGB_PID=
 BENCH_PID=
+HOLD_PID=
 
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
     [[ -n $BENCH_PID ]] && sl_stop_pid "$BENCH_PID" TERM 2
+    [[ -n $HOLD_PID ]] && sl_stop_pid "$HOLD_PID" TERM 5
     [[ -n $PGB_PID ]] && sl_stop_pid "$PGB_PID" INT 5
     sl_sluice_stop
     sl_pg_stop
@@ -97,16 +168,30 @@ sl_need_pkg pgbouncer pgbouncer
 sl_need_pkg curl curl
 sl_need_pkg setpriv util-linux
 sl_build "$BIN_DIR"
+# hold_clients (benches/src/bin) lives next to sluice: in DIR with --bin-dir, else built here.
+HOLD_CLIENTS=$(dirname "$SL_SLUICE")/hold_clients
+if [[ -z $BIN_DIR ]]; then
+    (cd "$SL_ROOT" && cargo build -q --release -p sluice-benches --bin hold_clients) ||
+        sl_die "cargo build of hold_clients failed"
+fi
+[[ -x $HOLD_CLIENTS ]] ||
+    sl_die "no $HOLD_CLIENTS (cargo build --release -p sluice-benches --bin hold_clients)"
 PGB_BIN=$(command -v pgbouncer)
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/sluice-bench.XXXXXX")
 chmod 711 "$WORK"
 cd "$WORK"
 sl_pick_run_user
-# PgBouncer and Sluice want a descriptor per client and server connection.
+# PgBouncer and Sluice want a descriptor per client and server connection, and so do pgbench and
+# hold_clients per connection.
 sl_raise_nofile
+for n in "$MANY" "$IDLE" "$FANOUT"; do
+    (($(ulimit -Sn) >= n + 200)) ||
+        sl_die "open files limit $(ulimit -Sn) is too low for $n clients (raise ulimit -n)"
+done
 
 sl_pg_start "$WORK/pg" "$PG_MAX_CONNECTIONS" "shared_buffers = 256MB"
 PGBENCH=$SL_PG_BINDIR/pgbench
+PSQL=$SL_PG_BINDIR/psql
 sl_psql postgres "SET password_encryption = 'scram-sha-256';
     CREATE ROLE $BENCH_USER LOGIN PASSWORD '$BENCH_PW'" >/dev/null
 sl_psql postgres "CREATE DATABASE $BENCH_DB OWNER $BENCH_USER" >/dev/null
@@ -117,14 +202,18 @@ PGPASSWORD=$BENCH_PW "$PGBENCH" -i -s "$SCALE" -q -h 127.0.0.1 -p "$SL_PG_PORT" 
     sl_die "pgbench -i failed"
 }
 
-# PgBouncer: scram-sha-256 with the server's own verifier, so it can log in to PostgreSQL on
-# the client's behalf (SCRAM pass-through) without knowing the password.
+# PgBouncer, two configurations. scram: scram-sha-256 with the server's own verifier, so it can
+# log in to PostgreSQL on the client's behalf (SCRAM pass-through) without knowing the password.
+# md5: auth_type md5 needs an md5 hash or the plaintext password in the userlist, and only the
+# plaintext also lets PgBouncer answer PostgreSQL's SCRAM challenge.
 mkdir -p "$WORK/pgbouncer"
 VERIFIER=$(sl_psql postgres "SELECT rolpassword FROM pg_authid WHERE rolname = '$BENCH_USER'")
 [[ $VERIFIER == SCRAM-SHA-256* ]] || sl_die "unexpected verifier for $BENCH_USER: $VERIFIER"
-printf '"%s" "%s"\n' "$BENCH_USER" "$VERIFIER" >"$WORK/pgbouncer/userlist.txt"
+printf '"%s" "%s"\n' "$BENCH_USER" "$VERIFIER" >"$WORK/pgbouncer/userlist-scram.txt"
+printf '"%s" "%s"\n' "$BENCH_USER" "$BENCH_PW" >"$WORK/pgbouncer/userlist-md5.txt"
 PGB_PORT=$(sl_pick_port)
-cat >"$WORK/pgbouncer/pgbouncer.ini" <<EOF
+for auth in scram md5; do
+    cat >"$WORK/pgbouncer/pgbouncer-$auth.ini" <<EOF
 [databases]
 $BENCH_DB = host=127.0.0.1 port=$SL_PG_PORT dbname=$BENCH_DB
 
@@ -132,8 +221,8 @@ $BENCH_DB = host=127.0.0.1 port=$SL_PG_PORT dbname=$BENCH_DB
 listen_addr = 127.0.0.1
 listen_port = $PGB_PORT
 unix_socket_dir =
-auth_type = scram-sha-256
-auth_file = $WORK/pgbouncer/userlist.txt
+auth_type = $([[ $auth == md5 ]] && echo md5 || echo scram-sha-256)
+auth_file = $WORK/pgbouncer/userlist-$auth.txt
 pool_mode = transaction
 default_pool_size = $POOL_SIZE
 max_client_conn = 10000
@@ -144,12 +233,14 @@ pidfile = $WORK/pgbouncer/pgbouncer.pid
 log_connections = 0
 log_disconnections = 0
 EOF
-chmod 600 "$WORK/pgbouncer/userlist.txt"
+done
+chmod 600 "$WORK"/pgbouncer/userlist-*.txt
 sl_give "$WORK/pgbouncer"
 
+# start_pgbouncer [scram|md5]
 start_pgbouncer() {
-    local i
-    "${SL_RUN_AS[@]}" "$PGB_BIN" -q "$WORK/pgbouncer/pgbouncer.ini" </dev/null \
+    local auth=${1:-scram} i
+    "${SL_RUN_AS[@]}" "$PGB_BIN" -q "$WORK/pgbouncer/pgbouncer-$auth.ini" </dev/null \
         >>"$WORK/pgbouncer/stdout.log" 2>&1 &
     PGB_PID=$!
     for ((i = 0; i < 100; i++)); do
@@ -164,14 +255,77 @@ stop_pgbouncer() {
     sl_stop_pid "$PGB_PID" INT 10 # SIGINT: safe shutdown, waits for transactions to end
     PGB_PID=
 }
+# start_sluice [scram|md5]: the password comes from the upstream URL (plaintext), which serves
+# both exchanges; the default client_auth is SCRAM-SHA-256.
 start_sluice() {
-    SLUICE_UPSTREAM="postgres://$BENCH_USER:$BENCH_PW@127.0.0.1:$SL_PG_PORT/$BENCH_DB" \
-        sl_sluice_start "$WORK/sluice.log" --pool-size "$POOL_SIZE" \
-        --max-server-connections "$POOL_SIZE"
+    local auth=${1:-scram}
+    local upstream="postgres://$BENCH_USER:$BENCH_PW@127.0.0.1:$SL_PG_PORT/$BENCH_DB"
+    if [[ $auth == md5 ]]; then
+        SLUICE_CLIENT_AUTH=md5 SLUICE_UPSTREAM=$upstream sl_sluice_start "$WORK/sluice.log" \
+            --pool-size "$POOL_SIZE" --max-server-connections "$POOL_SIZE"
+    else
+        SLUICE_UPSTREAM=$upstream sl_sluice_start "$WORK/sluice.log" \
+            --pool-size "$POOL_SIZE" --max-server-connections "$POOL_SIZE"
+    fi
 }
+# The client port of a target (whose pooler is running).
+port_of() {
+    case $1 in
+        direct) echo "$SL_PG_PORT" ;;
+        pgbouncer) echo "$PGB_PORT" ;;
+        sluice) echo "$SL_SLUICE_PORT" ;;
+    esac
+}
+
+# auth_request PORT: the authentication the server on PORT asks a new client for, read from its
+# first reply to a startup packet (user and database of the benchmark): md5, scram (SASL),
+# password (cleartext), trust, or "?" when the reply is something else (an error, nothing).
+auth_request() {
+    local port=$1 fd len reply
+    local -a b
+    len=$((8 + 5 + ${#BENCH_USER} + 1 + 9 + ${#BENCH_DB} + 1 + 1))
+    exec {fd}<>"/dev/tcp/127.0.0.1/$port" || { echo '?'; return 0; }
+    # Int32 length, Int32 protocol 3.0, "user\0U\0database\0D\0\0".
+    # shellcheck disable=SC2059 # the format is built with the length byte in it
+    printf "\\x00\\x00\\x00\\x$(printf %02x "$len")\\x00\\x03\\x00\\x00user\\x00%s\\x00database\\x00%s\\x00\\x00" \
+        "$BENCH_USER" "$BENCH_DB" 1>&"$fd" 2>/dev/null || true
+    reply=$(timeout 5 head -c 9 <&"$fd" | od -An -tu1 || true)
+    exec {fd}>&-
+    read -r -a b <<<"$reply"
+    if [[ ${#b[@]} -eq 9 && ${b[0]} -eq 82 ]]; then # 'R': AuthenticationXXX, code in b[5..8]
+        case $(((b[5] << 24) | (b[6] << 16) | (b[7] << 8) | b[8])) in
+            0) echo trust ;;
+            3) echo password ;;
+            5) echo md5 ;;
+            10) echo scram ;;
+            *) echo '?' ;;
+        esac
+    else
+        echo '?'
+    fi
+}
+
+# Memory of a process from /proc/PID/status, in KiB: rss_kib PID [VmRSS|VmHWM].
+rss_kib() {
+    awk -v k="${2:-VmRSS}:" '$1 == k { print $2 }' "/proc/$1/status"
+}
+
+# median of the arguments ("nan" values are skipped; "-" when none is left)
+median() {
+    printf '%s\n' "$@" | awk '$1 != "nan" && $1 != "" && $1 != "-" { v[n++] = $1 }
+        END {
+            if (n == 0) { print "-"; exit }
+            for (i = 0; i < n; i++) for (j = i + 1; j < n; j++) if (v[j] + 0 < v[i] + 0) { t = v[i]; v[i] = v[j]; v[j] = t }
+            m = (n % 2) ? v[int(n / 2)] : (v[n / 2 - 1] + v[n / 2]) / 2
+            print m
+        }'
+}
+fmt() { awk -v x="$1" -v f="$2" 'BEGIN { if (x == "-" || x == "nan" || x == "") print "-"; else printf f, x }'; }
+div() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "nan" || a == "-" || a == "" || !(b > 0)) print "nan"; else printf "%.4f", a / b }'; }
 
 # Versions for the report.
 PG_VERSION=$("$SL_PG_BINDIR/postgres" --version | awk '{print $3}')
+PGBENCH_VERSION=$("$PGBENCH" --version | awk '{print $3}')
 PGB_VERSION=$("$PGB_BIN" --version | awk 'NR == 1 {print $2}')
 SLUICE_VERSION=$("$SL_SLUICE" --version | awk '{print $2}')
 SLUICE_COMMIT=$(cd "$SL_ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)
@@ -179,21 +333,21 @@ if [[ -n $(cd "$SL_ROOT" && git status --porcelain -- proxy 2>/dev/null) ]]; the
     SLUICE_COMMIT+=" (with local changes)"
 fi
 
-# run_one WORKLOAD_INDEX TARGET ROUND: one pgbench run; records the results in R[...].
+# run_one WORKLOAD TARGET ROUND: one pgbench run; records the results in R[...].
 declare -A R=()
 run_one() {
-    local wi=$1 target=$2 round=$3 port pid='' cpu0=0 cpu1=0 log rc=0
-    local spec=${WORKLOADS[$wi]}
-    local opts=${spec#*|}
+    local wl=$1 target=$2 round=$3 auth=${WL_AUTH[$1]} port pid='' cpu0=0 cpu1=0 log rc=0 asked
+    local opts=${WL_OPTS[$wl]}
     case $target in
-        direct) port=$SL_PG_PORT ;;
-        pgbouncer) start_pgbouncer; port=$PGB_PORT; pid=$PGB_PID ;;
-        sluice) start_sluice; port=$SL_SLUICE_PORT; pid=$SL_SLUICE_PID ;;
+        pgbouncer) start_pgbouncer "$auth"; pid=$PGB_PID ;;
+        sluice) start_sluice "$auth"; pid=$SL_SLUICE_PID ;;
     esac
-    log=$WORK/run-$round-$wi-$target.log
+    port=$(port_of "$target")
+    asked=$(auth_request "$port")
+    log=$WORK/run-$round-$wl-$target.log
     [[ -n $pid ]] && cpu0=$(sl_cpu_seconds "$pid")
     # shellcheck disable=SC2086 # $opts is a list of options
-    PGPASSWORD=$BENCH_PW PGCONNECT_TIMEOUT=10 "$PGBENCH" -n -T "$DURATION" $opts \
+    PGPASSWORD=$BENCH_PW PGCONNECT_TIMEOUT=10 "$PGBENCH" -n -T $((DURATION + WL_EXTRA_T[$wl])) $opts \
         -h 127.0.0.1 -p "$port" -U "$BENCH_USER" "$BENCH_DB" </dev/null >"$log" 2>&1 &
     BENCH_PID=$!
     wait "$BENCH_PID" || rc=$?
@@ -204,90 +358,376 @@ run_one() {
         sluice) sl_sluice_stop ;;
     esac
 
-    local txns tps lat failed aborted cpu_k
+    local txns tps lat failed aborted cpu_k err conn
     txns=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$log")
     tps=$(sed -n 's/^tps = \([0-9.]*\) .*/\1/p' "$log" | head -n 1)
     lat=$(sed -n 's/^latency average = \([0-9.]*\) ms.*/\1/p' "$log")
     failed=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' "$log")
     aborted=$(grep -c 'client [0-9]* aborted' "$log" || true)
+    conn=$(sed -n 's/^initial connection time = \([0-9.]*\) ms.*/\1/p' "$log")
     txns=${txns:-0} tps=${tps:-0} lat=${lat:-nan} failed=${failed:-0}
+    # The first error pgbench printed (e.g. a refused connection, a missing prepared statement).
+    err=$(grep -m 1 -E '(error|FATAL|ERROR):' "$log" | sed 's/^pgbench: //; s/[|`]/ /g' | cut -c 1-160 || true)
+    if [[ $rc -ne 0 ]] && ! grep -q '^number of transactions actually processed' "$log"; then
+        # pgbench gave up before running (it exits when an initial connection fails): none of
+        # the clients ran.
+        aborted=$(awk '{ for (i = 1; i < NF; i++) if ($i == "-c") print $(i + 1) }' <<<"$opts")
+    fi
     if [[ -n $pid && $txns -gt 0 ]]; then
         cpu_k=$(awk -v a="$cpu0" -v b="$cpu1" -v n="$txns" 'BEGIN { printf "%.4f", (b - a) * 1000 / n }')
     else
         cpu_k=nan
     fi
-    R[$wi|$target|$round|tps]=$tps
-    R[$wi|$target|$round|lat]=$lat
-    R[$wi|$target|$round|failed]=$failed
-    R[$wi|$target|$round|aborted]=$aborted
-    R[$wi|$target|$round|cpu]=$cpu_k
-    printf '  round %d  %-11s %-52s tps %9.1f  lat %7s ms  failed %s  aborted %s  cpu/1k %s%s\n' \
-        "$round" "$target" "${spec%%|*}" "$tps" "$lat" "$failed" "$aborted" "$cpu_k" \
+    R[$wl|$target|$round|tps]=$tps
+    R[$wl|$target|$round|lat]=$lat
+    R[$wl|$target|$round|failed]=$failed
+    R[$wl|$target|$round|aborted]=$aborted
+    R[$wl|$target|$round|cpu]=$cpu_k
+    R[$wl|$target|$round|auth]=$asked
+    R[$wl|$target|$round|rc]=$rc
+    R[$wl|$target|$round|err]=$err
+    R[$wl|$target|$round|conn]=${conn:-nan}
+    printf '  round %d  %-10s %-48s %-5s tps %9.1f  lat %8s ms  failed %s  aborted %s  cpu/1k %s%s%s\n' \
+        "$round" "$target" "${WL_NAME[$wl]}" "$asked" "$tps" "$lat" "$failed" "$aborted" "$cpu_k" \
+        "$([[ $wl == many && -n $conn ]] && printf '  connected in %.1f s' "$(div "$conn" 1000)")" \
         "$([[ $rc -ne 0 ]] && echo "  (pgbench exit $rc)")"
+    [[ -z $err ]] || printf '      first error: %s\n' "$err"
     sleep 0.5
 }
 
-sl_header "Runs: $ROUNDS round(s) x ${#WORKLOADS[@]} workloads x ${#TARGETS[@]} targets, $DURATION s each"
+# hold N LOG: starts hold_clients with N connections to the target whose port is $HOLD_PORT in
+# the background (PID in HOLD_PID) and waits until they are all up; fails if they are not.
+hold() {
+    local n=$1 log=$2 i limit
+    limit=$((60 + n / 20))
+    : >"$log"
+    HOLD_CLIENTS_URL="postgres://$BENCH_USER:$BENCH_PW@127.0.0.1:$HOLD_PORT/$BENCH_DB" \
+        "$HOLD_CLIENTS" --clients "$n" --concurrency 64 </dev/null >>"$log" 2>&1 &
+    HOLD_PID=$!
+    for ((i = 0; i < limit * 10; i++)); do
+        if grep -q '^all [0-9]* clients connected' "$log"; then return 0; fi
+        sl_alive "$HOLD_PID" || break
+        sleep 0.1
+    done
+    tail -n 5 "$log" >&2
+    sl_die "hold_clients did not get $n clients connected (log above)"
+}
+# release LOG: stops the hold_clients started by hold; sets HOLD_LOST to how many of its
+# connections were closed by the other end while held ("?" when it did not say).
+release() {
+    sl_stop_pid "$HOLD_PID" TERM 10
+    HOLD_PID=
+    HOLD_LOST=$(sed -n 's/.*; \([0-9]*\) closed by the other end.*/\1/p' "$1")
+    HOLD_LOST=${HOLD_LOST:-?}
+}
+
+# idle_one TARGET: memory of the pooler with IDLE idle clients; records M[...].
+declare -A M=()
+idle_one() {
+    local target=$1 pid rss0 rss1 lost secs
+    case $target in
+        pgbouncer) start_pgbouncer; pid=$PGB_PID ;;
+        sluice) start_sluice; pid=$SL_SLUICE_PID ;;
+    esac
+    HOLD_PORT=$(port_of "$target")
+    hold "$WARM_CLIENTS" "$WORK/hold-warm-$target.log"
+    release "$WORK/hold-warm-$target.log"
+    sleep 1
+    rss0=$(rss_kib "$pid")
+    hold "$IDLE" "$WORK/hold-$target.log"
+    sleep 1
+    rss1=$(rss_kib "$pid")
+    release "$WORK/hold-$target.log"
+    lost=$HOLD_LOST
+    secs=$(sed -n 's/^all [0-9]* clients connected in \([0-9.]*\) s.*/\1/p' "$WORK/hold-$target.log")
+    case $target in
+        pgbouncer) stop_pgbouncer ;;
+        sluice) sl_sluice_stop ;;
+    esac
+    M[$target|rss0]=$rss0 M[$target|rss1]=$rss1 M[$target|lost]=$lost M[$target|secs]=$secs
+    M[$target|per]=$(awk -v a="$rss0" -v b="$rss1" -v n="$IDLE" 'BEGIN { printf "%.0f", (b - a) * 1024 / n }')
+    printf '  %-10s RSS %s KiB after the warm-up, %s KiB with %d idle clients (connected in %s s): %s bytes per client; closed while held: %s\n' \
+        "$target" "$rss0" "$rss1" "$IDLE" "$secs" "${M[$target|per]}" "$lost"
+}
+
+# fetch_large TARGET ROWS: seconds psql took to fetch ROWS rows of 1,000 bytes through TARGET
+# (login included); "nan" if it failed.
+fetch_large() {
+    local t0 t1 port
+    port=$(port_of "$1")
+    t0=$EPOCHREALTIME
+    if PGPASSWORD=$BENCH_PW PGCONNECT_TIMEOUT=10 "$PSQL" -X -At -v ON_ERROR_STOP=1 \
+        -h 127.0.0.1 -p "$port" -U "$BENCH_USER" -d "$BENCH_DB" \
+        -c "SELECT repeat('x', 1000) FROM generate_series(1, $2)" </dev/null >/dev/null \
+        2>>"$WORK/large-$1.err"; then
+        t1=$EPOCHREALTIME
+        awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.4f", b - a }'
+    else
+        echo nan
+    fi
+}
+
+# large_results: both poolers up, each size fetched LARGE_REPS times per target in alternating
+# order; records L[...] (times, and the poolers' memory before and after each size).
+declare -A L=()
+large_results() {
+    local mb rep target t p pid order
+    start_pgbouncer
+    start_sluice
+    for target in "${TARGETS[@]}"; do fetch_large "$target" 10 >/dev/null; done # warm-up
+    sleep 0.5
+    for p in pgbouncer sluice; do
+        pid=$([[ $p == sluice ]] && echo "$SL_SLUICE_PID" || echo "$PGB_PID")
+        L[$p|rss0]=$(rss_kib "$pid") L[$p|hwm0]=$(rss_kib "$pid" VmHWM)
+    done
+    for mb in "${LARGE_MB[@]}"; do
+        for ((rep = 1; rep <= LARGE_REPS; rep++)); do
+            order=("${TARGETS[@]}")
+            if ((rep % 2 == 0)); then order=(sluice pgbouncer direct); fi
+            for target in "${order[@]}"; do
+                t=$(fetch_large "$target" $((mb * 1000)))
+                L[$mb|$target|$rep]=$t
+                printf '  %2d MB  rep %d  %-10s %s s\n' "$mb" "$rep" "$target" "$t"
+            done
+        done
+        for p in pgbouncer sluice; do
+            pid=$([[ $p == sluice ]] && echo "$SL_SLUICE_PID" || echo "$PGB_PID")
+            L[$mb|$p|rss]=$(rss_kib "$pid") L[$mb|$p|hwm]=$(rss_kib "$pid" VmHWM)
+            printf '  %2d MB  %-10s VmRSS %s KiB, VmHWM %s KiB (before the large results: %s, %s)\n' \
+                "$mb" "$p" "${L[$mb|$p|rss]}" "${L[$mb|$p|hwm]}" "${L[$p|rss0]}" "${L[$p|hwm0]}"
+        done
+    done
+    stop_pgbouncer
+    sl_sluice_stop
+}
+
+npgb=0
+for wl in "${WORKLOADS[@]}"; do
+    read -r -a ts <<<"${WL_TARGETS[$wl]}"
+    npgb=$((npgb + ${#ts[@]}))
+done
+sl_header "pgbench: $ROUNDS round(s) x $npgb runs ($DURATION s each)"
 T_START=$(date +%s)
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 for ((round = 1; round <= ROUNDS; round++)); do
-    order=("${TARGETS[@]}")
-    if ((round % 2 == 0)); then order=(sluice pgbouncer direct); fi
-    for wi in "${!WORKLOADS[@]}"; do
+    for wl in "${WORKLOADS[@]}"; do
+        read -r -a order <<<"${WL_TARGETS[$wl]}"
+        if ((round % 2 == 0)); then
+            for ((i = 0, j = ${#order[@]} - 1; i < j; i++, j--)); do
+                t=${order[i]} order[i]=${order[j]} order[j]=$t
+            done
+        fi
         for target in "${order[@]}"; do
-            run_one "$wi" "$target" "$round"
+            run_one "$wl" "$target" "$round"
         done
     done
 done
 
-# median of the arguments ("nan" values are skipped; "-" when none is left)
-median() {
-    printf '%s\n' "$@" | awk '$1 != "nan" && $1 != "" { v[n++] = $1 }
-        END {
-            if (n == 0) { print "-"; exit }
-            for (i = 0; i < n; i++) for (j = i + 1; j < n; j++) if (v[j] < v[i]) { t = v[i]; v[i] = v[j]; v[j] = t }
-            m = (n % 2) ? v[int(n / 2)] : (v[n / 2 - 1] + v[n / 2]) / 2
-            print m
-        }'
+sl_header "Idle clients: $IDLE held, after a warm-up of $WARM_CLIENTS"
+for target in pgbouncer sluice; do idle_one "$target"; done
+
+sl_header "Large results: ${LARGE_MB[*]} MB (thousands of 1,000-byte rows), $LARGE_REPS repetition(s)"
+large_results
+
+
+# stat WL TARGET FIELD: median over the rounds; ratio WL TARGET BASE_WL BASE_TARGET FIELD: median
+# of the per-round ratios; total WL TARGET FIELD: sum over the rounds.
+stat() {
+    local r v=()
+    for ((r = 1; r <= ROUNDS; r++)); do v+=("${R[$1|$2|$r|$3]:-nan}"); done
+    median "${v[@]}"
 }
-fmt() { awk -v x="$1" -v f="$2" 'BEGIN { if (x == "-" || x == "nan") print "-"; else printf f, x }'; }
+ratio() {
+    local r v=()
+    for ((r = 1; r <= ROUNDS; r++)); do
+        v+=("$(div "${R[$1|$2|$r|$5]:-nan}" "${R[$3|$4|$r|$5]:-nan}")")
+    done
+    median "${v[@]}"
+}
+# spread ...: " (lowest–highest)" of the per-round ratios (same arguments as ratio), when there
+# is more than one round.
+spread() {
+    local r
+    ((ROUNDS > 1)) || return 0
+    for ((r = 1; r <= ROUNDS; r++)); do div "${R[$1|$2|$r|$5]:-nan}" "${R[$3|$4|$r|$5]:-nan}"; echo; done |
+        awk '$1 != "nan" && $1 != "" { if (n++ == 0 || $1 < lo) lo = $1; if (n == 1 || $1 > hi) hi = $1 }
+            END { if (n > 1) printf " (%.2f–%.2f)", lo, hi }'
+}
+total() {
+    local r s=0
+    for ((r = 1; r <= ROUNDS; r++)); do s=$((s + ${R[$1|$2|$r|$3]:-0})); done
+    echo "$s"
+}
+# The authentication asked for in the rounds, e.g. "scram" (or "scram/?" when they differ).
+asked() {
+    local r
+    for ((r = 1; r <= ROUNDS; r++)); do echo "${R[$1|$2|$r|auth]}"; done | sort -u | paste -sd/
+}
+# verdict VALUE OP LIMIT: yes/no (OP is >= or <=), "-" when there is no value.
+verdict() {
+    awk -v x="$1" -v op="$2" -v l="$3" 'BEGIN {
+        if (x == "-" || x == "nan" || x == "") { print "-"; exit }
+        ok = (op == ">=") ? (x + 0 >= l + 0) : (x + 0 <= l + 0)
+        print ok ? "**yes**" : "no"
+    }'
+}
+kib() { awk -v x="$1" 'BEGIN { printf "%.2f KiB", x / 1024 }'; }
 
 report() {
-    echo "### Sluice vs PgBouncer: pgbench through each pooler (and directly)"
+    local wl target r tps_vs_pgb tps_vs_direct cpu_vs_pgb label first
+    echo "### Sluice vs PgBouncer: pgbench through each pooler (and directly), idle clients, a large result"
     echo
-    echo "- $(date -u '+%Y-%m-%d %H:%M UTC'); $ROUNDS round(s) of $DURATION s per run; pgbench scale $SCALE, select-only (\`-S\`)"
-    echo "- PostgreSQL $PG_VERSION (max_connections $PG_MAX_CONNECTIONS), PgBouncer $PGB_VERSION (transaction pooling, default_pool_size $POOL_SIZE, scram-sha-256), Sluice $SLUICE_VERSION at $SLUICE_COMMIT ($SL_BUILD_DESC; pool_size $POOL_SIZE, max_server_connections $POOL_SIZE)"
-    echo "- $(nproc) CPUs shared by pgbench, the pooler and PostgreSQL, all over 127.0.0.1; load average before the runs $LOAD_BEFORE, after $LOAD_AFTER"
+    echo "- $(date -u '+%Y-%m-%d %H:%M UTC'); $ROUNDS round(s) of $DURATION s per pgbench run; pgbench $PGBENCH_VERSION, scale $SCALE, select-only (\`-S\`)"
+    echo "- PostgreSQL $PG_VERSION (max_connections $PG_MAX_CONNECTIONS, SCRAM), PgBouncer $PGB_VERSION (transaction pooling, default_pool_size $POOL_SIZE, auth_type scram-sha-256, or md5 for the md5 row), Sluice $SLUICE_VERSION at $SLUICE_COMMIT ($SL_BUILD_DESC; pool_size $POOL_SIZE, max_server_connections $POOL_SIZE; client_auth scram-sha-256, or md5 for the md5 row)"
+    echo "- $(nproc) CPUs shared by the clients, the pooler and PostgreSQL, all over 127.0.0.1; load average before the runs $LOAD_BEFORE, after $LOAD_AFTER"
     echo
-    echo "| workload | target | tps | vs PgBouncer | avg latency ms | failed txns | aborted clients | pooler CPU s / 1k txns |"
-    echo "|---|---|---:|---:|---:|---:|---:|---:|"
-    local wi target r tpss lats cpus ratios failed aborted b
-    for wi in "${!WORKLOADS[@]}"; do
+    echo "| workload | target | login | tps | vs PgBouncer | vs direct | avg latency ms | failed txns | aborted clients | pooler CPU s / 1k txns | CPU vs PgBouncer |"
+    echo "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    for wl in "${WORKLOADS[@]}"; do
+        first=yes
         for target in "${TARGETS[@]}"; do
-            tpss=() lats=() cpus=() ratios=() failed=0 aborted=0
-            for ((r = 1; r <= ROUNDS; r++)); do
-                tpss+=("${R[$wi|$target|$r|tps]}")
-                lats+=("${R[$wi|$target|$r|lat]}")
-                cpus+=("${R[$wi|$target|$r|cpu]}")
-                failed=$((failed + R[$wi|$target|$r|failed]))
-                aborted=$((aborted + R[$wi|$target|$r|aborted]))
-                b=${R[$wi|pgbouncer|$r|tps]}
-                ratios+=("$(awk -v a="${R[$wi|$target|$r|tps]}" -v b="$b" 'BEGIN { if (b > 0) printf "%.4f", a / b; else print "nan" }')")
-            done
-            printf '| %s | %s | %s | %s | %s | %s | %s | %s |\n' \
-                "$([[ $target == "${TARGETS[0]}" ]] && echo "${WORKLOADS[$wi]%%|*}: \`${WORKLOADS[$wi]#*|}\`")" \
-                "$target" "$(fmt "$(median "${tpss[@]}")" '%.0f')" \
-                "$(fmt "$(median "${ratios[@]}")" '%.2fx')" "$(fmt "$(median "${lats[@]}")" '%.2f')" \
-                "$failed" "$aborted" "$(fmt "$(median "${cpus[@]}")" '%.3f')"
+            label=''
+            if [[ $first == yes ]]; then label="${WL_NAME[$wl]}: \`${WL_OPTS[$wl]}\`"; fi
+            if [[ " ${WL_TARGETS[$wl]} " != *" $target "* ]]; then
+                # Not run: PgBouncer where it cannot serve the workload (a row saying so).
+                if [[ $target == pgbouncer && -n ${WL_NOPGB[$wl]} ]]; then
+                    printf '| %s | %s | | n/a: %s | | | | | | | |\n' "$label" "$target" "${WL_NOPGB[$wl]}"
+                    first=no
+                fi
+                continue
+            fi
+            first=no
+            if [[ -z ${WL_NOPGB[$wl]} ]]; then
+                tps_vs_pgb=$(fmt "$(ratio "$wl" "$target" "$wl" pgbouncer tps)" '%.2fx')
+                cpu_vs_pgb=$(fmt "$(ratio "$wl" "$target" "$wl" pgbouncer cpu)" '%.2fx')
+            else
+                tps_vs_pgb="n/a" cpu_vs_pgb="n/a"
+            fi
+            tps_vs_direct=$(fmt "$(ratio "$wl" "$target" "${WL_DIRECT[$wl]}" direct tps)" '%.2fx')
+            printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' \
+                "$label" "$target" "$(asked "$wl" "$target")" "$(fmt "$(stat "$wl" "$target" tps)" '%.0f')" \
+                "$tps_vs_pgb" "$tps_vs_direct" "$(fmt "$(stat "$wl" "$target" lat)" '%.2f')" \
+                "$(total "$wl" "$target" failed)" "$(total "$wl" "$target" aborted)" \
+                "$(fmt "$(stat "$wl" "$target" cpu)" '%.3f')" "$cpu_vs_pgb"
         done
     done
     echo
-    echo "Medians over the rounds (tps, latency, ratio, CPU); failed transactions and aborted clients"
-    echo "are summed over the rounds. \"vs PgBouncer\" is each target's tps divided by PgBouncer's in"
-    echo "the same round. Pooler CPU is the utime + stime of the pooler process during the run per"
-    echo "1,000 transactions (direct: no pooler). With \`-C\` every transaction opens a connection"
-    echo "(SCRAM-SHA-256 login); directly, clients beyond max_connections are refused (53300, \"too"
-    echo "many clients\") and pgbench aborts them."
+    echo "Medians over the rounds (tps, latency, CPU, and the per-round ratios); failed transactions and"
+    echo "aborted clients are summed over the rounds. \"login\" is the authentication the target asked"
+    echo "for, read from its reply to a startup packet before each run. \"vs PgBouncer\" and \"vs direct\""
+    echo "divide a target's tps by PgBouncer's and by PostgreSQL's directly in the same round; the md5"
+    echo "connection-per-transaction workload is not run directly (PostgreSQL here asks for SCRAM): its"
+    echo "direct baseline is the SCRAM row's direct run. PgBouncer does not run the prepared workload, so"
+    echo "that row has no PgBouncer ratio: Sluice's baseline there is direct. The $MANY clients log in"
+    echo "with md5 so that they are all connected within seconds: pgbench connects them one at a time per"
+    echo "thread before the timed part, within -T, which is extended by ${WL_EXTRA_T[many]} s for that. Pooler CPU is"
+    echo "the utime + stime of the pooler process during the run per 1,000 transactions (direct: no"
+    echo "pooler); with \`-C\` each transaction is also a new connection and login, so it is CPU per 1,000"
+    echo "connections. Directly, clients beyond max_connections are refused (53300, \"too many"
+    echo "clients\"): pgbench aborts them with \`-C\`, and without \`-C\` gives up before starting (all"
+    echo "its clients counted as aborted)."
+    local notes=''
+    for wl in "${WORKLOADS[@]}"; do
+        for target in "${TARGETS[@]}"; do
+            for ((r = 1; r <= ROUNDS; r++)); do
+                [[ -n ${R[$wl|$target|$r|err]:-} ]] || continue
+                notes+="- ${WL_NAME[$wl]}, $target, round $r (pgbench exit ${R[$wl|$target|$r|rc]}): \`${R[$wl|$target|$r|err]}\`"$'\n'
+            done
+        done
+    done
+    if [[ -n $notes ]]; then
+        echo
+        echo "First error pgbench printed, per run that had one:"
+        echo
+        printf '%s' "$notes"
+    fi
+
+    # The issue's targets.
+    local v d pd s10 s50 s0 p10 p50
+    echo
+    echo "#### Targets"
+    echo
+    echo "| workload | target | Sluice | PgBouncer; direct | met? |"
+    echo "|---|---|---|---|:---:|"
+    v=$(ratio simple sluice simple pgbouncer tps)
+    echo "| ${WL_NAME[simple]} \`${WL_OPTS[simple]}\` | tps ≥ 1.15x PgBouncer | $(fmt "$v" '%.2fx')$(spread simple sluice simple pgbouncer tps) | $(fmt "$(stat simple pgbouncer tps)" '%.0f') tps; direct $(fmt "$(stat simple direct tps)" '%.0f') tps | $(verdict "$v" '>=' 1.15) |"
+    v=$(ratio simple sluice simple pgbouncer cpu)
+    echo "| same | CPU s per 1,000 txns ≤ 0.75x PgBouncer's | $(fmt "$v" '%.2fx')$(spread simple sluice simple pgbouncer cpu): $(fmt "$(stat simple sluice cpu)" '%.3f') s | $(fmt "$(stat simple pgbouncer cpu)" '%.3f') s | $(verdict "$v" '<=' 0.75) |"
+    v=$(ratio extended sluice extended pgbouncer tps)
+    echo "| ${WL_NAME[extended]} \`${WL_OPTS[extended]}\` | tps ≥ 1.15x PgBouncer | $(fmt "$v" '%.2fx')$(spread extended sluice extended pgbouncer tps) | $(fmt "$(stat extended pgbouncer tps)" '%.0f') tps; direct $(fmt "$(stat extended direct tps)" '%.0f') tps | $(verdict "$v" '>=' 1.15) |"
+    v=$(ratio prepared sluice prepared direct tps)
+    echo "| ${WL_NAME[prepared]} \`${WL_OPTS[prepared]}\` | tps ≥ 1.15x PgBouncer; PgBouncer $PGB_VERSION cannot, so Sluice vs direct is reported | $(fmt "$v" '%.2fx')$(spread prepared sluice prepared direct tps) of direct: $(fmt "$(stat prepared sluice tps)" '%.0f') tps, $(total prepared sluice failed) failed txns, $(total prepared sluice aborted) aborted | n/a; direct $(fmt "$(stat prepared direct tps)" '%.0f') tps | n/a |"
+    v=$(ratio connect_md5 sluice connect_md5 pgbouncer tps)
+    echo "| ${WL_NAME[connect_md5]} \`${WL_OPTS[connect_md5]}\` (login asked for: Sluice $(asked connect_md5 sluice), PgBouncer $(asked connect_md5 pgbouncer)) | tps ≥ 1.3x PgBouncer | $(fmt "$v" '%.2fx')$(spread connect_md5 sluice connect_md5 pgbouncer tps) | $(fmt "$(stat connect_md5 pgbouncer tps)" '%.0f') tps; direct (SCRAM) $(fmt "$(stat connect direct tps)" '%.0f') tps | $(verdict "$v" '>=' 1.3) |"
+    v=$(ratio connect_md5 sluice connect_md5 pgbouncer cpu)
+    echo "| same | CPU per connection ≤ PgBouncer's | $(fmt "$v" '%.2fx')$(spread connect_md5 sluice connect_md5 pgbouncer cpu): $(fmt "$(stat connect_md5 sluice cpu)" '%.3f') s / 1k | $(fmt "$(stat connect_md5 pgbouncer cpu)" '%.3f') s / 1k | $(verdict "$v" '<=' 1) |"
+    v=$(ratio connect sluice connect pgbouncer tps)
+    echo "| ${WL_NAME[connect]} \`${WL_OPTS[connect]}\` | tps ≥ PgBouncer | $(fmt "$v" '%.2fx')$(spread connect sluice connect pgbouncer tps) | $(fmt "$(stat connect pgbouncer tps)" '%.0f') tps; direct $(fmt "$(stat connect direct tps)" '%.0f') tps | $(verdict "$v" '>=' 1) |"
+    v=$(total fanout sluice aborted)
+    echo "| ${WL_NAME[fanout]} \`${WL_OPTS[fanout]}\`, max_connections $PG_MAX_CONNECTIONS | 0 aborted clients | $v aborted, $(total fanout sluice failed) failed txns | $(total fanout pgbouncer aborted) aborted; direct $(total fanout direct aborted) aborted | $(verdict "$v" '<=' 0) |"
+    v=$(total many sluice aborted)
+    echo "| ${WL_NAME[many]} \`${WL_OPTS[many]}\`, max_connections $PG_MAX_CONNECTIONS | 0 aborted clients | $v aborted, $(total many sluice failed) failed txns; all connected in $(fmt "$(div "$(stat many sluice conn)" 1000)" '%.1f') s | $(total many pgbouncer aborted) aborted, connected in $(fmt "$(div "$(stat many pgbouncer conn)" 1000)" '%.1f') s; direct $(total many direct aborted) aborted (pgbench gives up at the first refused connection) | $(verdict "$v" '<=' 0) |"
+    v=${M[sluice|per]}
+    echo "| $IDLE idle clients held | ≤ 1 KiB of pooler RSS per idle client | $(kib "$v") | $(kib "${M[pgbouncer|per]}") | $(verdict "$v" '<=' 1024) |"
+    v=$(large_ratio 50 sluice)
+    echo "| one 50 MB result | time ≤ 1.1x direct | $(fmt "$v" '%.2fx') | $(fmt "$(large_ratio 50 pgbouncer)" '%.2fx') | $(verdict "$v" '<=' 1.1) |"
+    s10=${L[10|sluice|hwm]} s50=${L[50|sluice|hwm]} s0=${L[sluice|rss0]}
+    p10=${L[10|pgbouncer|hwm]} p50=${L[50|pgbouncer|hwm]}
+    d=$((s50 - s10)) pd=$((p50 - p10))
+    echo "| same, and a 10 MB result | RSS does not grow with result size: peak (VmHWM) after 50 MB within $((GROWTH_LIMIT_KIB / 1024)) MiB of the peak after 10 MB | +$d KiB (the 10 MB peak: +$((s10 - s0)) KiB over RSS before) | +$pd KiB | $(verdict "$d" '<=' "$GROWTH_LIMIT_KIB") |"
+    echo
+    echo "Ratios are medians of the per-round ratios (in brackets: their lowest and highest over the"
+    echo "rounds); aborted clients and failed transactions are summed over the rounds. \"met?\" compares"
+    echo "the median (or the sum) with the target."
+    echo
+    echo "#### Memory per idle client"
+    echo
+    echo "| pooler | RSS after warm-up KiB | RSS with $IDLE idle clients KiB | per idle client | connect time s | closed while held |"
+    echo "|---|---:|---:|---:|---:|---:|"
+    for target in pgbouncer sluice; do
+        echo "| $target | ${M[$target|rss0]} | ${M[$target|rss1]} | ${M[$target|per]} bytes ($(kib "${M[$target|per]}")) | ${M[$target|secs]} | ${M[$target|lost]} |"
+    done
+    echo
+    echo "Each pooler fresh; warm-up: $WARM_CLIENTS connections that each ran SELECT 1 and left; then"
+    echo "hold_clients opened $IDLE connections (64 at a time, SCRAM login, SELECT 1 on each) and held them"
+    echo "idle while VmRSS was read. Per idle client: (RSS held - RSS after warm-up) / $IDLE."
+
+    echo
+    echo "#### One large result"
+    echo
+    echo "| result | target | median s | vs direct | pooler VmRSS before → after KiB | pooler peak VmHWM KiB |"
+    echo "|---|---|---:|---:|---:|---:|"
+    local mb rep ts rss hwm prev
+    for mb in "${LARGE_MB[@]}"; do
+        first=yes
+        for target in "${TARGETS[@]}"; do
+            ts=()
+            for ((rep = 1; rep <= LARGE_REPS; rep++)); do ts+=("${L[$mb|$target|$rep]}"); done
+            label=''
+            if [[ $first == yes ]]; then label="$mb MB (\`generate_series(1, $((mb * 1000)))\`)"; first=no; fi
+            rss='-' hwm='-'
+            if [[ $target != direct ]]; then
+                prev=$([[ $mb == "${LARGE_MB[0]}" ]] && echo "${L[$target|rss0]}" || echo "${L[${LARGE_MB[0]}|$target|rss]}")
+                rss="$prev → ${L[$mb|$target|rss]}"
+                hwm=${L[$mb|$target|hwm]}
+            fi
+            echo "| $label | $target | $(fmt "$(median "${ts[@]}")" '%.3f') | $(fmt "$(large_ratio "$mb" "$target")" '%.2fx') | $rss | $hwm |"
+        done
+    done
+    echo
+    echo "psql -X -At fetching SELECT repeat('x', 1000) FROM generate_series(1, N), output to /dev/null,"
+    echo "login included; $LARGE_REPS repetition(s) per target and size, the order of the targets"
+    echo "alternating; \"vs direct\" is the ratio of medians. Both poolers ran through this phase; before"
+    echo "it their VmRSS was ${L[pgbouncer|rss0]} KiB (PgBouncer) and ${L[sluice|rss0]} KiB (Sluice), peak"
+    echo "${L[pgbouncer|hwm0]} and ${L[sluice|hwm0]} KiB."
+}
+# large_ratio MB TARGET: median time through TARGET over median time directly.
+large_ratio() {
+    local rep a=() b=()
+    for ((rep = 1; rep <= LARGE_REPS; rep++)); do
+        a+=("${L[$1|$2|$rep]}") b+=("${L[$1|direct|$rep]}")
+    done
+    div "$(median "${a[@]}")" "$(median "${b[@]}")"
 }
 
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
