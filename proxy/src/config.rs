@@ -125,6 +125,9 @@ pub struct Config {
     pub group_by: GroupBy,
     /// Distinct group label values exported in metrics; the rest are reported as `other`.
     pub max_group_labels: u32,
+    /// Threads that run sessions: 0 for one per CPU; 1 runs everything on one thread.
+    /// Read at start-up only.
+    pub worker_threads: u32,
     pub databases: BTreeMap<String, DatabaseConfig>,
     pub users: BTreeMap<String, UserConfig>,
     pub groups: BTreeMap<String, GroupConfig>,
@@ -188,6 +191,7 @@ impl Default for Config {
             admin_users: Vec::new(),
             group_by: GroupBy::User,
             max_group_labels: 100,
+            worker_threads: 0,
             databases: BTreeMap::new(),
             users: BTreeMap::new(),
             groups: BTreeMap::new(),

@@ -200,6 +200,13 @@ async fn maintain(ctx: Arc<Context>, ready: Arc<admin::Readiness>) {
         ready
             .upstream_ok
             .store(up, std::sync::atomic::Ordering::Relaxed);
+        let kicked = ctx.clients.sweep();
+        if kicked > 0 {
+            tracing::debug!(
+                clients = kicked,
+                "client_idle_timeout: disconnecting idle clients"
+            );
+        }
         let dead = ctx.pools.reap(
             tokio::time::Instant::now(),
             cfg.server_idle_timeout,
@@ -224,7 +231,7 @@ async fn maintain(ctx: Arc<Context>, ready: Arc<admin::Readiness>) {
                         ctx.server_params
                             .lock()
                             .insert(slot.pool(), Arc::new(conn.params.clone()));
-                        slot.fill(conn);
+                        slot.fill(Box::new(conn));
                         slot.release();
                     }
                     Err(e) => {

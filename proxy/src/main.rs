@@ -50,15 +50,27 @@ fn main() -> anyhow::Result<()> {
     };
     let config = Config::load(args.config.as_deref(), &overrides)?;
     let path = args.config.clone();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
+    let runtime = match config.worker_threads {
+        // One thread, like a single-process pooler: no cross-thread wakeups or work stealing.
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        0 => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n as usize)
+            .enable_all()
+            .build(),
+    }
+    .context("starting the runtime")?;
     runtime.block_on(async move {
+        // Handlers first, so a signal sent as soon as the port answers is not lost.
+        let signals = Signals::install()?;
         let handle = sluice::start_from(config, path, overrides).await?;
         let shutdown = handle.shutdown.clone();
         tokio::spawn(async move {
-            wait_for_signal().await;
+            signals.wait().await;
             tracing::info!("shutting down: draining sessions");
             shutdown.cancel();
         });
@@ -85,17 +97,34 @@ fn reload_on_hangup(ctx: std::sync::Arc<sluice::session::Context>) {
 }
 
 /// SIGTERM or SIGINT (Ctrl-C) begins a graceful drain.
-async fn wait_for_signal() {
+struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-            return;
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Signals {
+                term: signal(SignalKind::terminate()).context("installing a SIGTERM handler")?,
+                int: signal(SignalKind::interrupt()).context("installing a SIGINT handler")?,
+            })
         }
+        #[cfg(not(unix))]
+        Ok(Signals {})
     }
-    let _ = tokio::signal::ctrl_c().await;
+
+    async fn wait(mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }

@@ -63,6 +63,8 @@ pub async fn serve(ctx: Arc<Context>, listener: TcpListener, drain: Duration) {
         });
     }
     drop(listener);
+    // Sessions waiting for their client end now; those mid-transaction end when it does.
+    ctx.clients.kick_all();
     tracker.close();
     if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
         tracing::warn!(

@@ -7,10 +7,11 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::sync::atomic::{AtomicI32, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
 
+use futures_util::task::AtomicWaker;
 use parking_lot::Mutex;
 
 use crate::server::CancelKey;
@@ -34,6 +35,20 @@ impl ClientState {
     }
 }
 
+/// Why a session was told to end while it waited for its client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kick {
+    IdleTimeout = 1,
+    Shutdown = 2,
+}
+
+/// Milliseconds since the first call: a cheap clock for idle times.
+fn now_ms() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    u64::try_from(EPOCH.get_or_init(Instant::now).elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
 /// One client's entry.
 pub struct ClientSlot {
     pub user: String,
@@ -43,9 +58,52 @@ pub struct ClientSlot {
     pub connected_at: SystemTime,
     state: AtomicU8,
     current: Mutex<Option<CancelKey>>,
+    /// When the client last went idle ([`now_ms`]).
+    idle_since: AtomicU64,
+    /// Idle time after which the client is disconnected, in milliseconds (0: never).
+    idle_timeout_ms: u64,
+    /// A [`Kick`] once the registry told the session to end; 0 before.
+    kicked: AtomicU8,
+    /// Wakes the session from its wait for the client. Idle sessions hold no timer of their own:
+    /// the registry's [`ClientRegistry::sweep`] finds the ones idle too long.
+    kick: AtomicWaker,
 }
 
 impl ClientSlot {
+    /// Marks the client idle from now, waiting for its next request.
+    pub fn went_idle(&self) {
+        self.idle_since.store(now_ms(), Ordering::Relaxed);
+        self.set_state(ClientState::Idle);
+    }
+
+    /// Ready with the reason once the session must end; otherwise `cx` is woken when it must.
+    pub fn poll_kicked(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Kick> {
+        if let Some(k) = self.kick_reason() {
+            return std::task::Poll::Ready(k);
+        }
+        self.kick.register(cx.waker());
+        // Kicked between the check and the registration: the wake went to the old waker.
+        match self.kick_reason() {
+            Some(k) => std::task::Poll::Ready(k),
+            None => std::task::Poll::Pending,
+        }
+    }
+
+    /// The reason the session was told to end, if it was.
+    pub fn kick_reason(&self) -> Option<Kick> {
+        match self.kicked.load(Ordering::Acquire) {
+            1 => Some(Kick::IdleTimeout),
+            2 => Some(Kick::Shutdown),
+            _ => None,
+        }
+    }
+
+    fn kick(&self, why: Kick) {
+        self.kicked.store(why as u8, Ordering::Release);
+        // A session not waiting at this moment sees the reason at its next wait.
+        self.kick.wake();
+    }
+
     /// The server this client holds now (`None` between transactions).
     pub fn set_server(&self, key: Option<CancelKey>) {
         *self.current.lock() = key;
@@ -70,6 +128,8 @@ impl ClientSlot {
 
 #[derive(Default)]
 pub struct ClientRegistry {
+    /// Set by [`ClientRegistry::kick_all`]: sessions registered later are kicked at once.
+    closing: std::sync::atomic::AtomicBool,
     next_pid: AtomicI32,
     clients: Mutex<HashMap<i32, (i32, Arc<ClientSlot>)>>,
 }
@@ -94,6 +154,8 @@ pub struct ClientIdentity {
     pub database: String,
     pub application_name: String,
     pub addr: Option<SocketAddr>,
+    /// `client_idle_timeout` (zero: none).
+    pub idle_timeout: Duration,
 }
 
 impl ClientRegistry {
@@ -106,6 +168,10 @@ impl ClientRegistry {
             connected_at: SystemTime::now(),
             state: AtomicU8::new(ClientState::Idle as u8),
             current: Mutex::new(None),
+            idle_since: AtomicU64::new(now_ms()),
+            idle_timeout_ms: u64::try_from(who.idle_timeout.as_millis()).unwrap_or(u64::MAX),
+            kicked: AtomicU8::new(0),
+            kick: AtomicWaker::new(),
         });
         let secret_key: i32 = rand::random();
         let mut clients = self.clients.lock();
@@ -120,6 +186,9 @@ impl ClientRegistry {
                 break pid;
             }
         };
+        if self.closing.load(Ordering::Acquire) {
+            slot.kick(Kick::Shutdown);
+        }
         clients.insert(process_id, (secret_key, slot.clone()));
         Registration {
             registry: self,
@@ -148,6 +217,35 @@ impl ClientRegistry {
                 });
             }
             None => tracing::debug!(process_id, "cancel request for no running query ignored"),
+        }
+    }
+
+    /// Tells every session whose client has idled past its `client_idle_timeout` to end.
+    /// Called about once a second; returns how many were told.
+    pub fn sweep(&self) -> usize {
+        let now = now_ms();
+        let clients = self.clients.lock();
+        let mut n = 0;
+        for (_, slot) in clients.values() {
+            if slot.idle_timeout_ms > 0
+                && slot.state() == ClientState::Idle
+                && slot.kick_reason().is_none()
+                && now.saturating_sub(slot.idle_since.load(Ordering::Relaxed))
+                    >= slot.idle_timeout_ms
+            {
+                slot.kick(Kick::IdleTimeout);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Tells every session to end as soon as it waits for its client (shutdown).
+    pub fn kick_all(&self) {
+        let clients = self.clients.lock();
+        self.closing.store(true, Ordering::Release);
+        for (_, slot) in clients.values() {
+            slot.kick(Kick::Shutdown);
         }
     }
 

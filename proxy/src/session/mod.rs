@@ -14,6 +14,7 @@ mod startup;
 mod state;
 
 pub use startup::refuse;
+pub use state::Settings;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -39,8 +40,6 @@ use crate::server::{self, ServerConn, ServerRegistry, ServerState, Target};
 
 /// A request buffered past this many bytes without its end gets a server anyway and streams.
 const REQUEST_BUFFER_LIMIT: usize = 1 << 20;
-/// An idle client's read buffer is freed after this long, so idle clients cost almost nothing.
-const BUFFER_RELEASE_AFTER: Duration = Duration::from_secs(1);
 /// Time allowed to roll back the transaction of a client that disconnected mid-transaction.
 const ROLLBACK_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -54,7 +53,7 @@ pub struct Context {
     /// The file and flags the configuration came from, for RELOAD.
     pub config_path: Option<std::path::PathBuf>,
     pub flags: crate::config::Overrides,
-    pub pools: Pools<ServerConn>,
+    pub pools: Pools<Box<ServerConn>>,
     pub credentials: RwLock<Arc<HashMap<String, Credentials>>>,
     pub servers: ServerRegistry,
     /// Seeds the SCRAM exchange of unknown users, so it fails like a wrong password.
@@ -118,6 +117,27 @@ pub async fn serve(ctx: Arc<Context>, stream: TcpStream) {
 }
 
 async fn run(ctx: &Arc<Context>, io: &mut ClientIo) -> Exit {
+    // Futures that run once or per transaction are boxed so that the future every connected
+    // client keeps while idle holds only what serving requests needs.
+    let (mut session, registration) = match Box::pin(start(ctx, io)).await {
+        Started::Session(session, registration) => (session, registration),
+        Started::Done(exit) => return exit,
+    };
+    let exit = session.run(io, &registration).await;
+    tracing::debug!("client disconnected");
+    exit
+}
+
+/// How start-up ended.
+enum Started<'a> {
+    /// A client session, greeted and registered.
+    Session(Session<'a>, clients::Registration<'a>),
+    /// Refused, gone, or an admin console session that has ended.
+    Done(Exit),
+}
+
+/// Start-up: the startup packet, authentication, then the admin console or a greeted session.
+async fn start<'a>(ctx: &'a Arc<Context>, io: &mut ClientIo) -> Started<'a> {
     let config = ctx.config();
     let login_timeout = config.client_login_timeout;
     let login = match tokio::time::timeout(login_timeout, async {
@@ -136,18 +156,18 @@ async fn run(ctx: &Arc<Context>, io: &mut ClientIo) -> Exit {
     .await
     {
         Ok(Ok(Some(login))) => login,
-        Ok(Ok(None)) => return Exit::Quiet,
-        Ok(Err(exit)) => return exit,
+        Ok(Ok(None)) => return Started::Done(Exit::Quiet),
+        Ok(Err(exit)) => return Started::Done(exit),
         Err(_) => {
-            return fatal(
+            return Started::Done(fatal(
                 sqlstate::PROTOCOL_VIOLATION,
                 "timeout expired before authentication completed",
-            )
+            ))
         }
     };
     tracing::debug!(user = %login.user, database = %login.database, "client connected");
-    let exit = if login.database == ADMIN_DATABASE {
-        if config.admin_users.contains(&login.user) {
+    if login.database == ADMIN_DATABASE {
+        let exit = if config.admin_users.contains(&login.user) {
             admin::serve(ctx, io, &login).await
         } else {
             fatal(
@@ -157,15 +177,22 @@ async fn run(ctx: &Arc<Context>, io: &mut ClientIo) -> Exit {
                     login.user
                 ),
             )
-        }
-    } else {
-        let peer = io.stream.peer_addr().ok();
-        Session::new(ctx, config, &login)
-            .run(io, &login, peer)
-            .await
-    };
-    tracing::debug!(user = %login.user, database = %login.database, "client disconnected");
-    exit
+        };
+        return Started::Done(exit);
+    }
+    let peer = io.stream.peer_addr().ok();
+    let mut session = Session::new(ctx, config, &login);
+    let registration = ctx.clients.register(clients::ClientIdentity {
+        user: login.user.clone(),
+        database: login.database.clone(),
+        application_name: login.param("application_name").unwrap_or("").to_string(),
+        addr: peer,
+        idle_timeout: session.config.client_idle_timeout,
+    });
+    match session.greet(io, &login, &registration).await {
+        Ok(()) => Started::Session(session, registration),
+        Err(exit) => Started::Done(exit),
+    }
 }
 
 struct Session<'a> {
@@ -179,7 +206,16 @@ struct Session<'a> {
     pool: PoolId,
     group: crate::pool::GroupId,
     mode: PoolMode,
-    target: Target,
+    /// The user the client logged in as (server connections log in as it too).
+    user: String,
+}
+
+/// What the session loop does after a request.
+enum Step {
+    Next,
+    /// A Flush-ended batch was refused: drop the client's messages up to its Sync.
+    DiscardUntilSync,
+    Exit(Exit),
 }
 
 /// The kind of request buffered at the head of the client's buffer.
@@ -244,7 +280,6 @@ impl<'a> Session<'a> {
         };
         let limits = admin::group_limits(cfg, group_name);
         let group = ctx.pools.group(group_name, limits);
-        let target = Target::new(cfg, db, &login.user);
         let mode = cfg.pool_mode_for(db);
         Session {
             ctx,
@@ -256,61 +291,12 @@ impl<'a> Session<'a> {
             pool,
             group,
             mode,
-            target,
+            user: login.user.clone(),
         }
     }
 
-    async fn run(
-        &mut self,
-        io: &mut ClientIo,
-        login: &Login,
-        addr: Option<std::net::SocketAddr>,
-    ) -> Exit {
-        let registration = self.ctx.clients.register(clients::ClientIdentity {
-            user: login.user.clone(),
-            database: login.database.clone(),
-            application_name: login.param("application_name").unwrap_or("").to_string(),
-            addr,
-        });
-        self.settings = match state::startup_settings(&login.params) {
-            Ok(s) => s,
-            Err(e) => return fatal(sqlstate::PROTOCOL_VIOLATION, e),
-        };
-        if let Some(bad) = self.settings.keys().find(|n| !state::valid_name(n)) {
-            return fatal("42602", format!("invalid startup parameter name \"{bad}\""));
-        }
-        let params = match self.server_params().await {
-            Ok(p) => p,
-            Err(e) => {
-                return Exit::Fatal(ErrorFields {
-                    severity: "FATAL".into(),
-                    ..e
-                })
-            }
-        };
-        let reported = match self.validate_settings().await {
-            Ok(r) => r,
-            Err(e) => {
-                return Exit::Fatal(ErrorFields {
-                    severity: "FATAL".into(),
-                    ..e
-                })
-            }
-        };
-        let mut out = BytesMut::new();
-        for (name, value) in params.iter() {
-            // The client sees its own settings, as the server would report them to it.
-            let own = reported
-                .iter()
-                .find(|(n, _)| n.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v.as_str());
-            Out::parameter_status(&mut out, name, own.unwrap_or(value));
-        }
-        Out::backend_key_data(&mut out, registration.process_id, registration.secret_key);
-        Out::ready_for_query(&mut out, TxStatus::Idle);
-        if io.send(&out).await.is_err() {
-            return Exit::Quiet;
-        }
+    /// Serves the greeted client until it leaves.
+    async fn run(&mut self, io: &mut ClientIo, registration: &clients::Registration<'_>) -> Exit {
         let g = crate::metrics::global();
         g.clients_idle.increment(1.0);
         let exit = self.serve_requests(io, &registration.slot).await;
@@ -346,6 +332,56 @@ impl<'a> Session<'a> {
                 }
             }
         }
+    }
+
+    /// Start-up after authentication: the client's settings checked, its ParameterStatus
+    /// messages, BackendKeyData and the first ReadyForQuery sent.
+    async fn greet(
+        &mut self,
+        io: &mut ClientIo,
+        login: &Login,
+        registration: &clients::Registration<'_>,
+    ) -> Result<(), Exit> {
+        self.settings = match state::startup_settings(&login.params) {
+            Ok(s) => s,
+            Err(e) => return Err(fatal(sqlstate::PROTOCOL_VIOLATION, e)),
+        };
+        if let Some(bad) = self.settings.keys().find(|n| !state::valid_name(n)) {
+            return Err(fatal(
+                "42602",
+                format!("invalid startup parameter name \"{bad}\""),
+            ));
+        }
+        let params = match self.server_params().await {
+            Ok(p) => p,
+            Err(e) => {
+                return Err(Exit::Fatal(ErrorFields {
+                    severity: "FATAL".into(),
+                    ..e
+                }))
+            }
+        };
+        let reported = match self.validate_settings().await {
+            Ok(r) => r,
+            Err(e) => {
+                return Err(Exit::Fatal(ErrorFields {
+                    severity: "FATAL".into(),
+                    ..e
+                }))
+            }
+        };
+        let mut out = BytesMut::new();
+        for (name, value) in params.iter() {
+            // The client sees its own settings, as the server would report them to it.
+            let own = reported
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str());
+            Out::parameter_status(&mut out, name, own.unwrap_or(value));
+        }
+        Out::backend_key_data(&mut out, registration.process_id, registration.secret_key);
+        Out::ready_for_query(&mut out, TxStatus::Idle);
+        io.send(&out).await
     }
 
     /// Applies the client's startup settings on a server once per distinct (name, value), so a
@@ -433,7 +469,6 @@ impl<'a> Session<'a> {
     /// The loop of a logged-in client: wait for a request, borrow a server, relay, give it back.
     async fn serve_requests(&mut self, io: &mut ClientIo, slot: &clients::ClientSlot) -> Exit {
         let max_message = self.config.max_message_bytes as usize;
-        let g = crate::metrics::global();
         let mut discard_until_sync = false;
         loop {
             // 1. A whole request (or a large one's head).
@@ -443,7 +478,7 @@ impl<'a> Session<'a> {
                 Ok(Request::Incomplete)
                     if io.buf.len() < REQUEST_BUFFER_LIMIT || discard_until_sync =>
                 {
-                    if let Err(exit) = self.wait_for_client(io).await {
+                    if let Err(exit) = Self::wait_for_client(io, slot).await {
                         return exit;
                     }
                     continue;
@@ -468,6 +503,26 @@ impl<'a> Session<'a> {
                 continue;
             }
 
+            // 2 and 3, in a boxed future: its state exists only while a request is served.
+            match Box::pin(self.transaction(io, slot, request)).await {
+                Step::Next => {}
+                Step::DiscardUntilSync => discard_until_sync = true,
+                Step::Exit(exit) => return exit,
+            }
+        }
+    }
+
+    /// Serves one request: borrows a server connection, relays until the transaction (or
+    /// session) ends, gives the connection back.
+    async fn transaction(
+        &mut self,
+        io: &mut ClientIo,
+        slot: &clients::ClientSlot,
+        request: Option<(usize, u8)>,
+    ) -> Step {
+        let max_message = self.config.max_message_bytes as usize;
+        let g = crate::metrics::global();
+        {
             // 2. A server connection.
             g.clients_idle.decrement(1.0);
             g.clients_waiting.increment(1.0);
@@ -481,10 +536,10 @@ impl<'a> Session<'a> {
                     g.clients_idle.increment(1.0);
                     let Some((end, last)) = request else {
                         // A huge request half-received cannot be answered mid-stream.
-                        return Exit::Fatal(ErrorFields {
+                        return Step::Exit(Exit::Fatal(ErrorFields {
                             severity: "FATAL".into(),
                             ..err
-                        });
+                        }));
                     };
                     io.buf.advance(end);
                     let mut out = BytesMut::new();
@@ -493,15 +548,18 @@ impl<'a> Session<'a> {
                         crate::protocol::backend::tag::ERROR_RESPONSE,
                         &err,
                     );
-                    if last == tag::FLUSH {
-                        discard_until_sync = true;
-                    } else {
+                    let discard = last == tag::FLUSH;
+                    if !discard {
                         Out::ready_for_query(&mut out, TxStatus::Idle);
                     }
                     if io.send(&out).await.is_err() {
-                        return Exit::Quiet;
+                        return Step::Exit(Exit::Quiet);
                     }
-                    continue;
+                    return if discard {
+                        Step::DiscardUntilSync
+                    } else {
+                        Step::Next
+                    };
                 }
             };
 
@@ -509,10 +567,10 @@ impl<'a> Session<'a> {
             g.clients_active.increment(1.0);
             slot.set_state(ClientState::Active);
             let Some(server) = lease.conn() else {
-                return fatal(
+                return Step::Exit(fatal(
                     sqlstate::INTERNAL_ERROR,
                     "internal error: lease without connection",
-                );
+                ));
             };
             slot.set_server(Some(server.cancel_key()));
             server.info.set_state(ServerState::Active);
@@ -573,58 +631,59 @@ impl<'a> Session<'a> {
                     g.clients_idle.increment(1.0);
                     let reset = self.mode == PoolMode::Session || self.pinned.is_some();
                     cleanup(lease, &flow, self.mode, reset).await;
-                    return Exit::Quiet;
+                    return Step::Exit(Exit::Quiet);
                 }
                 End::ClientProtocol(msg) => {
                     g.clients_idle.increment(1.0);
                     lease.discard();
-                    return fatal(sqlstate::PROTOCOL_VIOLATION, msg);
+                    return Step::Exit(fatal(sqlstate::PROTOCOL_VIOLATION, msg));
                 }
                 End::ServerGone(msg) => {
                     g.clients_idle.increment(1.0);
                     tracing::warn!(error = %msg, "server connection lost while relaying");
                     crate::metrics::server_closed("error");
                     lease.discard();
-                    return fatal(
+                    return Step::Exit(fatal(
                         sqlstate::CONNECTION_FAILURE,
                         "server connection lost; the current transaction, if any, was rolled back",
-                    );
+                    ));
                 }
             }
         }
+        Step::Next
     }
 
-    /// Waits for more bytes from the client: freeing the buffer when it idles, ending the
-    /// session on idle timeout or shutdown.
-    async fn wait_for_client(&self, io: &mut ClientIo) -> Result<(), Exit> {
-        let idle_timeout = self.config.client_idle_timeout;
+    /// Waits for more bytes from the client. With nothing buffered the read buffer is freed
+    /// first, so an idle client holds no buffer; the wait ends early when the registry kicks
+    /// the session (idle timeout, shutdown). No timer is armed per wait.
+    async fn wait_for_client(io: &mut ClientIo, slot: &clients::ClientSlot) -> Result<(), Exit> {
         if io.buf.is_empty() {
-            let shutdown = self.ctx.shutdown.cancelled();
-            tokio::pin!(shutdown);
-            let first = tokio::time::timeout(BUFFER_RELEASE_AFTER, io.stream.readable());
-            tokio::select! {
-                r = first => match r {
-                    Ok(_) => {}
-                    Err(_) => {
-                        io.buf = BytesMut::new();
-                        let rest = idle_timeout.saturating_sub(BUFFER_RELEASE_AFTER);
-                        let wait = async {
-                            if idle_timeout.is_zero() {
-                                let _ = io.stream.readable().await;
-                                Ok(())
-                            } else {
-                                tokio::time::timeout(rest, io.stream.readable()).await.map(|_| ())
-                            }
-                        };
-                        tokio::select! {
-                            r = wait => if r.is_err() {
-                                return Err(fatal(sqlstate::IDLE_SESSION_TIMEOUT, "terminating connection due to idle-session timeout (client_idle_timeout)"));
-                            },
-                            _ = &mut shutdown => return Err(fatal(sqlstate::ADMIN_SHUTDOWN, "terminating connection because Sluice is shutting down")),
-                        }
-                    }
-                },
-                _ = &mut shutdown => return Err(fatal(sqlstate::ADMIN_SHUTDOWN, "terminating connection because Sluice is shutting down")),
+            io.buf = BytesMut::new();
+            slot.went_idle();
+            // A hand-written wait rather than a select of two futures: it stores nothing, so
+            // the future every idle client keeps stays small. Readiness errors show up again
+            // in the read.
+            let kicked = std::future::poll_fn(|cx| {
+                if let std::task::Poll::Ready(k) = slot.poll_kicked(cx) {
+                    return std::task::Poll::Ready(Some(k));
+                }
+                io.stream.poll_read_ready(cx).map(|_| None)
+            })
+            .await;
+            match kicked {
+                Some(clients::Kick::IdleTimeout) => {
+                    return Err(fatal(
+                        sqlstate::IDLE_SESSION_TIMEOUT,
+                        "terminating connection due to idle-session timeout (client_idle_timeout)",
+                    ))
+                }
+                Some(clients::Kick::Shutdown) => {
+                    return Err(fatal(
+                        sqlstate::ADMIN_SHUTDOWN,
+                        "terminating connection because Sluice is shutting down",
+                    ))
+                }
+                None => {}
             }
         }
         io.read_more().await
@@ -632,7 +691,7 @@ impl<'a> Session<'a> {
 
     /// Borrows a usable server connection, connecting when the lease brings none, and
     /// replacing an idle one that died while pooled. Errors are what the client is told.
-    async fn checkout(&self) -> Result<Lease<ServerConn>, ErrorFields> {
+    async fn checkout(&self) -> Result<Lease<Box<ServerConn>>, ErrorFields> {
         let mut lease = self
             .ctx
             .pools
@@ -649,10 +708,11 @@ impl<'a> Session<'a> {
         Ok(lease)
     }
 
-    async fn connect(&self, lease: &mut Lease<ServerConn>) -> Result<(), ErrorFields> {
+    async fn connect(&self, lease: &mut Lease<Box<ServerConn>>) -> Result<(), ErrorFields> {
         let g = crate::metrics::global();
         let started = std::time::Instant::now();
-        let res = ServerConn::connect(&self.target, &self.database, &self.ctx.servers).await;
+        let target = Target::new(&self.config, &self.database, &self.user);
+        let res = ServerConn::connect(&target, &self.database, &self.ctx.servers).await;
         match res {
             Ok(conn) => {
                 g.connect_time.record(started.elapsed().as_secs_f64());
@@ -661,12 +721,12 @@ impl<'a> Session<'a> {
                     .server_params
                     .lock()
                     .insert(self.pool, Arc::new(conn.params.clone()));
-                lease.fill(conn);
+                lease.fill(Box::new(conn));
                 Ok(())
             }
             Err(e) => {
                 crate::metrics::server_connect(e.kind());
-                tracing::warn!(error = %e, database = %self.target.database, user = %self.target.user, "server connect failed");
+                tracing::warn!(error = %e, database = %self.database, user = %self.user, "server connect failed");
                 let mut f = server::client_error(&e);
                 f.severity = "ERROR".into();
                 Err(f)
@@ -719,7 +779,12 @@ fn rejection(r: Rejected) -> ErrorFields {
 /// Returns or closes the server of a client that left mid-request. A server between requests
 /// but inside a transaction is rolled back; one with a request in flight is cancelled and closed
 /// (closing makes PostgreSQL roll back). Never hands on a connection in an unknown state.
-async fn cleanup(mut lease: Lease<ServerConn>, flow: &Flow, mode: PoolMode, reset_session: bool) {
+async fn cleanup(
+    mut lease: Lease<Box<ServerConn>>,
+    flow: &Flow,
+    mode: PoolMode,
+    reset_session: bool,
+) {
     let Some(server) = lease.conn() else { return };
     if flow.at_rest() && server.buf.is_empty() {
         if flow.status() == TxStatus::Idle && mode == PoolMode::Transaction && !reset_session {

@@ -154,7 +154,16 @@ pub enum StatementCommand<'a> {
 
 /// Recognises the statements that act on prepared statements. Only a lone statement counts.
 pub fn statement_command(sql: &str) -> StatementCommand<'_> {
-    let sql = sql.trim().trim_end_matches(';').trim();
+    let sql = sql.trim_start();
+    // Most queries are neither: one byte tells.
+    if !sql
+        .as_bytes()
+        .first()
+        .is_some_and(|b| b.eq_ignore_ascii_case(&b'd'))
+    {
+        return StatementCommand::Other;
+    }
+    let sql = sql.trim_end().trim_end_matches(';').trim_end();
     let mut words = sql.split_whitespace();
     let first = words.next().unwrap_or("");
     let second = words.next().unwrap_or("");

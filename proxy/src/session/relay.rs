@@ -584,6 +584,7 @@ where
             }
             sbuf.reserve(READ_BUFFER);
             tokio::select! {
+                biased;
                 r = sr.read_buf(sbuf) => match r {
                     Ok(0) => return End::ServerGone("server closed the connection unexpectedly".into()),
                     Err(e) => return End::ServerGone(e.to_string()),
@@ -611,6 +612,7 @@ where
     };
 
     let end = tokio::select! {
+        biased;
         end = to_server => end,
         end = to_client => end,
     };
@@ -731,7 +733,7 @@ fn look(
     match msg_tag {
         tag::PARSE => {
             let p = prepared::parse_parse(body).map_err(err)?;
-            let text = p.rest.split(|b| *b == 0).next().unwrap_or_default();
+            let text = &p.rest[..memchr::memchr(0, p.rest).unwrap_or(p.rest.len())];
             if let Some(pin) = state::pins(&String::from_utf8_lossy(text)) {
                 if t.reject_session_state {
                     t.discarding = true;

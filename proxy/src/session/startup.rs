@@ -206,7 +206,8 @@ async fn md5_exchange(io: &mut ClientIo, hash: Option<&Md5Hash>) -> Result<bool,
 impl ClientIo {
     /// Reads more bytes into the buffer; EOF ends the session quietly.
     pub async fn read_more(&mut self) -> Result<(), Exit> {
-        self.buf.reserve(1024);
+        // The size the relay reads with, so a request never makes the buffer grow (copy) mid-way.
+        self.buf.reserve(crate::server::READ_BUFFER);
         match self.stream.read_buf(&mut self.buf).await {
             Ok(0) | Err(_) => Err(Exit::Quiet),
             Ok(_) => Ok(()),

@@ -2,13 +2,92 @@
 //! whichever server it gets, and the statements whose effects outlive a transaction, which pin
 //! the client to its server (or are refused, by configuration).
 
-use std::collections::BTreeMap;
-
 /// Startup parameters that are not settings.
 const NOT_SETTINGS: &[&str] = &["user", "database", "replication", "options"];
 
-/// A client's settings from its StartupMessage: lower-cased name → value as given.
-pub type Settings = BTreeMap<String, String>;
+/// A client's settings from its StartupMessage: lower-cased name → value as given, sorted by
+/// name. A sorted vector rather than a `BTreeMap`: sessions keep these for their lifetime and
+/// usually have zero to three, where a B-tree node alone takes over 500 bytes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Settings(Vec<(String, String)>);
+
+impl Settings {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn find(&self, name: &str) -> Result<usize, usize> {
+        self.0.binary_search_by(|(n, _)| n.as_str().cmp(name))
+    }
+
+    pub fn insert(&mut self, name: String, value: String) {
+        match self.find(&name) {
+            Ok(i) => self.0[i].1 = value,
+            Err(i) => self.0.insert(i, (name, value)),
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&String> {
+        self.find(name).ok().map(|i| &self.0[i].1)
+    }
+
+    pub fn contains_key(&self, name: &str) -> bool {
+        self.find(name).is_ok()
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &String> {
+        self.0.iter().map(|(n, _)| n)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &String)> {
+        self.0.iter().map(|(n, v)| (n, v))
+    }
+
+    pub fn clear(&mut self) {
+        self.0.clear();
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl<'a> IntoIterator for &'a Settings {
+    type Item = (&'a String, &'a String);
+    type IntoIter = std::iter::Map<
+        std::slice::Iter<'a, (String, String)>,
+        fn(&'a (String, String)) -> (&'a String, &'a String),
+    >;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter().map(|(n, v)| (n, v))
+    }
+}
+
+impl FromIterator<(String, String)> for Settings {
+    fn from_iter<I: IntoIterator<Item = (String, String)>>(iter: I) -> Self {
+        let mut s = Settings::new();
+        for (n, v) in iter {
+            s.insert(n, v);
+        }
+        s
+    }
+}
+
+impl<const N: usize> From<[(String, String); N]> for Settings {
+    fn from(pairs: [(String, String); N]) -> Self {
+        pairs.into_iter().collect()
+    }
+}
+
+impl std::ops::Index<&str> for Settings {
+    type Output = String;
+    fn index(&self, name: &str) -> &String {
+        match self.get(name) {
+            Some(v) => v,
+            None => panic!("no setting {name}"),
+        }
+    }
+}
 
 /// The settings a StartupMessage asks for, including `-c name=value` (and `--name=value`) pairs
 /// in `options`. Errors name what could not be understood.
@@ -80,6 +159,9 @@ pub fn valid_name(name: &str) -> bool {
 /// values as the startup packet and the configuration file do, so list settings such as
 /// `search_path = a,b` keep their meaning) and `RESET` for settings the client did not ask for.
 pub fn settings_sql(want: &Settings, have: &Settings) -> String {
+    if want == have {
+        return String::new();
+    }
     let mut calls = Vec::new();
     for (name, value) in want {
         if have.get(name) != Some(value) {
@@ -179,10 +261,19 @@ fn skip_comments(mut s: &str) -> &str {
     }
 }
 
-/// Case-insensitive (ASCII) substring search, without allocating.
+/// Case-insensitive (ASCII) substring search, without allocating: visits only the occurrences
+/// of the needle's first byte (either case), found by `memchr2`, many bytes at a time.
 fn contains_ci(haystack: &str, needle: &str) -> bool {
     let (h, n) = (haystack.as_bytes(), needle.as_bytes());
-    h.len() >= n.len() && h.windows(n.len()).any(|w| w.eq_ignore_ascii_case(n))
+    let Some((&first, rest)) = n.split_first() else {
+        return true;
+    };
+    let Some(last_start) = h.len().checked_sub(n.len()) else {
+        return false;
+    };
+    let (lo, up) = (first.to_ascii_lowercase(), first.to_ascii_uppercase());
+    memchr::memchr2_iter(lo, up, &h[..=last_start])
+        .any(|p| h[p + 1..p + n.len()].eq_ignore_ascii_case(rest))
 }
 
 fn starts_with_word(s: &str, word: &str) -> bool {
@@ -256,7 +347,8 @@ pub fn set_names(sql: &str) -> Option<Vec<String>> {
 /// a multi-statement Query is looked at. Text inside quotes is not parsed, so a keyword inside a
 /// string literal may pin needlessly, which is safe.
 pub fn pins(sql: &str) -> Option<Pin> {
-    if contains_ci(sql, "advisory_lock")
+    if memchr::memchr(b'_', sql.as_bytes()).is_some()
+        && contains_ci(sql, "advisory_lock")
         && (contains_ci(sql, "pg_advisory_lock") || contains_ci(sql, "pg_try_advisory_lock"))
     {
         return Some(Pin::AdvisoryLock);
@@ -324,6 +416,41 @@ mod tests {
         assert!(!s.contains_key("user"));
         assert!(startup_settings(&[("options".into(), "-x".into())]).is_err());
         assert!(startup_settings(&[("options".into(), "-c".into())]).is_err());
+    }
+
+    #[test]
+    fn settings_stay_sorted_and_compare_by_content() {
+        let mut a = Settings::new();
+        a.insert("work_mem".into(), "4MB".into());
+        a.insert("application_name".into(), "x".into());
+        a.insert("work_mem".into(), "8MB".into());
+        assert_eq!(
+            a.keys().map(String::as_str).collect::<Vec<_>>(),
+            ["application_name", "work_mem"]
+        );
+        assert_eq!(a.get("work_mem").map(String::as_str), Some("8MB"));
+        assert!(a.contains_key("application_name") && !a.contains_key("search_path"));
+        let b: Settings = [
+            ("work_mem".to_string(), "8MB".to_string()),
+            ("application_name".to_string(), "x".to_string()),
+        ]
+        .into();
+        assert_eq!(a, b);
+        a.clear();
+        assert!(a.is_empty() && a != b);
+    }
+
+    #[test]
+    fn contains_ci_finds_any_case_anywhere() {
+        assert!(contains_ci("SELECT pg_Advisory_Lock(1)", "advisory_lock"));
+        assert!(contains_ci("advisory_lock", "ADVISORY_LOCK"));
+        assert!(contains_ci("xx aDVISORY_LOCK", "advisory_lock"));
+        assert!(!contains_ci("advisory_loc", "advisory_lock"));
+        assert!(!contains_ci("a a a advisory lock", "advisory_lock"));
+        assert!(contains_ci("select 1 into TEMP t", " into temp "));
+        assert!(!contains_ci("", "x"));
+        assert!(contains_ci("x", ""));
+        assert!(contains_ci("é advisory_lock é", "advisory_lock"));
     }
 
     #[test]
