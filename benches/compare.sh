@@ -47,7 +47,8 @@ usage() {
     cat <<'EOF'
 usage: bash benches/compare.sh [--quick] [--rounds N] [--duration SECONDS] [--scale N]
                                [--fanout-clients N] [--many-clients N] [--idle-clients N]
-                               [--large-reps N] [--out FILE] [--bin-dir DIR]
+                               [--large-reps N] [--sluice-threads N] [--out FILE]
+                               [--bin-dir DIR]
 
   --quick            1 round of 1 s runs at scale 1, 500 many/idle clients, 1 repetition of
                      the large results (a smoke test of this script, for CI)
@@ -58,13 +59,15 @@ usage: bash benches/compare.sh [--quick] [--rounds N] [--duration SECONDS] [--sc
   --many-clients N   persistent clients of the many-clients workload (default 5000)
   --idle-clients N   idle clients held for the memory measurement (default 5000)
   --large-reps N     timed repetitions of each large result per target (default 5)
+  --sluice-threads N Sluice's worker_threads (default 1: one thread, the CPU envelope of
+                     single-threaded PgBouncer; 0 is one per CPU)
   --out FILE         also write the Markdown report to FILE
   --bin-dir DIR      use the sluice, sluice-loadtest and hold_clients binaries in DIR (e.g.
                      target/release) instead of building them
 EOF
 }
 
-ROUNDS=3 DURATION=10 SCALE=10 FANOUT=400 MANY=5000 IDLE=5000 LARGE_REPS=5 OUT='' BIN_DIR=''
+ROUNDS=3 DURATION=10 SCALE=10 FANOUT=400 MANY=5000 IDLE=5000 LARGE_REPS=5 SLUICE_THREADS=1 OUT='' BIN_DIR=''
 while [[ $# -gt 0 ]]; do
     case $1 in
         --quick) ROUNDS=1 DURATION=1 SCALE=1 MANY=500 IDLE=500 LARGE_REPS=1 ;;
@@ -75,6 +78,7 @@ while [[ $# -gt 0 ]]; do
         --many-clients) MANY=${2:?}; shift ;;
         --idle-clients) IDLE=${2:?}; shift ;;
         --large-reps) LARGE_REPS=${2:?}; shift ;;
+        --sluice-threads) SLUICE_THREADS=${2:?}; shift ;;
         --out) OUT=${2:?}; shift ;;
         --bin-dir) BIN_DIR=${2:?}; shift ;;
         -h | --help) usage; exit 0 ;;
@@ -85,6 +89,7 @@ done
 for v in "$ROUNDS" "$DURATION" "$SCALE" "$FANOUT" "$MANY" "$IDLE" "$LARGE_REPS"; do
     [[ $v =~ ^[1-9][0-9]*$ ]] || { echo "expected a positive number, got '$v'" >&2; exit 2; }
 done
+[[ $SLUICE_THREADS =~ ^[0-9]+$ ]] || { echo "expected a number of threads, got '$SLUICE_THREADS'" >&2; exit 2; }
 [[ -z $OUT ]] || OUT=$(cd "$(dirname "$OUT")" && pwd)/$(basename "$OUT")
 
 # shellcheck source=deploy/local/lib.sh
@@ -261,10 +266,12 @@ start_sluice() {
     local auth=${1:-scram}
     local upstream="postgres://$BENCH_USER:$BENCH_PW@127.0.0.1:$SL_PG_PORT/$BENCH_DB"
     if [[ $auth == md5 ]]; then
-        SLUICE_CLIENT_AUTH=md5 SLUICE_UPSTREAM=$upstream sl_sluice_start "$WORK/sluice.log" \
+        SLUICE_CLIENT_AUTH=md5 SLUICE_WORKER_THREADS=$SLUICE_THREADS SLUICE_UPSTREAM=$upstream \
+            sl_sluice_start "$WORK/sluice.log" \
             --pool-size "$POOL_SIZE" --max-server-connections "$POOL_SIZE"
     else
-        SLUICE_UPSTREAM=$upstream sl_sluice_start "$WORK/sluice.log" \
+        SLUICE_WORKER_THREADS=$SLUICE_THREADS SLUICE_UPSTREAM=$upstream \
+            sl_sluice_start "$WORK/sluice.log" \
             --pool-size "$POOL_SIZE" --max-server-connections "$POOL_SIZE"
     fi
 }
@@ -578,7 +585,7 @@ report() {
     echo "### Sluice vs PgBouncer: pgbench through each pooler (and directly), idle clients, a large result"
     echo
     echo "- $(date -u '+%Y-%m-%d %H:%M UTC'); $ROUNDS round(s) of $DURATION s per pgbench run; pgbench $PGBENCH_VERSION, scale $SCALE, select-only (\`-S\`)"
-    echo "- PostgreSQL $PG_VERSION (max_connections $PG_MAX_CONNECTIONS, SCRAM), PgBouncer $PGB_VERSION (transaction pooling, default_pool_size $POOL_SIZE, auth_type scram-sha-256, or md5 for the md5 row), Sluice $SLUICE_VERSION at $SLUICE_COMMIT ($SL_BUILD_DESC; pool_size $POOL_SIZE, max_server_connections $POOL_SIZE; client_auth scram-sha-256, or md5 for the md5 row)"
+    echo "- PostgreSQL $PG_VERSION (max_connections $PG_MAX_CONNECTIONS, SCRAM), PgBouncer $PGB_VERSION (transaction pooling, default_pool_size $POOL_SIZE, auth_type scram-sha-256, or md5 for the md5 row), Sluice $SLUICE_VERSION at $SLUICE_COMMIT ($SL_BUILD_DESC; pool_size $POOL_SIZE, max_server_connections $POOL_SIZE, worker_threads $SLUICE_THREADS; client_auth scram-sha-256, or md5 for the md5 row)"
     echo "- $(nproc) CPUs shared by the clients, the pooler and PostgreSQL, all over 127.0.0.1; load average before the runs $LOAD_BEFORE, after $LOAD_AFTER"
     echo
     echo "| workload | target | login | tps | vs PgBouncer | vs direct | avg latency ms | failed txns | aborted clients | pooler CPU s / 1k txns | CPU vs PgBouncer |"

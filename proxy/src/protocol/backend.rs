@@ -111,7 +111,11 @@ fn end(buf: &mut BytesMut, at: usize) {
 
 fn put_cstr(buf: &mut BytesMut, s: &[u8]) {
     // A NUL inside a field would cut the message short; we never send one.
-    buf.extend(s.iter().copied().filter(|&b| b != 0));
+    if !s.contains(&0) {
+        buf.extend_from_slice(s);
+    } else {
+        buf.extend(s.iter().copied().filter(|&b| b != 0));
+    }
     buf.put_u8(0);
 }
 

@@ -36,8 +36,13 @@ const CONNECTION_COLUMNS: &[(&str, bool)] = &[
 
 type Table = (Vec<(&'static str, bool)>, Vec<Vec<Option<String>>>);
 
-pub async fn serve(ctx: &Arc<Context>, io: &mut ClientIo, login: &Login) -> Exit {
-    let mut out = BytesMut::new();
+/// `out` holds the end of authentication, sent with the greeting.
+pub async fn serve(
+    ctx: &Arc<Context>,
+    io: &mut ClientIo,
+    login: &Login,
+    mut out: BytesMut,
+) -> Exit {
     for (name, value) in [
         ("server_version", "15.0 (Sluice admin console)"),
         ("client_encoding", "UTF8"),

@@ -140,7 +140,7 @@ enum Started<'a> {
 async fn start<'a>(ctx: &'a Arc<Context>, io: &mut ClientIo) -> Started<'a> {
     let config = ctx.config();
     let login_timeout = config.client_login_timeout;
-    let login = match tokio::time::timeout(login_timeout, async {
+    let (login, authenticated) = match tokio::time::timeout(login_timeout, async {
         let Some(login) = startup::read_startup(ctx, io).await? else {
             return Ok(None);
         };
@@ -150,12 +150,12 @@ async fn start<'a>(ctx: &'a Arc<Context>, io: &mut ClientIo) -> Started<'a> {
                 format!("database \"{}\" does not exist", login.database),
             ));
         }
-        startup::authenticate(ctx, io, &login).await?;
-        Ok(Some(login))
+        let authenticated = startup::authenticate(ctx, io, &login).await?;
+        Ok(Some((login, authenticated)))
     })
     .await
     {
-        Ok(Ok(Some(login))) => login,
+        Ok(Ok(Some(done))) => done,
         Ok(Ok(None)) => return Started::Done(Exit::Quiet),
         Ok(Err(exit)) => return Started::Done(exit),
         Err(_) => {
@@ -168,8 +168,9 @@ async fn start<'a>(ctx: &'a Arc<Context>, io: &mut ClientIo) -> Started<'a> {
     tracing::debug!(user = %login.user, database = %login.database, "client connected");
     if login.database == ADMIN_DATABASE {
         let exit = if config.admin_users.contains(&login.user) {
-            admin::serve(ctx, io, &login).await
+            admin::serve(ctx, io, &login, authenticated).await
         } else {
+            let _ = io.send(&authenticated).await;
             fatal(
                 sqlstate::INSUFFICIENT_PRIVILEGE,
                 format!(
@@ -189,7 +190,10 @@ async fn start<'a>(ctx: &'a Arc<Context>, io: &mut ClientIo) -> Started<'a> {
         addr: peer,
         idle_timeout: session.config.client_idle_timeout,
     });
-    match session.greet(io, &login, &registration).await {
+    match session
+        .greet(io, &login, &registration, authenticated)
+        .await
+    {
         Ok(()) => Started::Session(session, registration),
         Err(exit) => Started::Done(exit),
     }
@@ -336,12 +340,43 @@ impl<'a> Session<'a> {
 
     /// Start-up after authentication: the client's settings checked, its ParameterStatus
     /// messages, BackendKeyData and the first ReadyForQuery sent.
+    ///
+    /// `out` holds the end of authentication, not yet sent: it goes out in the same write, or
+    /// before the error that ends start-up.
     async fn greet(
         &mut self,
         io: &mut ClientIo,
         login: &Login,
         registration: &clients::Registration<'_>,
+        mut out: BytesMut,
     ) -> Result<(), Exit> {
+        let ready = self.prepare_greeting(login).await;
+        let (params, reported) = match ready {
+            Ok(r) => r,
+            Err(exit) => {
+                let _ = io.send(&out).await;
+                return Err(exit);
+            }
+        };
+        for (name, value) in params.iter() {
+            // The client sees its own settings, as the server would report them to it.
+            let own = reported
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str());
+            Out::parameter_status(&mut out, name, own.unwrap_or(value));
+        }
+        Out::backend_key_data(&mut out, registration.process_id, registration.secret_key);
+        Out::ready_for_query(&mut out, TxStatus::Idle);
+        io.send(&out).await
+    }
+
+    /// The client's settings checked; the server's parameters and the client's settings as the
+    /// server reports them.
+    async fn prepare_greeting(
+        &mut self,
+        login: &Login,
+    ) -> Result<(ServerParams, Vec<(String, String)>), Exit> {
         self.settings = match state::startup_settings(&login.params) {
             Ok(s) => s,
             Err(e) => return Err(fatal(sqlstate::PROTOCOL_VIOLATION, e)),
@@ -370,18 +405,7 @@ impl<'a> Session<'a> {
                 }))
             }
         };
-        let mut out = BytesMut::new();
-        for (name, value) in params.iter() {
-            // The client sees its own settings, as the server would report them to it.
-            let own = reported
-                .iter()
-                .find(|(n, _)| n.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v.as_str());
-            Out::parameter_status(&mut out, name, own.unwrap_or(value));
-        }
-        Out::backend_key_data(&mut out, registration.process_id, registration.secret_key);
-        Out::ready_for_query(&mut out, TxStatus::Idle);
-        io.send(&out).await
+        Ok((params, reported))
     }
 
     /// Applies the client's startup settings on a server once per distinct (name, value), so a

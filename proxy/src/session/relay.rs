@@ -334,7 +334,8 @@ where
     let tracking = statements.is_some();
     let tracker = statements.map(|s| {
         Mutex::new(Tracker {
-            queue: VecDeque::new(),
+            // Room for a typical extended-protocol batch without growing.
+            queue: VecDeque::with_capacity(8),
             reject_session_state: s.reject_session_state,
             discarding: false,
             settings_reset: false,
@@ -734,7 +735,11 @@ fn look(
         tag::PARSE => {
             let p = prepared::parse_parse(body).map_err(err)?;
             let text = &p.rest[..memchr::memchr(0, p.rest).unwrap_or(p.rest.len())];
-            if let Some(pin) = state::pins(&String::from_utf8_lossy(text)) {
+            let pin = match std::str::from_utf8(text) {
+                Ok(sql) => state::pins(sql),
+                Err(_) => state::pins(&String::from_utf8_lossy(text)),
+            };
+            if let Some(pin) = pin {
                 if t.reject_session_state {
                     t.discarding = true;
                     t.queue

@@ -101,8 +101,14 @@ fn login(mut params: Vec<(String, String)>) -> Result<Login, Exit> {
 }
 
 /// Authenticates `login.user`. Unknown users go through the same exchange as known ones and
-/// fail the same way, so the answer does not reveal which users exist.
-pub async fn authenticate(ctx: &Context, io: &mut ClientIo, login: &Login) -> Result<(), Exit> {
+/// fail the same way, so the answer does not reveal which users exist. On success returns the
+/// last authentication messages (SCRAM's final message, AuthenticationOk), not yet sent: the
+/// caller sends them in one write with what follows.
+pub async fn authenticate(
+    ctx: &Context,
+    io: &mut ClientIo,
+    login: &Login,
+) -> Result<BytesMut, Exit> {
     let credentials = ctx.credentials.read().clone();
     let creds = credentials.get(&login.user);
     let md5 = creds.and_then(|c| c.md5());
@@ -111,6 +117,7 @@ pub async fn authenticate(ctx: &Context, io: &mut ClientIo, login: &Login) -> Re
         ClientAuth::Md5 => md5.is_some() || creds.is_none(),
         ClientAuth::ScramSha256 => scram.is_none() && md5.is_some(),
     };
+    let mut out = BytesMut::with_capacity(1024);
     let ok = if use_md5 {
         md5_exchange(io, md5).await?
     } else {
@@ -122,7 +129,7 @@ pub async fn authenticate(ctx: &Context, io: &mut ClientIo, login: &Login) -> Re
                 &mock
             }
         };
-        scram_exchange(io, verifier).await?
+        scram_exchange(io, verifier, &mut out).await?
     };
     if !ok {
         crate::metrics::global().auth_failures.increment(1);
@@ -132,9 +139,8 @@ pub async fn authenticate(ctx: &Context, io: &mut ClientIo, login: &Login) -> Re
             format!("password authentication failed for user \"{}\"", login.user),
         ));
     }
-    let mut out = BytesMut::new();
     Out::auth_ok(&mut out);
-    io.send(&out).await
+    Ok(out)
 }
 
 /// Reads one password-family message ('p') whole.
@@ -161,7 +167,12 @@ async fn read_password_message(io: &mut ClientIo) -> Result<BytesMut, Exit> {
     }
 }
 
-async fn scram_exchange(io: &mut ClientIo, verifier: &ScramVerifier) -> Result<bool, Exit> {
+/// SCRAM-SHA-256; on success the server's final message is left in `last` for the caller.
+async fn scram_exchange(
+    io: &mut ClientIo,
+    verifier: &ScramVerifier,
+    last: &mut BytesMut,
+) -> Result<bool, Exit> {
     let mut out = BytesMut::new();
     Out::auth_sasl(&mut out, &["SCRAM-SHA-256"]);
     io.send(&out).await?;
@@ -182,9 +193,7 @@ async fn scram_exchange(io: &mut ClientIo, verifier: &ScramVerifier) -> Result<b
     let body = read_password_message(io).await?;
     match server.finish(&body) {
         Ok(server_final) => {
-            out.clear();
-            Out::auth_sasl_final(&mut out, &server_final);
-            io.send(&out).await?;
+            Out::auth_sasl_final(last, &server_final);
             Ok(true)
         }
         Err(crate::auth::AuthError::BadPassword) => Ok(false),
