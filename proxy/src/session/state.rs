@@ -261,19 +261,46 @@ fn skip_comments(mut s: &str) -> &str {
     }
 }
 
-/// Case-insensitive (ASCII) substring search, without allocating: visits only the occurrences
-/// of the needle's first byte (either case), found by `memchr2`, many bytes at a time.
+/// Case-insensitive (ASCII) substring search, without allocating.
+#[cfg(test)]
 fn contains_ci(haystack: &str, needle: &str) -> bool {
+    contains_ci_at(haystack, needle, 0)
+}
+
+/// Case-insensitive (ASCII) substring search anchored on `needle[anchor]`: only where that
+/// byte (either case) occurs, found by `memchr2` many bytes at a time, is the rest compared.
+/// Anchoring on a byte that is rare in SQL (`_`, `m`, `y`) makes the search of a typical query
+/// a few instructions.
+fn contains_ci_at(haystack: &str, needle: &str, anchor: usize) -> bool {
     let (h, n) = (haystack.as_bytes(), needle.as_bytes());
-    let Some((&first, rest)) = n.split_first() else {
-        return true;
+    let Some(&a) = n.get(anchor) else {
+        return n.is_empty();
     };
     let Some(last_start) = h.len().checked_sub(n.len()) else {
         return false;
     };
-    let (lo, up) = (first.to_ascii_lowercase(), first.to_ascii_uppercase());
-    memchr::memchr2_iter(lo, up, &h[..=last_start])
-        .any(|p| h[p + 1..p + n.len()].eq_ignore_ascii_case(rest))
+    let (lo, up) = (a.to_ascii_lowercase(), a.to_ascii_uppercase());
+    // Offsets into this window are the candidate starts of the needle.
+    memchr::memchr2_iter(lo, up, &h[anchor..=last_start + anchor])
+        .any(|start| h[start..start + n.len()].eq_ignore_ascii_case(n))
+}
+
+/// Whether a statement has ` INTO TEMP ` or ` INTO TEMPORARY ` (any case): one search, anchored
+/// on the `m`.
+fn into_temp(s: &str) -> bool {
+    const HEAD: &[u8] = b" into temp";
+    let h = s.as_bytes();
+    let Some(last_start) = h.len().checked_sub(HEAD.len()) else {
+        return false;
+    };
+    memchr::memchr2_iter(b'm', b'M', &h[8..=last_start + 8]).any(|start| {
+        let rest = &h[start + HEAD.len()..];
+        h[start..start + HEAD.len()].eq_ignore_ascii_case(HEAD)
+            && (rest.first() == Some(&b' ')
+                || rest
+                    .get(..6)
+                    .is_some_and(|r| r.eq_ignore_ascii_case(b"orary ")))
+    })
 }
 
 fn starts_with_word(s: &str, word: &str) -> bool {
@@ -347,9 +374,9 @@ pub fn set_names(sql: &str) -> Option<Vec<String>> {
 /// a multi-statement Query is looked at. Text inside quotes is not parsed, so a keyword inside a
 /// string literal may pin needlessly, which is safe.
 pub fn pins(sql: &str) -> Option<Pin> {
-    if memchr::memchr(b'_', sql.as_bytes()).is_some()
-        && contains_ci(sql, "advisory_lock")
-        && (contains_ci(sql, "pg_advisory_lock") || contains_ci(sql, "pg_try_advisory_lock"))
+    if contains_ci_at(sql, "advisory_lock", 8)
+        && (contains_ci_at(sql, "pg_advisory_lock", 2)
+            || contains_ci_at(sql, "pg_try_advisory_lock", 2))
     {
         return Some(Pin::AdvisoryLock);
     }
@@ -374,7 +401,7 @@ pub fn pins(sql: &str) -> Option<Pin> {
             }
         } else if starts_with_word(s, "load") {
             return Some(Pin::Load);
-        } else if starts_with_word(s, "declare") && contains_ci(s, " with hold") {
+        } else if starts_with_word(s, "declare") && contains_ci_at(s, " with hold", 1) {
             return Some(Pin::HoldCursor);
         } else if starts_with_word(s, "create") {
             let mut words = s[6..].split_whitespace();
@@ -385,7 +412,7 @@ pub fn pins(sql: &str) -> Option<Pin> {
             if w.eq_ignore_ascii_case("temp") || w.eq_ignore_ascii_case("temporary") {
                 return Some(Pin::TempTable);
             }
-        } else if contains_ci(s, " into temp ") || contains_ci(s, " into temporary ") {
+        } else if into_temp(s) {
             return Some(Pin::TempTable);
         }
     }
@@ -451,6 +478,18 @@ mod tests {
         assert!(!contains_ci("", "x"));
         assert!(contains_ci("x", ""));
         assert!(contains_ci("é advisory_lock é", "advisory_lock"));
+        for anchor in 0..13 {
+            assert!(contains_ci_at("x Advisory_Lock(", "advisory_lock", anchor));
+            assert!(contains_ci_at("advisory_lock", "advisory_lock", anchor));
+            assert!(!contains_ci_at("advisory_loc", "advisory_lock", anchor));
+            assert!(!contains_ci_at("dvisory_lock", "advisory_lock", anchor));
+        }
+        assert!(contains_ci_at(
+            "SELECT 1 INTO TEMPORARY t",
+            " into temporary ",
+            15
+        ));
+        assert!(!contains_ci_at("SELECT 1 INTO t", " into temporary ", 15));
     }
 
     #[test]
