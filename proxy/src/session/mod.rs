@@ -387,24 +387,15 @@ impl<'a> Session<'a> {
                 format!("invalid startup parameter name \"{bad}\""),
             ));
         }
-        let params = match self.server_params().await {
-            Ok(p) => p,
-            Err(e) => {
-                return Err(Exit::Fatal(ErrorFields {
-                    severity: "FATAL".into(),
-                    ..e
-                }))
-            }
+        // Errors here end start-up: they are FATAL whatever the server called them.
+        let fatal_error = |e: ErrorFields| {
+            Exit::Fatal(ErrorFields {
+                severity: "FATAL".into(),
+                ..e
+            })
         };
-        let reported = match self.validate_settings().await {
-            Ok(r) => r,
-            Err(e) => {
-                return Err(Exit::Fatal(ErrorFields {
-                    severity: "FATAL".into(),
-                    ..e
-                }))
-            }
-        };
+        let params = self.server_params().await.map_err(fatal_error)?;
+        let reported = self.validate_settings().await.map_err(fatal_error)?;
         Ok((params, reported))
     }
 
