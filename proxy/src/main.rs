@@ -50,20 +50,18 @@ fn main() -> anyhow::Result<()> {
     };
     let config = Config::load(args.config.as_deref(), &overrides)?;
     let path = args.config.clone();
-    let runtime = match config.worker_threads {
+    let mut builder = match config.worker_threads {
         // One thread, like a single-process pooler: no cross-thread wakeups or work stealing.
-        1 => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build(),
-        0 => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build(),
-        n => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(n as usize)
-            .enable_all()
-            .build(),
+        1 => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    if config.worker_threads > 1 {
+        builder.worker_threads(config.worker_threads as usize);
     }
-    .context("starting the runtime")?;
+    let runtime = builder
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
     runtime.block_on(async move {
         // Handlers first, so a signal sent as soon as the port answers is not lost.
         let signals = Signals::install()?;

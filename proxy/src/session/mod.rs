@@ -421,7 +421,7 @@ impl<'a> Session<'a> {
                     ..Default::default()
                 });
             };
-            for (name, value) in &unknown {
+            for (name, value) in unknown.iter() {
                 let sql = state::settings_sql(
                     &[(name.clone(), value.clone())].into(),
                     &Default::default(),
@@ -462,7 +462,7 @@ impl<'a> Session<'a> {
             }
             // The server now holds these values: record them so the next checkout resets or
             // keeps them as needed.
-            for (name, value) in &unknown {
+            for (name, value) in unknown.iter() {
                 server.settings.insert(name.clone(), value.clone());
             }
             lease.release();
@@ -537,132 +537,130 @@ impl<'a> Session<'a> {
     ) -> Step {
         let max_message = self.config.max_message_bytes as usize;
         let g = crate::metrics::global();
-        {
-            // 2. A server connection.
-            g.clients_idle.decrement(1.0);
-            g.clients_waiting.increment(1.0);
-            slot.set_state(ClientState::Waiting);
-            let acquired = self.checkout().await;
-            g.clients_waiting.decrement(1.0);
-            slot.set_state(ClientState::Idle);
-            let mut lease = match acquired {
-                Ok(lease) => lease,
-                Err(err) => {
-                    g.clients_idle.increment(1.0);
-                    let Some((end, last)) = request else {
-                        // A huge request half-received cannot be answered mid-stream.
-                        return Step::Exit(Exit::Fatal(ErrorFields {
-                            severity: "FATAL".into(),
-                            ..err
-                        }));
-                    };
-                    io.buf.advance(end);
-                    let mut out = BytesMut::new();
-                    Out::error_fields(
-                        &mut out,
-                        crate::protocol::backend::tag::ERROR_RESPONSE,
-                        &err,
-                    );
-                    let discard = last == tag::FLUSH;
-                    if !discard {
-                        Out::ready_for_query(&mut out, TxStatus::Idle);
-                    }
-                    if io.send(&out).await.is_err() {
-                        return Step::Exit(Exit::Quiet);
-                    }
-                    return if discard {
-                        Step::DiscardUntilSync
-                    } else {
-                        Step::Next
-                    };
+        // 2. A server connection.
+        g.clients_idle.decrement(1.0);
+        g.clients_waiting.increment(1.0);
+        slot.set_state(ClientState::Waiting);
+        let acquired = self.checkout().await;
+        g.clients_waiting.decrement(1.0);
+        slot.set_state(ClientState::Idle);
+        let mut lease = match acquired {
+            Ok(lease) => lease,
+            Err(err) => {
+                g.clients_idle.increment(1.0);
+                let Some((end, last)) = request else {
+                    // A huge request half-received cannot be answered mid-stream.
+                    return Step::Exit(Exit::Fatal(ErrorFields {
+                        severity: "FATAL".into(),
+                        ..err
+                    }));
+                };
+                io.buf.advance(end);
+                let mut out = BytesMut::new();
+                Out::error_fields(
+                    &mut out,
+                    crate::protocol::backend::tag::ERROR_RESPONSE,
+                    &err,
+                );
+                let discard = last == tag::FLUSH;
+                if !discard {
+                    Out::ready_for_query(&mut out, TxStatus::Idle);
                 }
-            };
-
-            // 3. Relay until the transaction (or session) ends.
-            g.clients_active.increment(1.0);
-            slot.set_state(ClientState::Active);
-            let Some(server) = lease.conn() else {
-                return Step::Exit(fatal(
-                    sqlstate::INTERNAL_ERROR,
-                    "internal error: lease without connection",
-                ));
-            };
-            slot.set_server(Some(server.cancel_key()));
-            server.info.set_state(ServerState::Active);
-            let flow = Flow::new();
-            let pooling = self.mode == PoolMode::Transaction;
-            flow.release.set(pooling && self.pinned.is_none());
-            // Bring the server's settings to the client's, in the same write as its request.
-            let prefix = pooling
-                .then(|| state::settings_sql(&self.settings, &server.settings))
-                .filter(|sql| !sql.is_empty())
-                .map(|sql| {
-                    server.settings.clone_from(&self.settings);
-                    let mut q = BytesMut::new();
-                    Out::query(&mut q, &sql);
-                    q.freeze()
-                });
-            let statements = pooling.then_some(relay::Statements {
-                client: &mut self.statements,
-                hasher: &self.ctx.statement_hasher,
-                reject_session_state: self.config.on_session_state
-                    == crate::config::OnSessionState::Reject,
-            });
-            let span = tracing::trace_span!(
-                "relay",
-                client = slot.addr.map(|a| a.port()).unwrap_or(0),
-                server = server.process_id
-            );
-            let end = tracing::Instrument::instrument(
-                relay::relay(io, server, &flow, max_message, statements, prefix),
-                span,
-            )
-            .await;
-            tracing::trace!(released = matches!(end, End::Released), "relay ended");
-            if flow.settings_reset.get() {
-                server.settings.clear();
-            }
-            let changed = std::mem::take(&mut *flow.settings_changed.lock());
-            if !changed.is_empty() && matches!(end, End::Released) {
-                // What a SET inside the transaction left behind is now this client's own setting:
-                // read it back once, and carry it to whichever server the client gets next.
-                self.adopt_settings(server, &changed).await;
-            }
-            if self.pinned.is_none() {
-                self.pinned = flow.pinned();
-            }
-            slot.set_server(None);
-            server.info.set_state(ServerState::Idle);
-            slot.set_state(ClientState::Idle);
-            g.clients_active.decrement(1.0);
-            g.bytes_to_server.increment(flow.to_server.get());
-            g.bytes_to_client.increment(flow.to_client.get());
-            match end {
-                End::Released => {
-                    lease.release();
-                    g.clients_idle.increment(1.0);
-                }
-                End::ClientGone => {
-                    g.clients_idle.increment(1.0);
-                    let reset = self.mode == PoolMode::Session || self.pinned.is_some();
-                    cleanup(lease, &flow, self.mode, reset).await;
+                if io.send(&out).await.is_err() {
                     return Step::Exit(Exit::Quiet);
                 }
-                End::ClientProtocol(msg) => {
-                    g.clients_idle.increment(1.0);
-                    lease.discard();
-                    return Step::Exit(fatal(sqlstate::PROTOCOL_VIOLATION, msg));
-                }
-                End::ServerGone(msg) => {
-                    g.clients_idle.increment(1.0);
-                    tracing::warn!(error = %msg, "server connection lost while relaying");
-                    crate::metrics::server_closed("error");
-                    lease.discard();
-                    return Step::Exit(fatal(
-                        sqlstate::CONNECTION_FAILURE,
-                        "server connection lost; the current transaction, if any, was rolled back",
-                    ));
-                }
+                return if discard {
+                    Step::DiscardUntilSync
+                } else {
+                    Step::Next
+                };
+            }
+        };
+
+        // 3. Relay until the transaction (or session) ends.
+        g.clients_active.increment(1.0);
+        slot.set_state(ClientState::Active);
+        let Some(server) = lease.conn() else {
+            return Step::Exit(fatal(
+                sqlstate::INTERNAL_ERROR,
+                "internal error: lease without connection",
+            ));
+        };
+        slot.set_server(Some(server.cancel_key()));
+        server.info.set_state(ServerState::Active);
+        let flow = Flow::new();
+        let pooling = self.mode == PoolMode::Transaction;
+        flow.release.set(pooling && self.pinned.is_none());
+        // Bring the server's settings to the client's, in the same write as its request.
+        let prefix = pooling
+            .then(|| state::settings_sql(&self.settings, &server.settings))
+            .filter(|sql| !sql.is_empty())
+            .map(|sql| {
+                server.settings.clone_from(&self.settings);
+                let mut q = BytesMut::new();
+                Out::query(&mut q, &sql);
+                q.freeze()
+            });
+        let statements = pooling.then_some(relay::Statements {
+            client: &mut self.statements,
+            hasher: &self.ctx.statement_hasher,
+            reject_session_state: self.config.on_session_state
+                == crate::config::OnSessionState::Reject,
+        });
+        let span = tracing::trace_span!(
+            "relay",
+            client = slot.addr.map(|a| a.port()).unwrap_or(0),
+            server = server.process_id
+        );
+        let end = tracing::Instrument::instrument(
+            relay::relay(io, server, &flow, max_message, statements, prefix),
+            span,
+        )
+        .await;
+        tracing::trace!(released = matches!(end, End::Released), "relay ended");
+        if flow.settings_reset.get() {
+            server.settings.clear();
+        }
+        let changed = std::mem::take(&mut *flow.settings_changed.lock());
+        if !changed.is_empty() && matches!(end, End::Released) {
+            // What a SET inside the transaction left behind is now this client's own setting:
+            // read it back once, and carry it to whichever server the client gets next.
+            self.adopt_settings(server, &changed).await;
+        }
+        if self.pinned.is_none() {
+            self.pinned = flow.pinned();
+        }
+        slot.set_server(None);
+        server.info.set_state(ServerState::Idle);
+        slot.set_state(ClientState::Idle);
+        g.clients_active.decrement(1.0);
+        g.bytes_to_server.increment(flow.to_server.get());
+        g.bytes_to_client.increment(flow.to_client.get());
+        match end {
+            End::Released => {
+                lease.release();
+                g.clients_idle.increment(1.0);
+            }
+            End::ClientGone => {
+                g.clients_idle.increment(1.0);
+                let reset = self.mode == PoolMode::Session || self.pinned.is_some();
+                cleanup(lease, &flow, self.mode, reset).await;
+                return Step::Exit(Exit::Quiet);
+            }
+            End::ClientProtocol(msg) => {
+                g.clients_idle.increment(1.0);
+                lease.discard();
+                return Step::Exit(fatal(sqlstate::PROTOCOL_VIOLATION, msg));
+            }
+            End::ServerGone(msg) => {
+                g.clients_idle.increment(1.0);
+                tracing::warn!(error = %msg, "server connection lost while relaying");
+                crate::metrics::server_closed("error");
+                lease.discard();
+                return Step::Exit(fatal(
+                    sqlstate::CONNECTION_FAILURE,
+                    "server connection lost; the current transaction, if any, was rolled back",
+                ));
             }
         }
         Step::Next
@@ -700,6 +698,8 @@ impl<'a> Session<'a> {
                 }
                 None => {}
             }
+            // At the relay's read size, so a request never makes the buffer grow (copy) mid-way.
+            io.buf.reserve(crate::server::READ_BUFFER);
         }
         io.read_more().await
     }

@@ -215,8 +215,7 @@ async fn md5_exchange(io: &mut ClientIo, hash: Option<&Md5Hash>) -> Result<bool,
 impl ClientIo {
     /// Reads more bytes into the buffer; EOF ends the session quietly.
     pub async fn read_more(&mut self) -> Result<(), Exit> {
-        // The size the relay reads with, so a request never makes the buffer grow (copy) mid-way.
-        self.buf.reserve(crate::server::READ_BUFFER);
+        self.buf.reserve(1024);
         match self.stream.read_buf(&mut self.buf).await {
             Ok(0) | Err(_) => Err(Exit::Quiet),
             Ok(_) => Ok(()),

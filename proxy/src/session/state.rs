@@ -52,17 +52,6 @@ impl Settings {
     }
 }
 
-impl<'a> IntoIterator for &'a Settings {
-    type Item = (&'a String, &'a String);
-    type IntoIter = std::iter::Map<
-        std::slice::Iter<'a, (String, String)>,
-        fn(&'a (String, String)) -> (&'a String, &'a String),
-    >;
-    fn into_iter(self) -> Self::IntoIter {
-        self.0.iter().map(|(n, v)| (n, v))
-    }
-}
-
 impl FromIterator<(String, String)> for Settings {
     fn from_iter<I: IntoIterator<Item = (String, String)>>(iter: I) -> Self {
         let mut s = Settings::new();
@@ -79,6 +68,7 @@ impl<const N: usize> From<[(String, String); N]> for Settings {
     }
 }
 
+#[cfg(test)]
 impl std::ops::Index<&str> for Settings {
     type Output = String;
     fn index(&self, name: &str) -> &String {
@@ -163,7 +153,7 @@ pub fn settings_sql(want: &Settings, have: &Settings) -> String {
         return String::new();
     }
     let mut calls = Vec::new();
-    for (name, value) in want {
+    for (name, value) in want.iter() {
         if have.get(name) != Some(value) {
             calls.push(format!(
                 "set_config({}, {}, false)",

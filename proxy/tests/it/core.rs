@@ -25,7 +25,7 @@ use tokio_postgres::types::Type;
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 
 use crate::pg::{PgOptions, PgServer};
-use crate::proxy::{conn_string, connect, connect_with_task, start_sluice, url};
+use crate::proxy::{connect, connect_with_task, start_sluice, url, ConnTask};
 
 const USER: &str = "core_app";
 const PASSWORD: &str = "core-app-pw";
@@ -2036,30 +2036,23 @@ async fn terminated_backends_are_replaced_or_reported() {
     assert_eq!(scalar(&fresh, "SELECT 'fresh'").await, "fresh");
 }
 
-/// Connects and keeps the connection task's result: the error that ended it, if any.
-async fn watched_client(
-    env: &Env,
-) -> (
-    Client,
-    tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
-) {
-    let (client, conn) = within(
-        "connect through Sluice",
-        tokio_postgres::connect(
-            &conn_string(&env.sluice, USER, PASSWORD, DB),
-            tokio_postgres::NoTls,
-        ),
-    )
-    .await
-    .expect("connect through Sluice");
-    (client, tokio::spawn(conn))
+/// The SQLSTATE of the error that ends `conn` within `limit` (the server's FATAL message).
+async fn ending_code(conn: ConnTask, limit: Duration, what: &str) -> String {
+    let ended = within_for(limit, what, conn).await.expect("task");
+    let e = ended.expect_err("the connection ends with an error");
+    code(&e)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_timeout_and_shutdown_end_idle_sessions() {
     let env = env(4, 4, |c| c.client_idle_timeout = Duration::from_secs(2)).await;
     // An idle client is disconnected with 57P05 once idle past client_idle_timeout.
-    let (idle, idle_conn) = watched_client(&env).await;
+    let (idle, idle_conn) = within(
+        "connect",
+        connect_with_task(&env.sluice, USER, PASSWORD, DB),
+    )
+    .await
+    .expect("connect");
     assert_eq!(scalar(&idle, "SELECT 1").await, "1");
     // A client that keeps working is not, though it has been connected longer than that.
     let busy = env.client().await;
@@ -2068,28 +2061,29 @@ async fn idle_timeout_and_shutdown_end_idle_sessions() {
         assert_eq!(scalar(&busy, "SELECT 2").await, "2");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    let ended = within_for(
+    let sqlstate = ending_code(
+        idle_conn,
         Duration::from_secs(10),
         "idle client disconnected",
-        idle_conn,
     )
-    .await
-    .expect("task");
-    let e = ended.expect_err("the idle client's connection ends with an error");
-    assert_eq!(code(&e), "57P05", "unexpected error: {e}");
+    .await;
+    assert_eq!(sqlstate, "57P05");
     assert!(idle.is_closed());
     assert_eq!(scalar(&busy, "SELECT 3").await, "3");
 
     // Shutdown ends an idle session at once (57P01), without waiting for the drain timeout.
-    let (_waiting, waiting_conn) = watched_client(&env).await;
-    env.sluice.shutdown.cancel();
-    let ended = within_for(
-        Duration::from_secs(5),
-        "idle client told of shutdown",
-        waiting_conn,
+    let (_waiting, waiting_conn) = within(
+        "connect",
+        connect_with_task(&env.sluice, USER, PASSWORD, DB),
     )
     .await
-    .expect("task");
-    let e = ended.expect_err("shutdown ends the idle client's connection");
-    assert_eq!(code(&e), "57P01", "unexpected error: {e}");
+    .expect("connect");
+    env.sluice.shutdown.cancel();
+    let sqlstate = ending_code(
+        waiting_conn,
+        Duration::from_secs(5),
+        "idle told of shutdown",
+    )
+    .await;
+    assert_eq!(sqlstate, "57P01");
 }

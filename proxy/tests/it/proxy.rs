@@ -46,20 +46,21 @@ pub async fn connect(
     Ok(client)
 }
 
+/// The task running a client's connection: it ends with the error that ended the connection.
+pub type ConnTask = tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>;
+
 /// Like [`connect`], also returning the connection task: aborting it drops the socket without a
-/// Terminate message, the way a crashed or frozen client vanishes.
+/// Terminate message, the way a crashed or frozen client vanishes; awaiting it tells how the
+/// connection ended.
 pub async fn connect_with_task(
     handle: &sluice::Handle,
     user: &str,
     password: &str,
     db: &str,
-) -> Result<(Client, tokio::task::JoinHandle<()>), tokio_postgres::Error> {
+) -> Result<(Client, ConnTask), tokio_postgres::Error> {
     let (client, conn) =
         tokio_postgres::connect(&conn_string(handle, user, password, db), NoTls).await?;
-    let task = tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok((client, task))
+    Ok((client, tokio::spawn(conn)))
 }
 
 /// A libpq-style connection string for Sluice.
