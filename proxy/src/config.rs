@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use figment::providers::{Env, Format, Serialized, Toml};
@@ -67,6 +67,58 @@ pub enum ClientAuth {
     Md5,
 }
 
+/// TLS toward the server, with libpq's `sslmode` meanings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServerTls {
+    /// Plain TCP only.
+    Disable,
+    /// TLS when the server offers it, else plain TCP; the certificate is not checked.
+    Prefer,
+    /// TLS or nothing; the certificate is checked only when `server_tls_ca_file` is set
+    /// (then as `verify-ca`), as libpq does when a root certificate file exists.
+    Require,
+    /// TLS with a certificate chain that leads to `server_tls_ca_file`.
+    VerifyCa,
+    /// `verify-ca`, and the certificate must be for the host Sluice connects to.
+    VerifyFull,
+}
+
+impl ServerTls {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServerTls::Disable => "disable",
+            ServerTls::Prefer => "prefer",
+            ServerTls::Require => "require",
+            ServerTls::VerifyCa => "verify-ca",
+            ServerTls::VerifyFull => "verify-full",
+        }
+    }
+
+    fn parse(s: &str) -> Option<ServerTls> {
+        Some(match s {
+            "disable" => ServerTls::Disable,
+            "prefer" | "allow" => ServerTls::Prefer,
+            "require" => ServerTls::Require,
+            "verify-ca" => ServerTls::VerifyCa,
+            "verify-full" => ServerTls::VerifyFull,
+            _ => return None,
+        })
+    }
+}
+
+/// TLS toward clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientTls {
+    /// SSLRequests are answered `N`.
+    Disable,
+    /// TLS for clients that ask for it; plain text for the others.
+    Allow,
+    /// Clients that do not use TLS are refused (FATAL 28000).
+    Require,
+}
+
 /// The whole configuration, as read from the file and the environment.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -81,6 +133,18 @@ pub struct Config {
     /// Upstream host and port, when not given by `upstream`.
     pub server_host: String,
     pub server_port: u16,
+    /// TLS toward the server (libpq's `sslmode`); `--upstream`'s `sslmode` sets it too.
+    pub server_tls: ServerTls,
+    /// PEM file of the certificate authorities a server certificate must lead to.
+    pub server_tls_ca_file: Option<PathBuf>,
+    /// Client certificate and key Sluice presents to the server, if it asks for one.
+    pub server_tls_cert_file: Option<PathBuf>,
+    pub server_tls_key_file: Option<PathBuf>,
+    /// TLS toward clients; unset means `allow` when a certificate is configured, else `disable`.
+    pub client_tls: Option<ClientTls>,
+    /// Certificate chain (PEM) and private key Sluice presents to clients; re-read on RELOAD.
+    pub client_tls_cert_file: Option<PathBuf>,
+    pub client_tls_key_file: Option<PathBuf>,
     pub pool_mode: PoolMode,
     pub on_session_state: OnSessionState,
     /// Server connections per (database, user) pool.
@@ -169,6 +233,13 @@ impl Default for Config {
             upstream: None,
             server_host: "127.0.0.1".into(),
             server_port: 5432,
+            server_tls: ServerTls::Prefer,
+            server_tls_ca_file: None,
+            server_tls_cert_file: None,
+            server_tls_key_file: None,
+            client_tls: None,
+            client_tls_cert_file: None,
+            client_tls_key_file: None,
             pool_mode: PoolMode::Transaction,
             on_session_state: OnSessionState::Pin,
             pool_size: 20,
@@ -295,6 +366,27 @@ impl Config {
         let db = decode(url.path().trim_start_matches('/'));
         let db = if db.is_empty() { user.clone() } else { db };
         self.databases.entry(db).or_default();
+        for (key, value) in url.query_pairs() {
+            match key.as_ref() {
+                "sslmode" => {
+                    self.server_tls = ServerTls::parse(&value).ok_or_else(|| {
+                        invalid(
+                            "upstream",
+                            format!("sslmode \"{value}\" is not one of disable, allow, prefer, require, verify-ca, verify-full"),
+                        )
+                    })?;
+                }
+                "sslrootcert" => self.server_tls_ca_file = Some(PathBuf::from(value.as_ref())),
+                "sslcert" => self.server_tls_cert_file = Some(PathBuf::from(value.as_ref())),
+                "sslkey" => self.server_tls_key_file = Some(PathBuf::from(value.as_ref())),
+                other => {
+                    return Err(invalid(
+                        "upstream",
+                        format!("unsupported parameter \"{other}\" (Sluice reads sslmode, sslrootcert, sslcert and sslkey)"),
+                    ))
+                }
+            }
+        }
         let password = url.password().map(decode);
         let entry = self.users.entry(user).or_default();
         if entry.password.is_none() {
@@ -377,6 +469,7 @@ impl Config {
                 ));
             }
         }
+        self.validate_tls()?;
         if self.databases.contains_key("sluice") {
             return Err(invalid(
                 "databases.sluice",
@@ -412,6 +505,48 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    fn validate_tls(&self) -> Result<(), ConfigError> {
+        if matches!(self.server_tls, ServerTls::VerifyCa | ServerTls::VerifyFull)
+            && self.server_tls_ca_file.is_none()
+        {
+            return Err(invalid(
+                "server_tls_ca_file",
+                format!(
+                    "server_tls = \"{}\" needs the certificate authorities to verify against (a PEM file, e.g. the RDS global bundle)",
+                    self.server_tls.as_str()
+                ),
+            ));
+        }
+        if self.server_tls_cert_file.is_some() != self.server_tls_key_file.is_some() {
+            return Err(invalid(
+                "server_tls_key_file",
+                "server_tls_cert_file and server_tls_key_file go together",
+            ));
+        }
+        if self.client_tls_cert_file.is_some() != self.client_tls_key_file.is_some() {
+            return Err(invalid(
+                "client_tls_key_file",
+                "client_tls_cert_file and client_tls_key_file go together",
+            ));
+        }
+        if self.client_tls_mode() != ClientTls::Disable && self.client_tls_cert_file.is_none() {
+            return Err(invalid(
+                "client_tls_cert_file",
+                "client_tls needs a certificate and key (client_tls_cert_file, client_tls_key_file)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// `client_tls` with its default filled in.
+    pub fn client_tls_mode(&self) -> ClientTls {
+        self.client_tls.unwrap_or(if self.client_tls_cert_file.is_some() {
+            ClientTls::Allow
+        } else {
+            ClientTls::Disable
+        })
     }
 
     /// The password Sluice presents to the server for `user`.

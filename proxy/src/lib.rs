@@ -17,6 +17,8 @@ pub mod pool;
 pub mod protocol;
 pub mod server;
 pub mod session;
+pub mod stream;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -53,6 +55,8 @@ pub enum StartError {
     Budget(String),
     #[error("invalid configuration: `users.{user}.password`: {why}")]
     Secret { user: String, why: String },
+    #[error("invalid configuration: {0}")]
+    Tls(#[from] tls::TlsError),
 }
 
 /// A running Sluice.
@@ -89,8 +93,9 @@ pub async fn start_from(
     flags: config::Overrides,
 ) -> Result<Handle, StartError> {
     let mut config = config;
+    let tls = tls::TlsState::load(&config)?;
     if config.max_server_connections == 0 {
-        config.max_server_connections = derive_budget(&config).await?;
+        config.max_server_connections = derive_budget(&config, &tls.connector).await?;
         tracing::info!(
             max_server_connections = config.max_server_connections,
             "derived the server connection budget from the server's max_connections"
@@ -151,6 +156,7 @@ pub async fn start_from(
         pools: pools.clone(),
         credentials: RwLock::new(Arc::new(credentials)),
         servers: Default::default(),
+        tls: RwLock::new(tls),
         mock_secret: rand::random(),
         clients: Default::default(),
         server_params: Default::default(),
@@ -196,7 +202,14 @@ async fn maintain(ctx: Arc<Context>, ready: Arc<admin::Readiness>) {
     loop {
         tick.tick().await;
         let cfg = ctx.config();
-        let up = server::probe(&cfg.server_host, cfg.server_port, Duration::from_secs(1)).await;
+        let connector = ctx.tls().connector;
+        let up = server::probe(
+            &connector,
+            &cfg.server_host,
+            cfg.server_port,
+            Duration::from_secs(1),
+        )
+        .await;
         ready
             .upstream_ok
             .store(up, std::sync::atomic::Ordering::Relaxed);
@@ -221,7 +234,7 @@ async fn maintain(ctx: Arc<Context>, ready: Arc<admin::Readiness>) {
             let Some(stats) = ctx.pools.pool_stats().into_iter().nth(slot.pool().0) else {
                 continue;
             };
-            let target = Target::new(&cfg, &stats.database, &stats.user);
+            let target = Target::new(&cfg, &connector, &stats.database, &stats.user);
             let database = stats.database.clone();
             let ctx = ctx.clone();
             tokio::spawn(async move {
@@ -257,6 +270,10 @@ fn server_gauges(ctx: &Context) {
     g.servers_active.set(f64::from(active));
     g.servers_idle.set(f64::from(idle));
     g.servers_connecting.set(f64::from(connecting));
+    let servers = ctx.servers.snapshot();
+    let tls = servers.iter().filter(|s| s.tls).count();
+    g.servers_tls.set(tls as f64);
+    g.servers_plain.set((servers.len() - tls) as f64);
 }
 
 /// Derives every user's client-auth secret; PBKDF2 runs on the blocking pool.
@@ -291,44 +308,25 @@ pub(crate) async fn derive_credentials(
 }
 
 /// `max_connections` minus the server's reserved slots, minus 10% (at least 2) headroom.
-async fn derive_budget(cfg: &Config) -> Result<u32, StartError> {
+async fn derive_budget(cfg: &Config, tls: &Arc<tls::Connector>) -> Result<u32, StartError> {
     let (db, user) = match (cfg.databases.keys().next(), cfg.users.keys().next()) {
         (Some(d), Some(u)) => (d.clone(), u.clone()),
         _ => return Err(StartError::Budget("no database or user configured".into())),
     };
-    let t = Target::new(cfg, &db, &user);
-    let mut pg = tokio_postgres::Config::new();
-    pg.host(&t.host)
-        .port(t.port)
-        .user(&t.user)
-        .dbname(&t.database)
-        .connect_timeout(t.connect_timeout)
-        .application_name("sluice");
-    if let Some(p) = &t.password {
-        pg.password(p);
-    }
-    let (client, conn) = pg
-        .connect(tokio_postgres::NoTls)
+    let t = Target::new(cfg, tls, &db, &user);
+    let mut conn = ServerConn::connect(&t, &db, &server::ServerRegistry::default())
         .await
         .map_err(|e| StartError::Budget(e.to_string()))?;
-    let driver = tokio::spawn(conn);
-    let get = async |name: &str| -> Result<i64, StartError> {
-        let row = client
-            .query_one(
-                "SELECT setting::bigint FROM pg_settings WHERE name = $1",
-                &[&name],
-            )
-            .await;
-        Ok(row
-            .ok()
-            .and_then(|r| r.try_get::<_, i64>(0).ok())
-            .unwrap_or(0))
-    };
-    let max = get("max_connections").await?;
-    let reserved =
-        get("superuser_reserved_connections").await? + get("reserved_connections").await?;
-    drop(client);
-    let _ = driver.await;
+    let row = conn
+        .read_row(
+            "SELECT current_setting('max_connections'), \
+             current_setting('superuser_reserved_connections'), \
+             coalesce(current_setting('reserved_connections', true), '0')",
+        )
+        .await
+        .map_err(|e| StartError::Budget(e.to_string()))?;
+    let num = |i: usize| -> i64 { row.get(i).and_then(|v| v.parse().ok()).unwrap_or(0) };
+    let (max, reserved) = (num(0), num(1) + num(2));
     let usable = max - reserved;
     let headroom = ((usable as f64 * BUDGET_HEADROOM_FRACTION).ceil() as i64).max(2);
     let budget = usable - headroom;

@@ -28,6 +28,9 @@ pub const TRANSACTION_TIME: &str = "sluice_transaction_seconds";
 pub const BYTES: &str = "sluice_bytes_total";
 pub const PINNED_SESSIONS: &str = "sluice_pinned_sessions";
 pub const SESSION_PINS: &str = "sluice_session_pins_total";
+pub const CLIENT_TLS: &str = "sluice_client_connections_tls_total";
+pub const SERVER_TLS: &str = "sluice_server_connections_tls";
+pub const TLS_HANDSHAKE_FAILURES: &str = "sluice_tls_handshake_failures_total";
 
 /// Describes every metric once, so the exposition carries HELP and unit lines.
 pub fn describe() {
@@ -78,6 +81,18 @@ pub fn describe() {
         "Client sessions pinned to a server connection"
     );
     describe_counter!(SESSION_PINS, "Sessions pinned, by reason");
+    describe_counter!(
+        CLIENT_TLS,
+        "Client connections that sent a startup message, by whether they use TLS"
+    );
+    describe_gauge!(
+        SERVER_TLS,
+        "Open server connections, by whether they use TLS"
+    );
+    describe_counter!(
+        TLS_HANDSHAKE_FAILURES,
+        "TLS handshakes that failed, by side (client, server) and reason"
+    );
 }
 
 static GROUP_LABELS: AtomicUsize = AtomicUsize::new(0);
@@ -141,6 +156,10 @@ pub struct Global {
     pub bytes_to_server: Counter,
     pub bytes_to_client: Counter,
     pub pinned: Gauge,
+    pub clients_tls: Counter,
+    pub clients_plain: Counter,
+    pub servers_tls: Gauge,
+    pub servers_plain: Gauge,
 }
 
 /// The process-wide handles. Registered on first use, after the recorder is installed.
@@ -160,6 +179,10 @@ pub fn global() -> &'static Global {
         bytes_to_server: counter!(BYTES, "direction" => "client_to_server"),
         bytes_to_client: counter!(BYTES, "direction" => "server_to_client"),
         pinned: gauge!(PINNED_SESSIONS),
+        clients_tls: counter!(CLIENT_TLS, "tls" => "true"),
+        clients_plain: counter!(CLIENT_TLS, "tls" => "false"),
+        servers_tls: gauge!(SERVER_TLS, "tls" => "true"),
+        servers_plain: gauge!(SERVER_TLS, "tls" => "false"),
     })
 }
 
@@ -177,4 +200,9 @@ pub fn server_closed(reason: &'static str) {
 
 pub fn session_pinned(reason: &'static str) {
     counter!(SESSION_PINS, "reason" => reason).increment(1);
+}
+
+/// Counts a failed TLS handshake; `side` is `client` or `server`, reasons are a fixed set.
+pub fn tls_handshake_failed(side: &'static str, reason: &'static str) {
+    counter!(TLS_HANDSHAKE_FAILURES, "side" => side, "reason" => reason).increment(1);
 }

@@ -16,7 +16,7 @@ mod md5;
 mod scram;
 
 pub use self::md5::Md5Hash;
-pub use self::scram::{ScramServer, ScramVerifier};
+pub use self::scram::{Channel, ScramServer, ScramVerifier};
 
 /// Why an authentication step failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -25,10 +25,14 @@ pub enum AuthError {
     /// the offending part.
     #[error("malformed SCRAM message: {0}")]
     MalformedScram(&'static str),
-    /// The client asked for channel binding (`p=` gs2 flag), which is only
-    /// valid with SCRAM-SHA-256-PLUS, a mechanism Sluice does not offer.
-    #[error("SCRAM channel binding is not supported")]
+    /// The client asked for a channel-binding type other than
+    /// `tls-server-end-point`.
+    #[error("unsupported SCRAM channel-binding type")]
     UnsupportedChannelBinding,
+    /// The client says it could bind but thinks the server cannot, while
+    /// SCRAM-SHA-256-PLUS was offered: someone in the middle removed it.
+    #[error("SCRAM channel binding negotiation error: the client supports channel binding but thinks the server does not; this server does support it")]
+    ChannelBindingDowngrade,
     /// The `c=` attribute of client-final does not echo the gs2 header.
     #[error("SCRAM channel binding check failed")]
     ChannelBindingMismatch,
@@ -213,9 +217,18 @@ mod tests {
     /// A full exchange with the real client: Ok only if the server accepts
     /// the proof and the client accepts the server's signature.
     fn exchange(v: &ScramVerifier, password: &str, cb: ChannelBinding) -> Result<(), AuthError> {
+        exchange_on(v, password, cb, Channel::Unavailable)
+    }
+
+    fn exchange_on(
+        v: &ScramVerifier,
+        password: &str,
+        cb: ChannelBinding,
+        channel: Channel<'_>,
+    ) -> Result<(), AuthError> {
         let mut client = ScramSha256::new(password.as_bytes(), cb);
         let nonce = ScramServer::random_nonce();
-        let (server, first) = ScramServer::start(v, client.message(), &nonce)?;
+        let (server, first) = ScramServer::start(v, client.message(), &nonce, channel)?;
         client.update(&first).expect("client accepts server-first");
         let last = server.finish(client.message())?;
         client
@@ -226,6 +239,47 @@ mod tests {
 
     fn plain() -> ChannelBinding {
         ChannelBinding::unrequested()
+    }
+
+    #[test]
+    fn channel_binding_with_real_client() {
+        let v = ScramVerifier::derive("pw", b"salt", 64);
+        let data = [7u8; 48];
+        let bound = || ChannelBinding::tls_server_end_point(data.to_vec());
+        assert_eq!(exchange_on(&v, "pw", bound(), Channel::Bound(&data)), Ok(()));
+        // Bound to another certificate (a machine in the middle): refused.
+        assert_eq!(
+            exchange_on(&v, "pw", bound(), Channel::Bound(&[8u8; 48])),
+            Err(AuthError::ChannelBindingMismatch)
+        );
+        assert_eq!(
+            exchange_on(&v, "pw", bound(), Channel::Bound(&data[..32])),
+            Err(AuthError::ChannelBindingMismatch)
+        );
+        // 'y' while -PLUS was offered is a downgrade; 'n' is a client that cannot bind.
+        assert_eq!(
+            exchange_on(&v, "pw", ChannelBinding::unrequested(), Channel::Offered),
+            Err(AuthError::ChannelBindingDowngrade)
+        );
+        assert_eq!(
+            exchange_on(&v, "pw", ChannelBinding::unsupported(), Channel::Offered),
+            Ok(())
+        );
+        // The flag must match the mechanism chosen.
+        assert!(matches!(
+            exchange_on(&v, "pw", ChannelBinding::unsupported(), Channel::Bound(&data)),
+            Err(AuthError::MalformedScram(_))
+        ));
+        assert!(matches!(
+            exchange_on(&v, "pw", bound(), Channel::Unavailable),
+            Err(AuthError::MalformedScram(_))
+        ));
+        assert!(matches!(
+            exchange_on(&v, "pw", bound(), Channel::Offered),
+            Err(AuthError::MalformedScram(_))
+        ));
+        let other_type = ScramServer::start(&v, b"p=tls-unique,,n=,r=abc", "srv", Channel::Bound(&data));
+        assert_eq!(other_type.err(), Some(AuthError::UnsupportedChannelBinding));
     }
 
     #[test]
@@ -282,7 +336,7 @@ mod tests {
     fn rfc7677_test_vector() {
         let salt = STANDARD.decode("W22ZaJ0SNY7soEsUEjb6gQ==").unwrap();
         let v = ScramVerifier::derive("pencil", &salt, 4096);
-        let (server, first) = ScramServer::start(&v, FIRST, SERVER_NONCE).unwrap();
+        let (server, first) = ScramServer::start(&v, FIRST, SERVER_NONCE, Channel::Unavailable).unwrap();
         let want = format!("r={NONCE},s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096");
         assert_eq!(first, want.as_bytes());
         let last = server.finish(format!("c=biws,r={NONCE},{PROOF}").as_bytes());
@@ -291,7 +345,7 @@ mod tests {
             b"v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4="
         );
 
-        let (server, _) = ScramServer::start(&v, FIRST, SERVER_NONCE).unwrap();
+        let (server, _) = ScramServer::start(&v, FIRST, SERVER_NONCE, Channel::Unavailable).unwrap();
         let tampered = PROOF.replace("dHzb", "dHzc");
         let last = server.finish(format!("c=biws,r={NONCE},{tampered}").as_bytes());
         assert_eq!(last, Err(AuthError::BadPassword));
@@ -308,7 +362,7 @@ mod tests {
             (b"x,,n=,r=abc", Bad("invalid channel binding flag")),
             (
                 b"p=tls-server-end-point,,n=,r=abc",
-                AuthError::UnsupportedChannelBinding,
+                Bad("channel binding data sent without SCRAM-SHA-256-PLUS"),
             ),
             (b"n", Bad("missing authzid")),
             (b"n,", Bad("missing client-first-message-bare")),
@@ -329,14 +383,14 @@ mod tests {
             (&long, Bad("client-first-message too long")),
         ];
         for (msg, want) in cases {
-            let got = ScramServer::start(&v, msg, "srv").err();
+            let got = ScramServer::start(&v, msg, "srv", Channel::Unavailable).err();
             assert_eq!(got.as_ref(), Some(want), "{}", String::from_utf8_lossy(msg));
         }
         for ok in [&b"n,a=,n=,r=abc"[..], b"y,,n=\xff\xfe,r=abc,e=ext"] {
-            assert!(ScramServer::start(&v, ok, "srv").is_ok());
+            assert!(ScramServer::start(&v, ok, "srv", Channel::Unavailable).is_ok());
         }
         for bad_nonce in ["", "a,b", "caf\u{e9}"] {
-            let got = ScramServer::start(&v, b"n,,n=,r=abc", bad_nonce).err();
+            let got = ScramServer::start(&v, b"n,,n=,r=abc", bad_nonce, Channel::Unavailable).err();
             assert_eq!(got, Some(AuthError::InvalidServerNonce));
         }
     }
@@ -386,7 +440,7 @@ mod tests {
             ),
         ];
         for (msg, want) in cases {
-            let (server, _) = ScramServer::start(&v, FIRST, SERVER_NONCE).unwrap();
+            let (server, _) = ScramServer::start(&v, FIRST, SERVER_NONCE, Channel::Unavailable).unwrap();
             assert_eq!(server.finish(msg.as_bytes()), Err(want), "{msg}");
         }
     }

@@ -3,8 +3,9 @@
 //! client's proof against it. See
 //! <https://www.postgresql.org/docs/current/sasl-authentication.html>.
 //!
-//! Only plain `SCRAM-SHA-256` is implemented; `-PLUS` (channel binding)
-//! needs TLS and is rejected.
+//! `SCRAM-SHA-256-PLUS` binds the exchange to the TLS channel with
+//! `tls-server-end-point` (RFC 5929), the only binding type PostgreSQL knows;
+//! the caller supplies the binding data (a hash of the certificate it serves).
 
 use std::fmt;
 
@@ -152,14 +153,27 @@ impl fmt::Debug for ScramVerifier {
     }
 }
 
+/// What the connection offers for channel binding (RFC 5802 section 6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Channel<'a> {
+    /// No TLS, or no binding data for its certificate: only SCRAM-SHA-256 was offered.
+    Unavailable,
+    /// SCRAM-SHA-256-PLUS was offered and the client chose SCRAM-SHA-256: a client that says
+    /// it could bind (`y`) was downgraded by someone in the middle.
+    Offered,
+    /// The client chose SCRAM-SHA-256-PLUS: it must bind to this `tls-server-end-point` data.
+    Bound(&'a [u8]),
+}
+
 /// The server's half of one SCRAM-SHA-256 exchange, between sending
 /// server-first-message and receiving client-final-message.
 pub struct ScramServer {
     stored_key: Key,
     server_key: Key,
     mock: bool,
-    /// The gs2 header exactly as the client sent it; `c=` must echo it.
-    gs2_header: Vec<u8>,
+    /// What `c=` must carry: the gs2 header exactly as the client sent it, followed by the
+    /// channel-binding data when bound.
+    cbind_input: Vec<u8>,
     /// Client nonce followed by server nonce.
     nonce: Vec<u8>,
     /// `client-first-bare "," server-first ","`: the AuthMessage up to the
@@ -180,14 +194,15 @@ impl ScramServer {
     /// in `AuthenticationSASLContinue`.
     ///
     /// The `n=` user name is ignored, as in PostgreSQL: the user comes from
-    /// the startup packet. The `y` gs2 flag ("client supports channel
-    /// binding but thinks the server does not") is accepted because Sluice
-    /// never advertises SCRAM-SHA-256-PLUS; once it does, `y` would signal a
-    /// downgrade and must be refused.
+    /// the startup packet. The gs2 flag must agree with `channel`, as
+    /// PostgreSQL checks: `p=tls-server-end-point` exactly when the client
+    /// chose -PLUS, and `y` ("client supports channel binding but thinks the
+    /// server does not") refused when -PLUS was offered (a downgrade).
     pub fn start(
         verifier: &ScramVerifier,
         client_first: &[u8],
         server_nonce: &str,
+        channel: Channel<'_>,
     ) -> Result<(ScramServer, Vec<u8>), AuthError> {
         use AuthError::MalformedScram as Bad;
         if !is_valid_nonce(server_nonce.as_bytes()) {
@@ -198,11 +213,16 @@ impl ScramServer {
         }
 
         let mut parts = client_first.splitn(3, |&b| b == b',');
-        match parts.next().unwrap_or_default() {
-            b"n" | b"y" => {}
-            [b'p', ..] => return Err(AuthError::UnsupportedChannelBinding),
+        let binding = match (parts.next().unwrap_or_default(), channel) {
+            (b"n", Channel::Unavailable | Channel::Offered) => None,
+            (b"y", Channel::Unavailable) => None,
+            (b"y", Channel::Offered) => return Err(AuthError::ChannelBindingDowngrade),
+            (b"n" | b"y", Channel::Bound(_)) => return Err(Bad("SCRAM-SHA-256-PLUS selected without channel binding data")),
+            (b"p=tls-server-end-point", Channel::Bound(data)) => Some(data),
+            ([b'p', b'=', ..], Channel::Bound(_)) => return Err(AuthError::UnsupportedChannelBinding),
+            ([b'p', b'=', ..], _) => return Err(Bad("channel binding data sent without SCRAM-SHA-256-PLUS")),
             _ => return Err(Bad("invalid channel binding flag")),
-        }
+        };
         match parts.next().ok_or(Bad("missing authzid"))? {
             b"" | b"a=" => {}
             [b'a', b'=', ..] => return Err(AuthError::AuthzidNotSupported),
@@ -247,7 +267,7 @@ impl ScramServer {
             stored_key: verifier.stored_key,
             server_key: verifier.server_key,
             mock: verifier.mock,
-            gs2_header: gs2_header.to_vec(),
+            cbind_input: [gs2_header, binding.unwrap_or_default()].concat(),
             nonce,
             auth_message,
         };
@@ -284,7 +304,7 @@ impl ScramServer {
         }
 
         let cbind = decode_b64(cbind, MAX_MESSAGE_LEN).ok_or(Bad("invalid channel binding"))?;
-        if cbind != self.gs2_header {
+        if !constant_time_eq(&cbind, &self.cbind_input) {
             return Err(AuthError::ChannelBindingMismatch);
         }
         if nonce != self.nonce.as_slice() {

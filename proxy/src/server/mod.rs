@@ -1,8 +1,11 @@
 //! Server connections: connecting and authenticating to PostgreSQL, and the little Sluice says
 //! on them itself (reset statements, cancel requests, Terminate).
 //!
-//! Authentication answers whatever the server asks for: SCRAM-SHA-256 (with postgres-protocol's
-//! client), md5, cleartext or trust. See
+//! A connection starts with an SSLRequest unless `server_tls = disable`, and is encrypted as
+//! [`crate::tls::Connector`] says. Authentication answers whatever the server asks for:
+//! SCRAM-SHA-256 (with postgres-protocol's client; SCRAM-SHA-256-PLUS, bound to the server's
+//! certificate, over TLS), md5, trust, or a cleartext password, which is sent only over a
+//! connection verified with `server_tls = verify-full`. See
 //! <https://www.postgresql.org/docs/current/protocol-flow.html#PROTOCOL-FLOW-START-UP>.
 
 use std::collections::HashMap;
@@ -13,14 +16,19 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use parking_lot::Mutex;
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::authentication::sasl::{
+    ChannelBinding, ScramSha256, SCRAM_SHA_256, SCRAM_SHA_256_PLUS,
+};
 use postgres_protocol::message::{backend::Message, frontend};
 use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::config::ServerTls;
 use crate::protocol::backend::{self, ErrorFields, Out, TxStatus};
 use crate::protocol::{next_frame, sqlstate};
+use crate::stream::Stream;
+use crate::tls::{Connector, HandshakeError};
 
 /// Largest message accepted from a server during Sluice's own exchanges (startup, resets).
 const MAX_CONTROL_MESSAGE: usize = 1 << 20;
@@ -41,6 +49,16 @@ pub enum ServerError {
     Protocol(String),
     #[error("server authentication: {0}")]
     Auth(String),
+    /// The TLS handshake failed (a certificate problem, or TLS spoken badly).
+    #[error("TLS with server {addr}: {}", .error.describe(.host))]
+    Tls {
+        addr: String,
+        host: String,
+        error: HandshakeError,
+    },
+    /// `server_tls` asks for TLS and the server answered the SSLRequest with `N`.
+    #[error("server {addr} does not support TLS, and server_tls = {mode} requires it")]
+    TlsUnsupported { addr: String, mode: &'static str },
     /// The server refused the connection or a statement with an ErrorResponse.
     #[error("server error {}: {}", .0.code, .0.message)]
     Rejected(ErrorFields),
@@ -52,6 +70,7 @@ impl ServerError {
         match self {
             ServerError::Connect { .. } => "refused",
             ServerError::ConnectTimeout(_) => "timeout",
+            ServerError::Tls { .. } | ServerError::TlsUnsupported { .. } => "tls",
             ServerError::Rejected(f) if f.code.starts_with("28") => "auth_failed",
             ServerError::Rejected(_) => "rejected",
             ServerError::Auth(_) => "auth_failed",
@@ -70,11 +89,18 @@ pub struct Target {
     pub database: String,
     pub connect_timeout: Duration,
     pub max_prepared_statements: usize,
+    /// How the connection is encrypted.
+    pub tls: Arc<Connector>,
 }
 
 impl Target {
     /// Where the pool for (`database`, `user`) connects, as configured.
-    pub fn new(cfg: &crate::config::Config, database: &str, user: &str) -> Target {
+    pub fn new(
+        cfg: &crate::config::Config,
+        tls: &Arc<Connector>,
+        database: &str,
+        user: &str,
+    ) -> Target {
         Target {
             host: cfg.server_host.clone(),
             port: cfg.server_port,
@@ -83,6 +109,7 @@ impl Target {
             database: cfg.server_dbname(database).to_string(),
             connect_timeout: cfg.server_connect_timeout,
             max_prepared_statements: cfg.max_prepared_statements as usize,
+            tls: tls.clone(),
         }
     }
 }
@@ -102,6 +129,10 @@ pub struct ServerInfo {
     pub addr: SocketAddr,
     pub process_id: i32,
     pub connected_at: std::time::SystemTime,
+    /// Whether the connection is encrypted, and whether its login was bound to the server's
+    /// certificate (SCRAM-SHA-256-PLUS).
+    pub tls: bool,
+    pub channel_binding: bool,
     state: std::sync::atomic::AtomicU8,
 }
 
@@ -129,24 +160,10 @@ pub struct ServerRegistry {
 }
 
 impl ServerRegistry {
-    fn add(
-        &self,
-        database: &str,
-        user: &str,
-        addr: SocketAddr,
-        process_id: i32,
-    ) -> Arc<ServerInfo> {
+    fn add(&self, info: ServerInfo) -> Arc<ServerInfo> {
         let mut g = self.inner.lock();
         g.0 += 1;
-        let info = Arc::new(ServerInfo {
-            id: g.0,
-            database: database.to_string(),
-            user: user.to_string(),
-            addr,
-            process_id,
-            connected_at: std::time::SystemTime::now(),
-            state: std::sync::atomic::AtomicU8::new(ServerState::Idle as u8),
-        });
+        let info = Arc::new(ServerInfo { id: g.0, ..info });
         g.1.insert(info.id, info.clone());
         info
     }
@@ -237,7 +254,7 @@ pub struct ServerConn {
     pub settings: crate::session::Settings,
     pub info: Arc<ServerInfo>,
     registry: ServerRegistry,
-    pub stream: TcpStream,
+    pub stream: Stream,
     /// Bytes read from the server and not yet relayed; kept across checkouts so its capacity is
     /// reused.
     pub buf: BytesMut,
@@ -259,24 +276,21 @@ impl ServerConn {
     ) -> Result<ServerConn, ServerError> {
         let addr = format!("{}:{}", t.host, t.port);
         let fut = async {
-            let stream = TcpStream::connect((t.host.as_str(), t.port))
-                .await
-                .map_err(|source| ServerError::Connect {
-                    addr: addr.clone(),
-                    source,
-                })?;
-            stream.set_nodelay(true)?;
+            let stream = open(t, &addr).await?;
             let peer = stream.peer_addr()?;
+            let info = ServerInfo {
+                id: 0,
+                database: pool_database.to_string(),
+                user: t.user.clone(),
+                addr: peer,
+                process_id: 0,
+                connected_at: std::time::SystemTime::now(),
+                tls: stream.is_tls(),
+                channel_binding: false,
+                state: std::sync::atomic::AtomicU8::new(ServerState::Idle as u8),
+            };
             let mut conn = ServerConn {
-                info: Arc::new(ServerInfo {
-                    id: 0,
-                    database: pool_database.to_string(),
-                    user: t.user.clone(),
-                    addr: peer,
-                    process_id: 0,
-                    connected_at: std::time::SystemTime::now(),
-                    state: std::sync::atomic::AtomicU8::new(0),
-                }),
+                info: Arc::new(info),
                 registry: registry.clone(),
                 prepared: Prepared::with_capacity(t.max_prepared_statements),
                 settings: Default::default(),
@@ -288,8 +302,18 @@ impl ServerConn {
                 addr: peer,
                 error_fields: None,
             };
-            conn.startup(t).await?;
-            conn.info = registry.add(pool_database, &t.user, peer, conn.process_id);
+            let channel_binding = conn.startup(t).await?;
+            conn.info = registry.add(ServerInfo {
+                id: 0,
+                database: conn.info.database.clone(),
+                user: conn.info.user.clone(),
+                addr: peer,
+                process_id: conn.process_id,
+                connected_at: conn.info.connected_at,
+                tls: conn.info.tls,
+                channel_binding,
+                state: std::sync::atomic::AtomicU8::new(ServerState::Idle as u8),
+            });
             Ok(conn)
         };
         tokio::time::timeout(t.connect_timeout, fut)
@@ -297,7 +321,8 @@ impl ServerConn {
             .map_err(|_| ServerError::ConnectTimeout(addr.clone()))?
     }
 
-    async fn startup(&mut self, t: &Target) -> Result<(), ServerError> {
+    /// Logs in; returns whether the login was bound to the TLS channel.
+    async fn startup(&mut self, t: &Target) -> Result<bool, ServerError> {
         let mut out = BytesMut::new();
         let params = [
             ("user", t.user.as_str()),
@@ -305,8 +330,9 @@ impl ServerConn {
             ("application_name", "sluice"),
         ];
         frontend::startup_message(params.iter().copied(), &mut out)?;
-        self.stream.write_all(&out).await?;
+        self.stream.send(&out).await?;
         let mut scram: Option<ScramSha256> = None;
+        let mut bound = false;
         let password = || {
             t.password.as_deref().ok_or_else(|| {
                 ServerError::Auth(
@@ -320,6 +346,16 @@ impl ServerConn {
             match self.read_message().await? {
                 Message::AuthenticationOk => {}
                 Message::AuthenticationCleartextPassword => {
+                    if !(self.stream.is_tls() && t.tls.verifies_host()) {
+                        tracing::warn!(
+                            server = %format!("{}:{}", t.host, t.port),
+                            user = %t.user,
+                            "the server asked for a cleartext password; not sent: Sluice sends one only over TLS with server_tls = verify-full"
+                        );
+                        return Err(ServerError::Auth(
+                            "the server asked for a cleartext password, which Sluice sends only over a verified connection (server_tls = verify-full)".into(),
+                        ));
+                    }
                     frontend::password_message(password()?.as_bytes(), &mut out)?;
                 }
                 Message::AuthenticationMd5Password(body) => {
@@ -332,17 +368,27 @@ impl ServerConn {
                 }
                 Message::AuthenticationSasl(body) => {
                     let mut mechanisms = body.mechanisms();
-                    let mut found = false;
+                    let (mut plain, mut plus) = (false, false);
                     while let Some(m) = fallible_next(&mut mechanisms)? {
-                        found |= m == SCRAM_SHA_256;
+                        plain |= m == SCRAM_SHA_256;
+                        plus |= m == SCRAM_SHA_256_PLUS;
                     }
-                    if !found {
-                        return Err(ServerError::Auth(
-                            "server offers no supported SASL mechanism".into(),
-                        ));
-                    }
-                    let s = ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
-                    frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut out)?;
+                    // Bind to the server's certificate when both sides can; a client that could
+                    // but was not offered -PLUS says so ('y'), so a downgrade is detected.
+                    let end_point = crate::tls::peer_end_point(&self.stream);
+                    let (mechanism, binding) = match end_point {
+                        Some(data) if plus => (SCRAM_SHA_256_PLUS, ChannelBinding::tls_server_end_point(data)),
+                        Some(_) if plain => (SCRAM_SHA_256, ChannelBinding::unrequested()),
+                        None if plain => (SCRAM_SHA_256, ChannelBinding::unsupported()),
+                        _ => {
+                            return Err(ServerError::Auth(
+                                "server offers no supported SASL mechanism".into(),
+                            ))
+                        }
+                    };
+                    bound = mechanism == SCRAM_SHA_256_PLUS;
+                    let s = ScramSha256::new(password()?.as_bytes(), binding);
+                    frontend::sasl_initial_response(mechanism, s.message(), &mut out)?;
                     scram = Some(s);
                 }
                 Message::AuthenticationSaslContinue(body) => {
@@ -374,7 +420,7 @@ impl ServerConn {
                     self.process_id = body.process_id();
                     self.secret_key = body.secret_key();
                 }
-                Message::ReadyForQuery(_) => return Ok(()),
+                Message::ReadyForQuery(_) => return Ok(bound),
                 Message::ErrorResponse(_) => return Err(self.last_error()),
                 Message::NoticeResponse(_) => {}
                 _ => {
@@ -384,7 +430,7 @@ impl ServerConn {
                 }
             }
             if !out.is_empty() {
-                self.stream.write_all(&out).await?;
+                self.stream.send(&out).await?;
             }
         }
     }
@@ -428,7 +474,7 @@ impl ServerConn {
     pub async fn simple_query(&mut self, sql: &str) -> Result<TxStatus, ServerError> {
         let mut out = BytesMut::new();
         Out::query(&mut out, sql);
-        self.stream.write_all(&out).await?;
+        self.stream.send(&out).await?;
         let mut error = None;
         loop {
             match self.read_message().await? {
@@ -454,7 +500,7 @@ impl ServerConn {
     pub async fn read_row(&mut self, sql: &str) -> Result<Vec<String>, ServerError> {
         let mut out = BytesMut::new();
         Out::query(&mut out, sql);
-        self.stream.write_all(&out).await?;
+        self.stream.send(&out).await?;
         let mut row = None;
         let mut error = None;
         loop {
@@ -489,11 +535,7 @@ impl ServerConn {
     /// A connection the server closed (restart, idle timeout, admin kill) is caught here, before
     /// any byte of a client's request is sent to it.
     pub fn is_reusable(&mut self) -> bool {
-        if !self.buf.is_empty() {
-            return false;
-        }
-        let mut probe = [0u8; 1];
-        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+        self.buf.is_empty() && !self.stream.has_unexpected_input()
     }
 
     /// The server's cancel key.
@@ -538,7 +580,7 @@ impl Drop for ServerConn {
     /// EOF; best effort, never blocks.
     fn drop(&mut self) {
         const TERMINATE: [u8; 5] = [b'X', 0, 0, 0, 4];
-        let _ = self.stream.try_write(&TERMINATE);
+        self.stream.try_goodbye(&TERMINATE);
         if self.info.id != 0 {
             self.registry.inner.lock().1.remove(&self.info.id);
         }
@@ -556,6 +598,20 @@ fn fallible_next<I: fallible_iterator::FallibleIterator<Error = io::Error>>(
 pub fn client_error(e: &ServerError) -> ErrorFields {
     match e {
         ServerError::Rejected(f) => f.clone(),
+        ServerError::Tls { host, error, .. } => ErrorFields {
+            severity: "ERROR".into(),
+            code: sqlstate::CONNECTION_FAILURE.into(),
+            message: error.describe(host),
+            detail: Some("Sluice could not open an encrypted connection to the database server (server_tls).".into()),
+            hint: None,
+        },
+        ServerError::TlsUnsupported { .. } => ErrorFields {
+            severity: "ERROR".into(),
+            code: sqlstate::CONNECTION_FAILURE.into(),
+            message: "the database server does not support TLS, which server_tls requires".into(),
+            detail: None,
+            hint: None,
+        },
         other => ErrorFields {
             severity: "ERROR".into(),
             code: sqlstate::CONNECTION_FAILURE.into(),
@@ -569,17 +625,91 @@ pub fn client_error(e: &ServerError) -> ErrorFields {
     }
 }
 
-/// Whether the server answers at all: connects and sends an SSLRequest, which PostgreSQL answers
-/// with one byte before any authentication, so the probe uses no session or budget slot.
-pub async fn probe(host: &str, port: u16, timeout: Duration) -> bool {
+/// Opens the socket to the server and negotiates TLS as `t.tls` says.
+async fn open(t: &Target, addr: &str) -> Result<Stream, ServerError> {
+    let tcp = tcp_connect(t, addr).await?;
+    let mode = t.tls.mode;
+    if mode == ServerTls::Disable {
+        return Ok(Stream::Plain(tcp));
+    }
+    match request_tls(tcp).await? {
+        (tcp, true) => match t.tls.connect(&t.host, tcp).await {
+            Ok(stream) => Ok(stream),
+            Err(error) => {
+                crate::metrics::tls_handshake_failed("server", error.reason());
+                if mode == ServerTls::Prefer {
+                    // libpq's `prefer`: when TLS fails, try once more without it.
+                    tracing::warn!(server = %addr, error = %error.describe(&t.host), "TLS to the server failed; connecting without TLS (server_tls = prefer)");
+                    return Ok(Stream::Plain(tcp_connect(t, addr).await?));
+                }
+                tracing::warn!(server = %addr, error = %error.describe(&t.host), "TLS to the server failed");
+                Err(ServerError::Tls {
+                    addr: addr.to_string(),
+                    host: t.host.clone(),
+                    error,
+                })
+            }
+        },
+        (tcp, false) if mode == ServerTls::Prefer => Ok(Stream::Plain(tcp)),
+        (_, false) => {
+            crate::metrics::tls_handshake_failed("server", "unsupported");
+            tracing::warn!(server = %addr, server_tls = mode.as_str(), "the server does not support TLS");
+            Err(ServerError::TlsUnsupported {
+                addr: addr.to_string(),
+                mode: mode.as_str(),
+            })
+        }
+    }
+}
+
+async fn tcp_connect(t: &Target, addr: &str) -> Result<TcpStream, ServerError> {
+    let tcp = TcpStream::connect((t.host.as_str(), t.port))
+        .await
+        .map_err(|source| ServerError::Connect {
+            addr: addr.to_string(),
+            source,
+        })?;
+    tcp.set_nodelay(true)?;
+    Ok(tcp)
+}
+
+/// Sends an SSLRequest; returns the socket and whether the server agreed. Reads exactly the
+/// one answer byte, so nothing a machine in the middle appends before the handshake is taken
+/// as the server's (CVE-2021-23222).
+async fn request_tls(mut tcp: TcpStream) -> Result<(TcpStream, bool), ServerError> {
+    let mut out = BytesMut::new();
+    frontend::ssl_request(&mut out);
+    tcp.write_all(&out).await?;
+    let mut answer = [0u8; 1];
+    match tcp.read(&mut answer).await? {
+        0 => Err(ServerError::Closed),
+        _ => match answer[0] {
+            b'S' => Ok((tcp, true)),
+            b'N' => Ok((tcp, false)),
+            other => Err(ServerError::Protocol(format!(
+                "unexpected answer to SSLRequest: {:?}",
+                char::from(other)
+            ))),
+        },
+    }
+}
+
+/// Whether the server answers, and (when `server_tls` insists on TLS) completes a TLS
+/// handshake whose certificate passes the configured checks. PostgreSQL answers the SSLRequest
+/// before any authentication, so the probe uses no session or budget slot.
+pub async fn probe(tls: &Connector, host: &str, port: u16, timeout: Duration) -> bool {
     let fut = async {
-        let mut s = TcpStream::connect((host, port)).await.ok()?;
-        let mut out = BytesMut::new();
-        frontend::ssl_request(&mut out);
-        s.write_all(&out).await.ok()?;
-        let mut answer = [0u8; 1];
-        s.read_exact(&mut answer).await.ok()?;
-        matches!(answer[0], b'S' | b'N').then_some(())
+        let tcp = TcpStream::connect((host, port)).await.ok()?;
+        let (tcp, accepted) = request_tls(tcp).await.ok()?;
+        if matches!(tls.mode, ServerTls::Disable | ServerTls::Prefer) {
+            return Some(());
+        }
+        if !accepted {
+            return None;
+        }
+        let mut stream = tls.connect(host, tcp).await.ok()?;
+        stream.try_goodbye(&[]);
+        Some(())
     };
     matches!(tokio::time::timeout(timeout, fut).await, Ok(Some(())))
 }

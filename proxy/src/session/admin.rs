@@ -240,6 +240,7 @@ fn clients(ctx: &Context) -> Table {
                 s(pid),
                 s(&c.application_name),
                 server.map(|k| k.process_id.to_string()),
+                s(if c.tls { "TLS" } else { "" }),
             ]
         })
         .collect();
@@ -249,6 +250,7 @@ fn clients(ctx: &Context) -> Table {
             ("pid", true),
             ("application_name", false),
             ("server_pid", true),
+            ("tls", false),
         ],
     ]
     .concat();
@@ -274,10 +276,15 @@ fn servers(ctx: &Context) -> Table {
                 s(i.addr.port()),
                 time(i.connected_at),
                 s(i.process_id),
+                s(match (i.tls, i.channel_binding) {
+                    (true, true) => "TLS, channel binding",
+                    (true, false) => "TLS",
+                    _ => "",
+                }),
             ]
         })
         .collect();
-    let cols = [CONNECTION_COLUMNS, &[("remote_pid", true)]].concat();
+    let cols = [CONNECTION_COLUMNS, &[("remote_pid", true), ("tls", false)]].concat();
     (cols, rows)
 }
 
@@ -430,6 +437,8 @@ impl Context {
         let credentials = crate::derive_credentials(&cfg)
             .await
             .map_err(|e| e.to_string())?;
+        // Certificates are read again: the next client gets the new one, sessions keep theirs.
+        let tls = crate::tls::TlsState::load(&cfg).map_err(|e| e.to_string())?;
         let cfg = Arc::new(cfg);
         let pool_size = |db: &str, _user: &str| (cfg.pool_size_for(db), cfg.min_pool_size_for(db));
         let group = |name: &str| group_limits(&cfg, name);
@@ -438,6 +447,7 @@ impl Context {
             .budget
             .set(f64::from(cfg.max_server_connections));
         *self.credentials.write() = Arc::new(credentials);
+        *self.tls.write() = tls;
         *self.config.write() = cfg;
         tracing::info!("configuration reloaded");
         Ok(())

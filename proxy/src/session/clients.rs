@@ -55,6 +55,7 @@ pub struct ClientSlot {
     pub database: String,
     pub application_name: String,
     pub addr: Option<SocketAddr>,
+    pub tls: bool,
     pub connected_at: SystemTime,
     state: AtomicU8,
     current: Mutex<Option<CancelKey>>,
@@ -154,6 +155,8 @@ pub struct ClientIdentity {
     pub database: String,
     pub application_name: String,
     pub addr: Option<SocketAddr>,
+    /// Whether the connection is encrypted.
+    pub tls: bool,
     /// `client_idle_timeout` (zero: none).
     pub idle_timeout: Duration,
 }
@@ -165,6 +168,7 @@ impl ClientRegistry {
             database: who.database,
             application_name: who.application_name,
             addr: who.addr,
+            tls: who.tls,
             connected_at: SystemTime::now(),
             state: AtomicU8::new(ClientState::Idle as u8),
             current: Mutex::new(None),

@@ -37,6 +37,7 @@ use crate::protocol::backend::{ErrorFields, Out, TxStatus};
 use crate::protocol::frontend::tag;
 use crate::protocol::{sqlstate, Header};
 use crate::server::{self, ServerConn, ServerRegistry, ServerState, Target};
+use crate::stream::Stream;
 
 /// A request buffered past this many bytes without its end gets a server anyway and streams.
 const REQUEST_BUFFER_LIMIT: usize = 1 << 20;
@@ -56,6 +57,8 @@ pub struct Context {
     pub pools: Pools<Box<ServerConn>>,
     pub credentials: RwLock<Arc<HashMap<String, Credentials>>>,
     pub servers: ServerRegistry,
+    /// TLS toward clients and servers; RELOAD swaps it (certificate rotation).
+    pub tls: RwLock<crate::tls::TlsState>,
     /// Seeds the SCRAM exchange of unknown users, so it fails like a wrong password.
     pub mock_secret: [u8; 32],
     pub clients: ClientRegistry,
@@ -72,14 +75,18 @@ impl Context {
     pub fn config(&self) -> Arc<Config> {
         self.config.read().clone()
     }
+
+    pub fn tls(&self) -> crate::tls::TlsState {
+        self.tls.read().clone()
+    }
 }
 
 /// The virtual database of the admin console.
 pub const ADMIN_DATABASE: &str = "sluice";
 
-/// A client socket and its read buffer.
+/// A client socket (plain or TLS) and its read buffer.
 pub struct ClientIo {
-    pub stream: TcpStream,
+    pub stream: Stream,
     pub buf: BytesMut,
 }
 
@@ -105,7 +112,7 @@ pub fn fatal(code: &str, message: impl Into<String>) -> Exit {
 pub async fn serve(ctx: Arc<Context>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     let mut io = ClientIo {
-        stream,
+        stream: Stream::Plain(stream),
         buf: BytesMut::new(),
     };
     let exit = run(&ctx, &mut io).await;
@@ -144,6 +151,15 @@ async fn start<'a>(ctx: &'a Arc<Context>, io: &mut ClientIo) -> Started<'a> {
         let Some(login) = startup::read_startup(ctx, io).await? else {
             return Ok(None);
         };
+        let g = crate::metrics::global();
+        if login.tls { &g.clients_tls } else { &g.clients_plain }.increment(1);
+        if config.client_tls_mode() == crate::config::ClientTls::Require && !login.tls {
+            crate::metrics::client_rejected("tls_required");
+            return Err(fatal(
+                sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+                "Sluice requires TLS (client_tls = require): connect with sslmode=require or stronger",
+            ));
+        }
         if login.database != ADMIN_DATABASE && !config.databases.contains_key(&login.database) {
             return Err(fatal(
                 sqlstate::INVALID_CATALOG_NAME,
@@ -188,6 +204,7 @@ async fn start<'a>(ctx: &'a Arc<Context>, io: &mut ClientIo) -> Started<'a> {
         database: login.database.clone(),
         application_name: login.param("application_name").unwrap_or("").to_string(),
         addr: peer,
+        tls: login.tls,
         idle_timeout: session.config.client_idle_timeout,
     });
     match session
@@ -726,7 +743,12 @@ impl<'a> Session<'a> {
     async fn connect(&self, lease: &mut Lease<Box<ServerConn>>) -> Result<(), ErrorFields> {
         let g = crate::metrics::global();
         let started = std::time::Instant::now();
-        let target = Target::new(&self.config, &self.database, &self.user);
+        let target = Target::new(
+            &self.config,
+            &self.ctx.tls().connector,
+            &self.database,
+            &self.user,
+        );
         let res = ServerConn::connect(&target, &self.database, &self.ctx.servers).await;
         match res {
             Ok(conn) => {

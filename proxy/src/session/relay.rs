@@ -353,7 +353,7 @@ where
             t.lock()
                 .queue
                 .push_back(Entry::new(Kind::Query, Action::Swallow));
-            if sw.write_all(&p).await.is_err() {
+            if send(&mut sw, &p).await.is_err() {
                 return End::ServerGone("write to server failed".into());
             }
         }
@@ -389,7 +389,7 @@ where
                         staged.extend_from_slice(&cbuf[run_start..pos]);
                     }
                     let bytes = if rewrote { &staged[..] } else { &cbuf[..pos] };
-                    if !bytes.is_empty() && sw.write_all(bytes).await.is_err() {
+                    if !bytes.is_empty() && send(&mut sw, bytes).await.is_err() {
                         return End::ServerGone("write failed".into());
                     }
                     cbuf.clear();
@@ -456,7 +456,7 @@ where
             flow.client_skip.set(skip);
             let bytes = if rewrote { &staged[..] } else { &cbuf[..pos] };
             if !bytes.is_empty() {
-                if sw.write_all(bytes).await.is_err() {
+                if send(&mut sw, bytes).await.is_err() {
                     return End::ServerGone("write to server failed".into());
                 }
                 flow.to_server
@@ -572,7 +572,7 @@ where
             }
             let bytes = if restaged { &staged[..] } else { &sbuf[..pos] };
             if !bytes.is_empty() {
-                if cw.write_all(bytes).await.is_err() {
+                if send(&mut cw, bytes).await.is_err() {
                     return End::ClientGone;
                 }
                 flow.to_client
@@ -596,7 +596,7 @@ where
                     let due = tracker.as_ref().map(|t| take_injections(&mut t.lock())).unwrap_or_default();
                     tracing::trace!(bytes = due.len(), pending = flow.pending.get(), partial = flow.partial.get(), "woken for answers of Sluice's own");
                     if !due.is_empty() {
-                        if cw.write_all(&due).await.is_err() {
+                        if send(&mut cw, &due).await.is_err() {
                             return End::ClientGone;
                         }
                         flow.to_client.set(flow.to_client.get() + due.len() as u64);
@@ -629,6 +629,13 @@ where
         }
     }
     end
+}
+
+/// Writes `bytes` and flushes: a TLS stream may otherwise keep the last records inside rustls
+/// when the socket was full. On plain TCP the flush returns at once.
+async fn send<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> std::io::Result<()> {
+    w.write_all(bytes).await?;
+    w.flush().await
 }
 
 /// Server messages that can end a message's response, after which Sluice may add answers.

@@ -1,17 +1,23 @@
-//! Client start-up: the startup packet (SSL/GSSENC refusals, cancel requests) and password
-//! authentication (SCRAM-SHA-256 or md5) against the users Sluice is configured with.
+//! Client start-up: the startup packet (TLS after an SSLRequest or directly, GSSENC refusals,
+//! cancel requests) and password authentication (SCRAM-SHA-256, -PLUS over TLS, or md5)
+//! against the users Sluice is configured with.
 //!
 //! See <https://www.postgresql.org/docs/current/protocol-flow.html#PROTOCOL-FLOW-START-UP>.
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 
 use super::{fatal, ClientIo, Context, Exit};
-use crate::auth::{Md5Hash, ScramServer, ScramVerifier};
+use crate::stream::Stream;
+use crate::tls::Acceptor;
+use crate::auth::{Channel, Md5Hash, ScramServer, ScramVerifier};
 use crate::config::ClientAuth;
 use crate::protocol::backend::Out;
 use crate::protocol::frontend::{self, tag, Startup};
 use crate::protocol::{next_frame, sqlstate};
+
+const SCRAM: &str = "SCRAM-SHA-256";
+const SCRAM_PLUS: &str = "SCRAM-SHA-256-PLUS";
 
 /// Largest password/SASL message a client may send.
 const MAX_AUTH_MESSAGE: usize = 4096;
@@ -21,6 +27,11 @@ pub struct Login {
     pub user: String,
     pub database: String,
     pub params: Vec<(String, String)>,
+    /// Whether the client connection is encrypted.
+    pub tls: bool,
+    /// `tls-server-end-point` data of the certificate the client was served, when
+    /// SCRAM-SHA-256-PLUS can be offered.
+    pub channel_binding: Option<std::sync::Arc<[u8]>>,
 }
 
 impl Login {
@@ -32,10 +43,31 @@ impl Login {
     }
 }
 
-/// Reads the startup packet, refusing encryption requests, until a StartupMessage or a
-/// CancelRequest arrives. `Ok(None)` means the connection was a cancel request (handled).
+/// Reads the startup packet, negotiating TLS (or refusing it and GSS encryption), until a
+/// StartupMessage or a CancelRequest arrives. `Ok(None)` means the connection was a cancel
+/// request (handled).
 pub async fn read_startup(ctx: &Context, io: &mut ClientIo) -> Result<Option<Login>, Exit> {
+    let mut channel_binding = None;
     loop {
+        if io.buf.first() == Some(&crate::tls::HANDSHAKE_RECORD) && !io.stream.is_tls() {
+            // PostgreSQL 17's direct TLS: a ClientHello instead of a startup packet.
+            let Some(acceptor) = ctx.tls().acceptor else {
+                return Err(Exit::Quiet);
+            };
+            let early = std::mem::take(&mut io.buf);
+            upgrade(io, &acceptor, &early).await?;
+            let alpn = match &io.stream {
+                Stream::Tls(t) => t.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_POSTGRESQL),
+                _ => false,
+            };
+            if !alpn {
+                // As PostgreSQL: direct TLS without ALPN could be another protocol's client.
+                crate::metrics::tls_handshake_failed("client", "no_alpn");
+                return Err(Exit::Quiet);
+            }
+            channel_binding = acceptor.end_point.clone();
+            continue;
+        }
         let parsed = Startup::parse(&io.buf)
             .map_err(|e| fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()))?;
         let Some((msg, used)) = parsed else {
@@ -45,14 +77,31 @@ pub async fn read_startup(ctx: &Context, io: &mut ClientIo) -> Result<Option<Log
         io.buf.advance(used);
         match msg {
             Startup::SslRequest | Startup::GssEncRequest => {
-                // Not offered (yet): the client may go on in plain text or give up.
+                // Bytes behind the request would be taken as sent over TLS (CVE-2021-23214).
                 if !io.buf.is_empty() {
                     return Err(fatal(
                         sqlstate::PROTOCOL_VIOLATION,
                         "received unencrypted data after encryption request",
                     ));
                 }
-                io.stream.write_all(b"N").await.map_err(|_| Exit::Quiet)?;
+                if io.stream.is_tls() {
+                    return Err(fatal(
+                        sqlstate::PROTOCOL_VIOLATION,
+                        "encryption requested on an encrypted connection",
+                    ));
+                }
+                let acceptor = match msg {
+                    Startup::SslRequest => ctx.tls().acceptor,
+                    _ => None,
+                };
+                let Some(acceptor) = acceptor else {
+                    // The client may go on in plain text or give up.
+                    io.send(b"N").await?;
+                    continue;
+                };
+                io.send(b"S").await?;
+                upgrade(io, &acceptor, &[]).await?;
+                channel_binding = acceptor.end_point.clone();
             }
             Startup::Cancel {
                 process_id,
@@ -62,7 +111,12 @@ pub async fn read_startup(ctx: &Context, io: &mut ClientIo) -> Result<Option<Log
                     .cancel(process_id, secret_key, ctx.config().server_connect_timeout);
                 return Ok(None);
             }
-            Startup::Startup { params } => return login(params).map(Some),
+            Startup::Startup { params } => {
+                let mut login = login(params)?;
+                login.tls = io.stream.is_tls();
+                login.channel_binding = channel_binding;
+                return Ok(Some(login));
+            }
         }
     }
 }
@@ -97,7 +151,26 @@ fn login(mut params: Vec<(String, String)>) -> Result<Login, Exit> {
         user,
         database,
         params,
+        tls: false,
+        channel_binding: None,
     })
+}
+
+/// Runs the TLS handshake on the client's socket and puts the TLS stream in its place. A
+/// failed handshake ends the connection without a word: there is no channel to say it on.
+async fn upgrade(io: &mut ClientIo, acceptor: &Acceptor, early: &[u8]) -> Result<(), Exit> {
+    let tcp = io.stream.take_plain().ok_or(Exit::Quiet)?;
+    match crate::tls::accept(acceptor, tcp, early).await {
+        Ok(stream) => {
+            io.stream = stream;
+            Ok(())
+        }
+        Err(e) => {
+            crate::metrics::tls_handshake_failed("client", e.reason());
+            tracing::debug!(error = ?e, "client TLS handshake failed");
+            Err(Exit::Quiet)
+        }
+    }
 }
 
 /// Authenticates `login.user`. Unknown users go through the same exchange as known ones and
@@ -129,7 +202,7 @@ pub async fn authenticate(
                 &mock
             }
         };
-        scram_exchange(io, verifier, &mut out).await?
+        scram_exchange(io, verifier, login.channel_binding.as_deref(), &mut out).await?
     };
     if !ok {
         crate::metrics::global().auth_failures.increment(1);
@@ -167,26 +240,39 @@ async fn read_password_message(io: &mut ClientIo) -> Result<BytesMut, Exit> {
     }
 }
 
-/// SCRAM-SHA-256; on success the server's final message is left in `last` for the caller.
+/// SCRAM-SHA-256, and SCRAM-SHA-256-PLUS bound to `binding` (the certificate the client was
+/// served) when given; on success the server's final message is left in `last` for the caller.
 async fn scram_exchange(
     io: &mut ClientIo,
     verifier: &ScramVerifier,
+    binding: Option<&[u8]>,
     last: &mut BytesMut,
 ) -> Result<bool, Exit> {
     let mut out = BytesMut::new();
-    Out::auth_sasl(&mut out, &["SCRAM-SHA-256"]);
+    // PostgreSQL's order: -PLUS first when the connection can bind.
+    let mechanisms: &[&str] = match binding {
+        Some(_) => &[SCRAM_PLUS, SCRAM],
+        None => &[SCRAM],
+    };
+    Out::auth_sasl(&mut out, mechanisms);
     io.send(&out).await?;
     let body = read_password_message(io).await?;
     let (mechanism, first) = frontend::sasl_initial_response(&body)
         .map_err(|e| fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()))?;
-    if mechanism != "SCRAM-SHA-256" {
+    if !mechanisms.contains(&mechanism) {
         return Err(fatal(
             sqlstate::PROTOCOL_VIOLATION,
             "client selected an invalid SASL authentication mechanism",
         ));
     }
-    let (server, server_first) = ScramServer::start(verifier, first, &ScramServer::random_nonce())
-        .map_err(|e| fatal(e.sqlstate(), e.to_string()))?;
+    let channel = match mechanism {
+        SCRAM_PLUS => Channel::Bound(binding.unwrap_or_default()),
+        _ if binding.is_some() => Channel::Offered,
+        _ => Channel::Unavailable,
+    };
+    let (server, server_first) =
+        ScramServer::start(verifier, first, &ScramServer::random_nonce(), channel)
+            .map_err(|e| fatal(e.sqlstate(), e.to_string()))?;
     out.clear();
     Out::auth_sasl_continue(&mut out, &server_first);
     io.send(&out).await?;
@@ -214,6 +300,7 @@ async fn md5_exchange(io: &mut ClientIo, hash: Option<&Md5Hash>) -> Result<bool,
 
 impl ClientIo {
     /// Reads more bytes into the buffer; EOF ends the session quietly.
+    /// Cancel-safe: a cancelled read loses no bytes.
     pub async fn read_more(&mut self) -> Result<(), Exit> {
         self.buf.reserve(1024);
         match self.stream.read_buf(&mut self.buf).await {
@@ -222,8 +309,9 @@ impl ClientIo {
         }
     }
 
+    /// Writes and flushes `bytes`. Not cancel-safe (part of them may have gone).
     pub async fn send(&mut self, bytes: &[u8]) -> Result<(), Exit> {
-        self.stream.write_all(bytes).await.map_err(|_| Exit::Quiet)
+        self.stream.send(bytes).await.map_err(|_| Exit::Quiet)
     }
 }
 
@@ -231,7 +319,7 @@ impl ClientIo {
 /// packet like PostgreSQL does, so the client is listening, then sends the FATAL error.
 pub async fn refuse(stream: tokio::net::TcpStream, error: crate::protocol::backend::ErrorFields) {
     let mut io = ClientIo {
-        stream,
+        stream: Stream::Plain(stream),
         buf: BytesMut::new(),
     };
     let read = async {

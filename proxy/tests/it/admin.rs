@@ -212,8 +212,8 @@ async fn admin_console_answers_psql_and_refuses_others() {
 
     for (cmd, header) in [
         ("SHOW POOLS", "database|user|cl_active|cl_waiting|sv_active|sv_idle|sv_login|pool_size|pool_mode"),
-        ("SHOW CLIENTS", "type|user|database|state|addr|port|connect_time|pid|application_name|server_pid"),
-        ("SHOW SERVERS", "type|user|database|state|addr|port|connect_time|remote_pid"),
+        ("SHOW CLIENTS", "type|user|database|state|addr|port|connect_time|pid|application_name|server_pid|tls"),
+        ("SHOW SERVERS", "type|user|database|state|addr|port|connect_time|remote_pid|tls"),
         ("SHOW STATS", "group|total_xact_count|total_xact_time|total_wait_time|total_rejected|avg_xact_time|avg_wait_time"),
         ("SHOW CONFIG", "key|value"),
         ("SHOW GROUPS", "group|active|waiting|max_connections|reserved_connections"),
