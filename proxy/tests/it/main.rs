@@ -2,9 +2,11 @@
 
 mod admin;
 mod backpressure;
+mod certs;
 mod core;
 mod drivers;
 mod harness_selftest;
+mod harness_tls;
 mod loadgen;
 mod pg;
 mod proxy;
