@@ -289,3 +289,40 @@ async fn expired_misnamed_and_foreign_certificates_are_rejected() {
         .expect_err("rustls must refuse a certificate of another CA");
     assert!(err.contains("UnknownIssuer"), "{err}");
 }
+
+/// The bad TLS clients of `tls.rs` (garbage after 'S', half a ClientHello then close, stalls
+/// before and after the ClientHello), tried on PostgreSQL (OpenSSL, authentication_timeout 1 s):
+/// each finds its socket closed within 5 s, and a good client works afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_tls_clients_are_closed_by_postgres() {
+    let ca = TestCa::new("harness bad clients CA");
+    let cert = ca.issue(&IssueOpts::default());
+    let tls = PgTls {
+        cert_pem: cert.cert_pem.clone(),
+        key_pem: cert.key_pem.clone(),
+        hostssl_only: true,
+    };
+    let pg = tokio::task::spawn_blocking(move || {
+        let pg = PgServer::start(PgOptions {
+            max_connections: 60,
+            tls: Some(tls),
+            extra_conf: vec![("authentication_timeout".into(), "'1s'".into())],
+            ..Default::default()
+        });
+        pg.create_user(USER, PASSWORD);
+        pg.create_database(DB, USER);
+        pg
+    })
+    .await
+    .expect("PostgreSQL starts");
+    assert!(crate::tls::rss_kib() > 0);
+    let hello = crate::tls::client_hello(&ca.cert_pem());
+    assert_eq!(hello[0], 0x16, "a TLS handshake record");
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], pg.port()));
+    let errors = crate::tls::bad_round(addr, 40, &hello).await;
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(
+        rustls_login(&pg, &ca.cert_pem(), TlsOpts::default()).await,
+        Ok(true)
+    );
+}

@@ -11,3 +11,5 @@ mod loadgen;
 mod pg;
 mod proxy;
 mod session_state;
+mod tls;
+mod tls_clients;
