@@ -1293,6 +1293,7 @@ async fn connect_storm_is_limited_by_max_connecting() {
             ("log_connections".into(), "on".into()),
             ("log_line_prefix".into(), "'%m [%p] '".into()),
         ],
+        ..Default::default()
     });
     pg.create_user(USER, PASSWORD);
     pg.create_database(DB, USER);

@@ -17,6 +17,10 @@
 //! `<workspace>/target/driver-venv/bin/python`) and `DRIVER_TEST_JDBC_JAR` (default
 //! `/usr/share/java/postgresql.jar`). (Not `SLUICE_*`: Sluice reads every `SLUICE_*` variable as
 //! configuration and rejects unknown keys.)
+//!
+//! The scripts also run over TLS (`tls_clients.rs`): given `DRIVER_TLS_CA`, the path of a PEM CA
+//! bundle, each connects with TLS and verifies the server's certificate and host name against
+//! it; without it they connect in plaintext as here.
 
 use std::ffi::OsStr;
 use std::future::Future;
@@ -70,10 +74,15 @@ async fn env() -> Env {
 impl Env {
     /// The last lines of the PostgreSQL log, for failure messages.
     fn pg_log_tail(&self) -> String {
-        let log = self.pg.log_contents();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
+        log_tail(&self.pg)
     }
+}
+
+/// The last lines of a PostgreSQL log, for failure messages.
+fn log_tail(pg: &PgServer) -> String {
+    let log = pg.log_contents();
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
 }
 
 /// Awaits `fut`, failing the test if it takes longer than `limit`.
@@ -91,12 +100,12 @@ fn workspace() -> PathBuf {
         .to_path_buf()
 }
 
-fn drivers_dir() -> PathBuf {
+pub(crate) fn drivers_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/drivers")
 }
 
 /// `name` looked up on PATH, or a failure saying how to install `package`.
-fn require_program(name: &str, package: &str) -> PathBuf {
+pub(crate) fn require_program(name: &str, package: &str) -> PathBuf {
     let found = std::env::var_os("PATH").and_then(|path| {
         std::env::split_paths(&path)
             .map(|dir| dir.join(name))
@@ -111,7 +120,7 @@ fn require_program(name: &str, package: &str) -> PathBuf {
 }
 
 /// The Python that has psycopg and asyncpg, or a failure saying how to make it.
-fn require_python(module: &str) -> PathBuf {
+pub(crate) fn require_python(module: &str) -> PathBuf {
     let python = match std::env::var_os("DRIVER_TEST_PYTHON") {
         Some(p) => PathBuf::from(p),
         None => workspace().join("target/driver-venv/bin/python"),
@@ -149,16 +158,56 @@ async fn run_driver(
     args: &[&OsStr],
     dir: &Path,
 ) -> String {
+    let target = DriverTarget {
+        port: env.sluice.local_addr.port(),
+        user: USER,
+        password: PASSWORD,
+        db: DB,
+        tls_ca: None,
+    };
+    run_driver_at(&target, &env.pg, driver, program, args, dir).await
+}
+
+/// Where [`run_driver_at`] points a driver script.
+pub(crate) struct DriverTarget<'a> {
+    pub port: u16,
+    pub user: &'a str,
+    pub password: &'a str,
+    pub db: &'a str,
+    /// A PEM CA bundle: the script connects with TLS and verifies the server against it
+    /// (`DRIVER_TLS_CA`). `None`: plaintext (`PGSSLMODE=disable`).
+    pub tls_ca: Option<&'a Path>,
+}
+
+/// Runs a driver script against 127.0.0.1:`target.port` and checks it exited 0 and printed
+/// `OK <driver> ...`; `pg`'s log tail goes into failure messages.
+pub(crate) async fn run_driver_at(
+    target: &DriverTarget<'_>,
+    pg: &PgServer,
+    driver: &str,
+    program: &Path,
+    args: &[&OsStr],
+    dir: &Path,
+) -> String {
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args)
         .current_dir(dir)
         .env("PGHOST", "127.0.0.1")
-        .env("PGPORT", env.sluice.local_addr.port().to_string())
-        .env("PGUSER", USER)
-        .env("PGPASSWORD", PASSWORD)
-        .env("PGDATABASE", DB)
-        .env("PGSSLMODE", "disable")
-        .env("PGCONNECT_TIMEOUT", "30")
+        .env("PGPORT", target.port.to_string())
+        .env("PGUSER", target.user)
+        .env("PGPASSWORD", target.password)
+        .env("PGDATABASE", target.db);
+    match target.tls_ca {
+        Some(ca) => cmd
+            .env("DRIVER_TLS_CA", ca)
+            .env("PGSSLMODE", "verify-full")
+            .env("PGSSLROOTCERT", ca),
+        None => cmd
+            .env_remove("DRIVER_TLS_CA")
+            .env_remove("PGSSLROOTCERT")
+            .env("PGSSLMODE", "disable"),
+    };
+    cmd.env("PGCONNECT_TIMEOUT", "30")
         .env("PYTHONUNBUFFERED", "1")
         .env("PYTHONDONTWRITEBYTECODE", "1")
         .env_remove("PGSERVICE")
@@ -180,7 +229,7 @@ async fn run_driver(
         // Dropping the future kills the child (kill_on_drop).
         Err(_) => panic!(
             "{what}: no result after {SCRIPT_TIMEOUT:?} (killed)\nPostgreSQL log tail:\n{}",
-            env.pg_log_tail()
+            log_tail(pg)
         ),
     };
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -194,13 +243,14 @@ async fn run_driver(
             "{what} failed ({}):\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}\n\
              --- PostgreSQL log tail ---\n{}",
             out.status,
-            env.pg_log_tail()
+            log_tail(pg)
         ),
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn node_postgres_named_queries() {
+/// `node` and the directory of the node-postgres script (with its node_modules), or a failure
+/// saying how to install them.
+pub(crate) fn require_node_postgres() -> (PathBuf, PathBuf) {
     let node = require_program("node", "nodejs");
     let dir = drivers_dir().join("node");
     assert!(
@@ -209,6 +259,27 @@ async fn node_postgres_named_queries() {
          proxy/tests/drivers/node` (needs npm: `apt-get install -y npm`; {INSTALL_HINT})",
         dir.display()
     );
+    (node, dir)
+}
+
+/// `java` and the pgjdbc jar, or a failure saying how to install them.
+pub(crate) fn require_jdbc() -> (PathBuf, PathBuf) {
+    let java = require_program("java", "default-jre-headless");
+    let jar = std::env::var_os("DRIVER_TEST_JDBC_JAR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/share/java/postgresql.jar"));
+    assert!(
+        jar.is_file(),
+        "driver test needs the PostgreSQL JDBC driver at {}: install it with `apt-get install -y \
+         libpostgresql-jdbc-java` ({INSTALL_HINT}), or set DRIVER_TEST_JDBC_JAR",
+        jar.display()
+    );
+    (java, jar)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_postgres_named_queries() {
+    let (node, dir) = require_node_postgres();
     let env = env().await;
     let line = run_driver(&env, "node-postgres", &node, &["test.js".as_ref()], &dir).await;
     eprintln!("{line}");
@@ -248,16 +319,7 @@ async fn asyncpg_prepared_statements() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jdbc_prepared_statements() {
-    let java = require_program("java", "default-jre-headless");
-    let jar = std::env::var_os("DRIVER_TEST_JDBC_JAR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/usr/share/java/postgresql.jar"));
-    assert!(
-        jar.is_file(),
-        "driver test needs the PostgreSQL JDBC driver at {}: install it with `apt-get install -y \
-         libpostgresql-jdbc-java` ({INSTALL_HINT}), or set DRIVER_TEST_JDBC_JAR",
-        jar.display()
-    );
+    let (java, jar) = require_jdbc();
     let dir = drivers_dir().join("java");
     let env = env().await;
     let args = [

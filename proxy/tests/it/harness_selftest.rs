@@ -29,6 +29,7 @@ async fn superuser_connects_with_scram_and_options_apply() {
     let pg = PgServer::start(PgOptions {
         max_connections: 17,
         extra_conf: vec![("work_mem".into(), "'7MB'".into())],
+        ..Default::default()
     });
     assert_eq!(pg.host(), "127.0.0.1");
     let (user, pw) = pg.superuser();

@@ -2,10 +2,14 @@
 
 mod admin;
 mod backpressure;
+mod certs;
 mod core;
 mod drivers;
 mod harness_selftest;
+mod harness_tls;
 mod loadgen;
 mod pg;
 mod proxy;
 mod session_state;
+mod tls;
+mod tls_clients;

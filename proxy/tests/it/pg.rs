@@ -45,6 +45,12 @@ pub struct PgOptions {
     /// Extra `postgresql.conf` settings, written last (so they override ours).
     /// Values are written verbatim: quote strings yourself, e.g. `"'on'"`.
     pub extra_conf: Vec<(String, String)>,
+    /// Serve TLS with this certificate (see [`PgTls`]).
+    pub tls: Option<PgTls>,
+    /// `log_connections = on`: the log then has a `connection authorized: ...` line per login,
+    /// which says whether it used TLS (`SSL enabled (protocol=...)`). See
+    /// [`PgServer::log_contents`].
+    pub log_connections: bool,
 }
 
 impl Default for PgOptions {
@@ -52,13 +58,32 @@ impl Default for PgOptions {
         PgOptions {
             max_connections: 30,
             extra_conf: Vec::new(),
+            tls: None,
+            log_connections: false,
         }
     }
+}
+
+/// TLS for a test server: `server.crt` and `server.key` are written into the data directory
+/// (owned by the server's OS user, the key mode 0600 as PostgreSQL demands) and `ssl = on`.
+#[derive(Debug, Clone)]
+pub struct PgTls {
+    /// The server certificate (PEM; may be followed by intermediates).
+    pub cert_pem: String,
+    /// Its private key (PEM, PKCS#8 or traditional).
+    pub key_pem: String,
+    /// TCP logins only over TLS: `pg_hba.conf` has `hostssl` and no `host` line, which is what
+    /// RDS's `rds.force_ssl = 1` amounts to. A plaintext TCP login then fails with `no
+    /// pg_hba.conf entry for host "127.0.0.1", user "...", database "...", no encryption`.
+    /// (The harness's own psql calls keep working: libpq's default `sslmode=prefer` uses TLS.)
+    pub hostssl_only: bool,
 }
 
 /// A running (or stopped, see [`PgServer::stop`]) PostgreSQL server.
 pub struct PgServer {
     port: u16,
+    /// Whether the server serves TLS.
+    tls: bool,
     /// Instance root (removed on drop); holds `data/`, the socket and the log.
     dir: tempfile::TempDir,
     data: PathBuf,
@@ -87,6 +112,29 @@ impl PgServer {
                 opts.max_connections,
                 dir.path().display()
             );
+            if opts.log_connections {
+                conf.push_str("log_connections = on\n");
+            }
+            if let Some(tls) = &opts.tls {
+                crate::certs::write_pem(&data, "server.crt", &tls.cert_pem, pg_user(), 0o644);
+                crate::certs::write_pem(&data, "server.key", &tls.key_pem, pg_user(), 0o600);
+                conf.push_str(
+                    "ssl = on\n\
+                     ssl_cert_file = 'server.crt'\n\
+                     ssl_key_file = 'server.key'\n",
+                );
+                if tls.hostssl_only {
+                    let hba = data.join("pg_hba.conf");
+                    fs::write(
+                        &hba,
+                        "# sluice test harness: TCP only over TLS\n\
+                         local all all scram-sha-256\n\
+                         hostssl all all 127.0.0.1/32 scram-sha-256\n",
+                    )
+                    .expect("write pg_hba.conf");
+                    chown_to_pg_user(&hba);
+                }
+            }
             for (k, v) in &opts.extra_conf {
                 conf.push_str(&format!("{k} = {v}\n"));
             }
@@ -94,6 +142,7 @@ impl PgServer {
 
             let server = PgServer {
                 port,
+                tls: opts.tls.is_some(),
                 log: dir.path().join("postgres.log"),
                 data,
                 dir,
@@ -121,6 +170,11 @@ impl PgServer {
 
     pub fn host(&self) -> &str {
         HOST
+    }
+
+    /// Whether the server was started with [`PgOptions::tls`].
+    pub fn has_tls(&self) -> bool {
+        self.tls
     }
 
     /// Superuser name and password (SCRAM-SHA-256).
@@ -177,6 +231,9 @@ impl PgServer {
                 .args(["-U", SUPERUSER, "-d", db, "-c", sql])
                 .env("PGPASSWORD", SUPERUSER_PASSWORD)
                 .env("PGCONNECT_TIMEOUT", "10")
+                // libpq's default, sslmode=prefer, also reaches a `hostssl`-only server.
+                .env("PGSSLMODE", "prefer")
+                .env_remove("PGSSLROOTCERT")
                 .env_remove("PGSERVICE")
                 .env_remove("PGOPTIONS")
                 .stdin(Stdio::null()),
@@ -191,6 +248,30 @@ impl PgServer {
             );
         }
         String::from_utf8_lossy(&out.stdout).trim_end().to_string()
+    }
+
+    /// Runs this server's psql with a libpq connection string `conninfo` (which may point
+    /// anywhere, e.g. at Sluice) and `password`, `-X -A -t -q -v ON_ERROR_STOP=1 -c sql`, and
+    /// returns its output without judging it. `PGSSL*` variables are cleared, so only `conninfo`
+    /// decides about TLS. Blocks: call it from `spawn_blocking` or `block_in_place`.
+    pub fn psql_conninfo(&self, conninfo: &str, password: &str, sql: &str) -> Output {
+        output(
+            Command::new(self.bin("psql"))
+                .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1"])
+                .arg("-d")
+                .arg(conninfo)
+                .args(["-c", sql])
+                .env("PGPASSWORD", password)
+                .env("PGCONNECT_TIMEOUT", "10")
+                .env_remove("PGSSLMODE")
+                .env_remove("PGSSLROOTCERT")
+                .env_remove("PGSSLNEGOTIATION")
+                .env_remove("PGCHANNELBINDING")
+                .env_remove("PGSERVICE")
+                .env_remove("PGOPTIONS")
+                .stdin(Stdio::null()),
+            "psql",
+        )
     }
 
     /// Stops the server (fast shutdown: clients are disconnected, data is
@@ -510,6 +591,12 @@ fn find_bindir() -> PathBuf {
 
 // ---------------------------------------------------------------------------
 // Running as an unprivileged user when we are root.
+
+/// (uid, gid) of the OS user the server runs as, or None when it runs as we do (we are not
+/// root). Files the server must own (its TLS key) go to this user.
+pub fn pg_os_user() -> Option<(u32, u32)> {
+    pg_user()
+}
 
 /// (uid, gid) to run server binaries as, or None when we are not root.
 fn pg_user() -> Option<(u32, u32)> {

@@ -3,13 +3,18 @@
 // concurrent connections than the pool has server connections, so statements hop between server
 // connections.
 //
-// Connection settings come from PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE.
+// Connection settings come from PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE. With DRIVER_TLS_CA
+// (a PEM CA bundle) it connects with TLS, verifying the server's certificate and host name against
+// it (sslmode=verify-full&sslrootcert=..., read by pgjdbc's default LibPQFactory); without it, in
+// plaintext (sslmode=disable).
 // Run by proxy/tests/it/drivers.rs:
 //   java -cp /usr/share/java/postgresql.jar DriverTest.java
 // (Debian package libpostgresql-jdbc-java; single-file source launch, Java 11+).
 // Prints `OK jdbc <n> operations` and exits 0, or prints the error and exits 1.
 
 import java.math.BigDecimal;
+import java.net.URLEncoder;
+import java.nio.charset.StandardCharsets;
 import java.sql.Connection;
 import java.sql.DriverManager;
 import java.sql.PreparedStatement;
@@ -43,10 +48,18 @@ public class DriverTest {
         return v == null || v.isEmpty() ? dflt : v;
     }
 
+    static String sslParams() {
+        String ca = System.getenv("DRIVER_TLS_CA");
+        if (ca == null || ca.isEmpty()) {
+            return "sslmode=disable";
+        }
+        return "sslmode=verify-full&sslrootcert=" + URLEncoder.encode(ca, StandardCharsets.UTF_8);
+    }
+
     static Connection connect() throws SQLException {
         String url = "jdbc:postgresql://" + env("PGHOST", "127.0.0.1") + ":" + env("PGPORT", "5432")
                 + "/" + env("PGDATABASE", "postgres")
-                + "?prepareThreshold=1&sslmode=disable&connectTimeout=30&socketTimeout=60"
+                + "?prepareThreshold=1&" + sslParams() + "&connectTimeout=30&socketTimeout=60"
                 + "&ApplicationName=sluice-driver-jdbc";
         Properties props = new Properties();
         props.setProperty("user", env("PGUSER", "postgres"));

@@ -1,12 +1,15 @@
 // node-postgres (pg) through Sluice: named prepared statements from more concurrent clients
 // than the pool has server connections, so every statement hops between server connections.
 //
-// Connection settings come from PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE.
+// Connection settings come from PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE. With DRIVER_TLS_CA
+// (a PEM CA bundle) it connects with TLS, verifying the server's certificate and host name against
+// it (`ssl: { ca, rejectUnauthorized: true }`); without it, as before.
 // Run by proxy/tests/it/drivers.rs (`node test.js` in this directory, after `npm ci`).
 // Prints `OK node-postgres <n> operations` and exits 0, or prints the error and exits 1.
 'use strict';
 
 const assert = require('node:assert/strict');
+const fs = require('node:fs');
 const { Client } = require('pg');
 
 const WORKERS = Number(process.env.DRIVER_WORKERS || 10);
@@ -16,8 +19,12 @@ const DEADLINE_MS = 90_000;
 
 let operations = 0;
 
+const TLS_CA = process.env.DRIVER_TLS_CA;
+
 function settings() {
+  const tls = TLS_CA ? { ssl: { ca: fs.readFileSync(TLS_CA, 'utf8'), rejectUnauthorized: true } } : {};
   return {
+    ...tls,
     host: process.env.PGHOST || '127.0.0.1',
     port: Number(process.env.PGPORT || 5432),
     user: process.env.PGUSER,

@@ -2,7 +2,9 @@
 `conn.prepare()` statements are re-executed many times, from more concurrent connections than the
 pool has server connections, so statements hop between server connections.
 
-Connection settings come from PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE.
+Connection settings come from PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE. With DRIVER_TLS_CA
+(a PEM CA bundle) it connects with TLS, verifying the server's certificate and host name against it
+(an ssl.SSLContext); without it, in plaintext (ssl=False).
 Run by proxy/tests/it/drivers.rs with the venv .ci/run creates (target/driver-venv).
 Prints `OK asyncpg <n> operations` and exits 0, or prints the error and exits 1.
 """
@@ -10,6 +12,7 @@ Prints `OK asyncpg <n> operations` and exits 0, or prints the error and exits 1.
 import asyncio
 import datetime as dt
 import os
+import ssl
 import sys
 import traceback
 from decimal import Decimal
@@ -29,6 +32,16 @@ def eq(actual, expected, what):
         raise AssertionError(f"{what}: got {actual!r}, expected {expected!r}")
 
 
+TLS_CA = os.environ.get("DRIVER_TLS_CA")
+
+
+def tls():
+    if not TLS_CA:
+        return False
+    # CERT_REQUIRED and check_hostname (IP addresses match IP SANs).
+    return ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=TLS_CA)
+
+
 async def connect():
     return await asyncpg.connect(
         host=os.environ.get("PGHOST", "127.0.0.1"),
@@ -38,7 +51,7 @@ async def connect():
         database=os.environ.get("PGDATABASE"),
         server_settings={"application_name": "sluice-driver-asyncpg"},
         timeout=30,
-        ssl=False,
+        ssl=tls(),
     )
 
 

@@ -2,7 +2,9 @@
 concurrent connections than the pool has server connections, so statements hop between server
 connections.
 
-Connection settings come from PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE.
+Connection settings come from PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE. With DRIVER_TLS_CA
+(a PEM CA bundle) it connects with TLS, verifying the server's certificate and host name against it
+(sslmode=verify-full, sslrootcert); without it, as before, the libpq environment decides.
 Run by proxy/tests/it/drivers.rs with the venv .ci/run creates (target/driver-venv).
 Prints `OK psycopg <n> operations` and exits 0, or prints the error and exits 1.
 """
@@ -32,7 +34,12 @@ def count(n=1):
         _operations += n
 
 
+TLS_CA = os.environ.get("DRIVER_TLS_CA")
+
+
 def connect(**kw):
+    if TLS_CA:
+        kw.update(sslmode="verify-full", sslrootcert=TLS_CA)
     return psycopg.connect(
         host=os.environ.get("PGHOST", "127.0.0.1"),
         port=os.environ.get("PGPORT", "5432"),
