@@ -542,11 +542,12 @@ impl Config {
 
     /// `client_tls` with its default filled in.
     pub fn client_tls_mode(&self) -> ClientTls {
-        self.client_tls.unwrap_or(if self.client_tls_cert_file.is_some() {
-            ClientTls::Allow
-        } else {
-            ClientTls::Disable
-        })
+        self.client_tls
+            .unwrap_or(if self.client_tls_cert_file.is_some() {
+                ClientTls::Allow
+            } else {
+                ClientTls::Disable
+            })
     }
 
     /// The password Sluice presents to the server for `user`.
@@ -642,6 +643,42 @@ mod tests {
         assert_eq!(cfg.users["app"].password.as_deref(), Some("p@ss"));
         assert_eq!(cfg.server_password("app"), Some("p@ss"));
         assert_eq!(cfg.pool_mode_for("appdb"), PoolMode::Transaction);
+    }
+
+    #[test]
+    fn tls_keys_and_upstream_sslmode() {
+        let cfg = Config::load(
+            None,
+            &flags("postgres://app:pw@db.local/appdb?sslmode=verify-full&sslrootcert=/etc/ca.pem"),
+        )
+        .unwrap();
+        assert_eq!(cfg.server_tls, ServerTls::VerifyFull);
+        assert_eq!(
+            cfg.server_tls_ca_file.as_deref(),
+            Some(Path::new("/etc/ca.pem"))
+        );
+        assert_eq!(cfg.client_tls_mode(), ClientTls::Disable);
+        let err = |url: &str| Config::load(None, &flags(url)).unwrap_err().to_string();
+        let no_ca = err("postgres://app:pw@db/appdb?sslmode=verify-ca");
+        assert!(no_ca.contains("server_tls_ca_file"), "{no_ca}");
+        assert!(err("postgres://app:pw@db/appdb?sslmode=sometimes").contains("sslmode"));
+        assert!(err("postgres://app:pw@db/appdb?sslcompression=1").contains("sslcompression"));
+        let mut c = Config::load(None, &flags("postgres://app:pw@db/appdb")).unwrap();
+        c.client_tls = Some(ClientTls::Require);
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("client_tls_cert_file"));
+        c.client_tls = None;
+        c.client_tls_cert_file = Some("/c.pem".into());
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("client_tls_key_file"));
+        c.client_tls_key_file = Some("/k.pem".into());
+        assert_eq!(c.client_tls_mode(), ClientTls::Allow);
     }
 
     #[test]

@@ -147,7 +147,10 @@ fn goodbye<D>(tcp: &TcpStream, session: &mut rustls::ConnectionCommon<D>, messag
 }
 
 fn gone() -> io::Error {
-    io::Error::new(io::ErrorKind::NotConnected, "stream is being upgraded to TLS")
+    io::Error::new(
+        io::ErrorKind::NotConnected,
+        "stream is being upgraded to TLS",
+    )
 }
 
 /// A non-blocking `std::io::Write` over a tokio socket.

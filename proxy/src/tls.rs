@@ -96,7 +96,8 @@ pub struct Acceptor {
 impl Acceptor {
     /// The acceptor for the configured certificate, or `None` when client TLS is off.
     pub fn load(cfg: &Config) -> Result<Option<Arc<Acceptor>>, TlsError> {
-        let (Some(cert_file), Some(key_file)) = (&cfg.client_tls_cert_file, &cfg.client_tls_key_file)
+        let (Some(cert_file), Some(key_file)) =
+            (&cfg.client_tls_cert_file, &cfg.client_tls_key_file)
         else {
             return Ok(None);
         };
@@ -137,7 +138,9 @@ pub struct Connector {
 
 impl std::fmt::Debug for Connector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Connector").field("mode", &self.mode).finish_non_exhaustive()
+        f.debug_struct("Connector")
+            .field("mode", &self.mode)
+            .finish_non_exhaustive()
     }
 }
 
@@ -266,21 +269,19 @@ impl HandshakeError {
             return HandshakeError::Io(e.to_string());
         };
         match tls {
-            rustls::Error::InvalidCertificate(c) => {
-                HandshakeError::Certificate(match c {
-                    CertificateError::UnknownIssuer => CertProblem::UnknownIssuer,
-                    CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
-                        CertProblem::Expired
-                    }
-                    CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
-                        CertProblem::NotYetValid
-                    }
-                    CertificateError::NotValidForName
-                    | CertificateError::NotValidForNameContext { .. } => CertProblem::NotForHost,
-                    CertificateError::Revoked => CertProblem::Revoked,
-                    _ => CertProblem::Other,
-                })
-            }
+            rustls::Error::InvalidCertificate(c) => HandshakeError::Certificate(match c {
+                CertificateError::UnknownIssuer => CertProblem::UnknownIssuer,
+                CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                    CertProblem::Expired
+                }
+                CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                    CertProblem::NotYetValid
+                }
+                CertificateError::NotValidForName
+                | CertificateError::NotValidForNameContext { .. } => CertProblem::NotForHost,
+                CertificateError::Revoked => CertProblem::Revoked,
+                _ => CertProblem::Other,
+            }),
             other => HandshakeError::Protocol(other.to_string()),
         }
     }
@@ -428,11 +429,11 @@ pub fn end_point_hash(cert: &[u8]) -> Option<Vec<u8>> {
     use x509_cert::der::asn1::ObjectIdentifier as Oid;
     use x509_cert::der::Decode;
     const SHA256: &[Oid] = &[
-        Oid::new_unwrap("1.2.840.113549.1.1.4"),  // md5WithRSAEncryption
-        Oid::new_unwrap("1.2.840.113549.1.1.5"),  // sha1WithRSAEncryption
+        Oid::new_unwrap("1.2.840.113549.1.1.4"), // md5WithRSAEncryption
+        Oid::new_unwrap("1.2.840.113549.1.1.5"), // sha1WithRSAEncryption
         Oid::new_unwrap("1.2.840.113549.1.1.11"), // sha256WithRSAEncryption
-        Oid::new_unwrap("1.2.840.10045.4.1"),     // ecdsa-with-SHA1
-        Oid::new_unwrap("1.2.840.10045.4.3.2"),   // ecdsa-with-SHA256
+        Oid::new_unwrap("1.2.840.10045.4.1"),    // ecdsa-with-SHA1
+        Oid::new_unwrap("1.2.840.10045.4.3.2"),  // ecdsa-with-SHA256
     ];
     const SHA384: &[Oid] = &[
         Oid::new_unwrap("1.2.840.113549.1.1.12"), // sha384WithRSAEncryption
@@ -478,5 +479,82 @@ impl TlsState {
             acceptor: Acceptor::load(cfg)?,
             connector: Connector::load(cfg)?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cert(alg: &'static rcgen::SignatureAlgorithm) -> Vec<u8> {
+        let key = rcgen::KeyPair::generate_for(alg).expect("key");
+        let params = rcgen::CertificateParams::new(vec!["localhost".into()]).expect("params");
+        params.self_signed(&key).expect("cert").der().to_vec()
+    }
+
+    #[test]
+    fn end_point_hash_follows_the_signature_algorithm() {
+        // RFC 5929 4.1: the certificate's own signature hash (SHA-256 for ECDSA-SHA256,
+        // SHA-384 for ECDSA-SHA384), over the whole DER certificate.
+        let p256 = cert(&rcgen::PKCS_ECDSA_P256_SHA256);
+        assert_eq!(
+            end_point_hash(&p256),
+            Some(sha2::Sha256::digest(&p256).to_vec())
+        );
+        let p384 = cert(&rcgen::PKCS_ECDSA_P384_SHA384);
+        assert_eq!(
+            end_point_hash(&p384),
+            Some(sha2::Sha384::digest(&p384).to_vec())
+        );
+        // Ed25519 has no hash of its own: no binding, as in PostgreSQL.
+        assert_eq!(end_point_hash(&cert(&rcgen::PKCS_ED25519)), None);
+        assert_eq!(end_point_hash(b"not a certificate"), None);
+    }
+
+    #[test]
+    fn handshake_errors_name_the_certificate_problem() {
+        let io = |e: rustls::Error| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+        let cases = [
+            (
+                CertificateError::UnknownIssuer,
+                "unknown_issuer",
+                "unknown issuer",
+            ),
+            (CertificateError::Expired, "expired", "expired"),
+            (
+                CertificateError::NotValidForName,
+                "wrong_host",
+                "not valid for host \"db.example\"",
+            ),
+        ];
+        for (cert, reason, text) in cases {
+            let e = HandshakeError::from_io(&io(rustls::Error::InvalidCertificate(cert)));
+            assert_eq!(e.reason(), reason);
+            let said = e.describe("db.example");
+            assert!(said.starts_with("the server's certificate"), "{said}");
+            assert!(said.contains(text), "{said}");
+        }
+        let reset = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+        assert_eq!(HandshakeError::from_io(&reset).reason(), "io");
+    }
+
+    #[test]
+    fn missing_files_are_named() {
+        let cfg = Config {
+            client_tls_cert_file: Some("/nonexistent/cert.pem".into()),
+            client_tls_key_file: Some("/nonexistent/key.pem".into()),
+            ..Config::default()
+        };
+        let err = Acceptor::load(&cfg).err().expect("error").to_string();
+        assert!(
+            err.contains("client_tls_cert_file") && err.contains("/nonexistent/cert.pem"),
+            "{err}"
+        );
+        let none = Config::default();
+        assert!(Acceptor::load(&none).expect("no TLS").is_none());
+        assert_eq!(
+            Connector::load(&none).expect("prefer").mode,
+            ServerTls::Prefer
+        );
     }
 }

@@ -246,7 +246,10 @@ mod tests {
         let v = ScramVerifier::derive("pw", b"salt", 64);
         let data = [7u8; 48];
         let bound = || ChannelBinding::tls_server_end_point(data.to_vec());
-        assert_eq!(exchange_on(&v, "pw", bound(), Channel::Bound(&data)), Ok(()));
+        assert_eq!(
+            exchange_on(&v, "pw", bound(), Channel::Bound(&data)),
+            Ok(())
+        );
         // Bound to another certificate (a machine in the middle): refused.
         assert_eq!(
             exchange_on(&v, "pw", bound(), Channel::Bound(&[8u8; 48])),
@@ -267,7 +270,12 @@ mod tests {
         );
         // The flag must match the mechanism chosen.
         assert!(matches!(
-            exchange_on(&v, "pw", ChannelBinding::unsupported(), Channel::Bound(&data)),
+            exchange_on(
+                &v,
+                "pw",
+                ChannelBinding::unsupported(),
+                Channel::Bound(&data)
+            ),
             Err(AuthError::MalformedScram(_))
         ));
         assert!(matches!(
@@ -278,7 +286,8 @@ mod tests {
             exchange_on(&v, "pw", bound(), Channel::Offered),
             Err(AuthError::MalformedScram(_))
         ));
-        let other_type = ScramServer::start(&v, b"p=tls-unique,,n=,r=abc", "srv", Channel::Bound(&data));
+        let other_type =
+            ScramServer::start(&v, b"p=tls-unique,,n=,r=abc", "srv", Channel::Bound(&data));
         assert_eq!(other_type.err(), Some(AuthError::UnsupportedChannelBinding));
     }
 
@@ -336,7 +345,8 @@ mod tests {
     fn rfc7677_test_vector() {
         let salt = STANDARD.decode("W22ZaJ0SNY7soEsUEjb6gQ==").unwrap();
         let v = ScramVerifier::derive("pencil", &salt, 4096);
-        let (server, first) = ScramServer::start(&v, FIRST, SERVER_NONCE, Channel::Unavailable).unwrap();
+        let (server, first) =
+            ScramServer::start(&v, FIRST, SERVER_NONCE, Channel::Unavailable).unwrap();
         let want = format!("r={NONCE},s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096");
         assert_eq!(first, want.as_bytes());
         let last = server.finish(format!("c=biws,r={NONCE},{PROOF}").as_bytes());
@@ -345,7 +355,8 @@ mod tests {
             b"v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4="
         );
 
-        let (server, _) = ScramServer::start(&v, FIRST, SERVER_NONCE, Channel::Unavailable).unwrap();
+        let (server, _) =
+            ScramServer::start(&v, FIRST, SERVER_NONCE, Channel::Unavailable).unwrap();
         let tampered = PROOF.replace("dHzb", "dHzc");
         let last = server.finish(format!("c=biws,r={NONCE},{tampered}").as_bytes());
         assert_eq!(last, Err(AuthError::BadPassword));
@@ -440,7 +451,8 @@ mod tests {
             ),
         ];
         for (msg, want) in cases {
-            let (server, _) = ScramServer::start(&v, FIRST, SERVER_NONCE, Channel::Unavailable).unwrap();
+            let (server, _) =
+                ScramServer::start(&v, FIRST, SERVER_NONCE, Channel::Unavailable).unwrap();
             assert_eq!(server.finish(msg.as_bytes()), Err(want), "{msg}");
         }
     }

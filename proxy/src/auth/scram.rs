@@ -217,10 +217,18 @@ impl ScramServer {
             (b"n", Channel::Unavailable | Channel::Offered) => None,
             (b"y", Channel::Unavailable) => None,
             (b"y", Channel::Offered) => return Err(AuthError::ChannelBindingDowngrade),
-            (b"n" | b"y", Channel::Bound(_)) => return Err(Bad("SCRAM-SHA-256-PLUS selected without channel binding data")),
+            (b"n" | b"y", Channel::Bound(_)) => {
+                return Err(Bad(
+                    "SCRAM-SHA-256-PLUS selected without channel binding data",
+                ))
+            }
             (b"p=tls-server-end-point", Channel::Bound(data)) => Some(data),
-            ([b'p', b'=', ..], Channel::Bound(_)) => return Err(AuthError::UnsupportedChannelBinding),
-            ([b'p', b'=', ..], _) => return Err(Bad("channel binding data sent without SCRAM-SHA-256-PLUS")),
+            ([b'p', b'=', ..], Channel::Bound(_)) => {
+                return Err(AuthError::UnsupportedChannelBinding)
+            }
+            ([b'p', b'=', ..], _) => {
+                return Err(Bad("channel binding data sent without SCRAM-SHA-256-PLUS"))
+            }
             _ => return Err(Bad("invalid channel binding flag")),
         };
         match parts.next().ok_or(Bad("missing authzid"))? {

@@ -377,7 +377,10 @@ impl ServerConn {
                     // but was not offered -PLUS says so ('y'), so a downgrade is detected.
                     let end_point = crate::tls::peer_end_point(&self.stream);
                     let (mechanism, binding) = match end_point {
-                        Some(data) if plus => (SCRAM_SHA_256_PLUS, ChannelBinding::tls_server_end_point(data)),
+                        Some(data) if plus => (
+                            SCRAM_SHA_256_PLUS,
+                            ChannelBinding::tls_server_end_point(data),
+                        ),
                         Some(_) if plain => (SCRAM_SHA_256, ChannelBinding::unrequested()),
                         None if plain => (SCRAM_SHA_256, ChannelBinding::unsupported()),
                         _ => {

@@ -8,13 +8,13 @@ use bytes::{Buf, BytesMut};
 use tokio::io::AsyncReadExt;
 
 use super::{fatal, ClientIo, Context, Exit};
-use crate::stream::Stream;
-use crate::tls::Acceptor;
 use crate::auth::{Channel, Md5Hash, ScramServer, ScramVerifier};
 use crate::config::ClientAuth;
 use crate::protocol::backend::Out;
 use crate::protocol::frontend::{self, tag, Startup};
 use crate::protocol::{next_frame, sqlstate};
+use crate::stream::Stream;
+use crate::tls::Acceptor;
 
 const SCRAM: &str = "SCRAM-SHA-256";
 const SCRAM_PLUS: &str = "SCRAM-SHA-256-PLUS";
@@ -57,7 +57,9 @@ pub async fn read_startup(ctx: &Context, io: &mut ClientIo) -> Result<Option<Log
             let early = std::mem::take(&mut io.buf);
             upgrade(io, &acceptor, &early).await?;
             let alpn = match &io.stream {
-                Stream::Tls(t) => t.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_POSTGRESQL),
+                Stream::Tls(t) => {
+                    t.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_POSTGRESQL)
+                }
                 _ => false,
             };
             if !alpn {

@@ -5,7 +5,6 @@
 //! (psql, pgbench, channel binding, direct TLS, drivers) is in `tls_clients.rs`.
 //!
 //! Sluice's TLS settings are written into its configuration file (see
-//! [`crate::proxy::TlsSettings`]); every test that needs them is `#[ignore = "needs Sluice TLS"]`
 //! until Sluice has them (run them with `--include-ignored`).
 //!
 //! Each test starts its own PostgreSQL (max_connections 20) and Sluice. Every network wait is
@@ -285,7 +284,6 @@ pub(crate) fn client_tls(files: &Files, cert: &Issued, mode: &'static str) -> Tl
 // (a) verify-full toward a TLS-only PostgreSQL.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs Sluice TLS"]
 async fn verify_full_reaches_a_tls_only_server() {
     let ca = TestCa::new("server CA");
     let files = Files::new();
@@ -326,7 +324,6 @@ async fn server_certificate_is_refused(cert: Issued, trusted: &TestCa, want: &[&
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs Sluice TLS"]
 async fn server_certificate_of_another_ca_is_refused() {
     let server_ca = TestCa::new("actual server CA");
     let other = TestCa::new("configured CA");
@@ -339,7 +336,6 @@ async fn server_certificate_of_another_ca_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs Sluice TLS"]
 async fn expired_server_certificate_is_refused() {
     let ca = TestCa::new("expiring CA");
     let cert = ca.issue(&IssueOpts {
@@ -350,7 +346,6 @@ async fn expired_server_certificate_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs Sluice TLS"]
 async fn server_certificate_for_another_host_is_refused() {
     let ca = TestCa::new("misnamed CA");
     let cert = ca.issue(&IssueOpts {
@@ -365,7 +360,6 @@ async fn server_certificate_for_another_host_is_refused() {
 // (c) prefer and require (libpq meanings: encryption, no verification).
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs Sluice TLS"]
 async fn prefer_and_require_against_plaintext_and_tls_servers() {
     // A plaintext-only server: prefer falls back to plaintext, require fails.
     let pg = start_pg(None).await;
@@ -416,7 +410,6 @@ async fn prefer_and_require_against_plaintext_and_tls_servers() {
 // (e) Rotation of Sluice's certificate.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs Sluice TLS"]
 async fn reload_rotates_the_client_certificate() {
     let first = TestCa::new("first CA");
     let second = TestCa::new("second CA");
@@ -592,7 +585,6 @@ const ALONE: &str = "TLS_TEST_RSS_ALONE";
 /// RSS is per process and tests of this binary run in parallel threads, so the test reruns
 /// itself alone in a child process (`--exact`, one thread) and measures there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs Sluice TLS"]
 async fn bad_tls_input_leaves_sluice_up_and_memory_flat() {
     const ROUND: usize = 200;
     const SLACK_KIB: i64 = 256;

@@ -5,7 +5,6 @@
 //!
 //! PostgreSQL is plaintext here (Sluice's default `server_tls = prefer` then talks plaintext to
 //! it); the server side is in `tls.rs`, whose helpers these tests share. Every test needs Sluice
-//! TLS and is `#[ignore = "needs Sluice TLS"]` until it has it.
 
 use std::ffi::OsStr;
 use std::path::Path;
@@ -48,7 +47,6 @@ fn verify_full(ca_file: &Path) -> String {
 // (d) client_tls = require.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs Sluice TLS"]
 async fn client_tls_require_serves_tls_and_refuses_plaintext() {
     let ca = TestCa::new("client side CA");
     let files = Files::new();
@@ -110,7 +108,6 @@ async fn client_tls_require_serves_tls_and_refuses_plaintext() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs Sluice TLS"]
 async fn channel_binding_with_rsa_sha256_and_ecdsa_p384_sha384_certificates() {
     let ca = TestCa::new("channel binding CA");
     let files = Files::new();
@@ -157,7 +154,6 @@ async fn channel_binding_with_rsa_sha256_and_ecdsa_p384_sha384_certificates() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs Sluice TLS"]
 async fn direct_tls_with_alpn() {
     let ca = TestCa::new("direct TLS CA");
     let files = Files::new();
@@ -221,14 +217,12 @@ async fn driver_over_tls(driver: &str, program: &Path, args: &[&OsStr], dir: &Pa
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs Sluice TLS"]
 async fn node_postgres_over_tls() {
     let (node, dir) = require_node_postgres();
     driver_over_tls("node-postgres", &node, &["test.js".as_ref()], &dir).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs Sluice TLS"]
 async fn psycopg_over_tls() {
     let python = require_python("psycopg");
     let dir = drivers_dir().join("python");
@@ -236,7 +230,6 @@ async fn psycopg_over_tls() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs Sluice TLS"]
 async fn asyncpg_over_tls() {
     let python = require_python("asyncpg");
     let dir = drivers_dir().join("python");
@@ -244,7 +237,6 @@ async fn asyncpg_over_tls() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs Sluice TLS"]
 async fn jdbc_over_tls() {
     let (java, jar) = require_jdbc();
     let dir = drivers_dir().join("java");
