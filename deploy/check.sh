@@ -40,11 +40,29 @@ EOF
 # CloudFormation: YAML with CloudFormation tags, references, user data (bash -n), embedded unit.
 "$PY" deploy/aws/validate.py | sed 's/^/  ok  /'
 
-# systemd unit (ExecStart's binary replaced: it need not be installed here).
+# The example sluice.toml: TOML, and only keys Sluice knows (the fields of Config).
+"$PY" - deploy/systemd/sluice.toml proxy/src/config.rs <<'EOF'
+import re, sys
+try:
+    import tomllib
+except ImportError:
+    print(f"  --  {sys.argv[1]}: not checked (needs Python 3.11 for tomllib)")
+    sys.exit(0)
+cfg = tomllib.load(open(sys.argv[1], "rb"))
+src = open(sys.argv[2]).read().split("pub struct Config {")[1].split("\n}")[0]
+fields = set(re.findall(r"^    pub (\w+):", src, re.M))
+unknown = sorted(set(cfg) - fields)
+assert not unknown, f"{sys.argv[1]}: keys Sluice does not know: {unknown}"
+print(f"  ok  {sys.argv[1]}: TOML, {len(cfg)} known top-level keys")
+EOF
+
+# systemd unit with the TLS drop-in (ExecStart's binary replaced: it need not be installed here).
 if command -v systemd-analyze >/dev/null 2>&1; then
     tmp=$(mktemp -d)
     sed 's#^ExecStart=/usr/local/bin/sluice #ExecStart=/bin/true #' deploy/systemd/sluice.service \
         >"$tmp/sluice.service"
+    mkdir "$tmp/sluice.service.d"
+    cp deploy/systemd/sluice-tls.conf "$tmp/sluice.service.d/tls.conf"
     if ! out=$(systemd-analyze verify "$tmp/sluice.service" 2>&1) || [[ -n $out ]]; then
         rm -rf "$tmp"
         printf '%s\n' "$out" >&2
@@ -52,7 +70,7 @@ if command -v systemd-analyze >/dev/null 2>&1; then
         exit 1
     fi
     rm -rf "$tmp"
-    ok "systemd-analyze verify deploy/systemd/sluice.service"
+    ok "systemd-analyze verify deploy/systemd/sluice.service (with sluice-tls.conf)"
 fi
 
 # Docker: the health check command is a well-formed exec-form JSON array.

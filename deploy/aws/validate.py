@@ -6,6 +6,9 @@
   condition used is defined; every parameter is used.
 - The user data, rendered with sample parameter values, is valid bash (bash -n) and embeds the
   same systemd unit as deploy/systemd/sluice.service (directives compared, comments ignored).
+- The programs in the user data that format the secrets work on sample secrets.
+- The sluice.toml the user data writes is TOML with only keys Sluice knows (the fields of
+  `Config` in proxy/src/config.rs), and verifies TLS toward the database by default.
 
 Usage: python3 deploy/aws/validate.py [TEMPLATE]
 """
@@ -20,6 +23,7 @@ import yaml
 HERE = pathlib.Path(__file__).resolve().parent
 TEMPLATE = pathlib.Path(sys.argv[1]) if len(sys.argv) > 1 else HERE / "sluice.yaml"
 UNIT = HERE.parent / "systemd" / "sluice.service"
+CONFIG_RS = HERE.parent.parent / "proxy" / "src" / "config.rs"
 
 PSEUDO = {
     "AWS::AccountId", "AWS::NoValue", "AWS::NotificationARNs", "AWS::Partition", "AWS::Region",
@@ -158,6 +162,7 @@ def main():
     walk(doc.get("Resources"), visit)
     walk(doc.get("Outputs"), visit)
     walk(doc.get("Conditions"), visit)
+    walk(doc.get("Rules"), visit)
     for name, res in resources.items():
         if "Type" not in res:
             errors.append(f"resource {name} has no Type")
@@ -197,6 +202,47 @@ def main():
             if r.returncode != 0 or r.stdout.strip() != expect:
                 errors.append(f"secret formatting: {secret!r} gave {r.stdout.strip()!r} {r.stderr.strip()}, "
                               f"expected {expect!r}")
+    # The program that writes Sluice's certificate and key, run on a sample secret.
+    m = re.search(r"python3 -c '\n((?:(?!\n')[\s\S])*)\n' /etc/sluice/tls\n", script)
+    if not m:
+        errors.append("user data: certificate secret program not found")
+    else:
+        import json, os, tempfile
+        secret = json.dumps({"certificate": "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----",
+                             "private_key": "-----BEGIN PRIVATE KEY-----\nAA==\n-----END PRIVATE KEY-----\n"})
+        with tempfile.TemporaryDirectory() as d:
+            r = subprocess.run([sys.executable, "-c", m.group(1), d], input=secret, text=True,
+                               capture_output=True)
+            crt, key = os.path.join(d, "sluice.crt.new"), os.path.join(d, "sluice.key.new")
+            if r.returncode != 0 or not (os.path.exists(crt) and os.path.exists(key)):
+                errors.append(f"certificate secret program failed: {r.stderr.strip()}")
+            else:
+                if oct(os.stat(key).st_mode & 0o777) != "0o640" or not open(key).read().endswith("KEY-----\n"):
+                    errors.append("certificate secret program: the key file is not mode 0640 PEM")
+                if not open(crt).read().startswith("-----BEGIN CERTIFICATE-----"):
+                    errors.append("certificate secret program: the certificate file is not PEM")
+            r = subprocess.run([sys.executable, "-c", m.group(1), d], input='{"certificate": "x", "private_key": "y"}',
+                               text=True, capture_output=True)
+            if r.returncode == 0:
+                errors.append("certificate secret program accepted a secret without PEM")
+    # sluice.toml: every heredoc written to it, with and without the client certificate lines.
+    toml_text = "\n".join(re.findall(r"cat >>? /etc/sluice/sluice\.toml <<'EOF'\n(.*?)\nEOF\n", script, re.S))
+    try:
+        import tomllib
+    except ImportError:  # Python < 3.11
+        tomllib = None
+    fields = set(re.findall(r"^    pub (\w+):", CONFIG_RS.read_text().split("pub struct Config {")[1].split("\n}")[0], re.M))
+    if tomllib and fields:
+        try:
+            cfg = tomllib.loads(toml_text)
+        except tomllib.TOMLDecodeError as e:
+            errors.append(f"user data: sluice.toml is not TOML: {e}")
+            cfg = {}
+        unknown = sorted(set(cfg) - fields)
+        if unknown:
+            errors.append(f"user data: sluice.toml has keys Sluice does not know: {unknown}")
+        if cfg and (cfg.get("server_tls") != "verify-full" or not cfg.get("server_tls_ca_file")):
+            errors.append("user data: sluice.toml should verify the server (server_tls = verify-full, a CA file)")
     # The embedded unit matches deploy/systemd/sluice.service.
     embedded = unit_directives(local["ServiceUnit"])
     reference = unit_directives(UNIT.read_text())
