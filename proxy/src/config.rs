@@ -74,6 +74,8 @@ pub enum ServerTls {
     /// Plain TCP only.
     Disable,
     /// TLS when the server offers it, else plain TCP; the certificate is not checked.
+    /// (libpq's `allow`, which tries plain TCP first, is taken as `prefer`.)
+    #[serde(alias = "allow")]
     Prefer,
     /// TLS or nothing; the certificate is checked only when `server_tls_ca_file` is set
     /// (then as `verify-ca`), as libpq does when a root certificate file exists.

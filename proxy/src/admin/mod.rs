@@ -98,7 +98,10 @@ async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
     if s.shutdown.is_cancelled() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n")
     } else if !s.ready.upstream_ok.load(Ordering::Relaxed) {
-        (StatusCode::SERVICE_UNAVAILABLE, "database unreachable\n")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "database unreachable, or its TLS certificate not accepted (server_tls)\n",
+        )
     } else {
         (StatusCode::OK, "ready\n")
     }

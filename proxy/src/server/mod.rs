@@ -608,6 +608,15 @@ pub fn client_error(e: &ServerError) -> ErrorFields {
             detail: Some("Sluice could not open an encrypted connection to the database server (server_tls).".into()),
             hint: None,
         },
+        // A login Sluice would not complete (a cleartext password over an unverified hop, no
+        // password configured): retrying does not help, the configuration must change.
+        ServerError::Auth(why) => ErrorFields {
+            severity: "ERROR".into(),
+            code: sqlstate::CONNECTION_FAILURE.into(),
+            message: format!("Sluice could not log in to the database server: {why}"),
+            detail: None,
+            hint: None,
+        },
         ServerError::TlsUnsupported { .. } => ErrorFields {
             severity: "ERROR".into(),
             code: sqlstate::CONNECTION_FAILURE.into(),

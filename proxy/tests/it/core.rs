@@ -1721,12 +1721,19 @@ async fn many_clients_stay_within_the_budget() {
     .await;
 }
 
-/// The same with wait_timeout 30 s and the default shedding settings: the fleet is served at
-/// hundreds of transactions per second, far within 30 s, yet requests are refused with
-/// `predicted_timeout` ("servers freeing at 4/s") about half a second into the run.
+/// The same with wait_timeout 30 s and the default `predicted_timeout` shedding: the fleet is
+/// served at hundreds of transactions per second, far within 30 s, yet requests were refused
+/// with `predicted_timeout` ("servers freeing at 4/s") about half a second into the run.
+/// `shed_target` is pinned high: whether a closed loop of 300 clients keeps its queueing delay
+/// under the default 500 ms depends on the machine's speed (a debug build on a busy 2-core
+/// host does not), and overload shedding has tests of its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_clients_with_default_shedding() {
-    fleet_within_budget(|c| c.wait_timeout = Duration::from_secs(30)).await;
+    fleet_within_budget(|c| {
+        c.wait_timeout = Duration::from_secs(30);
+        c.shed_target = Duration::from_secs(10);
+    })
+    .await;
 }
 
 /// One slow transaction at the start of a busy spell: the queue behind it drains in about a

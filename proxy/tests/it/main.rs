@@ -13,3 +13,4 @@ mod proxy;
 mod session_state;
 mod tls;
 mod tls_clients;
+mod tls_server_auth;

@@ -5,7 +5,7 @@
 //! (psql, pgbench, channel binding, direct TLS, drivers) is in `tls_clients.rs`.
 //!
 //! Sluice's TLS settings are written into its configuration file (see
-//! until Sluice has them (run them with `--include-ignored`).
+//! [`crate::proxy::TlsSettings`]), which is also what RELOAD rereads.
 //!
 //! Each test starts its own PostgreSQL (max_connections 20) and Sluice. Every network wait is
 //! bounded, so a hang fails the test.
