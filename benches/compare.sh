@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # End-to-end comparison of Sluice with PgBouncer (and PostgreSQL directly): pgbench workloads,
-# memory per idle client, and one large result relayed.
+# memory per idle client, and one large result relayed; in plain TCP and, for some workloads and
+# the idle clients, with TLS on both hops (client to pooler, pooler to server).
 #
-#   bash benches/compare.sh                      # 3 rounds of 10 s runs, scale 10 (~12 minutes)
+#   bash benches/compare.sh                      # 3 rounds of 10 s runs, scale 10 (~15 minutes)
 #   bash benches/compare.sh --quick              # 1 round of 1 s runs, small sizes (CI; ~1 minute)
 #   bash benches/compare.sh --rounds 5 --duration 20 --out /tmp/results.md
 #
@@ -12,10 +13,26 @@
 # userlist) and Sluice (pool size 20, budget 20; SLUICE_CLIENT_AUTH=md5 for the md5 workload),
 # initialises pgbench data directly, then:
 #
+# TLS: a throwaway CA and server certificate (ECDSA P-256, SHA-256 signatures, SAN IP:127.0.0.1
+# and DNS:localhost, valid 2 days) are made with openssl in the temporary directory. PostgreSQL
+# runs with ssl = on and that certificate, and still accepts plain TCP (pg_hba "host" lines). The
+# plain-TCP rows stay plain on both hops: clients get PGSSLMODE=disable, Sluice's upstream URL
+# says sslmode=disable, PgBouncer has no TLS settings. The TLS rows (marked "TLS") use a third
+# PgBouncer configuration (client_tls_sslmode = allow with the certificate and key,
+# server_tls_sslmode = require; its default TLS protocols and ciphers) and Sluice with
+# client_tls = allow and the same certificate and key, and upstream sslmode=require
+# (server_tls = require); clients use PGSSLMODE=require, hold_clients --tls-ca (rustls, verifying
+# the certificate). Before each TLS run, psql logs in through the target with sslmode=verify-full
+# against the CA and asks PostgreSQL about its own end of the connection (pg_stat_ssl of
+# pg_backend_pid(): the pooler's server connection), and tries channel_binding=require; the
+# script stops with an error unless both hops are TLS. After each pooler run, the pooler's server
+# connections are read from pg_stat_ssl: all must be TLS in the TLS rows, none in the others.
+#
 # 1. pgbench workloads (select-only, -S), each against each target, in rounds whose target order
 #    alternates: simple, extended and prepared protocol with 50 clients; a new connection per
 #    transaction (-C) with 50 clients, SCRAM and md5 client authentication; -C with 400 clients;
-#    5,000 persistent clients. Each pooler runs only during its own runs (started fresh before,
+#    5,000 persistent clients; with TLS: simple protocol with 50 clients, and a connection per
+#    transaction with 50 clients (a TLS handshake and a SCRAM login each). Each pooler runs only during its own runs (started fresh before,
 #    stopped after), so the server connections it keeps cannot take room from the other targets:
 #    60 connections do not fit 50 direct clients next to two pools of 20. Before each run, the
 #    authentication the target asks for is read from its reply to a startup packet, so the
@@ -23,7 +40,10 @@
 #    medians over the rounds of tps, average latency, tps as a ratio to PgBouncer's and to
 #    PostgreSQL's directly in the same round, the CPU seconds the pooler process used per 1,000
 #    transactions (utime + stime from /proc/PID/stat) and its ratio to PgBouncer's; failed
-#    transactions and aborted clients are summed over the rounds. PgBouncer 1.18 has no
+#    transactions and aborted clients are summed over the rounds. Also measured in every run, for
+#    the "where the CPU goes" table: pgbench's CPU (the shell's children times around its wait)
+#    and PostgreSQL's (the postmaster, its live children and its reaped children, from
+#    /proc/PID/stat), per 1,000 transactions. PgBouncer 1.18 has no
 #    protocol-level prepared statements in transaction pooling: its -M prepared run is made and
 #    reported as it goes, but is no baseline; that row's Sluice ratio is to direct. The md5
 #    workload has no direct run of its own (PostgreSQL here asks for SCRAM): its "vs direct"
@@ -31,6 +51,7 @@
 # 2. Idle clients: for each pooler (fresh), a warm-up of 50 connections that each run SELECT 1
 #    and leave, then VmRSS; then benches' hold_clients opens 5,000 connections (64 at a time,
 #    SELECT 1 on each) and holds them idle, and VmRSS again: (held - before) / 5,000 per client.
+#    Then the same with TLS clients (each pooler fresh, in its TLS configuration).
 # 3. One large result: psql fetching SELECT repeat('x', 1000) FROM generate_series(1, N) (about
 #    1 KB of DataRow per row: 10 MB and 50 MB) directly and through each pooler, timed
 #    repetitions in alternating order; both poolers run through this phase, and their VmRSS before
@@ -63,7 +84,9 @@ usage: bash benches/compare.sh [--quick] [--rounds N] [--duration SECONDS] [--sc
                      single-threaded PgBouncer; 0 is one per CPU)
   --out FILE         also write the Markdown report to FILE
   --bin-dir DIR      use the sluice, sluice-loadtest and hold_clients binaries in DIR (e.g.
-                     target/release) instead of building them
+                     target/release, or $CARGO_TARGET_DIR/release) instead of building them;
+                     without it they are built into cargo's target directory (CARGO_TARGET_DIR
+                     is honoured)
 EOF
 }
 
@@ -116,7 +139,8 @@ GROWTH_LIMIT_KIB=2048 # "does not grow with result size": peak RSS after 50 MB w
 #   WL_NOPGB   why PgBouncer cannot serve this workload (it is not run; empty: it can)
 #   WL_EXTRA_T seconds added to -T: pgbench connects its clients (one at a time per thread)
 #              within -T, before the timed part starts
-WORKLOADS=(simple extended prepared connect connect_md5 fanout many)
+#   WL_TLS     yes: TLS on both hops (see the top of this file)
+WORKLOADS=(simple extended prepared connect connect_md5 fanout many simple_tls connect_tls)
 declare -A WL_NAME=(
     [simple]="select simple"
     [extended]="select extended"
@@ -125,6 +149,8 @@ declare -A WL_NAME=(
     [connect_md5]="select, connection per transaction, md5"
     [fanout]="fan-out: $FANOUT clients, connection per transaction"
     [many]="$MANY concurrent clients, md5"
+    [simple_tls]="TLS, select simple"
+    [connect_tls]="TLS, select, connection per transaction, SCRAM"
 )
 declare -A WL_OPTS=(
     [simple]="-S -M simple -c 50 -j 2"
@@ -134,6 +160,8 @@ declare -A WL_OPTS=(
     [connect_md5]="-S -C -c 50 -j 2"
     [fanout]="-S -C -c $FANOUT -j 2"
     [many]="-S -c $MANY -j 2"
+    [simple_tls]="-S -M simple -c 50 -j 2"
+    [connect_tls]="-S -C -c 50 -j 2"
 )
 declare -A WL_AUTH=([connect_md5]=md5 [many]=md5)
 declare -A WL_TARGETS=([connect_md5]="pgbouncer sluice" [prepared]="direct sluice")
@@ -142,10 +170,14 @@ declare -A WL_NOPGB=(
     [prepared]="PgBouncer 1.18 has no prepared statements in transaction pooling"
 )
 declare -A WL_EXTRA_T=([many]=$(((MANY + 999) / 1000)))
+declare -A WL_TLS=([simple_tls]=yes [connect_tls]=yes)
 for k in "${WORKLOADS[@]}"; do
     : "${WL_AUTH[$k]:=scram}" "${WL_TARGETS[$k]:=${TARGETS[*]}}" "${WL_DIRECT[$k]:=$k}"
-    : "${WL_NOPGB[$k]:=}" "${WL_EXTRA_T[$k]:=0}"
+    : "${WL_NOPGB[$k]:=}" "${WL_EXTRA_T[$k]:=0}" "${WL_TLS[$k]:=no}"
 done
+# Plain TCP unless a run asks for TLS: PostgreSQL offers TLS here, and libpq's default (prefer)
+# would take it.
+export PGSSLMODE=disable
 
 WORK=
 PGB_PID=
@@ -172,6 +204,7 @@ sl_need_pkg '/usr/lib/postgresql/*/bin/initdb' postgresql
 sl_need_pkg pgbouncer pgbouncer
 sl_need_pkg curl curl
 sl_need_pkg setpriv util-linux
+sl_need_pkg openssl openssl
 sl_build "$BIN_DIR"
 # hold_clients (benches/src/bin) lives next to sluice: in DIR with --bin-dir, else built here.
 HOLD_CLIENTS=$(dirname "$SL_SLUICE")/hold_clients
@@ -194,7 +227,63 @@ for n in "$MANY" "$IDLE" "$FANOUT"; do
         sl_die "open files limit $(ulimit -Sn) is too low for $n clients (raise ulimit -n)"
 done
 
-sl_pg_start "$WORK/pg" "$PG_MAX_CONNECTIONS" "shared_buffers = 256MB"
+# make_tls DIR: a throwaway CA (ca.crt) and a server certificate signed by it (server.crt,
+# server.key), ECDSA P-256 with SHA-256, for 127.0.0.1 and localhost; owned by the run user (the
+# key 0600, as PostgreSQL wants it). Sluice runs as the script's user: root, or the run user.
+make_tls() {
+    local d=$1
+    mkdir -p "$d"
+    cat >"$d/ca.cnf" <<'EOF'
+[req]
+distinguished_name = dn
+prompt = no
+[dn]
+CN = sluice-bench throwaway CA
+[ext]
+basicConstraints = critical, CA:TRUE
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = hash
+EOF
+    cat >"$d/server.cnf" <<'EOF'
+[req]
+distinguished_name = dn
+prompt = no
+[dn]
+CN = 127.0.0.1
+[ext]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = serverAuth
+subjectAltName = IP:127.0.0.1, DNS:localhost
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+EOF
+    {
+        openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$d/ca.key" &&
+            openssl req -x509 -new -key "$d/ca.key" -sha256 -days 2 -config "$d/ca.cnf" \
+                -extensions ext -out "$d/ca.crt" &&
+            openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$d/server.key" &&
+            openssl req -new -key "$d/server.key" -config "$d/server.cnf" -out "$d/server.csr" &&
+            openssl x509 -req -in "$d/server.csr" -CA "$d/ca.crt" -CAkey "$d/ca.key" \
+                -CAcreateserial -sha256 -days 2 -extfile "$d/server.cnf" -extensions ext \
+                -out "$d/server.crt" &&
+            openssl verify -CAfile "$d/ca.crt" "$d/server.crt"
+    } >"$d/openssl.log" 2>&1 || {
+        cat "$d/openssl.log" >&2
+        sl_die "making the test certificates with openssl failed"
+    }
+    chmod 600 "$d/server.key" "$d/ca.key"
+    chmod 644 "$d/ca.crt" "$d/server.crt"
+    sl_give "$d"
+}
+TLS_DIR=$WORK/tls
+make_tls "$TLS_DIR"
+sl_info "TLS: throwaway CA and server certificate (ECDSA P-256) in $TLS_DIR"
+
+sl_pg_start "$WORK/pg" "$PG_MAX_CONNECTIONS" "shared_buffers = 256MB" \
+    "ssl = on" "ssl_cert_file = '$TLS_DIR/server.crt'" "ssl_key_file = '$TLS_DIR/server.key'"
+PG_SSL=$(sl_psql postgres "SHOW ssl")
+[[ $PG_SSL == on ]] || sl_die "PostgreSQL did not turn ssl on (SHOW ssl: $PG_SSL)"
 PGBENCH=$SL_PG_BINDIR/pgbench
 PSQL=$SL_PG_BINDIR/psql
 sl_psql postgres "SET password_encryption = 'scram-sha-256';
@@ -217,7 +306,7 @@ VERIFIER=$(sl_psql postgres "SELECT rolpassword FROM pg_authid WHERE rolname = '
 printf '"%s" "%s"\n' "$BENCH_USER" "$VERIFIER" >"$WORK/pgbouncer/userlist-scram.txt"
 printf '"%s" "%s"\n' "$BENCH_USER" "$BENCH_PW" >"$WORK/pgbouncer/userlist-md5.txt"
 PGB_PORT=$(sl_pick_port)
-for auth in scram md5; do
+for auth in scram md5 scram-tls; do
     cat >"$WORK/pgbouncer/pgbouncer-$auth.ini" <<EOF
 [databases]
 $BENCH_DB = host=127.0.0.1 port=$SL_PG_PORT dbname=$BENCH_DB
@@ -227,7 +316,7 @@ listen_addr = 127.0.0.1
 listen_port = $PGB_PORT
 unix_socket_dir =
 auth_type = $([[ $auth == md5 ]] && echo md5 || echo scram-sha-256)
-auth_file = $WORK/pgbouncer/userlist-$auth.txt
+auth_file = $WORK/pgbouncer/userlist-${auth%-tls}.txt
 pool_mode = transaction
 default_pool_size = $POOL_SIZE
 max_client_conn = 10000
@@ -239,10 +328,17 @@ log_connections = 0
 log_disconnections = 0
 EOF
 done
+cat >>"$WORK/pgbouncer/pgbouncer-scram-tls.ini" <<EOF
+; TLS on both hops (the TLS rows); default client_tls_protocols and client_tls_ciphers.
+client_tls_sslmode = allow
+client_tls_cert_file = $TLS_DIR/server.crt
+client_tls_key_file = $TLS_DIR/server.key
+server_tls_sslmode = require
+EOF
 chmod 600 "$WORK"/pgbouncer/userlist-*.txt
 sl_give "$WORK/pgbouncer"
 
-# start_pgbouncer [scram|md5]
+# start_pgbouncer [scram|md5|scram-tls]
 start_pgbouncer() {
     local auth=${1:-scram} i
     "${SL_RUN_AS[@]}" "$PGB_BIN" -q "$WORK/pgbouncer/pgbouncer-$auth.ini" </dev/null \
@@ -260,12 +356,20 @@ stop_pgbouncer() {
     sl_stop_pid "$PGB_PID" INT 10 # SIGINT: safe shutdown, waits for transactions to end
     PGB_PID=
 }
-# start_sluice [scram|md5]: the password comes from the upstream URL (plaintext), which serves
-# both exchanges; the default client_auth is SCRAM-SHA-256.
+# start_sluice [scram|md5|scram-tls]: the password comes from the upstream URL (plaintext),
+# which serves both exchanges; the default client_auth is SCRAM-SHA-256. Plain TCP to the server
+# (sslmode=disable: PostgreSQL here offers TLS, and Sluice's default is prefer) except for
+# scram-tls: TLS on both hops.
 start_sluice() {
     local auth=${1:-scram}
-    local upstream="postgres://$BENCH_USER:$BENCH_PW@127.0.0.1:$SL_PG_PORT/$BENCH_DB"
-    if [[ $auth == md5 ]]; then
+    local upstream="postgres://$BENCH_USER:$BENCH_PW@127.0.0.1:$SL_PG_PORT/$BENCH_DB?sslmode=disable"
+    if [[ $auth == scram-tls ]]; then
+        SLUICE_CLIENT_TLS=allow SLUICE_CLIENT_TLS_CERT_FILE=$TLS_DIR/server.crt \
+            SLUICE_CLIENT_TLS_KEY_FILE=$TLS_DIR/server.key SLUICE_SERVER_TLS=require \
+            SLUICE_WORKER_THREADS=$SLUICE_THREADS SLUICE_UPSTREAM=${upstream%=disable}=require \
+            sl_sluice_start "$WORK/sluice.log" \
+            --pool-size "$POOL_SIZE" --max-server-connections "$POOL_SIZE"
+    elif [[ $auth == md5 ]]; then
         SLUICE_CLIENT_AUTH=md5 SLUICE_WORKER_THREADS=$SLUICE_THREADS SLUICE_UPSTREAM=$upstream \
             sl_sluice_start "$WORK/sluice.log" \
             --pool-size "$POOL_SIZE" --max-server-connections "$POOL_SIZE"
@@ -312,6 +416,57 @@ auth_request() {
     fi
 }
 
+# tls_check TARGET: logs in through TARGET (its pooler running) with TLS, sslmode=verify-full
+# against the test CA, and asks PostgreSQL about its end of that session's server connection;
+# records in T[TARGET|...] the client hop's and the server hop's TLS version and cipher and
+# whether channel binding (SCRAM-SHA-256-PLUS) works toward TARGET. Fails unless both hops are
+# TLS: the TLS rows must not quietly measure something else.
+declare -A T=()
+tls_check() {
+    local target=$1 port out client server
+    port=$(port_of "$target")
+    out=$(PGSSLMODE=verify-full PGSSLROOTCERT=$TLS_DIR/ca.crt PGPASSWORD=$BENCH_PW \
+        PGCONNECT_TIMEOUT=10 "$PSQL" -X -At -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" \
+        -U "$BENCH_USER" -d "$BENCH_DB" -c '\conninfo' \
+        -c "SELECT 'server-hop|' || ssl || '|' || coalesce(version, '') || '|' || coalesce(cipher, '')
+            FROM pg_stat_ssl WHERE pid = pg_backend_pid()" </dev/null 2>&1) ||
+        sl_die "TLS login (sslmode=verify-full) through $target failed: $out"
+    client=$(sed -n 's/^SSL connection (protocol: \([^,]*\), cipher: \([^,)]*\).*/\1 \2/p' <<<"$out")
+    server=$(awk -F'|' '$1 == "server-hop" && $2 == "true" { print $3 " " $4 }' <<<"$out")
+    [[ -n $client ]] || sl_die "the TLS login through $target did not report TLS on its end: $out"
+    [[ -n $server ]] || sl_die "the server connection behind $target is not TLS: $out"
+    T[$target|client]=$client T[$target|server]=$server
+    if PGSSLMODE=require PGCHANNELBINDING=require PGPASSWORD=$BENCH_PW PGCONNECT_TIMEOUT=10 \
+        "$PSQL" -X -At -h 127.0.0.1 -p "$port" -U "$BENCH_USER" -d "$BENCH_DB" -c 'SELECT 1' \
+        </dev/null >/dev/null 2>&1; then
+        T[$target|cb]=yes
+    else
+        T[$target|cb]=no
+    fi
+}
+# server_tls_count: "TLS/all" of the benchmark user's server connections now open.
+server_tls_count() {
+    sl_psql postgres "SELECT count(*) FILTER (WHERE s.ssl) || '/' || count(*)
+        FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid)
+        WHERE a.usename = '$BENCH_USER' AND a.backend_type = 'client backend'"
+}
+# pg_cpu_seconds: CPU seconds (user + system) PostgreSQL has used so far: the postmaster's own,
+# its reaped children's (backends that ended), and its live children's.
+pg_cpu_seconds() {
+    { cat /proc/[0-9]*/stat 2>/dev/null || true; } |
+        awk -v pp="$SL_PG_PID" -v tck="$SL_CLK_TCK" '{
+            pid = $1; sub(/^.*\) /, "")
+            if (pid == pp) s += $12 + $13 + $14 + $15; else if ($2 == pp) s += $12 + $13
+        } END { printf "%.3f\n", s / tck }'
+}
+# children_cpu FILE: user + system seconds of this shell's reaped children, from `times` output.
+children_cpu() {
+    awk 'NR == 2 {
+        for (i = 1; i <= 2; i++) { split($i, a, "m"); sub(/s$/, "", a[2]); s += a[1] * 60 + a[2] }
+        printf "%.3f\n", s
+    }' "$1"
+}
+
 # Memory of a process from /proc/PID/status, in KiB: rss_kib PID [VmRSS|VmHWM].
 rss_kib() {
     awk -v k="${2:-VmRSS}:" '$1 == k { print $2 }' "/proc/$1/status"
@@ -344,22 +499,43 @@ fi
 declare -A R=()
 run_one() {
     local wl=$1 target=$2 round=$3 auth=${WL_AUTH[$1]} port pid='' cpu0=0 cpu1=0 log rc=0 asked
-    local opts=${WL_OPTS[$wl]}
+    local opts=${WL_OPTS[$wl]} tls=${WL_TLS[$1]} sslmode=disable pg0 pg1 cl0 cl1 srv=-
+    if [[ $tls == yes ]]; then auth+=-tls sslmode=require; fi
     case $target in
         pgbouncer) start_pgbouncer "$auth"; pid=$PGB_PID ;;
         sluice) start_sluice "$auth"; pid=$SL_SLUICE_PID ;;
     esac
     port=$(port_of "$target")
     asked=$(auth_request "$port")
+    if [[ $tls == yes ]]; then
+        tls_check "$target"
+        # libpq takes SCRAM-SHA-256-PLUS (channel binding) whenever it is offered over TLS.
+        if [[ $asked == scram && ${T[$target|cb]} == yes ]]; then asked=scram-plus; fi
+    fi
     log=$WORK/run-$round-$wl-$target.log
     [[ -n $pid ]] && cpu0=$(sl_cpu_seconds "$pid")
+    pg0=$(pg_cpu_seconds)
+    times >"$WORK/times0"
     # shellcheck disable=SC2086 # $opts is a list of options
-    PGPASSWORD=$BENCH_PW PGCONNECT_TIMEOUT=10 "$PGBENCH" -n -T $((DURATION + WL_EXTRA_T[$wl])) $opts \
+    PGSSLMODE=$sslmode PGPASSWORD=$BENCH_PW PGCONNECT_TIMEOUT=10 "$PGBENCH" -n \
+        -T $((DURATION + WL_EXTRA_T[$wl])) $opts \
         -h 127.0.0.1 -p "$port" -U "$BENCH_USER" "$BENCH_DB" </dev/null >"$log" 2>&1 &
     BENCH_PID=$!
     wait "$BENCH_PID" || rc=$?
+    times >"$WORK/times1"
     BENCH_PID=
     [[ -n $pid ]] && cpu1=$(sl_cpu_seconds "$pid")
+    pg1=$(pg_cpu_seconds)
+    cl0=$(children_cpu "$WORK/times0") cl1=$(children_cpu "$WORK/times1")
+    if [[ -n $pid ]]; then
+        # The pooler's server connections, still open: TLS in the TLS rows, plain TCP in the others.
+        srv=$(server_tls_count)
+        if [[ $tls == yes && ${srv%/*} != "${srv#*/}" ]]; then
+            sl_die "$target, ${WL_NAME[$wl]}: only $srv of its server connections use TLS"
+        elif [[ $tls == no && ${srv%/*} != 0 ]]; then
+            sl_die "$target, ${WL_NAME[$wl]}: $srv of its server connections use TLS (expected none)"
+        fi
+    fi
     case $target in
         pgbouncer) stop_pgbouncer ;;
         sluice) sl_sluice_stop ;;
@@ -370,7 +546,9 @@ run_one() {
     tps=$(sed -n 's/^tps = \([0-9.]*\) .*/\1/p' "$log" | head -n 1)
     lat=$(sed -n 's/^latency average = \([0-9.]*\) ms.*/\1/p' "$log")
     failed=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' "$log")
-    aborted=$(grep -c 'client [0-9]* aborted' "$log" || true)
+    # pgbench 15 says "client N aborted in command ..." (e.g. a refused connection with -C) or
+    # "client N script M aborted in command ... query ...: ERROR ..." (an error reply).
+    aborted=$(grep -cE 'client [0-9]+ (script [0-9]+ )?aborted' "$log" || true)
     conn=$(sed -n 's/^initial connection time = \([0-9.]*\) ms.*/\1/p' "$log")
     txns=${txns:-0} tps=${tps:-0} lat=${lat:-nan} failed=${failed:-0}
     # The first error pgbench printed (e.g. a refused connection, a missing prepared statement).
@@ -385,6 +563,14 @@ run_one() {
     else
         cpu_k=nan
     fi
+    local pg_k=nan cl_k=nan
+    if [[ $txns -gt 0 ]]; then
+        pg_k=$(awk -v a="$pg0" -v b="$pg1" -v n="$txns" 'BEGIN { printf "%.4f", (b - a) * 1000 / n }')
+        cl_k=$(awk -v a="$cl0" -v b="$cl1" -v n="$txns" 'BEGIN { printf "%.4f", (b - a) * 1000 / n }')
+    fi
+    if [[ $tls == yes && $txns -eq 0 ]]; then
+        sl_die "$target, ${WL_NAME[$wl]}: no transaction over TLS (pgbench exit $rc: ${err:-no error printed}; log $log)"
+    fi
     R[$wl|$target|$round|tps]=$tps
     R[$wl|$target|$round|lat]=$lat
     R[$wl|$target|$round|failed]=$failed
@@ -394,22 +580,28 @@ run_one() {
     R[$wl|$target|$round|rc]=$rc
     R[$wl|$target|$round|err]=$err
     R[$wl|$target|$round|conn]=${conn:-nan}
-    printf '  round %d  %-10s %-48s %-5s tps %9.1f  lat %8s ms  failed %s  aborted %s  cpu/1k %s%s%s\n' \
+    R[$wl|$target|$round|pgcpu]=$pg_k
+    R[$wl|$target|$round|clcpu]=$cl_k
+    R[$wl|$target|$round|srv]=$srv
+    printf '  round %d  %-10s %-48s %-10s tps %9.1f  lat %8s ms  failed %s  aborted %s  cpu/1k %s (pgbench %s, PostgreSQL %s)  server conns TLS %s%s%s\n' \
         "$round" "$target" "${WL_NAME[$wl]}" "$asked" "$tps" "$lat" "$failed" "$aborted" "$cpu_k" \
+        "$cl_k" "$pg_k" "$srv" \
         "$([[ $wl == many && -n $conn ]] && printf '  connected in %.1f s' "$(div "$conn" 1000)")" \
         "$([[ $rc -ne 0 ]] && echo "  (pgbench exit $rc)")"
     [[ -z $err ]] || printf '      first error: %s\n' "$err"
     sleep 0.5
 }
 
-# hold N LOG: starts hold_clients with N connections to the target whose port is $HOLD_PORT in
-# the background (PID in HOLD_PID) and waits until they are all up; fails if they are not.
+# hold N LOG [tls]: starts hold_clients with N connections to the target whose port is $HOLD_PORT
+# in the background (PID in HOLD_PID) and waits until they are all up; fails if they are not.
+# With tls, the connections use TLS and check the certificate against the test CA.
 hold() {
-    local n=$1 log=$2 i limit
+    local n=$1 log=$2 i limit tls_opts=()
     limit=$((60 + n / 20))
+    if [[ ${3:-} == tls ]]; then tls_opts=(--tls-ca "$TLS_DIR/ca.crt"); fi
     : >"$log"
     HOLD_CLIENTS_URL="postgres://$BENCH_USER:$BENCH_PW@127.0.0.1:$HOLD_PORT/$BENCH_DB" \
-        "$HOLD_CLIENTS" --clients "$n" --concurrency 64 </dev/null >>"$log" 2>&1 &
+        "$HOLD_CLIENTS" --clients "$n" --concurrency 64 "${tls_opts[@]}" </dev/null >>"$log" 2>&1 &
     HOLD_PID=$!
     for ((i = 0; i < limit * 10; i++)); do
         if grep -q '^all [0-9]* clients connected' "$log"; then return 0; fi
@@ -428,33 +620,36 @@ release() {
     HOLD_LOST=${HOLD_LOST:-?}
 }
 
-# idle_one TARGET: memory of the pooler with IDLE idle clients; records M[...].
+# idle_one TARGET [tls]: memory of the pooler with IDLE idle clients; records M[KEY|...], KEY
+# being TARGET, or TARGET-tls for TLS clients (the pooler in its TLS configuration).
 declare -A M=()
 idle_one() {
-    local target=$1 pid rss0 rss1 lost secs
+    local target=$1 tls=${2:-} key=$1 pid rss0 rss1 lost secs
+    [[ $tls == tls ]] && key+=-tls
     case $target in
-        pgbouncer) start_pgbouncer; pid=$PGB_PID ;;
-        sluice) start_sluice; pid=$SL_SLUICE_PID ;;
+        pgbouncer) start_pgbouncer "scram${tls:+-tls}"; pid=$PGB_PID ;;
+        sluice) start_sluice "scram${tls:+-tls}"; pid=$SL_SLUICE_PID ;;
     esac
     HOLD_PORT=$(port_of "$target")
-    hold "$WARM_CLIENTS" "$WORK/hold-warm-$target.log"
-    release "$WORK/hold-warm-$target.log"
+    [[ $tls == tls ]] && tls_check "$target"
+    hold "$WARM_CLIENTS" "$WORK/hold-warm-$key.log" "$tls"
+    release "$WORK/hold-warm-$key.log"
     sleep 1
     rss0=$(rss_kib "$pid")
-    hold "$IDLE" "$WORK/hold-$target.log"
+    hold "$IDLE" "$WORK/hold-$key.log" "$tls"
     sleep 1
     rss1=$(rss_kib "$pid")
-    release "$WORK/hold-$target.log"
+    release "$WORK/hold-$key.log"
     lost=$HOLD_LOST
-    secs=$(sed -n 's/^all [0-9]* clients connected in \([0-9.]*\) s.*/\1/p' "$WORK/hold-$target.log")
+    secs=$(sed -n 's/^all [0-9]* clients connected in \([0-9.]*\) s.*/\1/p' "$WORK/hold-$key.log")
     case $target in
         pgbouncer) stop_pgbouncer ;;
         sluice) sl_sluice_stop ;;
     esac
-    M[$target|rss0]=$rss0 M[$target|rss1]=$rss1 M[$target|lost]=$lost M[$target|secs]=$secs
-    M[$target|per]=$(awk -v a="$rss0" -v b="$rss1" -v n="$IDLE" 'BEGIN { printf "%.0f", (b - a) * 1024 / n }')
-    printf '  %-10s RSS %s KiB after the warm-up, %s KiB with %d idle clients (connected in %s s): %s bytes per client; closed while held: %s\n' \
-        "$target" "$rss0" "$rss1" "$IDLE" "$secs" "${M[$target|per]}" "$lost"
+    M[$key|rss0]=$rss0 M[$key|rss1]=$rss1 M[$key|lost]=$lost M[$key|secs]=$secs
+    M[$key|per]=$(awk -v a="$rss0" -v b="$rss1" -v n="$IDLE" 'BEGIN { printf "%.0f", (b - a) * 1024 / n }')
+    printf '  %-14s RSS %s KiB after the warm-up, %s KiB with %d idle clients (connected in %s s): %s bytes per client; closed while held: %s\n' \
+        "$key" "$rss0" "$rss1" "$IDLE" "$secs" "${M[$key|per]}" "$lost"
 }
 
 # fetch_large TARGET ROWS: seconds psql took to fetch ROWS rows of 1,000 bytes through TARGET
@@ -532,6 +727,8 @@ done
 
 sl_header "Idle clients: $IDLE held, after a warm-up of $WARM_CLIENTS"
 for target in pgbouncer sluice; do idle_one "$target"; done
+sl_header "Idle TLS clients: $IDLE held, after a warm-up of $WARM_CLIENTS (TLS on both hops)"
+for target in pgbouncer sluice; do idle_one "$target" tls; done
 
 sl_header "Large results: ${LARGE_MB[*]} MB (thousands of 1,000-byte rows), $LARGE_REPS repetition(s)"
 large_results
@@ -586,6 +783,7 @@ report() {
     echo
     echo "- $(date -u '+%Y-%m-%d %H:%M UTC'); $ROUNDS round(s) of $DURATION s per pgbench run; pgbench $PGBENCH_VERSION, scale $SCALE, select-only (\`-S\`)"
     echo "- PostgreSQL $PG_VERSION (max_connections $PG_MAX_CONNECTIONS, SCRAM), PgBouncer $PGB_VERSION (transaction pooling, default_pool_size $POOL_SIZE, auth_type scram-sha-256, or md5 for the md5 row), Sluice $SLUICE_VERSION at $SLUICE_COMMIT ($SL_BUILD_DESC; pool_size $POOL_SIZE, max_server_connections $POOL_SIZE, worker_threads $SLUICE_THREADS; client_auth scram-sha-256, or md5 for the md5 row)"
+    echo "- TLS rows: both hops TLS, a throwaway CA and ECDSA P-256 server certificate; PostgreSQL ssl = on; PgBouncer client_tls_sslmode = allow, server_tls_sslmode = require (default protocols and ciphers); Sluice client_tls = allow, server_tls = require; clients PGSSLMODE=require. Negotiated (client hop; server hop):$(for t in "${TARGETS[@]}"; do printf ' %s %s; %s; channel binding %s.' "$t" "${T[$t|client]:--}" "${T[$t|server]:--}" "${T[$t|cb]:--}"; done)"
     echo "- $(nproc) CPUs shared by the clients, the pooler and PostgreSQL, all over 127.0.0.1; load average before the runs $LOAD_BEFORE, after $LOAD_AFTER"
     echo
     echo "| workload | target | login | tps | vs PgBouncer | vs direct | avg latency ms | failed txns | aborted clients | pooler CPU s / 1k txns | CPU vs PgBouncer |"
@@ -632,7 +830,10 @@ report() {
     echo "pooler); with \`-C\` each transaction is also a new connection and login, so it is CPU per 1,000"
     echo "connections. Directly, clients beyond max_connections are refused (53300, \"too many"
     echo "clients\"): pgbench aborts them with \`-C\`, and without \`-C\` gives up before starting (all"
-    echo "its clients counted as aborted)."
+    echo "its clients counted as aborted). The TLS rows have TLS on both hops (pgbench with"
+    echo "PGSSLMODE=require; its direct baseline is PostgreSQL over TLS); \"scram-plus\" is SCRAM-SHA-256-PLUS,"
+    echo "which libpq takes whenever the target offers channel binding; with \`-C\` each transaction is"
+    echo "a TLS handshake and a SCRAM login toward the pooler (the pooler's server connections stay open)."
     local notes=''
     for wl in "${WORKLOADS[@]}"; do
         for target in "${TARGETS[@]}"; do
@@ -676,6 +877,10 @@ report() {
     echo "| ${WL_NAME[many]} \`${WL_OPTS[many]}\`, max_connections $PG_MAX_CONNECTIONS | 0 aborted clients | $v aborted, $(total many sluice failed) failed txns; all connected in $(fmt "$(div "$(stat many sluice conn)" 1000)" '%.1f') s | $(total many pgbouncer aborted) aborted, connected in $(fmt "$(div "$(stat many pgbouncer conn)" 1000)" '%.1f') s; direct $(total many direct aborted) aborted (pgbench gives up at the first refused connection) | $(verdict "$v" '<=' 0) |"
     v=${M[sluice|per]}
     echo "| $IDLE idle clients held | ≤ 1 KiB of pooler RSS per idle client | $(kib "$v") | $(kib "${M[pgbouncer|per]}") | $(verdict "$v" '<=' 1024) |"
+    v=$(ratio connect_tls sluice connect_tls pgbouncer tps)
+    echo "| ${WL_NAME[connect_tls]} \`${WL_OPTS[connect_tls]}\` (login: Sluice $(asked connect_tls sluice), PgBouncer $(asked connect_tls pgbouncer)) | tps ≥ 1.3x PgBouncer | $(fmt "$v" '%.2fx')$(spread connect_tls sluice connect_tls pgbouncer tps) | $(fmt "$(stat connect_tls pgbouncer tps)" '%.0f') tps; direct (TLS) $(fmt "$(stat connect_tls direct tps)" '%.0f') tps | $(verdict "$v" '>=' 1.3) |"
+    v=${M[sluice-tls|per]}
+    echo "| $IDLE idle TLS clients held | pooler RSS per idle TLS client ≤ PgBouncer's | $(kib "$v") | $(kib "${M[pgbouncer-tls|per]}") | $(verdict "$v" '<=' "${M[pgbouncer-tls|per]}") |"
     v=$(large_ratio 50 sluice)
     echo "| one 50 MB result | time ≤ 1.1x direct | $(fmt "$v" '%.2fx') | $(fmt "$(large_ratio 50 pgbouncer)" '%.2fx') | $(verdict "$v" '<=' 1.1) |"
     s10=${L[10|sluice|hwm]} s50=${L[50|sluice|hwm]} s0=${L[sluice|rss0]}
@@ -691,13 +896,43 @@ report() {
     echo
     echo "| pooler | RSS after warm-up KiB | RSS with $IDLE idle clients KiB | per idle client | connect time s | closed while held |"
     echo "|---|---:|---:|---:|---:|---:|"
-    for target in pgbouncer sluice; do
-        echo "| $target | ${M[$target|rss0]} | ${M[$target|rss1]} | ${M[$target|per]} bytes ($(kib "${M[$target|per]}")) | ${M[$target|secs]} | ${M[$target|lost]} |"
+    for target in pgbouncer sluice pgbouncer-tls sluice-tls; do
+        echo "| ${target/-tls/, TLS} | ${M[$target|rss0]} | ${M[$target|rss1]} | ${M[$target|per]} bytes ($(kib "${M[$target|per]}")) | ${M[$target|secs]} | ${M[$target|lost]} |"
     done
     echo
     echo "Each pooler fresh; warm-up: $WARM_CLIENTS connections that each ran SELECT 1 and left; then"
     echo "hold_clients opened $IDLE connections (64 at a time, SCRAM login, SELECT 1 on each) and held them"
-    echo "idle while VmRSS was read. Per idle client: (RSS held - RSS after warm-up) / $IDLE."
+    echo "idle while VmRSS was read. Per idle client: (RSS held - RSS after warm-up) / $IDLE. TLS rows:"
+    echo "the pooler in its TLS configuration (TLS to the server too), hold_clients --tls-ca (rustls,"
+    echo "certificate checked against the test CA; warm-up also over TLS)."
+
+    echo
+    echo "#### Where the CPU goes (plain TCP and TLS)"
+    echo
+    echo "| workload | target | pgbench | pooler | PostgreSQL | all three | pooler, TLS minus plain |"
+    echo "|---|---|---:|---:|---:|---:|---:|"
+    local plain c_cl c_po c_pg
+    for wl in simple simple_tls connect connect_tls; do
+        first=yes
+        plain=${wl%_tls}
+        for target in "${TARGETS[@]}"; do
+            label=''
+            if [[ $first == yes ]]; then label="${WL_NAME[$wl]}: \`${WL_OPTS[$wl]}\`"; first=no; fi
+            c_cl=$(stat "$wl" "$target" clcpu) c_po=$(stat "$wl" "$target" cpu) c_pg=$(stat "$wl" "$target" pgcpu)
+            printf '| %s | %s | %s | %s | %s | %s | %s |\n' "$label" "$target" "$(fmt "$c_cl" '%.3f')" \
+                "$(fmt "$c_po" '%.3f')" "$(fmt "$c_pg" '%.3f')" \
+                "$(awk -v a="$c_cl" -v b="$c_po" -v c="$c_pg" 'BEGIN { if (a == "-" || c == "-") print "-"; else printf "%.3f", a + (b == "-" ? 0 : b) + c }')" \
+                "$(if [[ $wl == *_tls && $target != direct ]]; then
+                    awk -v a="$c_po" -v b="$(stat "$plain" "$target" cpu)" 'BEGIN { if (a == "-" || b == "-") print "-"; else printf "%+.3f", a - b }'
+                else echo; fi)"
+        done
+    done
+    echo
+    echo "CPU seconds per 1,000 transactions (= ms per transaction), medians over the rounds: pgbench"
+    echo "(utime + stime of the pgbench process, from the shell's children times around its run), the"
+    echo "pooler (its /proc/PID/stat), PostgreSQL (the postmaster with its live and ended children)."
+    echo "With \`-C\` a transaction is also a connection: a login (and with TLS a handshake) on each side"
+    echo "of the pooler's client hop. The machine is shared, so only the same run's rows compare."
 
     echo
     echo "#### One large result"

@@ -6,6 +6,11 @@
 //! pooler has been through a whole transaction for it. When all of them are up the program
 //! prints `all N clients connected` on stdout, then waits for SIGTERM / SIGINT or for `--hold`
 //! seconds, and reports how many connections the other end closed in the meantime.
+//!
+//! With `--tls-ca FILE` every connection uses TLS (rustls with the ring provider, through
+//! `tokio-postgres-rustls`; `sslmode=require` semantics: a server that declines TLS fails the
+//! connection) and the server's certificate must lead to a root in FILE (PEM) and be valid for
+//! the host of `--url`. Without it the connections are plain TCP.
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -16,7 +21,10 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use futures_util::stream::{self, StreamExt, TryStreamExt};
 use tokio::signal::unix::{signal, SignalKind};
-use tokio_postgres::{Client, Config, NoTls};
+use tokio_postgres::config::SslMode;
+use tokio_postgres::tls::MakeTlsConnect;
+use tokio_postgres::{Client, Config, NoTls, Socket};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 /// Open N connections, then hold them idle.
 #[derive(Debug, Parser)]
@@ -40,6 +48,10 @@ struct Args {
     /// Seconds allowed for each connection attempt.
     #[arg(long, default_value_t = 30)]
     connect_timeout: u64,
+    /// Connect with TLS, verifying the server's certificate against the CA certificates in
+    /// this PEM file (and the host name or IP address of `--url`).
+    #[arg(long, env = "HOLD_CLIENTS_TLS_CA", value_name = "FILE")]
+    tls_ca: Option<std::path::PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -69,6 +81,13 @@ async fn run(args: Args) -> Result<()> {
     }
     let mut config: Config = args.url.parse().context("invalid --url")?;
     config.connect_timeout(Duration::from_secs(args.connect_timeout));
+    let tls = match &args.tls_ca {
+        Some(path) => {
+            config.ssl_mode(SslMode::Require);
+            Some(MakeRustlsConnect::new(rustls_config(path)?))
+        }
+        None => None,
+    };
     let config = Arc::new(config);
     let query = Arc::new(args.query);
     // Connections whose task ended (closed by the other end, or failed) after login.
@@ -83,10 +102,13 @@ async fn run(args: Args) -> Result<()> {
             let config = Arc::clone(&config);
             let query = Arc::clone(&query);
             let closed = Arc::clone(&closed);
+            let tls = tls.clone();
             async move {
-                open(&config, &query, closed)
-                    .await
-                    .with_context(|| format!("client {i}"))
+                let r = match tls {
+                    Some(tls) => open(&config, tls, &query, closed).await,
+                    None => open(&config, NoTls, &query, closed).await,
+                };
+                r.with_context(|| format!("client {i}"))
             }
         })
         .buffer_unordered(args.concurrency)
@@ -126,10 +148,37 @@ async fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
+/// A rustls client configuration (ring provider) trusting the CA certificates in `path`.
+fn rustls_config(path: &std::path::Path) -> Result<rustls::ClientConfig> {
+    use rustls::pki_types::{pem::PemObject as _, CertificateDer};
+    let pem = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.with_context(|| format!("bad PEM in {}", path.display()))?;
+        roots
+            .add(cert)
+            .with_context(|| format!("unusable CA certificate in {}", path.display()))?;
+    }
+    if roots.is_empty() {
+        bail!("no certificate in {}", path.display());
+    }
+    Ok(rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("TLS versions")?
+    .with_root_certificates(roots)
+    .with_no_client_auth())
+}
+
 /// Logs in, runs `query` once unless it is empty, and returns the idle client. The connection
 /// runs on its own task; `closed` is incremented when that task ends.
-async fn open(config: &Config, query: &str, closed: Arc<AtomicUsize>) -> Result<Client> {
-    let (client, connection) = config.connect(NoTls).await.context("connect")?;
+async fn open<T>(config: &Config, tls: T, query: &str, closed: Arc<AtomicUsize>) -> Result<Client>
+where
+    T: MakeTlsConnect<Socket>,
+    T::Stream: Send + 'static,
+{
+    let (client, connection) = config.connect(tls).await.context("connect")?;
     tokio::spawn(async move {
         // An error here is the connection ending badly; either way it is no longer held.
         let _ = connection.await;
