@@ -107,7 +107,7 @@ impl Default for TlsOpts {
     }
 }
 
-/// A rustls client configuration (ring provider) trusting only the certificates in `ca_pem`;
+/// A rustls client configuration (Sluice's crypto provider) trusting only the certificates in `ca_pem`;
 /// with `alpn`, it offers ALPN `postgresql` (which direct TLS requires).
 pub fn rustls_client_config(ca_pem: &str, alpn: bool) -> rustls::ClientConfig {
     use rustls_pki_types::pem::PemObject as _;
@@ -118,13 +118,11 @@ pub fn rustls_client_config(ca_pem: &str, alpn: bool) -> rustls::ClientConfig {
             .expect("CA certificate is usable as a root");
     }
     assert!(!roots.is_empty(), "no certificate in the CA PEM");
-    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("ring supports the default TLS versions")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let mut config = rustls::ClientConfig::builder_with_provider(sluice::tls::provider())
+        .with_safe_default_protocol_versions()
+        .expect("the provider supports the default TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     if alpn {
         config.alpn_protocols = vec![b"postgresql".to_vec()];
     }
