@@ -7,7 +7,7 @@
 //! prints `all N clients connected` on stdout, then waits for SIGTERM / SIGINT or for `--hold`
 //! seconds, and reports how many connections the other end closed in the meantime.
 //!
-//! With `--tls-ca FILE` every connection uses TLS (rustls with the ring provider, through
+//! With `--tls-ca FILE` every connection uses TLS (rustls with the aws-lc-rs provider, through
 //! `tokio-postgres-rustls`; `sslmode=require` semantics: a server that declines TLS fails the
 //! connection) and the server's certificate must lead to a root in FILE (PEM) and be valid for
 //! the host of `--url`. Without it the connections are plain TCP.
@@ -148,7 +148,7 @@ async fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// A rustls client configuration (ring provider) trusting the CA certificates in `path`.
+/// A rustls client configuration (aws-lc-rs provider) trusting the CA certificates in `path`.
 fn rustls_config(path: &std::path::Path) -> Result<rustls::ClientConfig> {
     use rustls::pki_types::{pem::PemObject as _, CertificateDer};
     let pem = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
@@ -163,7 +163,7 @@ fn rustls_config(path: &std::path::Path) -> Result<rustls::ClientConfig> {
         bail!("no certificate in {}", path.display());
     }
     Ok(rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
+        rustls::crypto::aws_lc_rs::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .context("TLS versions")?
