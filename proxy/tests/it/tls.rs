@@ -146,6 +146,31 @@ pub(crate) fn http_status(addr: SocketAddr, path: &str) -> u16 {
         .unwrap_or(0)
 }
 
+/// The sum of the samples of metric `name` whose labels include `labels`, from `/metrics`.
+pub(crate) async fn metric(addr: SocketAddr, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let body = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(addr).expect("admin endpoint");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .expect("request");
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        text
+    })
+    .await
+    .expect("metrics request");
+    body.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// Polls `/readyz` until it answers `want`, for up to `limit`.
 pub(crate) async fn wait_readyz(h: &sluice::Handle, want: u16, limit: Duration) {
     let deadline = Instant::now() + limit;
@@ -306,7 +331,12 @@ async fn verify_full_reaches_a_tls_only_server() {
 
 /// PostgreSQL serves `cert`, Sluice verifies it (verify-full) against `trusted`: a client gets
 /// 08006 "the server's certificate ..." containing `want`, and `/readyz` answers 503.
-async fn server_certificate_is_refused(cert: Issued, trusted: &TestCa, want: &[&str]) {
+async fn server_certificate_is_refused(
+    cert: Issued,
+    trusted: &TestCa,
+    want: &[&str],
+    reason: &str,
+) {
     let files = Files::new();
     let pg = start_pg(Some(hostssl_only(&cert))).await;
     let s = sluice(&pg, &verify_full(files.ca(trusted, "ca.pem")), |c| {
@@ -320,6 +350,14 @@ async fn server_certificate_is_refused(cert: Issued, trusted: &TestCa, want: &[&
         "wanted \"the server's certificate ...\" with one of {want:?}, got: {message}"
     );
     wait_readyz(&s.handle, 503, Duration::from_secs(10)).await;
+    // Metrics are per process (tests share them), so: at least the one this test caused.
+    let failures = metric(
+        s.handle.admin_addr,
+        "sluice_tls_handshake_failures_total",
+        &[("side", "server"), ("reason", reason)],
+    )
+    .await;
+    assert!(failures >= 1.0, "handshake failures ({reason}): {failures}");
     s.handle.stop().await;
 }
 
@@ -331,6 +369,7 @@ async fn server_certificate_of_another_ca_is_refused() {
         server_ca.issue(&IssueOpts::default()),
         &other,
         &["unknown issuer"],
+        "unknown_issuer",
     )
     .await;
 }
@@ -342,7 +381,7 @@ async fn expired_server_certificate_is_refused() {
         expired: true,
         ..IssueOpts::default()
     });
-    server_certificate_is_refused(cert, &ca, &["expired"]).await;
+    server_certificate_is_refused(cert, &ca, &["expired"], "expired").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -353,7 +392,7 @@ async fn server_certificate_for_another_host_is_refused() {
         ..IssueOpts::default()
     });
     // The upstream is 127.0.0.1; "not valid for host 127.0.0.1" or naming the host otherwise.
-    server_certificate_is_refused(cert, &ca, &["not valid for host"]).await;
+    server_certificate_is_refused(cert, &ca, &["not valid for host"], "wrong_host").await;
 }
 
 // ---------------------------------------------------------------------------------------------

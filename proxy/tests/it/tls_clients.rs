@@ -82,6 +82,20 @@ async fn client_tls_require_serves_tls_and_refuses_plaintext() {
     let (code, message) = code_and_message(&err);
     assert_eq!(code, "28000", "{message}");
     assert!(message.contains("TLS"), "{message}");
+    // Counted by whether they use TLS (metrics are per process: at least these clients).
+    let m = |name: &'static str, labels: &'static [(&'static str, &'static str)]| {
+        crate::tls::metric(h.admin_addr, name, labels)
+    };
+    assert!(m("sluice_client_connections_tls_total", &[("tls", "true")]).await >= 2.0);
+    assert!(m("sluice_client_connections_tls_total", &[("tls", "false")]).await >= 1.0);
+    assert!(
+        m(
+            "sluice_client_connections_rejected_total",
+            &[("reason", "tls_required")]
+        )
+        .await
+            >= 1.0
+    );
 
     // psql verify-full; \conninfo says it is on TLS.
     let out = psql(&pg, h, &verify_full(&ca_file), "\\conninfo").await;
