@@ -52,7 +52,7 @@ async fn cleartext_password_only_over_verify_full() {
     let err = within_for(GUARD, "a login through Sluice", async {
         match plain(&unverified.handle).await {
             Err(e) => e,
-            Ok(c) => c.simple_query("SELECT 1").await.err().expect("refused"),
+            Ok(c) => c.simple_query("SELECT 1").await.expect_err("refused"),
         }
     })
     .await;
@@ -113,7 +113,7 @@ async fn client_certificate_and_channel_binding_toward_the_server() {
     let err = within_for(GUARD, "a login without a client certificate", async {
         match plain(&without.handle).await {
             Err(e) => e,
-            Ok(c) => c.simple_query("SELECT 1").await.err().expect("refused"),
+            Ok(c) => c.simple_query("SELECT 1").await.expect_err("refused"),
         }
     })
     .await;
