@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::pg::{PgOptions, PgServer};
 use crate::proxy::{connect, start_sluice};
+use crate::support::pg_with_user;
 
 /// A plain HTTP/1.0 GET: (status, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
@@ -40,10 +41,8 @@ fn metric(body: &str, series: &str) -> f64 {
 }
 
 fn server(user: &str) -> PgServer {
-    let pg = PgServer::start(PgOptions::default());
-    pg.create_user(user, "pw");
+    let pg = pg_with_user(PgOptions::default(), user, "pw", "obs");
     pg.create_user("ops", "ops-pw");
-    pg.create_database("obs", user);
     pg
 }
 

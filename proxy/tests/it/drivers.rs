@@ -23,7 +23,6 @@
 //! it; without it they connect in plaintext as here.
 
 use std::ffi::OsStr;
-use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::time::Duration;
@@ -34,6 +33,7 @@ use tokio_postgres::Client;
 
 use crate::pg::{PgOptions, PgServer};
 use crate::proxy::{connect, start_sluice};
+use crate::support::{describe, pgbench_processed, within_for};
 
 const USER: &str = "drv";
 const PASSWORD: &str = "drv-pw";
@@ -83,14 +83,6 @@ fn log_tail(pg: &PgServer) -> String {
     let log = pg.log_contents();
     let lines: Vec<&str> = log.lines().collect();
     lines[lines.len().saturating_sub(40)..].join("\n")
-}
-
-/// Awaits `fut`, failing the test if it takes longer than `limit`.
-async fn within<T>(limit: Duration, what: &str, fut: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(limit, fut).await {
-        Ok(v) => v,
-        Err(_) => panic!("timed out after {limit:?}: {what}"),
-    }
 }
 
 fn workspace() -> PathBuf {
@@ -338,28 +330,13 @@ const TOKIO_CLIENTS: i32 = 10;
 const TOKIO_ITERATIONS: i32 = 100;
 
 async fn through(env: &Env) -> Client {
-    within(
+    within_for(
         Duration::from_secs(30),
         "connect through Sluice",
         connect(&env.sluice, USER, PASSWORD, DB),
     )
     .await
     .unwrap_or_else(|e| panic!("connect through Sluice: {}", describe(&e)))
-}
-
-/// The error with its SQLSTATE and message, for assertion messages.
-fn describe(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(d) => format!(
-            "{} {}: {} (detail: {:?}, hint: {:?})",
-            d.severity(),
-            d.code().code(),
-            d.message(),
-            d.detail(),
-            d.hint()
-        ),
-        None => format!("{e} ({e:?})"),
-    }
 }
 
 /// One tokio-postgres client: three statements prepared once, executed [`TOKIO_ITERATIONS`]
@@ -479,7 +456,7 @@ async fn tokio_postgres_named_statements() {
         .collect();
     let (mut committed, mut ops, mut failures) = (0i64, 0u64, Vec::new());
     for t in tasks {
-        match within(Duration::from_secs(120), "tokio-postgres workers", t)
+        match within_for(Duration::from_secs(120), "tokio-postgres workers", t)
             .await
             .expect("worker task")
         {
@@ -521,7 +498,7 @@ async fn pgbench(env: &Env, args: &[&str], port: u16) -> (Output, String, String
         .env_remove("PGOPTIONS")
         .stdin(Stdio::null());
     let what = format!("{cmd:?}");
-    let out = within(
+    let out = within_for(
         SCRIPT_TIMEOUT,
         &what,
         tokio::task::spawn_blocking(move || cmd.output()),
@@ -568,12 +545,8 @@ async fn pgbench_prepared_mode() {
         !stdout.contains("aborted") && !stderr.contains("aborted"),
         "{report}"
     );
-    let processed: u64 = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
-        .and_then(|v| v.split('/').next())
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no transaction count in {report}"));
+    let processed: u64 =
+        pgbench_processed(&stdout).unwrap_or_else(|| panic!("no transaction count in {report}"));
     assert!(processed > 0, "no transactions: {report}");
     eprintln!("OK pgbench {processed} transactions");
 }

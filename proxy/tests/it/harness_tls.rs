@@ -13,6 +13,7 @@ use tokio_postgres::NoTls;
 use crate::certs::{IssueOpts, Issued, KeyKind, TestCa};
 use crate::pg::{pg_os_user, PgOptions, PgServer, PgTls};
 use crate::proxy::{connect_tls_port, TlsOpts};
+use crate::support::{output_text, start_pg_with_user};
 
 const USER: &str = "tls_app";
 const PASSWORD: &str = "tls-app-pw";
@@ -26,34 +27,19 @@ async fn tls_server(cert: &Issued) -> PgServer {
         key_pem: cert.key_pem.clone(),
         hostssl_only: true,
     };
-    tokio::task::spawn_blocking(move || {
-        let pg = PgServer::start(PgOptions {
-            max_connections: 20,
-            tls: Some(tls),
-            log_connections: true,
-            ..Default::default()
-        });
-        pg.create_user(USER, PASSWORD);
-        pg.create_database(DB, USER);
-        pg
-    })
-    .await
-    .expect("PostgreSQL starts")
+    let opts = PgOptions {
+        max_connections: 20,
+        tls: Some(tls),
+        log_connections: true,
+        ..Default::default()
+    };
+    start_pg_with_user(opts, USER, PASSWORD, DB).await
 }
 
 /// psql with `conninfo` (plus port, user, database) running `sql`, off the runtime's threads.
 async fn psql(pg: &PgServer, conninfo: &str, sql: &str) -> Output {
     let full = format!("{conninfo} port={} user={USER} dbname={DB}", pg.port());
     tokio::task::block_in_place(|| pg.psql_conninfo(&full, PASSWORD, sql))
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "status {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 fn stdout(out: &Output) -> String {
@@ -94,7 +80,7 @@ fn openssl_text(cert_pem: &str) -> String {
         .arg(&path)
         .output()
         .expect("openssl x509 (apt-get install -y openssl)");
-    assert!(out.status.success(), "openssl x509: {}", text(&out));
+    assert!(out.status.success(), "openssl x509: {}", output_text(&out));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -124,9 +110,9 @@ async fn hostssl_server_takes_verified_tls_and_refuses_plaintext() {
         assert!(
             out.status.success(),
             "psql verify-full {host}: {}",
-            text(&out)
+            output_text(&out)
         );
-        assert_eq!(stdout(&out), "t", "{}", text(&out));
+        assert_eq!(stdout(&out), "t", "{}", output_text(&out));
     }
     // The harness's own psql (sslmode=prefer) still works.
     assert_eq!(pg.psql("SELECT 1"), "1");
@@ -155,11 +141,15 @@ async fn hostssl_server_takes_verified_tls_and_refuses_plaintext() {
         "{db:?}"
     );
     let out = psql(&pg, "host=127.0.0.1 sslmode=disable", "SELECT 1").await;
-    assert!(!out.status.success(), "plaintext psql: {}", text(&out));
+    assert!(
+        !out.status.success(),
+        "plaintext psql: {}",
+        output_text(&out)
+    );
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("no pg_hba.conf entry"),
         "{}",
-        text(&out)
+        output_text(&out)
     );
 
     // log_connections: the TLS logins are logged as such.
@@ -196,8 +186,8 @@ async fn rsa_and_p384_certificates_work_with_channel_binding() {
             verify_full(&ca_file, "127.0.0.1")
         );
         let out = psql(&pg, &conninfo, SSL_SQL).await;
-        assert!(out.status.success(), "{kind:?} psql: {}", text(&out));
-        assert_eq!(stdout(&out), "t", "{kind:?}: {}", text(&out));
+        assert!(out.status.success(), "{kind:?} psql: {}", output_text(&out));
+        assert_eq!(stdout(&out), "t", "{kind:?}: {}", output_text(&out));
         let opts = TlsOpts {
             channel_binding: true,
             ..Default::default()
@@ -232,17 +222,21 @@ async fn expired_misnamed_and_foreign_certificates_are_rejected() {
         .output()
         .expect("openssl verify");
     assert!(
-        !out.status.success() && text(&out).contains("certificate has expired"),
+        !out.status.success() && output_text(&out).contains("certificate has expired"),
         "openssl verify of the expired certificate: {}",
-        text(&out)
+        output_text(&out)
     );
     let pg = tls_server(&expired).await;
     let out = psql(&pg, &verify_full(&ca_file, "127.0.0.1"), "SELECT 1").await;
-    assert!(!out.status.success(), "expired, psql: {}", text(&out));
     assert!(
-        text(&out).contains("certificate verify failed"),
+        !out.status.success(),
         "expired, psql: {}",
-        text(&out)
+        output_text(&out)
+    );
+    assert!(
+        output_text(&out).contains("certificate verify failed"),
+        "expired, psql: {}",
+        output_text(&out)
     );
     // Without verification, the same server is fine.
     let out = psql(&pg, "host=127.0.0.1 sslmode=require", SSL_SQL).await;
@@ -250,7 +244,7 @@ async fn expired_misnamed_and_foreign_certificates_are_rejected() {
         stdout(&out),
         "t",
         "expired, sslmode=require: {}",
-        text(&out)
+        output_text(&out)
     );
     let err = rustls_login(&pg, &ca.cert_pem(), TlsOpts::default())
         .await
@@ -266,9 +260,9 @@ async fn expired_misnamed_and_foreign_certificates_are_rejected() {
     let pg = tls_server(&misnamed).await;
     let out = psql(&pg, &verify_full(&ca_file, "127.0.0.1"), "SELECT 1").await;
     assert!(
-        !out.status.success() && text(&out).contains("does not match host name"),
+        !out.status.success() && output_text(&out).contains("does not match host name"),
         "misnamed, psql: {}",
-        text(&out)
+        output_text(&out)
     );
     let err = rustls_login(&pg, &ca.cert_pem(), TlsOpts::default())
         .await
@@ -280,9 +274,9 @@ async fn expired_misnamed_and_foreign_certificates_are_rejected() {
     let other_file = other_ca.write_cert(dir.path(), "other.pem");
     let out = psql(&pg, &verify_full(&other_file, "127.0.0.1"), "SELECT 1").await;
     assert!(
-        !out.status.success() && text(&out).contains("certificate verify failed"),
+        !out.status.success() && output_text(&out).contains("certificate verify failed"),
         "foreign CA, psql: {}",
-        text(&out)
+        output_text(&out)
     );
     let err = rustls_login(&pg, &other_ca.cert_pem(), TlsOpts::default())
         .await

@@ -9,15 +9,15 @@ use sluice_loadtest::{
 
 use crate::pg::{PgOptions, PgServer};
 use crate::proxy::start_sluice;
+use crate::support::pg_with_user;
 
 /// A server with a user and database for the load, and its direct URL.
 fn server() -> (PgServer, String) {
-    let pg = PgServer::start(PgOptions {
+    let opts = PgOptions {
         max_connections: 30,
         ..Default::default()
-    });
-    pg.create_user("lt", "lt-pw");
-    pg.create_database("ltdb", "lt");
+    };
+    let pg = pg_with_user(opts, "lt", "lt-pw", "ltdb");
     let url = pg.url("lt", "lt-pw", "ltdb");
     (pg, url)
 }

@@ -11,6 +11,7 @@ mod loadgen;
 mod pg;
 mod proxy;
 mod session_state;
+mod support;
 mod tls;
 mod tls_clients;
 mod tls_server_auth;

@@ -8,6 +8,25 @@ use tokio_postgres::{Client, NoTls};
 
 use crate::pg::PgServer;
 
+/// Command-line overrides for Sluice in front of `pg` as `user`/`password` on `db`, with the
+/// given budget and pool size, on free loopback ports (clients and admin).
+pub fn overrides(
+    pg: &PgServer,
+    user: &str,
+    password: &str,
+    db: &str,
+    budget: u32,
+    pool_size: u32,
+) -> Overrides {
+    Overrides {
+        upstream: Some(pg.url(user, password, db)),
+        listen: Some("127.0.0.1:0".parse().expect("address")),
+        admin_listen: Some("127.0.0.1:0".parse().expect("address")),
+        max_server_connections: Some(budget),
+        pool_size: Some(pool_size),
+    }
+}
+
 /// Starts Sluice for `user`/`password` on `db` with the given budget and pool size, on free
 /// loopback ports (clients and admin), after `tweak` adjusts the configuration.
 pub async fn start_sluice(
@@ -19,13 +38,7 @@ pub async fn start_sluice(
     pool_size: u32,
     tweak: impl FnOnce(&mut Config),
 ) -> sluice::Handle {
-    let overrides = Overrides {
-        upstream: Some(pg.url(user, password, db)),
-        listen: Some("127.0.0.1:0".parse().expect("address")),
-        admin_listen: Some("127.0.0.1:0".parse().expect("address")),
-        max_server_connections: Some(budget),
-        pool_size: Some(pool_size),
-    };
+    let overrides = overrides(pg, user, password, db, budget, pool_size);
     let mut cfg = Config::load(None, &overrides).expect("config");
     tweak(&mut cfg);
     sluice::start(cfg).await.expect("sluice starts")
@@ -38,7 +51,16 @@ pub async fn connect(
     password: &str,
     db: &str,
 ) -> Result<Client, tokio_postgres::Error> {
-    let port = handle.local_addr.port();
+    connect_port(handle.local_addr.port(), user, password, db).await
+}
+
+/// Like [`connect`], to whatever listens on `port` on the loopback address.
+pub async fn connect_port(
+    port: u16,
+    user: &str,
+    password: &str,
+    db: &str,
+) -> Result<Client, tokio_postgres::Error> {
     let (client, conn) = tokio_postgres::connect(
         &format!("host=127.0.0.1 port={port} user={user} password={password} dbname={db}"),
         NoTls,
@@ -261,13 +283,7 @@ pub async fn start_sluice_tls(
     let dir = tempfile::tempdir().expect("temp dir for the Sluice configuration");
     let config_path = dir.path().join("sluice.toml");
     std::fs::write(&config_path, tls.to_toml()).expect("write the Sluice configuration");
-    let overrides = Overrides {
-        upstream: Some(pg.url(user, password, db)),
-        listen: Some("127.0.0.1:0".parse().expect("address")),
-        admin_listen: Some("127.0.0.1:0".parse().expect("address")),
-        max_server_connections: Some(budget),
-        pool_size: Some(pool_size),
-    };
+    let overrides = overrides(pg, user, password, db, budget, pool_size);
     let mut cfg = Config::load(Some(&config_path), &overrides).unwrap_or_else(|e| {
         panic!(
             "Sluice configuration {}:\n{}\n{e}",

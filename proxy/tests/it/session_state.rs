@@ -10,14 +10,12 @@ use tokio_postgres::{Client, NoTls};
 use crate::admin::http_get;
 use crate::pg::{PgOptions, PgServer};
 use crate::proxy::start_sluice;
+use crate::support::pg_with_user;
 
 const T: Duration = Duration::from_secs(20);
 
 fn server(user: &str) -> PgServer {
-    let pg = PgServer::start(PgOptions::default());
-    pg.create_user(user, "pw");
-    pg.create_database("st", user);
-    pg
+    pg_with_user(PgOptions::default(), user, "pw", "st")
 }
 
 async fn connect_with(h: &sluice::Handle, user: &str, app: &str, options: &str) -> Client {

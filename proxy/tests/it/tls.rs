@@ -10,7 +10,6 @@
 //! Each test starts its own PostgreSQL (max_connections 20) and Sluice. Every network wait is
 //! bounded, so a hang fails the test.
 
-use std::future::Future;
 use std::io::{Read as _, Write as _};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -28,6 +27,7 @@ use crate::pg::{PgOptions, PgServer, PgTls};
 use crate::proxy::{
     connect_tls, rustls_client_config, start_sluice_tls, FileSluice, TlsOpts, TlsSettings,
 };
+use crate::support::{pgbench_processed, start_pg_with_user, within_for};
 
 pub(crate) const USER: &str = "tls_app";
 pub(crate) const PASSWORD: &str = "tls-app-pw";
@@ -35,13 +35,6 @@ pub(crate) const DB: &str = "tls_db";
 /// Hang guard for anything that should happen promptly; never a latency assertion.
 pub(crate) const GUARD: Duration = Duration::from_secs(20);
 const SSL_SQL: &str = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
-
-pub(crate) async fn within<F: Future>(limit: Duration, what: &str, f: F) -> F::Output {
-    match tokio::time::timeout(limit, f).await {
-        Ok(v) => v,
-        Err(_) => panic!("timed out after {limit:?}: {what}"),
-    }
-}
 
 /// SQLSTATE and message of an error, for assertions and failure messages.
 pub(crate) fn code_and_message(e: &tokio_postgres::Error) -> (String, String) {
@@ -54,19 +47,13 @@ pub(crate) fn code_and_message(e: &tokio_postgres::Error) -> (String, String) {
 /// A test PostgreSQL (max_connections 20, `log_connections`), TLS as given, with the test user
 /// owning the test database.
 pub(crate) async fn start_pg(tls: Option<PgTls>) -> PgServer {
-    tokio::task::spawn_blocking(move || {
-        let pg = PgServer::start(PgOptions {
-            max_connections: 20,
-            tls,
-            log_connections: true,
-            ..Default::default()
-        });
-        pg.create_user(USER, PASSWORD);
-        pg.create_database(DB, USER);
-        pg
-    })
-    .await
-    .expect("PostgreSQL starts")
+    let opts = PgOptions {
+        max_connections: 20,
+        tls,
+        log_connections: true,
+        ..Default::default()
+    };
+    start_pg_with_user(opts, USER, PASSWORD, DB).await
 }
 
 /// TLS settings of a test PostgreSQL serving `cert`, TCP logins over TLS only.
@@ -100,7 +87,7 @@ pub(crate) async fn plain(h: &sluice::Handle) -> Result<Client, tokio_postgres::
 
 /// First column of the first row of a simple query.
 pub(crate) async fn scalar(c: &Client, sql: &str) -> String {
-    let msgs = within(GUARD, sql, c.simple_query(sql))
+    let msgs = within_for(GUARD, sql, c.simple_query(sql))
         .await
         .unwrap_or_else(|e| panic!("{sql}: {:?}", code_and_message(&e)));
     msgs.iter()
@@ -113,7 +100,7 @@ pub(crate) async fn scalar(c: &Client, sql: &str) -> String {
 
 /// The error a plaintext client through Sluice gets, at login or at its first query.
 async fn first_error(h: &sluice::Handle) -> tokio_postgres::Error {
-    within(GUARD, "the error of a client through Sluice", async {
+    within_for(GUARD, "the error of a client through Sluice", async {
         match plain(h).await {
             Err(e) => e,
             Ok(c) => match c.simple_query("SELECT 1").await {
@@ -213,7 +200,7 @@ pub(crate) async fn pgbench(
         cmd.env(k, v);
     }
     let what = format!("{cmd:?}");
-    let out = within(
+    let out = within_for(
         Duration::from_secs(120),
         &what,
         tokio::task::spawn_blocking(move || cmd.output()),
@@ -250,12 +237,8 @@ pub(crate) async fn pgbench_through(pg: &PgServer, h: &sluice::Handle, env: &[(&
         stdout.contains("number of failed transactions: 0 "),
         "{report}"
     );
-    let processed: u64 = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
-        .and_then(|v| v.split('/').next())
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no transaction count: {report}"));
+    let processed: u64 =
+        pgbench_processed(&stdout).unwrap_or_else(|| panic!("no transaction count: {report}"));
     assert!(processed > 0, "{report}");
 }
 
@@ -314,7 +297,7 @@ async fn verify_full_reaches_a_tls_only_server() {
     let files = Files::new();
     let pg = start_pg(Some(hostssl_only(&ca.issue(&IssueOpts::default())))).await;
     let s = sluice(&pg, &verify_full(files.ca(&ca, "ca.pem")), |_| {}).await;
-    let c = within(GUARD, "connect through Sluice", plain(&s.handle))
+    let c = within_for(GUARD, "connect through Sluice", plain(&s.handle))
         .await
         .unwrap_or_else(|e| panic!("connect through Sluice: {:?}", code_and_message(&e)));
     assert_eq!(scalar(&c, "SELECT 1").await, "1");
@@ -407,7 +390,7 @@ async fn prefer_and_require_against_plaintext_and_tls_servers() {
         ..Default::default()
     };
     let s = sluice(&pg, &prefer, |_| {}).await;
-    let c = within(GUARD, "connect", plain(&s.handle))
+    let c = within_for(GUARD, "connect", plain(&s.handle))
         .await
         .unwrap_or_else(|e| panic!("prefer, plaintext server: {:?}", code_and_message(&e)));
     assert_eq!(scalar(&c, SSL_SQL).await, "f");
@@ -430,7 +413,7 @@ async fn prefer_and_require_against_plaintext_and_tls_servers() {
     let pg = start_pg(Some(hostssl_only(&unknown.issue(&IssueOpts::default())))).await;
     for settings in [&prefer, &require] {
         let s = sluice(&pg, settings, |_| {}).await;
-        let c = within(GUARD, "connect", plain(&s.handle))
+        let c = within_for(GUARD, "connect", plain(&s.handle))
             .await
             .unwrap_or_else(|e| {
                 panic!(
@@ -463,7 +446,7 @@ async fn reload_rotates_the_client_certificate() {
     let s = sluice(&pg, &settings, |_| {}).await;
     let h = &s.handle;
     let opts = TlsOpts::default();
-    let old = within(
+    let old = within_for(
         GUARD,
         "connect",
         connect_tls(h, USER, PASSWORD, DB, &first.cert_pem(), opts),
@@ -475,18 +458,18 @@ async fn reload_rotates_the_client_certificate() {
     // New files on disk (renamed into place), then RELOAD on the admin console.
     files.cert(&second.issue(&IssueOpts::default()), "sluice");
     let both = first.cert_pem() + &second.cert_pem();
-    let admin = within(
+    let admin = within_for(
         GUARD,
         "admin console",
         connect_tls(h, USER, PASSWORD, "sluice", &both, opts),
     )
     .await
     .unwrap_or_else(|e| panic!("admin console: {:?}", code_and_message(&e)));
-    within(GUARD, "RELOAD", admin.simple_query("RELOAD"))
+    within_for(GUARD, "RELOAD", admin.simple_query("RELOAD"))
         .await
         .unwrap_or_else(|e| panic!("RELOAD: {:?}", code_and_message(&e)));
 
-    let new = within(
+    let new = within_for(
         GUARD,
         "connect",
         connect_tls(h, USER, PASSWORD, DB, &second.cert_pem(), opts),
@@ -494,7 +477,7 @@ async fn reload_rotates_the_client_certificate() {
     .await
     .unwrap_or_else(|e| panic!("second CA, after RELOAD: {:?}", code_and_message(&e)));
     assert_eq!(scalar(&new, "SELECT 2").await, "2");
-    let stale = within(
+    let stale = within_for(
         GUARD,
         "connect",
         connect_tls(h, USER, PASSWORD, DB, &first.cert_pem(), opts),
@@ -555,7 +538,7 @@ async fn bad_client(addr: SocketAddr, bad: Bad, hello: &[u8]) -> Result<(), Stri
         .await
         .map_err(|e| format!("SSLRequest: {e}"))?;
     let mut answer = [0u8; 1];
-    within(GUARD, "SSLRequest answer", s.read_exact(&mut answer))
+    within_for(GUARD, "SSLRequest answer", s.read_exact(&mut answer))
         .await
         .map_err(|e| format!("SSLRequest answer: {e}"))?;
     if answer[0] != b'S' {
@@ -641,7 +624,7 @@ async fn bad_tls_input_leaves_sluice_up_and_memory_flat() {
         .env(ALONE, "1")
         .stdin(Stdio::null())
         .kill_on_drop(true);
-        let out = within(Duration::from_secs(300), "the test alone", cmd.output())
+        let out = within_for(Duration::from_secs(300), "the test alone", cmd.output())
             .await
             .expect("run the test binary");
         let stdout = String::from_utf8_lossy(&out.stdout);
@@ -667,7 +650,7 @@ async fn bad_tls_input_leaves_sluice_up_and_memory_flat() {
     let good = |what: &'static str| {
         let ca = ca.cert_pem();
         async move {
-            let c = within(
+            let c = within_for(
                 GUARD,
                 what,
                 connect_tls(h, USER, PASSWORD, DB, &ca, TlsOpts::default()),

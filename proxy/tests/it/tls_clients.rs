@@ -16,9 +16,10 @@ use crate::drivers::{
 };
 use crate::pg::PgServer;
 use crate::proxy::{connect_tls, TlsOpts};
+use crate::support::{output_text, within_for};
 use crate::tls::{
-    client_tls, code_and_message, pgbench_through, plain, scalar, sluice, start_pg, within, Files,
-    DB, GUARD, PASSWORD, USER,
+    client_tls, code_and_message, pgbench_through, plain, scalar, sluice, start_pg, Files, DB,
+    GUARD, PASSWORD, USER,
 };
 
 /// psql through Sluice with `conninfo` (plus port, user, database) running `sql`.
@@ -28,15 +29,6 @@ async fn psql(pg: &PgServer, h: &sluice::Handle, conninfo: &str, sql: &str) -> O
         h.local_addr.port()
     );
     tokio::task::block_in_place(|| pg.psql_conninfo(&full, PASSWORD, sql))
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "status {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 fn verify_full(ca_file: &Path) -> String {
@@ -65,7 +57,7 @@ async fn client_tls_require_serves_tls_and_refuses_plaintext() {
             host,
             ..TlsOpts::default()
         };
-        let c = within(
+        let c = within_for(
             GUARD,
             "TLS connect",
             connect_tls(h, USER, PASSWORD, DB, &ca.cert_pem(), opts),
@@ -76,7 +68,7 @@ async fn client_tls_require_serves_tls_and_refuses_plaintext() {
     }
 
     // A plaintext client is refused, and told why.
-    let Err(err) = within(GUARD, "plaintext connect", plain(h)).await else {
+    let Err(err) = within_for(GUARD, "plaintext connect", plain(h)).await else {
         panic!("client_tls = require must refuse a plaintext client");
     };
     let (code, message) = code_and_message(&err);
@@ -99,16 +91,24 @@ async fn client_tls_require_serves_tls_and_refuses_plaintext() {
 
     // psql verify-full; \conninfo says it is on TLS.
     let out = psql(&pg, h, &verify_full(&ca_file), "\\conninfo").await;
-    assert!(out.status.success(), "psql verify-full: {}", text(&out));
+    assert!(
+        out.status.success(),
+        "psql verify-full: {}",
+        output_text(&out)
+    );
     assert!(
         String::from_utf8_lossy(&out.stdout)
             .to_ascii_lowercase()
             .contains("ssl connection"),
         "{}",
-        text(&out)
+        output_text(&out)
     );
     let out = psql(&pg, h, "sslmode=disable", "SELECT 1").await;
-    assert!(!out.status.success(), "plaintext psql: {}", text(&out));
+    assert!(
+        !out.status.success(),
+        "plaintext psql: {}",
+        output_text(&out)
+    );
 
     // pgbench, verifying Sluice's certificate.
     let ca_path = ca_file.display().to_string();
@@ -142,14 +142,14 @@ async fn channel_binding_with_rsa_sha256_and_ecdsa_p384_sha384_certificates() {
         assert!(
             out.status.success(),
             "{kind:?}, psql channel_binding=require: {}",
-            text(&out)
+            output_text(&out)
         );
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
         let opts = TlsOpts {
             channel_binding: true,
             ..TlsOpts::default()
         };
-        let c = within(
+        let c = within_for(
             GUARD,
             "TLS connect",
             connect_tls(h, USER, PASSWORD, DB, &ca.cert_pem(), opts),
@@ -185,7 +185,7 @@ async fn direct_tls_with_alpn() {
             channel_binding,
             ..TlsOpts::default()
         };
-        let c = within(
+        let c = within_for(
             GUARD,
             "direct TLS connect",
             connect_tls(&s.handle, USER, PASSWORD, DB, &ca.cert_pem(), opts),

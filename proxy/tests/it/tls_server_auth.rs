@@ -7,9 +7,8 @@ use std::path::Path;
 use crate::certs::{IssueOpts, TestCa};
 use crate::pg::{pg_os_user, PgServer};
 use crate::proxy::TlsSettings;
-use crate::tls::{
-    code_and_message, hostssl_only, plain, scalar, sluice, start_pg, within, GUARD, USER,
-};
+use crate::support::within_for;
+use crate::tls::{code_and_message, hostssl_only, plain, scalar, sluice, start_pg, GUARD, USER};
 
 /// Rewrites the server's pg_hba.conf (TCP only over TLS, `rule` for the test user first) and
 /// reloads it.
@@ -50,7 +49,7 @@ async fn cleartext_password_only_over_verify_full() {
         |_| {},
     )
     .await;
-    let err = within(GUARD, "a login through Sluice", async {
+    let err = within_for(GUARD, "a login through Sluice", async {
         match plain(&unverified.handle).await {
             Err(e) => e,
             Ok(c) => c.simple_query("SELECT 1").await.expect_err("refused"),
@@ -111,7 +110,7 @@ async fn client_certificate_and_channel_binding_toward_the_server() {
     };
 
     let without = sluice(&pg, &settings(None), |_| {}).await;
-    let err = within(GUARD, "a login without a client certificate", async {
+    let err = within_for(GUARD, "a login without a client certificate", async {
         match plain(&without.handle).await {
             Err(e) => e,
             Ok(c) => c.simple_query("SELECT 1").await.expect_err("refused"),
