@@ -53,7 +53,7 @@ async fn cleartext_password_only_over_verify_full() {
     let err = within(GUARD, "a login through Sluice", async {
         match plain(&unverified.handle).await {
             Err(e) => e,
-            Ok(c) => c.simple_query("SELECT 1").await.err().expect("refused"),
+            Ok(c) => c.simple_query("SELECT 1").await.expect_err("refused"),
         }
     })
     .await;
@@ -114,7 +114,7 @@ async fn client_certificate_and_channel_binding_toward_the_server() {
     let err = within(GUARD, "a login without a client certificate", async {
         match plain(&without.handle).await {
             Err(e) => e,
-            Ok(c) => c.simple_query("SELECT 1").await.err().expect("refused"),
+            Ok(c) => c.simple_query("SELECT 1").await.expect_err("refused"),
         }
     })
     .await;
