@@ -9,7 +9,7 @@ use std::io;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use rand::Rng;
+use rand::{Rng, RngExt};
 
 use crate::config::RetryBudget;
 
@@ -118,7 +118,7 @@ pub fn backoff(attempt: u32, base: Duration, cap: Duration, rng: &mut impl Rng) 
         return Duration::ZERO;
     }
     let nanos = ceiling.as_nanos().min(u128::from(u64::MAX)) as u64;
-    Duration::from_nanos(rng.gen_range(0..=nanos))
+    Duration::from_nanos(rng.random_range(0..=nanos))
 }
 
 /// Upper bound of [`backoff`] for a given attempt.
