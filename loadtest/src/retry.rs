@@ -11,7 +11,13 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng, RngExt};
 
-use crate::config::RetryBudget;
+/// The shared retry budget's size: a token bucket of `capacity` tokens, refilled at
+/// `refill_per_sec`; each retry takes one (see [`TokenBucket`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryBudget {
+    pub capacity: f64,
+    pub refill_per_sec: f64,
+}
 
 /// A classified failure.
 #[derive(Debug, Clone, PartialEq, Eq)]

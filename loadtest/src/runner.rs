@@ -177,7 +177,7 @@ pub async fn run(opts: &RunOptions) -> Result<Report, LoadtestError> {
     if opts.verify && opts.workload.writes() {
         let v = match crate::verify::verify(opts.verify_url(), &report).await {
             Ok(v) => v,
-            Err(e) => crate::verify::Verification {
+            Err(e) => crate::report::Verification {
                 error: Some(e.to_string()),
                 ..Default::default()
             },
