@@ -29,6 +29,8 @@
 //! duplicated writes), `chart` (SVG), `runner` (orchestration), `db`
 //! (connections).
 
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod app;
 pub mod arrival;
 pub mod chart;

@@ -349,6 +349,8 @@ impl fmt::Debug for ScramServer {
 }
 
 fn hmac(key: &[u8], parts: &[&[u8]]) -> Key {
+    // Cannot fail: HMAC takes keys of any length (longer ones are hashed, shorter ones padded).
+    #[allow(clippy::expect_used)]
     let mut mac =
         <Hmac<Sha256> as KeyInit>::new_from_slice(key).expect("HMAC accepts keys of any length");
     for part in parts {
