@@ -1,6 +1,9 @@
 //! Criterion micro-benchmarks of the per-message and per-transaction hot path: framing, the
 //! relay loop over in-memory pipes, and pool checkout/return.
 
+// Benchmark code: a failed unwrap is a broken benchmark.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};

@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 use crate::db::redact_url;
+pub use crate::retry::RetryBudget;
 use crate::LoadtestError;
 
 /// How invocations arrive.
@@ -153,12 +154,6 @@ pub struct RetryPolicy {
     pub cap: Duration,
     /// Optional shared token bucket; each retry takes one token.
     pub budget: Option<RetryBudget>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RetryBudget {
-    pub capacity: f64,
-    pub refill_per_sec: f64,
 }
 
 impl Default for RetryPolicy {

@@ -147,7 +147,7 @@ impl Shared {
 
 /// Run invocation `seq`, intended to start at `intended`, and record it.
 pub async fn invoke(shared: Arc<Shared>, seq: u64, intended: Instant) {
-    let op = workload::choose(&shared.work, seq, &mut rand::thread_rng());
+    let op = workload::choose(&shared.work, seq, &mut rand::rng());
     let write_seq = match op {
         Op::Write { seq } => Some(seq),
         _ => None,
@@ -220,7 +220,7 @@ async fn attempts(
             attempt,
             shared.retry.base,
             shared.retry.cap,
-            &mut rand::thread_rng(),
+            &mut rand::rng(),
         );
         tokio::time::sleep(wait).await;
         attempt += 1;

@@ -29,6 +29,8 @@
 //! duplicated writes), `chart` (SVG), `runner` (orchestration), `db`
 //! (connections).
 
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod app;
 pub mod arrival;
 pub mod chart;
@@ -45,9 +47,9 @@ pub mod verify;
 pub mod workload;
 
 pub use config::{Model, Profile, QueryMode, RetryBudget, RetryPolicy, RunOptions, Workload};
-pub use report::{Counts, Percentiles, Report, SecondSample};
+pub use report::{Counts, Percentiles, Report, SecondSample, Verification};
 pub use runner::{new_run_id, run, setup};
-pub use verify::{plant_duplicate_writes, plant_lost_writes, verify, verify_writes, Verification};
+pub use verify::{plant_duplicate_writes, plant_lost_writes, verify, verify_writes};
 
 use serde::{Deserialize, Serialize};
 

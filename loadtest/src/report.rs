@@ -9,7 +9,21 @@ use std::collections::BTreeMap;
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
-use crate::verify::Verification;
+/// The result of checking a write run's rows (see `verify.rs`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Verification {
+    /// Write invocations that reported success and were checked.
+    pub checked: u64,
+    pub lost: u64,
+    pub duplicated: u64,
+    pub unacknowledged: u64,
+    /// Rows found for this run.
+    pub rows: u64,
+    pub lost_ids: Vec<String>,
+    pub duplicated_ids: Vec<String>,
+    /// Set when verification could not be carried out.
+    pub error: Option<String>,
+}
 
 /// Latency summary in milliseconds.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

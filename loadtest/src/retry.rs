@@ -9,9 +9,15 @@ use std::io;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use rand::Rng;
+use rand::{Rng, RngExt};
 
-use crate::config::RetryBudget;
+/// The shared retry budget's size: a token bucket of `capacity` tokens, refilled at
+/// `refill_per_sec`; each retry takes one (see [`TokenBucket`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryBudget {
+    pub capacity: f64,
+    pub refill_per_sec: f64,
+}
 
 /// A classified failure.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,7 +124,7 @@ pub fn backoff(attempt: u32, base: Duration, cap: Duration, rng: &mut impl Rng) 
         return Duration::ZERO;
     }
     let nanos = ceiling.as_nanos().min(u128::from(u64::MAX)) as u64;
-    Duration::from_nanos(rng.gen_range(0..=nanos))
+    Duration::from_nanos(rng.random_range(0..=nanos))
 }
 
 /// Upper bound of [`backoff`] for a given attempt.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use rand::Rng;
+use rand::RngExt;
 use tokio::task::JoinSet;
 use tokio::time::sleep_until;
 
@@ -42,7 +42,7 @@ pub fn new_run_id() -> String {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis())
         .unwrap_or(0);
-    format!("lt{ms}-{:06x}", rand::thread_rng().gen::<u32>() & 0xff_ffff)
+    format!("lt{ms}-{:06x}", rand::rng().random::<u32>() & 0xff_ffff)
 }
 
 /// Run the load described by `opts` and return its report (verified when
@@ -177,7 +177,7 @@ pub async fn run(opts: &RunOptions) -> Result<Report, LoadtestError> {
     if opts.verify && opts.workload.writes() {
         let v = match crate::verify::verify(opts.verify_url(), &report).await {
             Ok(v) => v,
-            Err(e) => crate::verify::Verification {
+            Err(e) => crate::report::Verification {
                 error: Some(e.to_string()),
                 ..Default::default()
             },

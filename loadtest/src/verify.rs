@@ -15,12 +15,11 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use tokio_postgres::types::Type;
 
 use crate::db::connect_admin;
 use crate::db::redact_url;
-use crate::report::Report;
+use crate::report::{Report, Verification};
 use crate::retry::full_message;
 use crate::workload::{invocation_id, WRITES_TABLE};
 use crate::LoadtestError;
@@ -28,21 +27,6 @@ use crate::LoadtestError;
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(15);
 /// How many example ids to list for lost/duplicated writes.
 const EXAMPLES: usize = 10;
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Verification {
-    /// Write invocations that reported success and were checked.
-    pub checked: u64,
-    pub lost: u64,
-    pub duplicated: u64,
-    pub unacknowledged: u64,
-    /// Rows found for this run.
-    pub rows: u64,
-    pub lost_ids: Vec<String>,
-    pub duplicated_ids: Vec<String>,
-    /// Set when verification could not be carried out.
-    pub error: Option<String>,
-}
 
 /// Verify the writes of `report`'s run through `verify_url` (a direct URL).
 pub async fn verify(verify_url: &str, report: &Report) -> Result<Verification, LoadtestError> {

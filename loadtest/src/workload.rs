@@ -5,7 +5,7 @@
 //! answer was lost must show up as a second row so verification can count
 //! it as a duplicate instead of the database silently absorbing it.
 
-use rand::Rng;
+use rand::{Rng, RngExt};
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, SimpleQueryMessage};
 
@@ -54,14 +54,14 @@ pub fn invocation_id(run_id: &str, seq: u64) -> String {
 
 /// Pick the operation for invocation `seq`.
 pub fn choose(ctx: &WorkContext, seq: u64, rng: &mut impl Rng) -> Op {
-    let read = |rng: &mut dyn rand::RngCore| Op::Read {
-        id: rng.gen_range(1..=ctx.max_account_id.max(1)),
+    let read = |rng: &mut dyn Rng| Op::Read {
+        id: rng.random_range(1..=ctx.max_account_id.max(1)),
     };
     match &ctx.workload {
         Workload::PointRead => read(rng),
         Workload::Write => Op::Write { seq },
         Workload::Mixed { write_ratio } => {
-            if rng.gen_bool(write_ratio.clamp(0.0, 1.0)) {
+            if rng.random_bool(write_ratio.clamp(0.0, 1.0)) {
                 Op::Write { seq }
             } else {
                 read(rng)
@@ -168,7 +168,7 @@ pub async fn execute(
                     "no custom SQL".into(),
                 ));
             };
-            let random_id = rand::thread_rng().gen_range(1..=ctx.max_account_id.max(1));
+            let random_id = rand::rng().random_range(1..=ctx.max_account_id.max(1));
             let q = sql
                 .replace("{{invocation_id}}", &invocation_id(&ctx.run_id, seq))
                 .replace("{{run_id}}", &ctx.run_id)

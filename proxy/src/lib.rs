@@ -8,6 +8,8 @@
 //! from the path: [`config`], [`metrics`], [`auth`] (client authentication secrets and
 //! exchanges). [`start`] wires them together.
 
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod admin;
 pub mod auth;
 pub mod config;

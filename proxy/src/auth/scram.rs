@@ -11,8 +11,8 @@ use std::fmt;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use hmac::{Hmac, Mac};
-use rand::RngCore;
+use hmac::{Hmac, KeyInit, Mac};
+use rand::Rng;
 use sha2::{Digest, Sha256};
 
 use super::{constant_time_eq, AuthError};
@@ -68,7 +68,7 @@ impl ScramVerifier {
     /// iterations, PostgreSQL's defaults. Same PBKDF2 cost.
     pub fn from_password(password: &str) -> Self {
         let mut salt = [0u8; DEFAULT_SALT_LEN];
-        rand::thread_rng().fill_bytes(&mut salt);
+        rand::rng().fill_bytes(&mut salt);
         ScramVerifier::derive(password, &salt, DEFAULT_ITERATIONS)
     }
 
@@ -185,7 +185,7 @@ impl ScramServer {
     /// A fresh server nonce: 18 random bytes in base64, as PostgreSQL does.
     pub fn random_nonce() -> String {
         let mut raw = [0u8; 18];
-        rand::thread_rng().fill_bytes(&mut raw);
+        rand::rng().fill_bytes(&mut raw);
         STANDARD.encode(raw)
     }
 
@@ -349,8 +349,10 @@ impl fmt::Debug for ScramServer {
 }
 
 fn hmac(key: &[u8], parts: &[&[u8]]) -> Key {
+    // Cannot fail: HMAC takes keys of any length (longer ones are hashed, shorter ones padded).
+    #[allow(clippy::expect_used)]
     let mut mac =
-        <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC accepts keys of any length");
+        <Hmac<Sha256> as KeyInit>::new_from_slice(key).expect("HMAC accepts keys of any length");
     for part in parts {
         mac.update(part);
     }

@@ -1,5 +1,8 @@
 //! Integration tests: one test binary (`cargo test -p sluice --test it`).
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod admin;
 mod backpressure;
 mod certs;
