@@ -6,7 +6,9 @@
 //! [`pool`] (budget, admission, fair queue, shedding) → [`server`] (authenticated backend
 //! connections) → [`protocol`] (pure framing and message codecs). Side modules import nothing
 //! from the path: [`config`], [`metrics`], [`auth`] (client authentication secrets and
-//! exchanges). [`start`] wires them together.
+//! exchanges), [`stream`] (a socket, plain or TLS, for clients and servers alike) and [`tls`]
+//! (rustls configurations, certificate checks, channel-binding data). [`start`] wires them
+//! together.
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
