@@ -552,6 +552,14 @@ impl Config {
             })
     }
 
+    /// Each user's client-facing secret (password, verifier or md5 hash), by user name.
+    pub fn client_secrets(&self) -> Vec<(String, String)> {
+        self.users
+            .iter()
+            .filter_map(|(name, u)| u.password.clone().map(|p| (name.clone(), p)))
+            .collect()
+    }
+
     /// The password Sluice presents to the server for `user`.
     pub fn server_password(&self, user: &str) -> Option<&str> {
         let u = self.users.get(user)?;

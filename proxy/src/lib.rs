@@ -6,9 +6,10 @@
 //! [`pool`] (budget, admission, fair queue, shedding) → [`server`] (authenticated backend
 //! connections) → [`protocol`] (pure framing and message codecs). Side modules import nothing
 //! from the path: [`config`], [`metrics`], [`auth`] (client authentication secrets and
-//! exchanges), [`stream`] (a socket, plain or TLS, for clients and servers alike) and [`tls`]
-//! (rustls configurations, certificate checks, channel-binding data). [`start`] wires them
-//! together.
+//! exchanges), [`settings`] (run-time settings by name), [`stream`] (a socket, plain or TLS,
+//! for clients and servers alike) and [`tls`] (rustls configurations, certificate checks,
+//! channel-binding data). [`start`] wires them together. `.ci/module-graph.py` checks that no
+//! module below [`session`] uses it and that the modules form no cycle.
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
@@ -21,6 +22,7 @@ pub mod pool;
 pub mod protocol;
 pub mod server;
 pub mod session;
+pub mod settings;
 pub mod stream;
 pub mod tls;
 
@@ -284,31 +286,17 @@ fn server_gauges(ctx: &Context) {
 pub(crate) async fn derive_credentials(
     cfg: &Config,
 ) -> Result<HashMap<String, Credentials>, StartError> {
-    let users: Vec<(String, String)> = cfg
-        .users
-        .iter()
-        .filter_map(|(name, u)| u.password.clone().map(|p| (name.clone(), p)))
-        .collect();
-    let derived = tokio::task::spawn_blocking(move || {
-        users
-            .into_iter()
-            .map(|(name, secret)| {
-                let c = Credentials::from_secret_string(&name, &secret).map_err(|e| {
-                    StartError::Secret {
-                        user: name.clone(),
-                        why: e.to_string(),
-                    }
-                })?;
-                Ok((name, c))
-            })
-            .collect::<Result<HashMap<_, _>, StartError>>()
-    })
-    .await
-    .map_err(|e| StartError::Secret {
-        user: String::new(),
-        why: e.to_string(),
-    })??;
-    Ok(derived)
+    let secrets = cfg.client_secrets();
+    tokio::task::spawn_blocking(move || Credentials::derive_all(secrets))
+        .await
+        .map_err(|e| StartError::Secret {
+            user: String::new(),
+            why: e.to_string(),
+        })?
+        .map_err(|(user, e)| StartError::Secret {
+            user,
+            why: e.to_string(),
+        })
 }
 
 /// `max_connections` minus the server's reserved slots, minus 10% (at least 2) headroom.

@@ -93,6 +93,22 @@ pub enum Credentials {
 }
 
 impl Credentials {
+    /// [`Credentials::from_secret_string`] for each (user, secret); the first that fails is
+    /// returned with its user's name. Runs PBKDF2 per password: call it off the async workers.
+    pub fn derive_all(
+        secrets: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<std::collections::HashMap<String, Credentials>, (String, AuthError)> {
+        secrets
+            .into_iter()
+            .map(
+                |(user, secret)| match Credentials::from_secret_string(&user, &secret) {
+                    Ok(c) => Ok((user, c)),
+                    Err(e) => Err((user, e)),
+                },
+            )
+            .collect()
+    }
+
     /// Derives both secrets from a plaintext password, with a fresh random
     /// 16-byte salt and 4096 iterations (PostgreSQL's defaults).
     ///

@@ -251,7 +251,7 @@ pub struct ServerConn {
     /// Statements Sluice prepared on this connection for clients in transaction pooling.
     pub prepared: Prepared,
     /// Settings Sluice applied with SET for the client it last served (name → value).
-    pub settings: crate::session::Settings,
+    pub settings: crate::settings::Settings,
     pub info: Arc<ServerInfo>,
     registry: ServerRegistry,
     pub stream: Stream,

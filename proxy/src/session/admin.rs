@@ -11,6 +11,7 @@ use bytes::BytesMut;
 
 use super::startup::Login;
 use super::{fatal, ClientIo, Context, Exit};
+use crate::auth::Credentials;
 use crate::config::{Config, PoolMode};
 use crate::pool::{GroupLimits, Limits};
 use crate::protocol::backend::{tag as btag, ErrorFields, Out, TxStatus};
@@ -434,9 +435,11 @@ impl Context {
         if cfg.listen != old.listen || cfg.admin_listen != old.admin_listen {
             tracing::warn!("listen addresses changed: they take effect after a restart");
         }
-        let credentials = crate::derive_credentials(&cfg)
+        let secrets = cfg.client_secrets();
+        let credentials = tokio::task::spawn_blocking(move || Credentials::derive_all(secrets))
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string())?
+            .map_err(|(user, e)| format!("invalid configuration: `users.{user}.password`: {e}"))?;
         // Certificates are read again: the next client gets the new one, sessions keep theirs.
         let tls = crate::tls::TlsState::load(&cfg).map_err(|e| e.to_string())?;
         let cfg = Arc::new(cfg);
