@@ -276,10 +276,9 @@ fn server_gauges(ctx: &Context) {
     g.servers_active.set(f64::from(active));
     g.servers_idle.set(f64::from(idle));
     g.servers_connecting.set(f64::from(connecting));
-    let servers = ctx.servers.snapshot();
-    let tls = servers.iter().filter(|s| s.tls).count();
+    let (tls, plain) = ctx.servers.tls_counts();
     g.servers_tls.set(tls as f64);
-    g.servers_plain.set((servers.len() - tls) as f64);
+    g.servers_plain.set(plain as f64);
 }
 
 /// Derives every user's client-auth secret; PBKDF2 runs on the blocking pool.

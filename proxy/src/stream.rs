@@ -43,6 +43,14 @@ impl Stream {
         self.tcp().ok_or_else(gone)?.peer_addr()
     }
 
+    /// The ALPN protocol the TLS handshake agreed on (`None` for plain TCP).
+    pub fn alpn_protocol(&self) -> Option<&[u8]> {
+        match self {
+            Stream::Tls(s) => s.get_ref().1.alpn_protocol(),
+            _ => None,
+        }
+    }
+
     /// Takes the plain socket out for a TLS handshake (the stream is [`Stream::Upgrading`]
     /// until the caller puts the TLS stream back).
     pub fn take_plain(&mut self) -> Option<TcpStream> {

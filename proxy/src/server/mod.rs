@@ -168,6 +168,13 @@ impl ServerRegistry {
         info
     }
 
+    /// Open connections: (with TLS, without), counted in place (no snapshot).
+    pub fn tls_counts(&self) -> (usize, usize) {
+        let g = self.inner.lock();
+        let tls = g.1.values().filter(|i| i.tls).count();
+        (tls, g.1.len() - tls)
+    }
+
     pub fn snapshot(&self) -> Vec<Arc<ServerInfo>> {
         let mut v: Vec<_> = self.inner.lock().1.values().cloned().collect();
         v.sort_by_key(|i| i.id);

@@ -8,6 +8,7 @@
 
 mod admin;
 mod clients;
+mod ending;
 mod prepared;
 pub mod relay;
 mod startup;
@@ -27,12 +28,13 @@ use tokio_util::sync::CancellationToken;
 
 pub use admin::{group_limits, limits};
 pub use clients::{ClientRegistry, ClientState};
+use ending::{cleanup, rejection};
 use relay::{End, Flow};
 use startup::Login;
 
 use crate::auth::Credentials;
 use crate::config::{Config, GroupBy, PoolMode};
-use crate::pool::{Lease, PoolId, Pools, Reason, Rejected};
+use crate::pool::{Lease, PoolId, Pools};
 use crate::protocol::backend::{ErrorFields, Out, TxStatus};
 use crate::protocol::frontend::tag;
 use crate::protocol::{sqlstate, Header};
@@ -790,72 +792,4 @@ impl<'a> Session<'a> {
                 ..Default::default()
             })
     }
-}
-
-/// The error for a request refused for capacity: it was not executed and may be retried.
-fn rejection(r: Rejected) -> ErrorFields {
-    let code = match r.reason {
-        Reason::Closed => sqlstate::CANNOT_CONNECT_NOW,
-        _ => sqlstate::TOO_MANY_CONNECTIONS,
-    };
-    ErrorFields {
-        severity: "ERROR".into(),
-        code: code.into(),
-        message: format!(
-            "Sluice is at capacity ({}): the query was not executed and is safe to retry",
-            r.reason.as_str()
-        ),
-        detail: Some(r.detail),
-        hint: Some(format!(
-            "Retry after about {} ms, with backoff.",
-            r.retry_after.as_millis()
-        )),
-    }
-}
-
-/// Returns or closes the server of a client that left mid-request. A server between requests
-/// but inside a transaction is rolled back; one with a request in flight is cancelled and closed
-/// (closing makes PostgreSQL roll back). Never hands on a connection in an unknown state.
-async fn cleanup(
-    mut lease: Lease<Box<ServerConn>>,
-    flow: &Flow,
-    mode: PoolMode,
-    reset_session: bool,
-) {
-    let Some(server) = lease.conn() else { return };
-    if flow.at_rest() && server.buf.is_empty() {
-        if flow.status() == TxStatus::Idle && mode == PoolMode::Transaction && !reset_session {
-            lease.release();
-            return;
-        }
-        // Roll back what the client left open; for session pooling and pinned sessions also
-        // drop the session state (settings, prepared statements, temporary tables, advisory
-        // locks, LISTENs) it built up.
-        let reset = async {
-            if flow.status() != TxStatus::Idle
-                && server.simple_query("ROLLBACK").await? != TxStatus::Idle
-            {
-                return Ok(false);
-            }
-            if reset_session {
-                server.prepared.clear();
-                server.settings.clear();
-                if server.simple_query("DISCARD ALL").await? != TxStatus::Idle {
-                    return Ok(false);
-                }
-            }
-            Ok::<_, server::ServerError>(true)
-        };
-        if let Ok(Ok(true)) = tokio::time::timeout(ROLLBACK_TIMEOUT, reset).await {
-            lease.release();
-            return;
-        }
-    } else {
-        let key = server.cancel_key();
-        tokio::spawn(async move {
-            let _ = key.send(Duration::from_secs(5)).await;
-        });
-    }
-    crate::metrics::server_closed("client_gone");
-    lease.discard();
 }

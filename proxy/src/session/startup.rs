@@ -56,13 +56,7 @@ pub async fn read_startup(ctx: &Context, io: &mut ClientIo) -> Result<Option<Log
             };
             let early = std::mem::take(&mut io.buf);
             upgrade(io, &acceptor, &early).await?;
-            let alpn = match &io.stream {
-                Stream::Tls(t) => {
-                    t.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_POSTGRESQL)
-                }
-                _ => false,
-            };
-            if !alpn {
+            if io.stream.alpn_protocol() != Some(crate::tls::ALPN_POSTGRESQL) {
                 // As PostgreSQL: direct TLS without ALPN could be another protocol's client.
                 crate::metrics::tls_handshake_failed("client", "no_alpn");
                 return Err(Exit::Quiet);
