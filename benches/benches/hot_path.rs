@@ -11,11 +11,11 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use sluice::pool::{GroupLimits, Limits, Pools};
+use sluice::prepared::ServerStatements;
 use sluice::protocol::backend::{Out, TxStatus};
 use sluice::protocol::frontend::Startup;
 use sluice::protocol::Header;
-use sluice::server::Prepared;
-use sluice::session::relay::{relay_streams, End, Flow, Sides};
+use sluice::relay::{relay_streams, End, Ends, Flow};
 
 /// `rows` DataRow messages of one `width`-byte text column, then CommandComplete and
 /// ReadyForQuery('I'): what a server sends for a large SELECT.
@@ -64,23 +64,19 @@ fn framing(c: &mut Criterion) {
 /// One request relayed: the client sends a Query, the server answers with `result`; ends when the
 /// relay releases the server at ReadyForQuery('I').
 async fn relay_once(result: &[u8]) {
-    let (mut client_app, client_proxy) = tokio::io::duplex(64 * 1024);
-    let (server_proxy, mut server_app) = tokio::io::duplex(64 * 1024);
-    let (cr, cw) = tokio::io::split(client_proxy);
-    let (sr, sw) = tokio::io::split(server_proxy);
+    let (mut client_app, mut client_proxy) = tokio::io::duplex(64 * 1024);
+    let (mut server_proxy, mut server_app) = tokio::io::duplex(64 * 1024);
     let mut cbuf = BytesMut::new();
     Out::query(&mut cbuf, "SELECT big");
     let mut sbuf = BytesMut::with_capacity(16 * 1024);
-    let mut prepared = Prepared::with_capacity(16);
-    let flow = Flow::new();
-    let sides = Sides {
-        cr,
-        cw,
-        cbuf: &mut cbuf,
-        sr,
-        sw,
-        sbuf: &mut sbuf,
-        prepared: &mut prepared,
+    let mut on_server = ServerStatements::with_capacity(16);
+    let mut flow = Flow::new();
+    let ends = Ends {
+        client: &mut client_proxy,
+        client_buf: &mut cbuf,
+        server: &mut server_proxy,
+        server_buf: &mut sbuf,
+        on_server: &mut on_server,
     };
     let server = async {
         let mut q = [0u8; 64];
@@ -99,7 +95,7 @@ async fn relay_once(result: &[u8]) {
         got
     };
     let (end, _, got) = tokio::join!(
-        relay_streams(sides, &flow, 1 << 30, None, None),
+        relay_streams(ends, &mut flow, 1 << 30, None, None),
         server,
         client
     );

@@ -19,10 +19,13 @@ pub mod config;
 pub mod metrics;
 pub mod net;
 pub mod pool;
+pub mod prepared;
 pub mod protocol;
+pub mod relay;
 pub mod server;
 pub mod session;
 pub mod settings;
+pub mod sql;
 pub mod stream;
 pub mod tls;
 

@@ -2,6 +2,8 @@
 //!
 //! See <https://www.postgresql.org/docs/current/protocol-message-formats.html>.
 
+use bytes::{BufMut, BytesMut};
+
 use super::{
     ProtocolError, Reader, CANCEL_REQUEST_CODE, GSSENC_REQUEST_CODE, PROTOCOL_3_0, SSL_REQUEST_CODE,
 };
@@ -138,6 +140,72 @@ pub fn query(body: &[u8]) -> Result<&str, ProtocolError> {
     Ok(q)
 }
 
+/// Describe's and Close's target kinds.
+pub const STATEMENT: u8 = b'S';
+pub const PORTAL: u8 = b'P';
+
+/// The parts of a Parse body.
+pub struct Parse<'a> {
+    pub name: &'a str,
+    /// Query text and parameter types, exactly as sent (everything after the name).
+    pub rest: &'a [u8],
+}
+
+/// Parse: statement name, and the rest of the body.
+pub fn parse(body: &[u8]) -> Result<Parse<'_>, ProtocolError> {
+    let mut r = Reader::new(body, "Parse");
+    let name = r.cstr()?;
+    let rest = r.rest();
+    // The query must be NUL-terminated and the type count present.
+    let mut check = Reader::new(rest, "Parse");
+    check.cbytes()?;
+    let n = check.i16()?;
+    check.bytes(usize::try_from(n).map_err(|_| ProtocolError::Malformed("Parse"))? * 4)?;
+    check.finish()?;
+    Ok(Parse { name, rest })
+}
+
+/// Bind's portal and statement names, and where the rest of its body starts.
+pub fn bind(body: &[u8]) -> Result<(&str, &str, usize), ProtocolError> {
+    let mut r = Reader::new(body, "Bind");
+    let portal = r.cstr()?;
+    let stmt = r.cstr()?;
+    let used = portal.len() + stmt.len() + 2;
+    Ok((portal, stmt, used))
+}
+
+/// Describe's or Close's kind (`S` or `P`) and name.
+pub fn target<'a>(body: &'a [u8], what: &'static str) -> Result<(u8, &'a str), ProtocolError> {
+    let mut r = Reader::new(body, what);
+    let kind = r.u8()?;
+    let name = r.cstr()?;
+    r.finish()?;
+    if kind != STATEMENT && kind != PORTAL {
+        return Err(ProtocolError::Malformed(what));
+    }
+    Ok((kind, name))
+}
+
+/// Appends a Bind with its statement name replaced.
+pub fn put_bind(out: &mut BytesMut, portal: &str, stmt: &str, rest: &[u8]) {
+    out.put_u8(tag::BIND);
+    out.put_u32((4 + portal.len() + 1 + stmt.len() + 1 + rest.len()) as u32);
+    out.put_slice(portal.as_bytes());
+    out.put_u8(0);
+    out.put_slice(stmt.as_bytes());
+    out.put_u8(0);
+    out.put_slice(rest);
+}
+
+/// Appends a Describe or Close (`tag`) of a statement or portal.
+pub fn put_target(out: &mut BytesMut, tag: u8, kind: u8, name: &str) {
+    out.put_u8(tag);
+    out.put_u32((4 + 1 + name.len() + 1) as u32);
+    out.put_u8(kind);
+    out.put_slice(name.as_bytes());
+    out.put_u8(0);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -219,5 +287,16 @@ mod tests {
         assert_eq!(password(b"secret\0").unwrap(), b"secret");
         assert!(password(b"secret").is_err());
         assert_eq!(query(b"select 1\0").unwrap(), "select 1");
+    }
+
+    #[test]
+    fn malformed_messages_are_errors() {
+        assert!(parse(b"a\0select").is_err());
+        assert!(parse(b"a\0select\0\0\x02\0\0\0\x17").is_err());
+        assert!(bind(b"portal").is_err());
+        assert!(target(b"Xname\0", "Describe").is_err());
+        assert!(target(b"S", "Close").is_err());
+        assert_eq!(target(b"Sname\0", "Close").unwrap(), (b'S', "name"));
+        assert_eq!(bind(b"p\0s\0rest").unwrap(), ("p", "s", 4));
     }
 }

@@ -25,6 +25,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::config::ServerTls;
+use crate::prepared::ServerStatements;
 use crate::protocol::backend::{self, ErrorFields, Out, TxStatus};
 use crate::protocol::{next_frame, sqlstate};
 use crate::stream::Stream;
@@ -182,81 +183,10 @@ impl ServerRegistry {
     }
 }
 
-/// The `sluice_<hash>` statements prepared on one server connection, least recently used
-/// evicted past `cap`.
-#[derive(Debug, Default)]
-pub struct Prepared {
-    last_use: HashMap<u64, u64>,
-    tick: u64,
-    cap: usize,
-}
-
-impl Prepared {
-    pub fn with_capacity(cap: usize) -> Self {
-        Prepared {
-            last_use: HashMap::new(),
-            tick: 0,
-            cap: cap.max(1),
-        }
-    }
-
-    /// Whether the statement is there, marking it used.
-    pub fn touch(&mut self, hash: u64) -> bool {
-        self.tick += 1;
-        match self.last_use.get_mut(&hash) {
-            Some(t) => {
-                *t = self.tick;
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// Records a statement; returns the one evicted to make room, which the caller closes.
-    pub fn insert(&mut self, hash: u64) -> Option<u64> {
-        self.tick += 1;
-        let evicted = if self.last_use.len() >= self.cap && !self.last_use.contains_key(&hash) {
-            let oldest = self
-                .last_use
-                .iter()
-                .min_by_key(|(_, t)| **t)
-                .map(|(h, _)| *h);
-            oldest.inspect(|h| {
-                self.last_use.remove(h);
-            })
-        } else {
-            None
-        };
-        self.last_use.insert(hash, self.tick);
-        evicted
-    }
-
-    pub fn remove(&mut self, hash: u64) {
-        self.last_use.remove(&hash);
-    }
-
-    pub fn clear(&mut self) {
-        self.last_use.clear();
-    }
-
-    pub fn len(&self) -> usize {
-        self.last_use.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.last_use.is_empty()
-    }
-}
-
-/// The server-side name of a statement hash.
-pub fn statement_name(hash: u64) -> String {
-    format!("sluice_{hash:016x}")
-}
-
 /// One authenticated server connection.
 pub struct ServerConn {
     /// Statements Sluice prepared on this connection for clients in transaction pooling.
-    pub prepared: Prepared,
+    pub prepared: ServerStatements,
     /// Settings Sluice applied with SET for the client it last served (name → value).
     pub settings: crate::settings::Settings,
     pub info: Arc<ServerInfo>,
@@ -299,7 +229,7 @@ impl ServerConn {
             let mut conn = ServerConn {
                 info: Arc::new(info),
                 registry: registry.clone(),
-                prepared: Prepared::with_capacity(t.max_prepared_statements),
+                prepared: ServerStatements::with_capacity(t.max_prepared_statements),
                 settings: Default::default(),
                 stream,
                 buf: BytesMut::with_capacity(READ_BUFFER),

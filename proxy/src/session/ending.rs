@@ -3,12 +3,12 @@
 
 use std::time::Duration;
 
-use super::relay::Flow;
 use super::ROLLBACK_TIMEOUT;
 use crate::config::PoolMode;
 use crate::pool::{Lease, Reason, Rejected};
 use crate::protocol::backend::{ErrorFields, TxStatus};
 use crate::protocol::sqlstate;
+use crate::relay::Flow;
 use crate::server::{self, ServerConn};
 
 /// The error for a request refused for capacity: it was not executed and may be retried.

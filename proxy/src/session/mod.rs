@@ -9,13 +9,10 @@
 mod admin;
 mod clients;
 mod ending;
-mod prepared;
-pub mod relay;
 mod startup;
-mod state;
 
+pub use crate::settings::Settings;
 pub use startup::refuse;
-pub use state::Settings;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -29,7 +26,6 @@ use tokio_util::sync::CancellationToken;
 pub use admin::{group_limits, limits};
 pub use clients::{ClientRegistry, ClientState};
 use ending::{cleanup, rejection};
-use relay::{End, Flow};
 use startup::Login;
 
 use crate::auth::Credentials;
@@ -38,7 +34,9 @@ use crate::pool::{Lease, PoolId, Pools};
 use crate::protocol::backend::{ErrorFields, Out, TxStatus};
 use crate::protocol::frontend::tag;
 use crate::protocol::{sqlstate, Header};
+use crate::relay::{self, End, Flow};
 use crate::server::{self, ServerConn, ServerRegistry, ServerState, Target};
+use crate::sql as state;
 use crate::stream::Stream;
 
 /// A request buffered past this many bytes without its end gets a server anyway and streams.
@@ -220,7 +218,7 @@ async fn start<'a>(ctx: &'a Arc<Context>, io: &mut ClientIo) -> Started<'a> {
 
 struct Session<'a> {
     ctx: &'a Context,
-    statements: prepared::ClientStatements,
+    statements: crate::prepared::ClientStatements,
     /// The settings the client asked for at startup, applied on every server it gets.
     settings: state::Settings,
     pinned: Option<state::Pin>,
@@ -607,9 +605,9 @@ impl<'a> Session<'a> {
         };
         slot.set_server(Some(server.cancel_key()));
         server.info.set_state(ServerState::Active);
-        let flow = Flow::new();
+        let mut flow = Flow::new();
         let pooling = self.mode == PoolMode::Transaction;
-        flow.release.set(pooling && self.pinned.is_none());
+        flow.release = pooling && self.pinned.is_none();
         // Bring the server's settings to the client's, in the same write as its request.
         let prefix = pooling
             .then(|| state::settings_sql(&self.settings, &server.settings))
@@ -632,15 +630,23 @@ impl<'a> Session<'a> {
             server = server.process_id
         );
         let end = tracing::Instrument::instrument(
-            relay::relay(io, server, &flow, max_message, statements, prefix),
+            relay::relay(
+                &mut io.stream,
+                &mut io.buf,
+                server,
+                &mut flow,
+                max_message,
+                statements,
+                prefix,
+            ),
             span,
         )
         .await;
         tracing::trace!(released = matches!(end, End::Released), "relay ended");
-        if flow.settings_reset.get() {
+        if flow.settings_reset {
             server.settings.clear();
         }
-        let changed = std::mem::take(&mut *flow.settings_changed.lock());
+        let changed = std::mem::take(&mut flow.settings_changed);
         if !changed.is_empty() && matches!(end, End::Released) {
             // What a SET inside the transaction left behind is now this client's own setting:
             // read it back once, and carry it to whichever server the client gets next.
@@ -653,8 +659,8 @@ impl<'a> Session<'a> {
         server.info.set_state(ServerState::Idle);
         slot.set_state(ClientState::Idle);
         g.clients_active.decrement(1.0);
-        g.bytes_to_server.increment(flow.to_server.get());
-        g.bytes_to_client.increment(flow.to_client.get());
+        g.bytes_to_server.increment(flow.to_server);
+        g.bytes_to_client.increment(flow.to_client);
         match end {
             End::Released => {
                 lease.release();

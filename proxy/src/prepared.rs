@@ -4,7 +4,7 @@
 //! tracks what each client prepared (name → [`Statement`]) and names every statement on the
 //! server after a keyed hash of its text and parameter types (`sluice_<hash>`), so clients that
 //! prepare the same statement share it on each server. Each server connection remembers which
-//! of those it has ([`crate::server::Prepared`], bounded, least recently used evicted with a
+//! of those it has ([`ServerStatements`], bounded, least recently used evicted with a
 //! Close). In the client's stream:
 //!
 //! - `Parse(name)` is renamed; when the server already has the statement it is not sent at all
@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::protocol::{ProtocolError, Reader};
+use crate::protocol::frontend::tag;
 
 /// One statement as prepared on servers.
 #[derive(Debug)]
@@ -59,34 +59,14 @@ impl ClientStatements {
     }
 }
 
-/// The parts of a Parse body.
-pub struct ParseMsg<'a> {
-    pub name: &'a str,
-    /// Query text and parameter types, exactly as sent (everything after the name).
-    pub rest: &'a [u8],
-}
-
-pub fn parse_parse(body: &[u8]) -> Result<ParseMsg<'_>, ProtocolError> {
-    let mut r = Reader::new(body, "Parse");
-    let name = r.cstr()?;
-    let rest = r.rest();
-    // The query must be NUL-terminated and the type count present.
-    let mut check = Reader::new(rest, "Parse");
-    check.cbytes()?;
-    let n = check.i16()?;
-    check.bytes(usize::try_from(n).map_err(|_| ProtocolError::Malformed("Parse"))? * 4)?;
-    check.finish()?;
-    Ok(ParseMsg { name, rest })
-}
-
 /// Makes the statement for a Parse body, named by a keyed hash of its text and types.
 pub fn statement(hasher: &impl BuildHasher, rest: &[u8]) -> Statement {
     let mut h = hasher.build_hasher();
     h.write(rest);
     let hash = h.finish();
-    let server_name = crate::server::statement_name(hash);
+    let server_name = statement_name(hash);
     let mut parse = BytesMut::with_capacity(rest.len() + server_name.len() + 6);
-    parse.put_u8(b'P');
+    parse.put_u8(tag::PARSE);
     parse.put_u32((4 + server_name.len() + 1 + rest.len()) as u32);
     parse.put_slice(server_name.as_bytes());
     parse.put_u8(0);
@@ -96,50 +76,6 @@ pub fn statement(hasher: &impl BuildHasher, rest: &[u8]) -> Statement {
         server_name,
         parse: parse.freeze(),
     }
-}
-
-/// Bind's portal and statement names, and where the rest of its body starts.
-pub fn parse_bind(body: &[u8]) -> Result<(&str, &str, usize), ProtocolError> {
-    let mut r = Reader::new(body, "Bind");
-    let portal = r.cstr()?;
-    let stmt = r.cstr()?;
-    let used = portal.len() + stmt.len() + 2;
-    Ok((portal, stmt, used))
-}
-
-/// Describe's or Close's kind (`S` or `P`) and name.
-pub fn parse_target<'a>(
-    body: &'a [u8],
-    what: &'static str,
-) -> Result<(u8, &'a str), ProtocolError> {
-    let mut r = Reader::new(body, what);
-    let kind = r.u8()?;
-    let name = r.cstr()?;
-    r.finish()?;
-    if kind != b'S' && kind != b'P' {
-        return Err(ProtocolError::Malformed(what));
-    }
-    Ok((kind, name))
-}
-
-/// Appends a Bind with its statement name replaced.
-pub fn put_bind(out: &mut BytesMut, portal: &str, stmt: &str, rest: &[u8]) {
-    out.put_u8(b'B');
-    out.put_u32((4 + portal.len() + 1 + stmt.len() + 1 + rest.len()) as u32);
-    out.put_slice(portal.as_bytes());
-    out.put_u8(0);
-    out.put_slice(stmt.as_bytes());
-    out.put_u8(0);
-    out.put_slice(rest);
-}
-
-/// Appends a Describe or Close (`tag`) of a statement or portal.
-pub fn put_target(out: &mut BytesMut, tag: u8, kind: u8, name: &str) {
-    out.put_u8(tag);
-    out.put_u32((4 + 1 + name.len() + 1) as u32);
-    out.put_u8(kind);
-    out.put_slice(name.as_bytes());
-    out.put_u8(0);
 }
 
 /// What a simple Query does to prepared statements.
@@ -195,9 +131,81 @@ pub fn statement_command(sql: &str) -> StatementCommand<'_> {
     }
 }
 
+/// The `sluice_<hash>` statements prepared on one server connection, least recently used
+/// evicted past `cap`.
+#[derive(Debug, Default)]
+pub struct ServerStatements {
+    last_use: HashMap<u64, u64>,
+    tick: u64,
+    cap: usize,
+}
+
+impl ServerStatements {
+    pub fn with_capacity(cap: usize) -> Self {
+        ServerStatements {
+            last_use: HashMap::new(),
+            tick: 0,
+            cap: cap.max(1),
+        }
+    }
+
+    /// Whether the statement is there, marking it used.
+    pub fn touch(&mut self, hash: u64) -> bool {
+        self.tick += 1;
+        match self.last_use.get_mut(&hash) {
+            Some(t) => {
+                *t = self.tick;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Records a statement; returns the one evicted to make room, which the caller closes.
+    pub fn insert(&mut self, hash: u64) -> Option<u64> {
+        self.tick += 1;
+        let evicted = if self.last_use.len() >= self.cap && !self.last_use.contains_key(&hash) {
+            let oldest = self
+                .last_use
+                .iter()
+                .min_by_key(|(_, t)| **t)
+                .map(|(h, _)| *h);
+            oldest.inspect(|h| {
+                self.last_use.remove(h);
+            })
+        } else {
+            None
+        };
+        self.last_use.insert(hash, self.tick);
+        evicted
+    }
+
+    pub fn remove(&mut self, hash: u64) {
+        self.last_use.remove(&hash);
+    }
+
+    pub fn clear(&mut self) {
+        self.last_use.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.last_use.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.last_use.is_empty()
+    }
+}
+
+/// The server-side name of a statement hash.
+pub fn statement_name(hash: u64) -> String {
+    format!("sluice_{hash:016x}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::frontend::parse;
     use std::collections::hash_map::RandomState;
 
     fn body(name: &str, query: &str) -> Vec<u8> {
@@ -212,13 +220,13 @@ mod tests {
         let h = RandomState::new();
         let a = body("a", "select $1");
         let b = body("other", "select $1");
-        let pa = parse_parse(&a).unwrap();
-        let pb = parse_parse(&b).unwrap();
+        let pa = parse(&a).unwrap();
+        let pb = parse(&b).unwrap();
         assert_eq!(pa.name, "a");
         let (sa, sb) = (statement(&h, pa.rest), statement(&h, pb.rest));
         assert_eq!(sa.server_name, sb.server_name);
         assert_ne!(
-            statement(&h, parse_parse(&body("a", "select $2")).unwrap().rest).server_name,
+            statement(&h, parse(&body("a", "select $2")).unwrap().rest).server_name,
             sa.server_name
         );
         // The rebuilt Parse frames correctly.
@@ -226,18 +234,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!((f.tag, n), (b'P', sa.parse.len()));
-        assert_eq!(parse_parse(f.body).unwrap().name, sa.server_name);
-    }
-
-    #[test]
-    fn malformed_messages_are_errors() {
-        assert!(parse_parse(b"a\0select").is_err());
-        assert!(parse_parse(b"a\0select\0\0\x02\0\0\0\x17").is_err());
-        assert!(parse_bind(b"portal").is_err());
-        assert!(parse_target(b"Xname\0", "Describe").is_err());
-        assert!(parse_target(b"S", "Close").is_err());
-        assert_eq!(parse_target(b"Sname\0", "Close").unwrap(), (b'S', "name"));
-        assert_eq!(parse_bind(b"p\0s\0rest").unwrap(), ("p", "s", 4));
+        assert_eq!(parse(f.body).unwrap().name, sa.server_name);
     }
 
     #[test]

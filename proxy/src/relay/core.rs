@@ -1,0 +1,930 @@
+//! The relay's decisions, without I/O: fed the bytes each side has sent, it says what to
+//! forward, what to add or leave out, and when the server may go back to the pool.
+//!
+//! Frame, don't decode: a walk reads the 5-byte headers of the bytes buffered from one side and
+//! forwards everything walked as one run, straight from the caller's buffer (no copy, no
+//! allocation in steady state). Only when a message is rewritten, dropped or answered around
+//! does the walk stage its output in a buffer of its own. A message too large to buffer whole is
+//! streamed: its header is acted on and its body forwarded as it arrives. On the server side
+//! only ReadyForQuery, CopyInResponse and the tags that end a message's response are looked at;
+//! on the client side the tags and, in transaction pooling, the statement names of Parse, Bind,
+//! Describe and Close (see [`crate::prepared`]).
+//!
+//! # When the server goes back to the pool
+//! `pending` counts the requests forwarded that will each end in a ReadyForQuery (Query, Sync,
+//! FunctionCall); `partial` is set while messages have been forwarded since the last of those. A
+//! ReadyForQuery with status `I` that brings `pending` to zero while nothing is `partial` ends the
+//! transaction. A client walk counts a message before it is forwarded, so the release can never
+//! cut a client message in two. Syncs that the server reads during COPY FROM STDIN are ignored by
+//! it and so are not counted.
+//!
+//! # Answers Sluice adds or removes
+//! When statements are rewritten, the client walk queues an [`Entry`] per message sent (or
+//! answered by Sluice itself) and the server walk matches the responses against that queue: a
+//! response that ends an entry sent by Sluice is swallowed, and an entry Sluice answers itself
+//! is answered when its turn comes. An ErrorResponse makes the server skip to the next Sync, so
+//! the queue skips with it.
+
+use std::collections::hash_map::RandomState;
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::prepared::{self, ClientStatements, ServerStatements, Statement, StatementCommand};
+use crate::protocol::backend::{self, tag as be, Out, TxStatus};
+use crate::protocol::frontend::{self, tag as fe, STATEMENT};
+use crate::protocol::{Header, HEADER_LEN};
+use crate::sql::{self, Pin};
+
+/// How a relay ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum End {
+    /// The transaction ended (status `I`, nothing in flight): the server can be reused.
+    Released,
+    /// The client closed its connection or sent Terminate.
+    ClientGone,
+    /// The client broke the protocol; the text is for its FATAL error.
+    ClientProtocol(String),
+    /// The server connection failed or broke the protocol.
+    ServerGone(String),
+}
+
+/// Request tracking: what is in flight, the transaction status, and what the session learns
+/// from the relay when it ends. The session owns it across one relay.
+#[derive(Debug)]
+pub struct Flow {
+    pending: u32,
+    partial: bool,
+    copy_in: bool,
+    syncs_since_execute: u32,
+    status: TxStatus,
+    /// Bytes of a server message still to be forwarded to the client.
+    server_skip: usize,
+    /// Bytes of a client message still to be forwarded to the server: while any remain the
+    /// server is mid-message and must not be released.
+    client_skip: usize,
+    pub to_server: u64,
+    pub to_client: u64,
+    /// The client reset the server's session (`DISCARD ALL`): its settings are the defaults.
+    pub settings_reset: bool,
+    /// Settings the client changed with a session SET inside a transaction block.
+    pub settings_changed: Vec<String>,
+    /// Whether the server goes back to the pool when a transaction ends; cleared by a pin.
+    pub release: bool,
+    /// The first statement seen whose state outlives its transaction.
+    pin: Option<Pin>,
+}
+
+impl Default for Flow {
+    fn default() -> Self {
+        Flow::new()
+    }
+}
+
+impl Flow {
+    pub fn new() -> Self {
+        Flow {
+            pending: 0,
+            partial: false,
+            copy_in: false,
+            syncs_since_execute: 0,
+            status: TxStatus::Idle,
+            server_skip: 0,
+            client_skip: 0,
+            to_server: 0,
+            to_client: 0,
+            settings_reset: false,
+            settings_changed: Vec::new(),
+            release: true,
+            pin: None,
+        }
+    }
+
+    /// Why the session must keep its server, if a statement said so.
+    pub fn pinned(&self) -> Option<Pin> {
+        self.pin
+    }
+
+    /// Keeps the server for the rest of the session; counted and logged once, when it happens.
+    fn pin(&mut self, p: Pin) {
+        if self.pin.is_none() && self.release {
+            self.pin = Some(p);
+            crate::metrics::session_pinned(p.as_str());
+            crate::metrics::global().pinned.increment(1.0);
+            tracing::info!(
+                reason = p.as_str(),
+                "session pinned to its server connection"
+            );
+        }
+        self.release = false;
+    }
+
+    /// The transaction status of the last ReadyForQuery.
+    pub fn status(&self) -> TxStatus {
+        self.status
+    }
+
+    /// Nothing in flight in either direction: the server is between requests.
+    pub fn at_rest(&self) -> bool {
+        self.between_requests() && self.server_skip == 0
+    }
+
+    /// Every request sent has been answered and the client is not inside a message or a COPY:
+    /// the next client byte starts a new request.
+    fn between_requests(&self) -> bool {
+        self.pending == 0 && !self.partial && !self.copy_in && self.client_skip == 0
+    }
+
+    /// Updates the request counters for a client message about to be sent (or `dropped`:
+    /// answered by Sluice itself, or discarded).
+    fn count(&mut self, tag: u8, dropped: bool) {
+        match tag {
+            fe::QUERY | fe::FUNCTION_CALL => {
+                // A Query Sluice answers itself gets its ReadyForQuery from Sluice.
+                if !dropped {
+                    self.pending += 1;
+                }
+                self.partial = false;
+                self.syncs_since_execute = 0;
+            }
+            fe::SYNC => {
+                if !self.copy_in {
+                    self.pending += 1;
+                    self.syncs_since_execute += 1;
+                }
+                self.partial = false;
+            }
+            fe::EXECUTE => {
+                self.syncs_since_execute = 0;
+                self.partial = true;
+            }
+            fe::COPY_DONE | fe::COPY_FAIL => self.copy_in = false,
+            fe::COPY_DATA => {}
+            _ => self.partial = true,
+        }
+    }
+}
+
+/// Named statements to rewrite (transaction pooling), or none (session pooling, where the
+/// client's names live on its own server).
+pub struct Statements<'a> {
+    pub client: &'a mut ClientStatements,
+    pub hasher: &'a RandomState,
+    /// Refuse statements whose state outlives the transaction instead of pinning.
+    pub reject_session_state: bool,
+}
+
+/// The extended-protocol messages whose responses are tracked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Parse,
+    Bind,
+    Close,
+    Describe,
+    Execute,
+    Sync,
+    Query,
+    FunctionCall,
+}
+
+impl Kind {
+    fn of(tag: u8) -> Option<Kind> {
+        Some(match tag {
+            fe::PARSE => Kind::Parse,
+            fe::BIND => Kind::Bind,
+            fe::CLOSE => Kind::Close,
+            fe::DESCRIBE => Kind::Describe,
+            fe::EXECUTE => Kind::Execute,
+            fe::SYNC => Kind::Sync,
+            fe::QUERY => Kind::Query,
+            fe::FUNCTION_CALL => Kind::FunctionCall,
+            _ => return None,
+        })
+    }
+
+    /// Whether a response with `tag` is the last one for this message.
+    fn ends_with(self, tag: u8) -> bool {
+        match self {
+            Kind::Parse => tag == be::PARSE_COMPLETE,
+            Kind::Bind => tag == be::BIND_COMPLETE,
+            Kind::Close => tag == be::CLOSE_COMPLETE,
+            Kind::Describe => matches!(tag, be::ROW_DESCRIPTION | be::NO_DATA),
+            Kind::Execute => matches!(
+                tag,
+                be::COMMAND_COMPLETE | be::EMPTY_QUERY_RESPONSE | be::PORTAL_SUSPENDED
+            ),
+            Kind::Sync | Kind::Query | Kind::FunctionCall => tag == be::READY_FOR_QUERY,
+        }
+    }
+}
+
+/// Server messages that can end a message's response, after which Sluice may add answers.
+fn ends_a_response(tag: u8) -> bool {
+    matches!(
+        tag,
+        be::PARSE_COMPLETE
+            | be::BIND_COMPLETE
+            | be::CLOSE_COMPLETE
+            | be::ROW_DESCRIPTION
+            | be::NO_DATA
+            | be::COMMAND_COMPLETE
+            | be::EMPTY_QUERY_RESPONSE
+            | be::PORTAL_SUSPENDED
+            | be::ERROR_RESPONSE
+            | be::READY_FOR_QUERY
+    )
+}
+
+/// Messages whose bodies the client walk reads when rewriting statements.
+fn needs_look(tag: u8) -> bool {
+    matches!(
+        tag,
+        fe::PARSE | fe::BIND | fe::DESCRIBE | fe::CLOSE | fe::QUERY
+    )
+}
+
+#[derive(Debug)]
+enum Action {
+    /// Sent for the client: its responses go to the client.
+    Forward,
+    /// Sent by Sluice: its closing response is swallowed (errors still reach the client).
+    Swallow,
+    /// Answered by Sluice with these bytes when its turn comes.
+    Inject(Bytes),
+}
+
+/// One message in flight, in the order sent.
+#[derive(Debug)]
+struct Entry {
+    kind: Kind,
+    action: Action,
+    /// A Parse that registered (client name, hash): undone if the server refuses it.
+    registered: Option<(String, u64)>,
+    /// A `DISCARD ALL`/`DEALLOCATE ALL` that empties the server's statements if it succeeds.
+    clears_server: bool,
+    errored: bool,
+}
+
+impl Entry {
+    fn new(kind: Kind, action: Action) -> Self {
+        Entry {
+            kind,
+            action,
+            registered: None,
+            clears_server: false,
+            errored: false,
+        }
+    }
+}
+
+/// Statement bookkeeping and the response queue (transaction pooling only).
+struct Tracker<'a> {
+    queue: VecDeque<Entry>,
+    reject_session_state: bool,
+    /// After refusing a Parse, the client's messages up to its Sync are dropped, as the server
+    /// would after an error.
+    discarding: bool,
+    /// The client ran `DISCARD ALL`/`DEALLOCATE ALL`: the server's settings are its defaults.
+    settings_reset: bool,
+    client: &'a mut ClientStatements,
+    server: &'a mut ServerStatements,
+    hasher: &'a RandomState,
+}
+
+/// What a walk does with one message.
+enum Verdict {
+    /// Forward the message (as much of it as is buffered), with these answers of Sluice's own
+    /// before and after it (`after` only for a whole message).
+    Pass { before: Bytes, after: Bytes },
+    /// Forward these bytes in its place (possibly none).
+    Replace(Bytes),
+    /// Stop before this message until `usize` bytes of it are buffered.
+    Wait(usize),
+    /// Stop before this message and end the walk (the client's Terminate).
+    Stop,
+}
+
+const PASS: Verdict = Verdict::Pass {
+    before: Bytes::new(),
+    after: Bytes::new(),
+};
+
+/// The outcome of one walk over a side's buffered bytes.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Walked {
+    /// Bytes of the buffer consumed: the caller advances past them once the output is written.
+    pub used: usize,
+    /// The output is [`Core::staged_for_server`]/[`Core::staged_for_client`], not `buf[..used]`.
+    pub staged: bool,
+    /// Room the buffer needs from its new start before the walk can go on (a whole message).
+    pub need: usize,
+    /// Server walk: a ReadyForQuery ended a request; once the output is written the caller asks
+    /// [`Core::releasable`].
+    pub ready: bool,
+    /// Client walk: the client said goodbye after `used` bytes.
+    pub terminate: bool,
+}
+
+/// One direction's walk state: the rest of a message being streamed, and the staged output.
+#[derive(Default)]
+struct Walker {
+    staged: BytesMut,
+}
+
+impl Walker {
+    /// Walks the headers in `buf` from a message boundary, `skip` bytes of a streamed message
+    /// first, asking `decide` about each message (given its header and what is buffered of it).
+    fn walk(
+        &mut self,
+        buf: &[u8],
+        skip: &mut usize,
+        max_message: Option<usize>,
+        gone: fn(String) -> End,
+        mut decide: impl FnMut(Header, &[u8]) -> Result<Verdict, End>,
+    ) -> Result<Walked, End> {
+        let mut out = Walked::default();
+        let mut pos = 0;
+        // Start of the bytes walked but not yet copied to `staged` (once staging).
+        let mut run_start = 0;
+        loop {
+            if *skip > 0 {
+                let n = (*skip).min(buf.len() - pos);
+                pos += n;
+                *skip -= n;
+                if *skip > 0 {
+                    break;
+                }
+            }
+            let h = match Header::peek(&buf[pos..]) {
+                Ok(Some(h)) => h,
+                Ok(None) => break,
+                Err(e) => return Err(gone(e.to_string())),
+            };
+            if let Some(max) = max_message.filter(|max| h.total() > *max) {
+                return Err(End::ClientProtocol(format!(
+                    "message of type '{}' is {} bytes, over the limit of {max} (max_message_bytes)",
+                    char::from(h.tag),
+                    h.total()
+                )));
+            }
+            let end = (pos + h.total()).min(buf.len());
+            match decide(h, &buf[pos..end])? {
+                Verdict::Wait(need) => {
+                    out.need = need;
+                    break;
+                }
+                Verdict::Stop => {
+                    out.terminate = true;
+                    break;
+                }
+                Verdict::Pass { before, after } => {
+                    if !before.is_empty() || !after.is_empty() {
+                        self.stage(&mut out, &buf[run_start..pos]);
+                        self.staged.extend_from_slice(&before);
+                        self.staged.extend_from_slice(&buf[pos..end]);
+                        self.staged.extend_from_slice(&after);
+                        run_start = end;
+                    }
+                    *skip = h.total() - (end - pos);
+                    pos = end;
+                }
+                Verdict::Replace(bytes) => {
+                    self.stage(&mut out, &buf[run_start..pos]);
+                    self.staged.extend_from_slice(&bytes);
+                    // Replaced messages are always whole.
+                    pos = end;
+                    run_start = pos;
+                }
+            }
+        }
+        if out.staged {
+            self.staged.extend_from_slice(&buf[run_start..pos]);
+        }
+        out.used = pos;
+        Ok(out)
+    }
+
+    /// Switches the walk's output to the staging buffer, with the run walked so far.
+    fn stage(&mut self, out: &mut Walked, run: &[u8]) {
+        if !out.staged {
+            self.staged.clear();
+            out.staged = true;
+        }
+        self.staged.extend_from_slice(run);
+    }
+}
+
+/// The relay's state for one transaction (or, pinned, one session).
+pub struct Core<'a> {
+    flow: &'a mut Flow,
+    max_message: usize,
+    tracker: Option<Tracker<'a>>,
+    client: Walker,
+    server: Walker,
+}
+
+impl<'a> Core<'a> {
+    /// A relay over a server holding `on_server`; `statements` when names are rewritten
+    /// (transaction pooling).
+    pub fn new(
+        flow: &'a mut Flow,
+        max_message: usize,
+        statements: Option<Statements<'a>>,
+        on_server: &'a mut ServerStatements,
+    ) -> Self {
+        let tracker = statements.map(|s| Tracker {
+            // Room for a typical extended-protocol batch without growing.
+            queue: VecDeque::with_capacity(8),
+            reject_session_state: s.reject_session_state,
+            discarding: false,
+            settings_reset: false,
+            client: s.client,
+            server: on_server,
+            hasher: s.hasher,
+        });
+        Core {
+            flow,
+            max_message,
+            tracker,
+            client: Walker::default(),
+            server: Walker::default(),
+        }
+    }
+
+    /// Sluice sends a Query of its own first (the client's settings): its answers are
+    /// swallowed. Only when statements are tracked.
+    pub fn prefix(&mut self) {
+        if let Some(t) = &mut self.tracker {
+            t.queue.push_back(Entry::new(Kind::Query, Action::Swallow));
+        }
+    }
+
+    /// The output of the last client walk that said `staged`.
+    pub fn staged_for_server(&self) -> &[u8] {
+        &self.client.staged
+    }
+
+    /// The output of the last server walk (or [`Core::take_due`]) that said `staged`.
+    pub fn staged_for_client(&self) -> &[u8] {
+        &self.server.staged
+    }
+
+    pub fn flow(&self) -> &Flow {
+        self.flow
+    }
+
+    /// Counts bytes written to each side.
+    pub fn wrote(&mut self, to_server: usize, to_client: usize) {
+        self.flow.to_server += to_server as u64;
+        self.flow.to_client += to_client as u64;
+    }
+
+    /// Walks the client's buffered bytes (from where the last walk's `used` ended).
+    pub fn client(&mut self, buf: &[u8]) -> Result<Walked, End> {
+        let Core {
+            flow,
+            tracker,
+            client,
+            max_message,
+            ..
+        } = self;
+        let mut skip = flow.client_skip;
+        let walked = client.walk(
+            buf,
+            &mut skip,
+            Some(*max_message),
+            End::ClientProtocol,
+            |h, msg| {
+                if h.tag == fe::TERMINATE {
+                    return Ok(Verdict::Stop);
+                }
+                let whole = msg.len() == h.total();
+                let mut verdict = PASS;
+                if let Some(t) = tracker {
+                    let mut drop = false;
+                    if t.discarding {
+                        if h.tag == fe::SYNC {
+                            t.discarding = false;
+                        } else if whole {
+                            drop = true;
+                        } else {
+                            return Ok(Verdict::Wait(h.total()));
+                        }
+                    }
+                    if drop {
+                        verdict = Verdict::Replace(Bytes::new());
+                    } else if needs_look(h.tag) {
+                        if !whole {
+                            return Ok(Verdict::Wait(h.total()));
+                        }
+                        let body = &msg[HEADER_LEN..];
+                        if let Some(v) = look(t, flow, h.tag, body).map_err(End::ClientProtocol)? {
+                            verdict = v;
+                        }
+                    } else if let Some(kind) = Kind::of(h.tag) {
+                        t.queue.push_back(Entry::new(kind, Action::Forward));
+                    }
+                }
+                // A message replaced by nothing is dropped: answered by Sluice, or discarded.
+                let dropped = matches!(&verdict, Verdict::Replace(b) if b.is_empty());
+                flow.count(h.tag, dropped);
+                Ok(verdict)
+            },
+        )?;
+        flow.client_skip = skip;
+        Ok(walked)
+    }
+
+    /// Walks the server's buffered bytes (from where the last walk's `used` ended).
+    pub fn server(&mut self, buf: &[u8]) -> Result<Walked, End> {
+        let Core {
+            flow,
+            tracker,
+            server,
+            ..
+        } = self;
+        let mut skip = flow.server_skip;
+        let mut ready = false;
+        let mut walked = server.walk(buf, &mut skip, None, End::ServerGone, |h, msg| {
+            let whole = msg.len() == h.total();
+            if h.tag == be::READY_FOR_QUERY && !whole {
+                return Ok(Verdict::Wait(h.total()));
+            }
+            let mut verdict = PASS;
+            if let Some(t) = tracker.as_mut() {
+                let swallowing = t
+                    .queue
+                    .front()
+                    .is_some_and(|e| e.kind == Kind::Query && matches!(e.action, Action::Swallow));
+                if (swallowing || ends_a_response(h.tag)) && !whole {
+                    // Answers of Sluice's own may follow it: take it whole.
+                    return Ok(Verdict::Wait(h.total()));
+                }
+                let (swallow, before, after) = respond(t, h.tag);
+                if swallow {
+                    // Not the client's: it changes nothing the client sees.
+                    let mut out = BytesMut::with_capacity(before.len() + after.len());
+                    out.extend_from_slice(&before);
+                    out.extend_from_slice(&after);
+                    return Ok(Verdict::Replace(out.freeze()));
+                }
+                verdict = Verdict::Pass { before, after };
+            }
+            match h.tag {
+                be::READY_FOR_QUERY => {
+                    let status = backend::ready_for_query_status(&msg[HEADER_LEN..])
+                        .map_err(|e| End::ServerGone(e.to_string()))?;
+                    flow.status = status;
+                    flow.pending = flow.pending.saturating_sub(1);
+                    ready = true;
+                }
+                be::COPY_IN_RESPONSE => {
+                    // Syncs sent after the Execute that started this COPY are read by the server
+                    // in copy mode and ignored: they will get no ReadyForQuery.
+                    let ignored = std::mem::take(&mut flow.syncs_since_execute);
+                    flow.pending = flow.pending.saturating_sub(ignored);
+                    flow.copy_in = true;
+                    if let Some(t) = tracker.as_mut() {
+                        let mut first = true;
+                        t.queue.retain(|e| {
+                            std::mem::replace(&mut first, false) || e.kind != Kind::Sync
+                        });
+                    }
+                }
+                _ => {}
+            }
+            Ok(verdict)
+        })?;
+        flow.server_skip = skip;
+        walked.ready = ready;
+        Ok(walked)
+    }
+
+    /// Stages the answers of Sluice's own that nothing from the server is ahead of (a request
+    /// Sluice answered whole); true when there are any, in [`Core::staged_for_client`].
+    pub fn take_due(&mut self) -> bool {
+        let Some(t) = &mut self.tracker else {
+            return false;
+        };
+        if !matches!(
+            t.queue.front(),
+            Some(Entry {
+                action: Action::Inject(_),
+                ..
+            })
+        ) {
+            return false;
+        }
+        self.server.staged.clear();
+        take_injections(t, &mut self.server.staged);
+        true
+    }
+
+    /// Whether the server may go back to the pool now that the client has been sent everything
+    /// walked: the transaction is over, nothing is in flight or owed by either side. The caller
+    /// checks that no server bytes are left unwalked.
+    pub fn releasable(&self) -> bool {
+        let owed = self.tracker.as_ref().is_some_and(|t| !t.queue.is_empty());
+        self.flow.release
+            && self.flow.status == TxStatus::Idle
+            && self.flow.between_requests()
+            && self.flow.server_skip == 0
+            && !owed
+    }
+}
+
+/// Hands what the session must know back to the flow, however the relay ended.
+impl Drop for Core<'_> {
+    fn drop(&mut self) {
+        if let Some(t) = &self.tracker {
+            // An entry still queued means the server owes responses: it is not at rest.
+            if !t.queue.is_empty() {
+                self.flow.partial = true;
+            }
+            if t.settings_reset {
+                self.flow.settings_reset = true;
+            }
+        }
+    }
+}
+
+fn parse_complete() -> Bytes {
+    Bytes::from_static(&[be::PARSE_COMPLETE, 0, 0, 0, 4])
+}
+
+fn close_complete() -> Bytes {
+    Bytes::from_static(&[be::CLOSE_COMPLETE, 0, 0, 0, 4])
+}
+
+/// Makes sure the server has `stmt`, appending (and queueing) a Close for an evicted statement
+/// and a Parse when it lacks it.
+fn ensure(t: &mut Tracker<'_>, stmt: &Statement, out: &mut BytesMut) {
+    if t.server.touch(stmt.hash) {
+        return;
+    }
+    if let Some(old) = t.server.insert(stmt.hash) {
+        frontend::put_target(out, fe::CLOSE, STATEMENT, &prepared::statement_name(old));
+        t.queue.push_back(Entry::new(Kind::Close, Action::Swallow));
+    }
+    out.extend_from_slice(&stmt.parse);
+    let mut e = Entry::new(Kind::Parse, Action::Swallow);
+    e.registered = Some((String::new(), stmt.hash));
+    t.queue.push_back(e);
+}
+
+/// Looks into a whole Parse, Bind, Describe, Close or Query: what to send instead, if not the
+/// message itself.
+fn look(
+    t: &mut Tracker<'_>,
+    flow: &mut Flow,
+    tag: u8,
+    body: &[u8],
+) -> Result<Option<Verdict>, String> {
+    let err = |e: crate::protocol::ProtocolError| e.to_string();
+    match tag {
+        fe::PARSE => {
+            let p = frontend::parse(body).map_err(err)?;
+            let text = &p.rest[..memchr::memchr(0, p.rest).unwrap_or(p.rest.len())];
+            let pin = match std::str::from_utf8(text) {
+                Ok(sql) => sql::pins(sql),
+                Err(_) => sql::pins(&String::from_utf8_lossy(text)),
+            };
+            if let Some(pin) = pin {
+                if t.reject_session_state {
+                    t.discarding = true;
+                    t.queue
+                        .push_back(Entry::new(Kind::Parse, Action::Inject(refusal(pin, None))));
+                    return Ok(Some(Verdict::Replace(Bytes::new())));
+                }
+                flow.pin(pin);
+            }
+            if p.name.is_empty() {
+                t.queue.push_back(Entry::new(Kind::Parse, Action::Forward));
+                return Ok(None);
+            }
+            let stmt = Arc::new(prepared::statement(t.hasher, p.rest));
+            let name = p.name.to_string();
+            tracing::trace!(%name, server_name = %stmt.server_name, on_server = t.server.len(), "client Parse");
+            t.client.insert(name.clone(), stmt.clone());
+            if t.server.touch(stmt.hash) {
+                t.queue
+                    .push_back(Entry::new(Kind::Parse, Action::Inject(parse_complete())));
+                return Ok(Some(Verdict::Replace(Bytes::new())));
+            }
+            let mut out = BytesMut::new();
+            if let Some(old) = t.server.insert(stmt.hash) {
+                frontend::put_target(
+                    &mut out,
+                    fe::CLOSE,
+                    STATEMENT,
+                    &prepared::statement_name(old),
+                );
+                t.queue.push_back(Entry::new(Kind::Close, Action::Swallow));
+            }
+            out.extend_from_slice(&stmt.parse);
+            let mut e = Entry::new(Kind::Parse, Action::Forward);
+            e.registered = Some((name, stmt.hash));
+            t.queue.push_back(e);
+            Ok(Some(Verdict::Replace(out.freeze())))
+        }
+        fe::BIND => {
+            let (portal, name, used) = frontend::bind(body).map_err(err)?;
+            let Some(stmt) = (!name.is_empty())
+                .then(|| t.client.get(name).cloned())
+                .flatten()
+            else {
+                t.queue.push_back(Entry::new(Kind::Bind, Action::Forward));
+                return Ok(None);
+            };
+            let mut out = BytesMut::new();
+            ensure(t, &stmt, &mut out);
+            frontend::put_bind(&mut out, portal, &stmt.server_name, &body[used..]);
+            t.queue.push_back(Entry::new(Kind::Bind, Action::Forward));
+            Ok(Some(Verdict::Replace(out.freeze())))
+        }
+        fe::DESCRIBE => {
+            let (kind, name) = frontend::target(body, "Describe").map_err(err)?;
+            let stmt = (kind == STATEMENT && !name.is_empty())
+                .then(|| t.client.get(name).cloned())
+                .flatten();
+            let Some(stmt) = stmt else {
+                t.queue
+                    .push_back(Entry::new(Kind::Describe, Action::Forward));
+                return Ok(None);
+            };
+            let mut out = BytesMut::new();
+            ensure(t, &stmt, &mut out);
+            frontend::put_target(&mut out, fe::DESCRIBE, STATEMENT, &stmt.server_name);
+            t.queue
+                .push_back(Entry::new(Kind::Describe, Action::Forward));
+            Ok(Some(Verdict::Replace(out.freeze())))
+        }
+        fe::CLOSE => {
+            let (kind, name) = frontend::target(body, "Close").map_err(err)?;
+            if kind == STATEMENT && !name.is_empty() {
+                // The server keeps its copy, shared with other clients; the client forgets.
+                t.client.remove(name);
+                t.queue
+                    .push_back(Entry::new(Kind::Close, Action::Inject(close_complete())));
+                return Ok(Some(Verdict::Replace(Bytes::new())));
+            }
+            t.queue.push_back(Entry::new(Kind::Close, Action::Forward));
+            Ok(None)
+        }
+        fe::QUERY => {
+            let sql = frontend::query(body).map_err(err)?;
+            // A session SET inside a transaction block does not pin: the session reads back what
+            // the transaction left (see `Flow::settings_changed`) and carries it as its own.
+            let in_block = flow.status != TxStatus::Idle;
+            let set_names = if in_block { sql::set_names(sql) } else { None };
+            if let Some(names) = set_names {
+                flow.settings_changed.extend(names);
+            } else if let Some(pin) = sql::pins(sql) {
+                tracing::trace!(
+                    reason = pin.as_str(),
+                    reject = t.reject_session_state,
+                    "session state in a Query"
+                );
+                if t.reject_session_state {
+                    t.queue.push_back(Entry::new(
+                        Kind::Query,
+                        Action::Inject(refusal(pin, Some(flow.status))),
+                    ));
+                    return Ok(Some(Verdict::Replace(Bytes::new())));
+                }
+                flow.pin(pin);
+            }
+            match prepared::statement_command(sql) {
+                StatementCommand::ForgetAll => {
+                    t.client.clear();
+                    let mut e = Entry::new(Kind::Query, Action::Forward);
+                    e.clears_server = true;
+                    t.queue.push_back(e);
+                    Ok(None)
+                }
+                StatementCommand::Forget(name) if t.client.remove(name).is_some() => {
+                    let mut answer = BytesMut::new();
+                    Out::command_complete(&mut answer, "DEALLOCATE");
+                    Out::ready_for_query(&mut answer, flow.status);
+                    t.queue
+                        .push_back(Entry::new(Kind::Query, Action::Inject(answer.freeze())));
+                    Ok(Some(Verdict::Replace(Bytes::new())))
+                }
+                _ => {
+                    t.queue.push_back(Entry::new(Kind::Query, Action::Forward));
+                    Ok(None)
+                }
+            }
+        }
+        _ => Ok(None),
+    }
+}
+
+/// The ErrorResponse (and ReadyForQuery, for a simple Query) refusing a statement whose state
+/// would outlive its transaction (`on_session_state = "reject"`).
+fn refusal(pin: Pin, ready: Option<TxStatus>) -> Bytes {
+    let mut out = BytesMut::new();
+    let fields = backend::ErrorFields {
+        severity: "ERROR".into(),
+        code: crate::protocol::sqlstate::FEATURE_NOT_SUPPORTED.into(),
+        message: format!("{} is not supported in transaction pooling: its effect would outlive the transaction and reach other clients", pin.describe()),
+        detail: Some("Sluice is configured with on_session_state = \"reject\". The statement was not executed.".into()),
+        hint: Some(format!("Instead, {}.", pin.advice())),
+    };
+    Out::error_fields(&mut out, be::ERROR_RESPONSE, &fields);
+    if let Some(status) = ready {
+        Out::ready_for_query(&mut out, status);
+    }
+    out.freeze()
+}
+
+/// Pops the answers of Sluice's own at the head of the queue into `out`.
+fn take_injections(t: &mut Tracker<'_>, out: &mut BytesMut) {
+    while let Some(Entry {
+        action: Action::Inject(_),
+        ..
+    }) = t.queue.front()
+    {
+        if let Some(Entry {
+            action: Action::Inject(b),
+            ..
+        }) = t.queue.pop_front()
+        {
+            out.extend_from_slice(&b);
+        }
+    }
+}
+
+/// Takes the answers of Sluice's own at the head of the queue, if any.
+fn injections(t: &mut Tracker<'_>) -> Bytes {
+    if !matches!(
+        t.queue.front(),
+        Some(Entry {
+            action: Action::Inject(_),
+            ..
+        })
+    ) {
+        return Bytes::new();
+    }
+    let mut out = BytesMut::new();
+    take_injections(t, &mut out);
+    out.freeze()
+}
+
+/// Matches one server message (by tag) against the queue: whether to swallow it, and the
+/// answers of Sluice's own due before and after it.
+fn respond(t: &mut Tracker<'_>, tag: u8) -> (bool, Bytes, Bytes) {
+    tracing::trace!(tag = %char::from(tag), queue = ?t.queue.iter().map(|e| (e.kind, matches!(e.action, Action::Swallow), matches!(e.action, Action::Inject(_)))).collect::<Vec<_>>(), "server message");
+    let before = injections(t);
+    let Some(head) = t.queue.front_mut() else {
+        // Notices, notifications and parameter changes come at any time.
+        return (false, before, Bytes::new());
+    };
+    if head.kind == Kind::Query && matches!(head.action, Action::Swallow) {
+        // Sluice's own statements: everything they answer is swallowed, errors included.
+        if tag == be::ERROR_RESPONSE {
+            tracing::warn!("a statement Sluice sent to apply client settings failed");
+        }
+        let mut after = Bytes::new();
+        if tag == be::READY_FOR_QUERY {
+            t.queue.pop_front();
+            after = injections(t);
+        }
+        return (true, before, after);
+    }
+    if tag == be::ERROR_RESPONSE {
+        head.errored = true;
+        if matches!(head.kind, Kind::Query | Kind::FunctionCall) {
+            return (false, before, Bytes::new());
+        }
+        // The server skips everything up to the next Sync: so does the queue.
+        while let Some(e) = t.queue.front() {
+            if e.kind == Kind::Sync {
+                break;
+            }
+            if let Some(e) = t.queue.pop_front() {
+                // A statement the server refused (or skipped) is not there after all.
+                if let Some((name, hash)) = e.registered {
+                    if !name.is_empty() {
+                        t.client.remove(&name);
+                    }
+                    t.server.remove(hash);
+                }
+            }
+        }
+        return (false, before, Bytes::new());
+    }
+    if !head.kind.ends_with(tag) {
+        return (false, before, Bytes::new());
+    }
+    let Some(entry) = t.queue.pop_front() else {
+        return (false, before, Bytes::new());
+    };
+    if entry.clears_server && !entry.errored {
+        t.server.clear();
+        t.settings_reset = true;
+    }
+    let after = injections(t);
+    (matches!(entry.action, Action::Swallow), before, after)
+}

@@ -1,0 +1,345 @@
+//! The relay: client ⇄ server bytes while a client holds a server connection.
+//!
+//! [`core`] decides what to forward, add, leave out, and when the server may go back to the
+//! pool; this module only moves bytes. Both directions are driven by one hand-written poll in
+//! one task, so neither side can deadlock the other by filling a socket buffer while Sluice waits
+//! to write the opposite way, and the core is held by `&mut` (no locks, no atomics). Each
+//! direction is either reading (then walking what arrived) or writing the output of its last
+//! walk; its input buffer is advanced past the walked bytes once they are written.
+
+pub mod core;
+
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+pub use self::core::{Core, End, Flow, Statements, Walked};
+use crate::prepared::ServerStatements;
+use crate::server::{ServerConn, READ_BUFFER};
+use crate::stream::Stream;
+
+/// Relays until one of the [`End`]s. With `flow.release` false (session pooling, pinned
+/// clients) the relay only ends when one side goes away. `prefix` is a Query Sluice sends first
+/// (the client's settings), whose answers are swallowed; only with `statements`.
+pub async fn relay(
+    client: &mut Stream,
+    client_buf: &mut BytesMut,
+    server: &mut ServerConn,
+    flow: &mut Flow,
+    max_message: usize,
+    statements: Option<Statements<'_>>,
+    prefix: Option<Bytes>,
+) -> End {
+    let ends = Ends {
+        client,
+        client_buf,
+        server: &mut server.stream,
+        server_buf: &mut server.buf,
+        on_server: &mut server.prepared,
+    };
+    relay_streams(ends, flow, max_message, statements, prefix).await
+}
+
+/// The two ends of a relay: each side's stream and read buffer, and the statements prepared on
+/// the server.
+pub struct Ends<'a, C, S> {
+    pub client: &'a mut C,
+    pub client_buf: &'a mut BytesMut,
+    pub server: &'a mut S,
+    pub server_buf: &'a mut BytesMut,
+    pub on_server: &'a mut ServerStatements,
+}
+
+/// [`relay`] over any streams (benchmarks drive it over in-memory pipes).
+pub async fn relay_streams<C, S>(
+    ends: Ends<'_, C, S>,
+    flow: &mut Flow,
+    max_message: usize,
+    statements: Option<Statements<'_>>,
+    prefix: Option<Bytes>,
+) -> End
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let prefix = prefix.filter(|_| statements.is_some());
+    let mut core = Core::new(flow, max_message, statements, ends.on_server);
+    let up = match prefix {
+        Some(p) => {
+            core.prefix();
+            Direction::writing(Output::Prefix(p), 0)
+        }
+        None => Direction::walking(),
+    };
+    let mut shell = Shell {
+        core,
+        client: ends.client,
+        cbuf: ends.client_buf,
+        server: ends.server,
+        sbuf: ends.server_buf,
+        up,
+        down: Direction::walking(),
+    };
+    poll_fn(|cx| shell.poll(cx)).await
+}
+
+/// Where the bytes of a write come from.
+enum Output {
+    /// The first `n` bytes of the direction's input buffer, as walked.
+    Buffer(usize),
+    /// The core's staged output for this direction.
+    Staged,
+    /// Bytes of their own (the settings prefix).
+    Prefix(Bytes),
+}
+
+/// One direction's state.
+enum Step {
+    /// Walk what is buffered (just read, or left after a write).
+    Walk,
+    /// Read more.
+    Read,
+    /// Write `output` (`written` bytes of it so far), then flush and advance the input buffer
+    /// by `used`.
+    Write {
+        output: Output,
+        written: usize,
+        used: usize,
+    },
+}
+
+struct Direction {
+    step: Step,
+    /// Room the input buffer must have for the next read (a whole message the walk waits for).
+    need: usize,
+    /// After this write: the walk saw a ReadyForQuery, or Sluice's own answers went out; the
+    /// server may be releasable.
+    check_release: bool,
+    /// After this write: the client said goodbye.
+    terminate: bool,
+}
+
+impl Direction {
+    fn walking() -> Self {
+        Direction {
+            step: Step::Walk,
+            need: 0,
+            check_release: false,
+            terminate: false,
+        }
+    }
+
+    fn writing(output: Output, used: usize) -> Self {
+        Direction {
+            step: Step::Write {
+                output,
+                written: 0,
+                used,
+            },
+            ..Direction::walking()
+        }
+    }
+
+    /// Sets up the write of a walk's output (or, with nothing to write, goes on reading).
+    fn walked(&mut self, w: Walked, staged_len: usize, buf: &mut BytesMut) {
+        self.need = w.need;
+        let len = if w.staged { staged_len } else { w.used };
+        if len == 0 && !w.terminate && !w.ready {
+            buf.advance(w.used);
+            self.step = Step::Read;
+            return;
+        }
+        self.check_release = w.ready;
+        self.terminate = w.terminate;
+        self.step = Step::Write {
+            output: if w.staged {
+                Output::Staged
+            } else {
+                Output::Buffer(w.used)
+            },
+            written: 0,
+            used: w.used,
+        };
+    }
+}
+
+/// What follows a write: walking what is left (a message the walk waits for), or reading.
+fn after_write(buf: &BytesMut) -> Step {
+    if buf.is_empty() {
+        Step::Read
+    } else {
+        Step::Walk
+    }
+}
+
+struct Shell<'a, C, S> {
+    core: Core<'a>,
+    client: &'a mut C,
+    cbuf: &'a mut BytesMut,
+    server: &'a mut S,
+    sbuf: &'a mut BytesMut,
+    /// Client → server.
+    up: Direction,
+    /// Server → client.
+    down: Direction,
+}
+
+/// What one poll of a direction did: `Ready(Ok)` made progress (poll again), `Pending` waits
+/// for a waker already registered.
+type Progress = Poll<Result<(), End>>;
+
+impl<C, S> Shell<'_, C, S>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<End> {
+        loop {
+            let up = self.poll_up(cx);
+            if let Poll::Ready(Err(end)) = up {
+                return Poll::Ready(end);
+            }
+            let down = self.poll_down(cx);
+            if let Poll::Ready(Err(end)) = down {
+                return Poll::Ready(end);
+            }
+            if up.is_pending() && down.is_pending() {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    /// Client → server.
+    fn poll_up(&mut self, cx: &mut Context<'_>) -> Progress {
+        match &mut self.up.step {
+            Step::Walk => {
+                let w = self.core.client(self.cbuf)?;
+                let staged = self.core.staged_for_server().len();
+                self.up.walked(w, staged, self.cbuf);
+                Poll::Ready(Ok(()))
+            }
+            Step::Read => {
+                let room = READ_BUFFER.max(self.up.need.saturating_sub(self.cbuf.len()));
+                self.cbuf.reserve(room);
+                match ready!(tokio_util::io::poll_read_buf(
+                    Pin::new(&mut *self.client),
+                    cx,
+                    self.cbuf
+                )) {
+                    Ok(0) | Err(_) => Poll::Ready(Err(End::ClientGone)),
+                    Ok(_) => {
+                        self.up.step = Step::Walk;
+                        Poll::Ready(Ok(()))
+                    }
+                }
+            }
+            Step::Write {
+                output,
+                written,
+                used,
+            } => {
+                let bytes = match output {
+                    Output::Buffer(n) => &self.cbuf[..*n],
+                    Output::Staged => self.core.staged_for_server(),
+                    Output::Prefix(p) => &p[..],
+                };
+                let failed = || End::ServerGone("write to server failed".into());
+                if *written < bytes.len() {
+                    match ready!(Pin::new(&mut *self.server).poll_write(cx, &bytes[*written..])) {
+                        Ok(0) | Err(_) => return Poll::Ready(Err(failed())),
+                        Ok(n) => *written += n,
+                    }
+                    return Poll::Ready(Ok(()));
+                }
+                // A TLS stream may keep the last records inside rustls until flushed.
+                if ready!(Pin::new(&mut *self.server).poll_flush(cx)).is_err() {
+                    return Poll::Ready(Err(failed()));
+                }
+                let (len, used) = (bytes.len(), *used);
+                self.core.wrote(len, 0);
+                self.cbuf.advance(used);
+                if self.up.terminate {
+                    self.cbuf.clear();
+                    return Poll::Ready(Err(End::ClientGone));
+                }
+                self.up.step = after_write(self.cbuf);
+                Poll::Ready(Ok(()))
+            }
+        }
+    }
+
+    /// Server → client.
+    fn poll_down(&mut self, cx: &mut Context<'_>) -> Progress {
+        match &mut self.down.step {
+            Step::Walk => {
+                let w = self.core.server(self.sbuf)?;
+                let staged = self.core.staged_for_client().len();
+                self.down.walked(w, staged, self.sbuf);
+                Poll::Ready(Ok(()))
+            }
+            Step::Read => {
+                if self.core.take_due() {
+                    // Answers of Sluice's own with nothing ahead of them from the server.
+                    self.down.step = Step::Write {
+                        output: Output::Staged,
+                        written: 0,
+                        used: 0,
+                    };
+                    self.down.check_release = true;
+                    return Poll::Ready(Ok(()));
+                }
+                let room = READ_BUFFER.max(self.down.need.saturating_sub(self.sbuf.len()));
+                self.sbuf.reserve(room);
+                match ready!(tokio_util::io::poll_read_buf(
+                    Pin::new(&mut *self.server),
+                    cx,
+                    self.sbuf
+                )) {
+                    Ok(0) => Poll::Ready(Err(End::ServerGone(
+                        "server closed the connection unexpectedly".into(),
+                    ))),
+                    Err(e) => Poll::Ready(Err(End::ServerGone(e.to_string()))),
+                    Ok(_) => {
+                        self.down.step = Step::Walk;
+                        Poll::Ready(Ok(()))
+                    }
+                }
+            }
+            Step::Write {
+                output,
+                written,
+                used,
+            } => {
+                let bytes = match output {
+                    Output::Buffer(n) => &self.sbuf[..*n],
+                    Output::Staged => self.core.staged_for_client(),
+                    Output::Prefix(p) => &p[..],
+                };
+                if *written < bytes.len() {
+                    match ready!(Pin::new(&mut *self.client).poll_write(cx, &bytes[*written..])) {
+                        Ok(0) | Err(_) => return Poll::Ready(Err(End::ClientGone)),
+                        Ok(n) => *written += n,
+                    }
+                    return Poll::Ready(Ok(()));
+                }
+                if ready!(Pin::new(&mut *self.client).poll_flush(cx)).is_err() {
+                    return Poll::Ready(Err(End::ClientGone));
+                }
+                let (len, used) = (bytes.len(), *used);
+                self.core.wrote(0, len);
+                self.sbuf.advance(used);
+                if std::mem::take(&mut self.down.check_release)
+                    && self.sbuf.is_empty()
+                    && self.core.releasable()
+                {
+                    return Poll::Ready(Err(End::Released));
+                }
+                self.down.step = after_write(self.sbuf);
+                Poll::Ready(Ok(()))
+            }
+        }
+    }
+}
