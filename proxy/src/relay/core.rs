@@ -928,3 +928,6 @@ fn respond(t: &mut Tracker<'_>, tag: u8) -> (bool, Bytes, Bytes) {
     let after = injections(t);
     (matches!(entry.action, Action::Swallow), before, after)
 }
+
+#[cfg(test)]
+mod tests;

@@ -196,18 +196,22 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    /// Drives both directions as far as they go. The server half only depends on the client
+    /// half through answers of Sluice's own that a client walk queues, which the server half
+    /// picks up when it runs next: so one pass, client half first, leaves nothing undone.
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<End> {
         loop {
-            let up = self.poll_up(cx);
-            if let Poll::Ready(Err(end)) = up {
-                return Poll::Ready(end);
+            match self.poll_up(cx) {
+                Poll::Ready(Ok(())) => continue,
+                Poll::Ready(Err(end)) => return Poll::Ready(end),
+                Poll::Pending => break,
             }
-            let down = self.poll_down(cx);
-            if let Poll::Ready(Err(end)) = down {
-                return Poll::Ready(end);
-            }
-            if up.is_pending() && down.is_pending() {
-                return Poll::Pending;
+        }
+        loop {
+            match self.poll_down(cx) {
+                Poll::Ready(Ok(())) => continue,
+                Poll::Ready(Err(end)) => return Poll::Ready(end),
+                Poll::Pending => return Poll::Pending,
             }
         }
     }
