@@ -26,7 +26,7 @@ use parking_lot::{Mutex, RwLock};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-pub use admin::{group_limits, limits};
+pub use admin::{group_limits, limits, ReloadError};
 pub use clients::{ClientRegistry, ClientState};
 use ending::{cleanup, rejection};
 use relay::{End, Flow};
@@ -34,10 +34,11 @@ use startup::Login;
 
 use crate::auth::Credentials;
 use crate::config::{Config, GroupBy, PoolMode};
+use crate::error::{sqlstate, PgError, Severity, Side};
 use crate::pool::{Lease, PoolId, Pools};
-use crate::protocol::backend::{ErrorFields, Out, TxStatus};
+use crate::protocol::backend::{Out, TxStatus};
 use crate::protocol::frontend::tag;
-use crate::protocol::{sqlstate, Header};
+use crate::protocol::{Header, ProtocolError};
 use crate::server::{self, ServerConn, ServerRegistry, ServerState, Target};
 use crate::stream::Stream;
 
@@ -96,18 +97,14 @@ pub struct ClientIo {
 pub enum Exit {
     /// The client left, or there is nobody to tell.
     Quiet,
-    /// Tell the client this FATAL error, then close.
-    Fatal(ErrorFields),
+    /// Tell the client this error (FATAL), then close.
+    Fatal(PgError),
 }
 
-pub fn fatal(code: &str, message: impl Into<String>) -> Exit {
-    Exit::Fatal(ErrorFields {
-        severity: "FATAL".into(),
-        code: code.into(),
-        message: message.into(),
-        detail: None,
-        hint: None,
-    })
+impl From<PgError> for Exit {
+    fn from(e: PgError) -> Exit {
+        Exit::Fatal(e)
+    }
 }
 
 /// Serves one client connection to the end. Never panics on client or server input.
@@ -118,9 +115,16 @@ pub async fn serve(ctx: Arc<Context>, stream: TcpStream) {
         buf: BytesMut::new(),
     };
     let exit = run(&ctx, &mut io).await;
-    if let Exit::Fatal(f) = exit {
+    if let Exit::Fatal(e) = exit {
+        tracing::debug!(
+            kind = e.kind(),
+            side = e.side().as_str(),
+            code = %e.code(),
+            error = %e,
+            "session ends with an error"
+        );
         let mut out = BytesMut::new();
-        Out::error_fields(&mut out, crate::protocol::backend::tag::ERROR_RESPONSE, &f);
+        e.encode(&mut out);
         let _ = io.send(&out).await;
     }
 }
@@ -157,16 +161,20 @@ async fn start<'a>(ctx: &'a Arc<Context>, io: &mut ClientIo) -> Started<'a> {
         if login.tls { &g.clients_tls } else { &g.clients_plain }.increment(1);
         if config.client_tls_mode() == crate::config::ClientTls::Require && !login.tls {
             crate::metrics::client_rejected("tls_required");
-            return Err(fatal(
+            return Err(PgError::fatal(
                 sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
                 "Sluice requires TLS (client_tls = require): connect with sslmode=require or stronger",
-            ));
+            )
+            .with_side(Side::Client)
+            .into());
         }
         if login.database != ADMIN_DATABASE && !config.databases.contains_key(&login.database) {
-            return Err(fatal(
+            return Err(PgError::fatal(
                 sqlstate::INVALID_CATALOG_NAME,
                 format!("database \"{}\" does not exist", login.database),
-            ));
+            )
+            .with_side(Side::Client)
+            .into());
         }
         let authenticated = startup::authenticate(ctx, io, &login).await?;
         Ok(Some((login, authenticated)))
@@ -177,10 +185,10 @@ async fn start<'a>(ctx: &'a Arc<Context>, io: &mut ClientIo) -> Started<'a> {
         Ok(Ok(None)) => return Started::Done(Exit::Quiet),
         Ok(Err(exit)) => return Started::Done(exit),
         Err(_) => {
-            return Started::Done(fatal(
-                sqlstate::PROTOCOL_VIOLATION,
-                "timeout expired before authentication completed",
-            ))
+            return Started::Done(
+                PgError::protocol_violation("timeout expired before authentication completed")
+                    .into(),
+            )
         }
     };
     tracing::debug!(user = %login.user, database = %login.database, "client connected");
@@ -189,13 +197,15 @@ async fn start<'a>(ctx: &'a Arc<Context>, io: &mut ClientIo) -> Started<'a> {
             admin::serve(ctx, io, &login, authenticated).await
         } else {
             let _ = io.send(&authenticated).await;
-            fatal(
+            PgError::fatal(
                 sqlstate::INSUFFICIENT_PRIVILEGE,
                 format!(
                     "permission denied: \"{}\" is not an admin user (admin_users)",
                     login.user
                 ),
             )
+            .with_side(Side::Client)
+            .into()
         };
         return Started::Done(exit);
     }
@@ -252,20 +262,23 @@ enum Request {
 }
 
 /// Finds the end of the first request in `buf`.
-fn scan_request(buf: &[u8], max_message: usize) -> Result<Request, String> {
+fn scan_request(buf: &[u8], max_message: usize) -> Result<Request, PgError> {
     let mut pos = 0;
     loop {
         let h = match Header::peek(&buf[pos..]) {
             Ok(Some(h)) => h,
             Ok(None) => return Ok(Request::Incomplete),
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(PgError::protocol_violation(e.to_string())),
         };
         if h.total() > max_message {
-            return Err(format!(
-                "message of type '{}' is {} bytes, over the limit of {max_message} (max_message_bytes)",
-                char::from(h.tag),
-                h.total()
-            ));
+            let e = ProtocolError::TooLong {
+                tag: h.tag,
+                len: h.total(),
+                max: max_message,
+            };
+            return Err(PgError::protocol_violation(format!(
+                "{e} (max_message_bytes)"
+            )));
         }
         if h.tag == tag::TERMINATE {
             return Ok(Request::Terminate);
@@ -396,23 +409,18 @@ impl<'a> Session<'a> {
         &mut self,
         login: &Login,
     ) -> Result<(ServerParams, Vec<(String, String)>), Exit> {
-        self.settings = match state::startup_settings(&login.params) {
-            Ok(s) => s,
-            Err(e) => return Err(fatal(sqlstate::PROTOCOL_VIOLATION, e)),
-        };
+        self.settings = state::startup_settings(&login.params)
+            .map_err(|e| PgError::protocol_violation(e.to_string()))?;
         if let Some(bad) = self.settings.keys().find(|n| !state::valid_name(n)) {
-            return Err(fatal(
-                "42602",
+            return Err(PgError::fatal(
+                sqlstate::INVALID_NAME,
                 format!("invalid startup parameter name \"{bad}\""),
-            ));
+            )
+            .with_side(Side::Client)
+            .into());
         }
         // Errors here end start-up: they are FATAL whatever the server called them.
-        let fatal_error = |e: ErrorFields| {
-            Exit::Fatal(ErrorFields {
-                severity: "FATAL".into(),
-                ..e
-            })
-        };
+        let fatal_error = |e: PgError| Exit::Fatal(e.with_severity(Severity::Fatal));
         let params = self.server_params().await.map_err(fatal_error)?;
         let reported = self.validate_settings().await.map_err(fatal_error)?;
         Ok((params, reported))
@@ -421,7 +429,7 @@ impl<'a> Session<'a> {
     /// Applies the client's startup settings on a server once per distinct (name, value), so a
     /// value the server refuses is refused at startup with the server's error. Returns the
     /// client's settings as the server reports them (its canonical spelling).
-    async fn validate_settings(&self) -> Result<Vec<(String, String)>, ErrorFields> {
+    async fn validate_settings(&self) -> Result<Vec<(String, String)>, PgError> {
         let unknown: state::Settings = {
             let known = self.ctx.validated_settings.lock();
             self.settings
@@ -433,12 +441,10 @@ impl<'a> Session<'a> {
         if !unknown.is_empty() {
             let mut lease = self.checkout().await?;
             let Some(server) = lease.conn() else {
-                return Err(ErrorFields {
-                    severity: "FATAL".into(),
-                    code: sqlstate::INTERNAL_ERROR.into(),
-                    message: "lease without connection".into(),
-                    ..Default::default()
-                });
+                return Err(PgError::fatal(
+                    sqlstate::INTERNAL_ERROR,
+                    "lease without connection",
+                ));
             };
             for (name, value) in unknown.iter() {
                 let sql = state::settings_sql(
@@ -465,16 +471,15 @@ impl<'a> Session<'a> {
                             .insert((name.clone(), value.clone()), shown);
                     }
                     Ok(_) => {
-                        return Err(ErrorFields {
-                            code: sqlstate::INTERNAL_ERROR.into(),
-                            message: "unexpected transaction state".into(),
-                            ..Default::default()
-                        })
+                        return Err(PgError::fatal(
+                            sqlstate::INTERNAL_ERROR,
+                            "unexpected transaction state",
+                        ))
                     }
-                    Err(server::ServerError::Rejected(f)) => {
+                    Err(server::ServerError::Rejected(e)) => {
                         // Leave the server as it was before handing it back.
                         let _ = server.simple_query(&format!("RESET {name}")).await;
-                        return Err(f);
+                        return Err(e);
                     }
                     Err(e) => return Err(server::client_error(&e)),
                 }
@@ -507,7 +512,7 @@ impl<'a> Session<'a> {
         loop {
             // 1. A whole request (or a large one's head).
             let request = match scan_request(&io.buf, max_message) {
-                Err(e) => return fatal(sqlstate::PROTOCOL_VIOLATION, e),
+                Err(e) => return e.into(),
                 Ok(Request::Terminate) => return Exit::Quiet,
                 Ok(Request::Incomplete)
                     if io.buf.len() < REQUEST_BUFFER_LIMIT || discard_until_sync =>
@@ -569,18 +574,11 @@ impl<'a> Session<'a> {
                 g.clients_idle.increment(1.0);
                 let Some((end, last)) = request else {
                     // A huge request half-received cannot be answered mid-stream.
-                    return Step::Exit(Exit::Fatal(ErrorFields {
-                        severity: "FATAL".into(),
-                        ..err
-                    }));
+                    return Step::Exit(err.with_severity(Severity::Fatal).into());
                 };
                 io.buf.advance(end);
                 let mut out = BytesMut::new();
-                Out::error_fields(
-                    &mut out,
-                    crate::protocol::backend::tag::ERROR_RESPONSE,
-                    &err,
-                );
+                err.encode(&mut out);
                 let discard = last == tag::FLUSH;
                 if !discard {
                     Out::ready_for_query(&mut out, TxStatus::Idle);
@@ -600,10 +598,13 @@ impl<'a> Session<'a> {
         g.clients_active.increment(1.0);
         slot.set_state(ClientState::Active);
         let Some(server) = lease.conn() else {
-            return Step::Exit(fatal(
-                sqlstate::INTERNAL_ERROR,
-                "internal error: lease without connection",
-            ));
+            return Step::Exit(
+                PgError::fatal(
+                    sqlstate::INTERNAL_ERROR,
+                    "internal error: lease without connection",
+                )
+                .into(),
+            );
         };
         slot.set_server(Some(server.cancel_key()));
         server.info.set_state(ServerState::Active);
@@ -669,17 +670,21 @@ impl<'a> Session<'a> {
             End::ClientProtocol(msg) => {
                 g.clients_idle.increment(1.0);
                 lease.discard();
-                return Step::Exit(fatal(sqlstate::PROTOCOL_VIOLATION, msg));
+                return Step::Exit(PgError::protocol_violation(msg).into());
             }
             End::ServerGone(msg) => {
                 g.clients_idle.increment(1.0);
                 tracing::warn!(error = %msg, "server connection lost while relaying");
                 crate::metrics::server_closed("error");
                 lease.discard();
-                return Step::Exit(fatal(
-                    sqlstate::CONNECTION_FAILURE,
-                    "server connection lost; the current transaction, if any, was rolled back",
-                ));
+                return Step::Exit(
+                    PgError::fatal(
+                        sqlstate::CONNECTION_FAILURE,
+                        "server connection lost; the current transaction, if any, was rolled back",
+                    )
+                    .with_side(Side::Server)
+                    .into(),
+                );
             }
         }
         Step::Next
@@ -704,16 +709,19 @@ impl<'a> Session<'a> {
             .await;
             match kicked {
                 Some(clients::Kick::IdleTimeout) => {
-                    return Err(fatal(
+                    return Err(PgError::fatal(
                         sqlstate::IDLE_SESSION_TIMEOUT,
                         "terminating connection due to idle-session timeout (client_idle_timeout)",
-                    ))
+                    )
+                    .with_side(Side::Client)
+                    .into())
                 }
                 Some(clients::Kick::Shutdown) => {
-                    return Err(fatal(
+                    return Err(PgError::fatal(
                         sqlstate::ADMIN_SHUTDOWN,
                         "terminating connection because Sluice is shutting down",
-                    ))
+                    )
+                    .into())
                 }
                 None => {}
             }
@@ -725,7 +733,7 @@ impl<'a> Session<'a> {
 
     /// Borrows a usable server connection, connecting when the lease brings none, and
     /// replacing an idle one that died while pooled. Errors are what the client is told.
-    async fn checkout(&self) -> Result<Lease<Box<ServerConn>>, ErrorFields> {
+    async fn checkout(&self) -> Result<Lease<Box<ServerConn>>, PgError> {
         let mut lease = self
             .ctx
             .pools
@@ -742,7 +750,7 @@ impl<'a> Session<'a> {
         Ok(lease)
     }
 
-    async fn connect(&self, lease: &mut Lease<Box<ServerConn>>) -> Result<(), ErrorFields> {
+    async fn connect(&self, lease: &mut Lease<Box<ServerConn>>) -> Result<(), PgError> {
         let g = crate::metrics::global();
         let started = std::time::Instant::now();
         let target = Target::new(
@@ -766,15 +774,13 @@ impl<'a> Session<'a> {
             Err(e) => {
                 crate::metrics::server_connect(e.kind());
                 tracing::warn!(error = %e, database = %self.database, user = %self.user, "server connect failed");
-                let mut f = server::client_error(&e);
-                f.severity = "ERROR".into();
-                Err(f)
+                Err(server::client_error(&e).with_severity(Severity::Error))
             }
         }
     }
 
     /// The server's ParameterStatus values for this pool, connecting once if none are known.
-    async fn server_params(&self) -> Result<ServerParams, ErrorFields> {
+    async fn server_params(&self) -> Result<ServerParams, PgError> {
         if let Some(p) = self.ctx.server_params.lock().get(&self.pool) {
             return Ok(p.clone());
         }
@@ -785,11 +791,6 @@ impl<'a> Session<'a> {
             .lock()
             .get(&self.pool)
             .cloned()
-            .ok_or_else(|| ErrorFields {
-                severity: "FATAL".into(),
-                code: sqlstate::INTERNAL_ERROR.into(),
-                message: "no server parameters known".into(),
-                ..Default::default()
-            })
+            .ok_or_else(|| PgError::fatal(sqlstate::INTERNAL_ERROR, "no server parameters known"))
     }
 }

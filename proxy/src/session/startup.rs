@@ -7,12 +7,13 @@
 use bytes::{Buf, BytesMut};
 use tokio::io::AsyncReadExt;
 
-use super::{fatal, ClientIo, Context, Exit};
-use crate::auth::{Channel, Md5Hash, ScramServer, ScramVerifier};
+use super::{ClientIo, Context, Exit};
+use crate::auth::{AuthError, Channel, Md5Hash, ScramServer, ScramVerifier};
 use crate::config::ClientAuth;
+use crate::error::{sqlstate, PgError, Side};
 use crate::protocol::backend::Out;
 use crate::protocol::frontend::{self, tag, Startup};
-use crate::protocol::{next_frame, sqlstate};
+use crate::protocol::next_frame;
 use crate::stream::Stream;
 use crate::tls::Acceptor;
 
@@ -64,8 +65,8 @@ pub async fn read_startup(ctx: &Context, io: &mut ClientIo) -> Result<Option<Log
             channel_binding = acceptor.end_point.clone();
             continue;
         }
-        let parsed = Startup::parse(&io.buf)
-            .map_err(|e| fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()))?;
+        let parsed =
+            Startup::parse(&io.buf).map_err(|e| PgError::protocol_violation(e.to_string()))?;
         let Some((msg, used)) = parsed else {
             io.read_more().await?;
             continue;
@@ -75,16 +76,16 @@ pub async fn read_startup(ctx: &Context, io: &mut ClientIo) -> Result<Option<Log
             Startup::SslRequest | Startup::GssEncRequest => {
                 // Bytes behind the request would be taken as sent over TLS (CVE-2021-23214).
                 if !io.buf.is_empty() {
-                    return Err(fatal(
-                        sqlstate::PROTOCOL_VIOLATION,
+                    return Err(PgError::protocol_violation(
                         "received unencrypted data after encryption request",
-                    ));
+                    )
+                    .into());
                 }
                 if io.stream.is_tls() {
-                    return Err(fatal(
-                        sqlstate::PROTOCOL_VIOLATION,
+                    return Err(PgError::protocol_violation(
                         "encryption requested on an encrypted connection",
-                    ));
+                    )
+                    .into());
                 }
                 let acceptor = match msg {
                     Startup::SslRequest => ctx.tls().acceptor,
@@ -127,20 +128,23 @@ fn login(mut params: Vec<(String, String)>) -> Result<Login, Exit> {
     let user = take(&mut params, "user")
         .filter(|u| !u.is_empty())
         .ok_or_else(|| {
-            fatal(
+            PgError::fatal(
                 sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
                 "no PostgreSQL user name specified in startup packet",
             )
+            .with_side(Side::Client)
         })?;
     let database = take(&mut params, "database")
         .filter(|d| !d.is_empty())
         .unwrap_or_else(|| user.clone());
     if let Some(r) = params.iter().find(|(n, _)| n == "replication") {
         if r.1 != "false" && r.1 != "0" && r.1 != "off" && r.1 != "no" {
-            return Err(fatal(
+            return Err(PgError::fatal(
                 sqlstate::FEATURE_NOT_SUPPORTED,
                 "replication connections are not supported through Sluice",
-            ));
+            )
+            .with_side(Side::Client)
+            .into());
         }
     }
     Ok(Login {
@@ -203,10 +207,12 @@ pub async fn authenticate(
     if !ok {
         crate::metrics::global().auth_failures.increment(1);
         tracing::info!(user = %login.user, "client authentication failed");
-        return Err(fatal(
+        return Err(PgError::fatal(
             sqlstate::INVALID_PASSWORD,
             format!("password authentication failed for user \"{}\"", login.user),
-        ));
+        )
+        .with_side(Side::Client)
+        .into());
     }
     Out::auth_ok(&mut out);
     Ok(out)
@@ -218,22 +224,32 @@ async fn read_password_message(io: &mut ClientIo) -> Result<BytesMut, Exit> {
         match next_frame(&io.buf, MAX_AUTH_MESSAGE) {
             Ok(Some((frame, n))) => {
                 if frame.tag != tag::PASSWORD {
-                    return Err(fatal(
-                        sqlstate::PROTOCOL_VIOLATION,
-                        format!(
-                            "expected password response, got message type '{}'",
-                            char::from(frame.tag)
-                        ),
-                    ));
+                    return Err(PgError::protocol_violation(format!(
+                        "expected password response, got message type '{}'",
+                        char::from(frame.tag)
+                    ))
+                    .into());
                 }
                 let mut msg = io.buf.split_to(n);
                 msg.advance(crate::protocol::HEADER_LEN);
                 return Ok(msg);
             }
             Ok(None) => io.read_more().await?,
-            Err(e) => return Err(fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string())),
+            Err(e) => return Err(PgError::protocol_violation(e.to_string()).into()),
         }
     }
+}
+
+/// The error a failed authentication step ends the connection with: the client's fault, but
+/// for an unusable secret of Sluice's own (SQLSTATE XX000).
+fn auth_error(e: AuthError) -> PgError {
+    let code = e.sqlstate();
+    let side = if code == sqlstate::INTERNAL_ERROR {
+        Side::Sluice
+    } else {
+        Side::Client
+    };
+    PgError::fatal(code, e.to_string()).with_side(side)
 }
 
 /// SCRAM-SHA-256, and SCRAM-SHA-256-PLUS bound to `binding` (the certificate the client was
@@ -254,12 +270,12 @@ async fn scram_exchange(
     io.send(&out).await?;
     let body = read_password_message(io).await?;
     let (mechanism, first) = frontend::sasl_initial_response(&body)
-        .map_err(|e| fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()))?;
+        .map_err(|e| PgError::protocol_violation(e.to_string()))?;
     if !mechanisms.contains(&mechanism) {
-        return Err(fatal(
-            sqlstate::PROTOCOL_VIOLATION,
+        return Err(PgError::protocol_violation(
             "client selected an invalid SASL authentication mechanism",
-        ));
+        )
+        .into());
     }
     let channel = match mechanism {
         SCRAM_PLUS => Channel::Bound(binding.unwrap_or_default()),
@@ -268,7 +284,7 @@ async fn scram_exchange(
     };
     let (server, server_first) =
         ScramServer::start(verifier, first, &ScramServer::random_nonce(), channel)
-            .map_err(|e| fatal(e.sqlstate(), e.to_string()))?;
+            .map_err(auth_error)?;
     out.clear();
     Out::auth_sasl_continue(&mut out, &server_first);
     io.send(&out).await?;
@@ -278,8 +294,8 @@ async fn scram_exchange(
             Out::auth_sasl_final(last, &server_final);
             Ok(true)
         }
-        Err(crate::auth::AuthError::BadPassword) => Ok(false),
-        Err(e) => Err(fatal(e.sqlstate(), e.to_string())),
+        Err(AuthError::BadPassword) => Ok(false),
+        Err(e) => Err(auth_error(e).into()),
     }
 }
 
@@ -289,8 +305,8 @@ async fn md5_exchange(io: &mut ClientIo, hash: Option<&Md5Hash>) -> Result<bool,
     Out::auth_md5(&mut out, salt);
     io.send(&out).await?;
     let body = read_password_message(io).await?;
-    let response = frontend::password(&body)
-        .map_err(|e| fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()))?;
+    let response =
+        frontend::password(&body).map_err(|e| PgError::protocol_violation(e.to_string()))?;
     Ok(hash.is_some_and(|h| h.verify(salt, response)))
 }
 
@@ -313,7 +329,7 @@ impl ClientIo {
 
 /// Refuses a connection before a session starts (client limit, shutdown): reads its startup
 /// packet like PostgreSQL does, so the client is listening, then sends the FATAL error.
-pub async fn refuse(stream: tokio::net::TcpStream, error: crate::protocol::backend::ErrorFields) {
+pub async fn refuse(stream: tokio::net::TcpStream, error: PgError) {
     let mut io = ClientIo {
         stream: Stream::Plain(stream),
         buf: BytesMut::new(),
@@ -332,11 +348,7 @@ pub async fn refuse(stream: tokio::net::TcpStream, error: crate::protocol::backe
     };
     if let Ok(Ok(())) = tokio::time::timeout(std::time::Duration::from_secs(2), read).await {
         let mut out = BytesMut::new();
-        Out::error_fields(
-            &mut out,
-            crate::protocol::backend::tag::ERROR_RESPONSE,
-            &error,
-        );
+        error.encode(&mut out);
         let _ = io.send(&out).await;
     }
 }
