@@ -10,14 +10,13 @@ use std::time::{Duration, SystemTime};
 use bytes::BytesMut;
 
 use super::startup::Login;
-use super::{ClientIo, Context, Exit};
+use super::{ClientConn, Context, Exit};
 use crate::auth::{AuthError, Credentials};
 use crate::config::{Config, ConfigError, PoolMode};
 use crate::error::{sqlstate, PgError, Side};
 use crate::pool::{GroupLimits, Limits};
 use crate::protocol::backend::{Out, TxStatus};
 use crate::protocol::frontend::{self, tag};
-use crate::protocol::next_frame;
 use crate::server::ServerState;
 
 /// Largest admin command accepted.
@@ -41,7 +40,7 @@ type Table = (Vec<(&'static str, bool)>, Vec<Vec<Option<String>>>);
 /// `out` holds the end of authentication, sent with the greeting.
 pub async fn serve(
     ctx: &Arc<Context>,
-    io: &mut ClientIo,
+    conn: &mut ClientConn,
     login: &Login,
     mut out: BytesMut,
 ) -> Exit {
@@ -56,29 +55,21 @@ pub async fn serve(
     }
     Out::backend_key_data(&mut out, 0, 0);
     Out::ready_for_query(&mut out, TxStatus::Idle);
-    if io.send(&out).await.is_err() {
+    if conn.send(&out).await.is_err() {
         return Exit::Quiet;
     }
     tracing::info!(user = %login.user, "admin console session");
     let mut extended_error = false;
     loop {
-        let frame = match next_frame(&io.buf, MAX_COMMAND) {
-            Ok(Some((f, n))) => Some((f.tag, n)),
-            Ok(None) => None,
-            Err(e) => return PgError::protocol_violation(e.to_string()).into(),
+        let msg = match conn.read_message(MAX_COMMAND).await {
+            Ok(msg) => msg,
+            Err(e) => return e.into(),
         };
-        let Some((msg_tag, n)) = frame else {
-            if let Err(exit) = io.read_more().await {
-                return exit;
-            }
-            continue;
-        };
-        let msg = io.buf.split_to(n);
         out.clear();
-        match msg_tag {
+        match msg.tag {
             tag::TERMINATE => return Exit::Quiet,
             tag::QUERY => {
-                let sql = match frontend::query(&msg[crate::protocol::HEADER_LEN..]) {
+                let sql = match frontend::query(&msg.body) {
                     Ok(q) => q.to_string(),
                     Err(e) => return PgError::protocol_violation(e.to_string()).into(),
                 };
@@ -98,7 +89,7 @@ pub async fn serve(
             }
             _ => extended_error = true,
         }
-        if !out.is_empty() && io.send(&out).await.is_err() {
+        if !out.is_empty() && conn.send(&out).await.is_err() {
             return Exit::Quiet;
         }
     }

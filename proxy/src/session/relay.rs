@@ -282,12 +282,13 @@ pub async fn relay(
     statements: Option<Statements<'_>>,
     prefix: Option<Bytes>,
 ) -> End {
-    let (cr, cw) = client.stream.split();
+    let (client_stream, cbuf) = client.relay_parts();
+    let (cr, cw) = client_stream.split();
     let (sr, sw) = server.stream.split();
     let sides = Sides {
         cr,
         cw,
-        cbuf: &mut client.buf,
+        cbuf,
         sr,
         sw,
         sbuf: &mut server.buf,
