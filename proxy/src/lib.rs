@@ -5,7 +5,8 @@
 //! [`net`] (accept, client cap, drain) → [`session`] (startup, auth, transaction relay) →
 //! [`pool`] (budget, admission, fair queue, shedding) → [`server`] (authenticated backend
 //! connections) → [`protocol`] (pure framing and message codecs). Side modules import nothing
-//! from the path: [`config`], [`metrics`], [`auth`] (client authentication secrets and
+//! from the path above [`protocol`]: [`config`], [`metrics`], [`error`] (the errors clients are
+//! told about, with their SQLSTATEs), [`auth`] (client authentication secrets and
 //! exchanges), [`settings`] (run-time settings by name), [`stream`] (a socket, plain or TLS,
 //! for clients and servers alike) and [`tls`] (rustls configurations, certificate checks,
 //! channel-binding data). [`start`] wires them together. `.ci/module-graph.py` checks that no
@@ -16,6 +17,7 @@
 pub mod admin;
 pub mod auth;
 pub mod config;
+pub mod error;
 pub mod metrics;
 pub mod net;
 pub mod pool;

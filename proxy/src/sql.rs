@@ -7,9 +7,20 @@ const NOT_SETTINGS: &[&str] = &["user", "database", "replication", "options"];
 
 pub use crate::settings::Settings;
 
+/// Why the `options` startup parameter could not be understood.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OptionsError {
+    #[error("\"-c\" in options needs name=value")]
+    MissingPair,
+    #[error("unsupported startup option \"{0}\": only -c name=value is supported")]
+    Unsupported(String),
+    #[error("startup option \"{0}\" is not name=value")]
+    NotNameValue(String),
+}
+
 /// The settings a StartupMessage asks for, including `-c name=value` (and `--name=value`) pairs
 /// in `options`. Errors name what could not be understood.
-pub fn startup_settings(params: &[(String, String)]) -> Result<Settings, String> {
+pub fn startup_settings(params: &[(String, String)]) -> Result<Settings, OptionsError> {
     let mut out = Settings::new();
     for (name, value) in params {
         if name == "options" {
@@ -22,7 +33,7 @@ pub fn startup_settings(params: &[(String, String)]) -> Result<Settings, String>
 }
 
 /// Splits `options` like PostgreSQL: whitespace separates, backslash escapes.
-fn parse_options(options: &str, out: &mut Settings) -> Result<(), String> {
+fn parse_options(options: &str, out: &mut Settings) -> Result<(), OptionsError> {
     let mut words = Vec::new();
     let mut word = String::new();
     let mut chars = options.chars();
@@ -43,19 +54,17 @@ fn parse_options(options: &str, out: &mut Settings) -> Result<(), String> {
     let mut it = words.into_iter();
     while let Some(w) = it.next() {
         let pair = if w == "-c" {
-            it.next().ok_or("\"-c\" in options needs name=value")?
+            it.next().ok_or(OptionsError::MissingPair)?
         } else if let Some(rest) = w.strip_prefix("-c") {
             rest.to_string()
         } else if let Some(rest) = w.strip_prefix("--") {
             rest.to_string()
         } else {
-            return Err(format!(
-                "unsupported startup option \"{w}\": only -c name=value is supported"
-            ));
+            return Err(OptionsError::Unsupported(w));
         };
         let (name, value) = pair
             .split_once('=')
-            .ok_or_else(|| format!("startup option \"{pair}\" is not name=value"))?;
+            .ok_or_else(|| OptionsError::NotNameValue(pair.clone()))?;
         out.insert(
             name.trim().to_ascii_lowercase().replace('-', "_"),
             value.to_string(),
@@ -361,6 +370,21 @@ mod tests {
         assert!(!s.contains_key("user"));
         assert!(startup_settings(&[("options".into(), "-x".into())]).is_err());
         assert!(startup_settings(&[("options".into(), "-c".into())]).is_err());
+    }
+
+    #[test]
+    fn options_errors_say_what_is_wrong() {
+        let err = |o: &str| {
+            startup_settings(&[("options".into(), o.into())])
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(err("-c"), "\"-c\" in options needs name=value");
+        assert_eq!(
+            err("-x"),
+            "unsupported startup option \"-x\": only -c name=value is supported"
+        );
+        assert_eq!(err("-c a"), "startup option \"a\" is not name=value");
     }
 
     #[test]

@@ -18,6 +18,8 @@ mod scram;
 pub use self::md5::Md5Hash;
 pub use self::scram::{Channel, ScramServer, ScramVerifier};
 
+use crate::protocol::sqlstate::{self, SqlState};
+
 /// Why an authentication step failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
@@ -66,14 +68,14 @@ pub enum AuthError {
 impl AuthError {
     /// The SQLSTATE to put in the `ErrorResponse` sent to the client,
     /// matching what PostgreSQL reports for the same failure.
-    pub fn sqlstate(&self) -> &'static str {
+    pub fn sqlstate(&self) -> SqlState {
         match self {
-            AuthError::BadPassword => "28P01", // invalid_password
+            AuthError::BadPassword => sqlstate::INVALID_PASSWORD,
             AuthError::InvalidVerifier(_)
             | AuthError::InvalidMd5Hash
             | AuthError::InvalidSecret(_)
-            | AuthError::InvalidServerNonce => "XX000", // internal_error
-            _ => "08P01",                      // protocol_violation
+            | AuthError::InvalidServerNonce => sqlstate::INTERNAL_ERROR,
+            _ => sqlstate::PROTOCOL_VIOLATION,
         }
     }
 }
@@ -475,8 +477,18 @@ mod tests {
 
     #[test]
     fn error_sqlstates() {
-        assert_eq!(AuthError::BadPassword.sqlstate(), "28P01");
-        assert_eq!(AuthError::NonceMismatch.sqlstate(), "08P01");
-        assert_eq!(AuthError::InvalidMd5Hash.sqlstate(), "XX000");
+        // The codes' spelling (28P01, 08P01, XX000) is pinned in protocol::sqlstate's tests.
+        assert_eq!(
+            AuthError::BadPassword.sqlstate(),
+            sqlstate::INVALID_PASSWORD
+        );
+        assert_eq!(
+            AuthError::NonceMismatch.sqlstate(),
+            sqlstate::PROTOCOL_VIOLATION
+        );
+        assert_eq!(
+            AuthError::InvalidMd5Hash.sqlstate(),
+            sqlstate::INTERNAL_ERROR
+        );
     }
 }

@@ -7,8 +7,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
 
-use crate::protocol::backend::ErrorFields;
-use crate::protocol::sqlstate;
+use crate::error::{sqlstate, PgError};
 use crate::session::{self, Context};
 
 /// Counts a live client and uncounts it when its task ends, however it ends.
@@ -44,13 +43,11 @@ pub async fn serve(ctx: Arc<Context>, listener: TcpListener, drain: Duration) {
             live.fetch_sub(1, Ordering::AcqRel);
             crate::metrics::client_rejected("max_client_connections");
             tracing::debug!(%peer, "client refused: max_client_connections");
-            let error = ErrorFields {
-                severity: "FATAL".into(),
-                code: sqlstate::TOO_MANY_CONNECTIONS.into(),
-                message: format!("too many client connections: Sluice accepts at most {max} (max_client_connections)"),
-                detail: None,
-                hint: Some("Retry with backoff, or raise max_client_connections.".into()),
-            };
+            let error = PgError::fatal(
+                sqlstate::TOO_MANY_CONNECTIONS,
+                format!("too many client connections: Sluice accepts at most {max} (max_client_connections)"),
+            )
+            .with_hint("Retry with backoff, or raise max_client_connections.");
             tracker.spawn(session::refuse(stream, error));
             continue;
         }

@@ -34,6 +34,18 @@ pub mod tag {
     pub const ROW_DESCRIPTION: u8 = b'T';
 }
 
+/// Field types of ErrorResponse and NoticeResponse bodies.
+pub mod field {
+    /// Severity, possibly localized.
+    pub const SEVERITY: u8 = b'S';
+    /// Severity, never localized (PostgreSQL 9.6 and later).
+    pub const SEVERITY_NONLOCALIZED: u8 = b'V';
+    pub const CODE: u8 = b'C';
+    pub const MESSAGE: u8 = b'M';
+    pub const DETAIL: u8 = b'D';
+    pub const HINT: u8 = b'H';
+}
+
 /// Transaction status carried by ReadyForQuery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TxStatus {
@@ -91,12 +103,12 @@ impl ErrorFields {
             }
             let value = String::from_utf8_lossy(r.cbytes()?).into_owned();
             match kind {
-                b'V' => f.severity = value,
-                b'S' if f.severity.is_empty() => f.severity = value,
-                b'C' => f.code = value,
-                b'M' => f.message = value,
-                b'D' => f.detail = Some(value),
-                b'H' => f.hint = Some(value),
+                field::SEVERITY_NONLOCALIZED => f.severity = value,
+                field::SEVERITY if f.severity.is_empty() => f.severity = value,
+                field::CODE => f.code = value,
+                field::MESSAGE => f.message = value,
+                field::DETAIL => f.detail = Some(value),
+                field::HINT => f.hint = Some(value),
                 _ => {}
             }
         }
@@ -191,14 +203,36 @@ impl Out {
 
     /// ErrorResponse (or NoticeResponse with `tag::NOTICE_RESPONSE`).
     pub fn error_fields(buf: &mut BytesMut, msg_tag: u8, f: &ErrorFields) {
+        Self::error_response(
+            buf,
+            msg_tag,
+            &f.severity,
+            &f.code,
+            &f.message,
+            f.detail.as_deref(),
+            f.hint.as_deref(),
+        );
+    }
+
+    /// ErrorResponse (or NoticeResponse with `tag::NOTICE_RESPONSE`) from borrowed fields: the
+    /// severity (sent both as `S` and `V`), SQLSTATE, message, and the optional detail and hint.
+    pub fn error_response(
+        buf: &mut BytesMut,
+        msg_tag: u8,
+        severity: &str,
+        code: &str,
+        message: &str,
+        detail: Option<&str>,
+        hint: Option<&str>,
+    ) {
         let at = begin(buf, msg_tag);
         for (kind, value) in [
-            (b'S', Some(f.severity.as_str())),
-            (b'V', Some(f.severity.as_str())),
-            (b'C', Some(f.code.as_str())),
-            (b'M', Some(f.message.as_str())),
-            (b'D', f.detail.as_deref()),
-            (b'H', f.hint.as_deref()),
+            (field::SEVERITY, Some(severity)),
+            (field::SEVERITY_NONLOCALIZED, Some(severity)),
+            (field::CODE, Some(code)),
+            (field::MESSAGE, Some(message)),
+            (field::DETAIL, detail),
+            (field::HINT, hint),
         ] {
             if let Some(v) = value {
                 buf.put_u8(kind);

@@ -25,9 +25,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::config::ServerTls;
+use crate::error::{sqlstate, PgError, Side};
 use crate::prepared::ServerStatements;
 use crate::protocol::backend::{self, ErrorFields, Out, TxStatus};
-use crate::protocol::{next_frame, sqlstate};
+use crate::protocol::next_frame;
 use crate::stream::Stream;
 use crate::tls::{Connector, HandshakeError};
 
@@ -61,8 +62,8 @@ pub enum ServerError {
     #[error("server {addr} does not support TLS, and server_tls = {mode} requires it")]
     TlsUnsupported { addr: String, mode: &'static str },
     /// The server refused the connection or a statement with an ErrorResponse.
-    #[error("server error {}: {}", .0.code, .0.message)]
-    Rejected(ErrorFields),
+    #[error("server error {}: {}", .0.code(), .0.message())]
+    Rejected(PgError),
 }
 
 impl ServerError {
@@ -72,7 +73,7 @@ impl ServerError {
             ServerError::Connect { .. } => "refused",
             ServerError::ConnectTimeout(_) => "timeout",
             ServerError::Tls { .. } | ServerError::TlsUnsupported { .. } => "tls",
-            ServerError::Rejected(f) if f.code.starts_with("28") => "auth_failed",
+            ServerError::Rejected(e) if e.code().class() == "28" => "auth_failed",
             ServerError::Rejected(_) => "rejected",
             ServerError::Auth(_) => "auth_failed",
             _ => "error",
@@ -199,8 +200,8 @@ pub struct ServerConn {
     pub process_id: i32,
     pub secret_key: i32,
     pub addr: SocketAddr,
-    /// The fields of the last ErrorResponse Sluice read itself (startup, resets).
-    error_fields: Option<ErrorFields>,
+    /// The last ErrorResponse Sluice read itself (startup, resets).
+    last_error: Option<PgError>,
 }
 
 impl ServerConn {
@@ -237,7 +238,7 @@ impl ServerConn {
                 process_id: 0,
                 secret_key: 0,
                 addr: peer,
-                error_fields: None,
+                last_error: None,
             };
             let channel_binding = conn.startup(t).await?;
             conn.info = registry.add(ServerInfo {
@@ -384,8 +385,8 @@ impl ServerConn {
 
     /// The ErrorResponse just parsed by `read_message` (its bytes are still at the buffer's head).
     fn last_error(&mut self) -> ServerError {
-        match self.error_fields.take() {
-            Some(f) => ServerError::Rejected(f),
+        match self.last_error.take() {
+            Some(e) => ServerError::Rejected(e),
             None => ServerError::Protocol("malformed ErrorResponse".into()),
         }
     }
@@ -396,7 +397,9 @@ impl ServerConn {
                 .map_err(|e| ServerError::Protocol(e.to_string()))?
             {
                 if frame.tag == backend::tag::ERROR_RESPONSE {
-                    self.error_fields = ErrorFields::parse(frame.body).ok();
+                    self.last_error = ErrorFields::parse(frame.body)
+                        .ok()
+                        .map(PgError::from_server);
                 }
             }
             if let Some(msg) = Message::parse(&mut self.buf)? {
@@ -535,42 +538,28 @@ fn fallible_next<I: fallible_iterator::FallibleIterator<Error = io::Error>>(
 
 /// The error a client sees when Sluice cannot give it a server connection because connecting
 /// failed. Errors the server sent (a missing database, a refused login) pass through as they are.
-pub fn client_error(e: &ServerError) -> ErrorFields {
+pub fn client_error(e: &ServerError) -> PgError {
+    let failed = |message: String| {
+        PgError::error(sqlstate::CONNECTION_FAILURE, message).with_side(Side::Server)
+    };
     match e {
-        ServerError::Rejected(f) => f.clone(),
-        ServerError::Tls { host, error, .. } => ErrorFields {
-            severity: "ERROR".into(),
-            code: sqlstate::CONNECTION_FAILURE.into(),
-            message: error.describe(host),
-            detail: Some("Sluice could not open an encrypted connection to the database server (server_tls).".into()),
-            hint: None,
-        },
+        ServerError::Rejected(e) => e.clone(),
+        ServerError::Tls { host, error, .. } => failed(error.describe(host)).with_detail(
+            "Sluice could not open an encrypted connection to the database server (server_tls).",
+        ),
         // A login Sluice would not complete (a cleartext password over an unverified hop, no
         // password configured): retrying does not help, the configuration must change.
-        ServerError::Auth(why) => ErrorFields {
-            severity: "ERROR".into(),
-            code: sqlstate::CONNECTION_FAILURE.into(),
-            message: format!("Sluice could not log in to the database server: {why}"),
-            detail: None,
-            hint: None,
-        },
-        ServerError::TlsUnsupported { .. } => ErrorFields {
-            severity: "ERROR".into(),
-            code: sqlstate::CONNECTION_FAILURE.into(),
-            message: "the database server does not support TLS, which server_tls requires".into(),
-            detail: None,
-            hint: None,
-        },
-        other => ErrorFields {
-            severity: "ERROR".into(),
-            code: sqlstate::CONNECTION_FAILURE.into(),
-            message: format!(
-                "Sluice could not connect to the database server: {}",
-                other.kind().replace('_', " ")
-            ),
-            detail: None,
-            hint: Some("The query was not executed; it is safe to retry.".into()),
-        },
+        ServerError::Auth(why) => failed(format!(
+            "Sluice could not log in to the database server: {why}"
+        )),
+        ServerError::TlsUnsupported { .. } => {
+            failed("the database server does not support TLS, which server_tls requires".into())
+        }
+        other => failed(format!(
+            "Sluice could not connect to the database server: {}",
+            other.kind().replace('_', " ")
+        ))
+        .with_hint("The query was not executed; it is safe to retry."),
     }
 }
 

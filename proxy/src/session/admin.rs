@@ -10,13 +10,13 @@ use std::time::{Duration, SystemTime};
 use bytes::BytesMut;
 
 use super::startup::Login;
-use super::{fatal, ClientIo, Context, Exit};
-use crate::auth::Credentials;
-use crate::config::{Config, PoolMode};
+use super::{ClientConn, Context, Exit};
+use crate::auth::{AuthError, Credentials};
+use crate::config::{Config, ConfigError, PoolMode};
+use crate::error::{sqlstate, PgError, Side};
 use crate::pool::{GroupLimits, Limits};
-use crate::protocol::backend::{tag as btag, ErrorFields, Out, TxStatus};
+use crate::protocol::backend::{Out, TxStatus};
 use crate::protocol::frontend::{self, tag};
-use crate::protocol::{next_frame, sqlstate};
 use crate::server::ServerState;
 
 /// Largest admin command accepted.
@@ -40,7 +40,7 @@ type Table = (Vec<(&'static str, bool)>, Vec<Vec<Option<String>>>);
 /// `out` holds the end of authentication, sent with the greeting.
 pub async fn serve(
     ctx: &Arc<Context>,
-    io: &mut ClientIo,
+    conn: &mut ClientConn,
     login: &Login,
     mut out: BytesMut,
 ) -> Exit {
@@ -55,63 +55,43 @@ pub async fn serve(
     }
     Out::backend_key_data(&mut out, 0, 0);
     Out::ready_for_query(&mut out, TxStatus::Idle);
-    if io.send(&out).await.is_err() {
+    if conn.send(&out).await.is_err() {
         return Exit::Quiet;
     }
     tracing::info!(user = %login.user, "admin console session");
     let mut extended_error = false;
     loop {
-        let frame = match next_frame(&io.buf, MAX_COMMAND) {
-            Ok(Some((f, n))) => Some((f.tag, n)),
-            Ok(None) => None,
-            Err(e) => return fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()),
+        let msg = match conn.read_message(MAX_COMMAND).await {
+            Ok(msg) => msg,
+            Err(e) => return e.into(),
         };
-        let Some((msg_tag, n)) = frame else {
-            if let Err(exit) = io.read_more().await {
-                return exit;
-            }
-            continue;
-        };
-        let msg = io.buf.split_to(n);
         out.clear();
-        match msg_tag {
+        match msg.tag {
             tag::TERMINATE => return Exit::Quiet,
             tag::QUERY => {
-                let sql = match frontend::query(&msg[crate::protocol::HEADER_LEN..]) {
+                let sql = match frontend::query(&msg.body) {
                     Ok(q) => q.to_string(),
-                    Err(e) => return fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()),
+                    Err(e) => return PgError::protocol_violation(e.to_string()).into(),
                 };
                 run_command(ctx, &sql, &mut out).await;
                 Out::ready_for_query(&mut out, TxStatus::Idle);
             }
             tag::SYNC => {
                 if std::mem::take(&mut extended_error) {
-                    Out::error_fields(
-                        &mut out,
-                        btag::ERROR_RESPONSE,
-                        &error(
-                            sqlstate::FEATURE_NOT_SUPPORTED,
-                            "the admin console supports only simple queries",
-                        ),
-                    );
+                    PgError::error(
+                        sqlstate::FEATURE_NOT_SUPPORTED,
+                        "the admin console supports only simple queries",
+                    )
+                    .with_side(Side::Client)
+                    .encode(&mut out);
                 }
                 Out::ready_for_query(&mut out, TxStatus::Idle);
             }
             _ => extended_error = true,
         }
-        if !out.is_empty() && io.send(&out).await.is_err() {
+        if !out.is_empty() && conn.send(&out).await.is_err() {
             return Exit::Quiet;
         }
-    }
-}
-
-fn error(code: &str, message: impl Into<String>) -> ErrorFields {
-    ErrorFields {
-        severity: "ERROR".into(),
-        code: code.into(),
-        message: message.into(),
-        detail: None,
-        hint: None,
     }
 }
 
@@ -154,17 +134,16 @@ async fn run_command(ctx: &Arc<Context>, sql: &str, out: &mut BytesMut) {
         ["RELOAD"] => {
             match ctx.reload().await {
                 Ok(()) => Out::command_complete(out, "RELOAD"),
-                Err(e) => Out::error_fields(
-                    out,
-                    btag::ERROR_RESPONSE,
-                    &error(sqlstate::INTERNAL_ERROR, format!("RELOAD failed: {e}")),
-                ),
+                Err(e) => PgError::error(sqlstate::INTERNAL_ERROR, format!("RELOAD failed: {e}"))
+                    .encode(out),
             }
             return;
         }
         _ => {
             let msg = format!("unknown admin command: {}; try SHOW HELP", sql.trim());
-            Out::error_fields(out, btag::ERROR_RESPONSE, &error("42601", msg));
+            PgError::error(sqlstate::SYNTAX_ERROR, msg)
+                .with_side(Side::Client)
+                .encode(out);
             return;
         }
     };
@@ -422,13 +401,26 @@ pub fn group_limits(cfg: &Config, name: &str) -> GroupLimits {
         .unwrap_or_default()
 }
 
+/// Why a RELOAD (or SIGHUP) kept the running configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("invalid configuration: `users.{user}.password`: {source}")]
+    Secret { user: String, source: AuthError },
+    /// Deriving the secrets on the blocking pool failed (it panicked or was cancelled).
+    #[error("{0}")]
+    Derive(tokio::task::JoinError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+}
+
 impl Context {
     /// Re-reads the configuration file (and environment) and applies it: users and passwords,
     /// pool sizes, limits and group settings take effect at once; addresses need a restart.
-    pub async fn reload(&self) -> Result<(), String> {
+    pub async fn reload(&self) -> Result<(), ReloadError> {
         let old = self.config();
-        let mut cfg =
-            Config::load(self.config_path.as_deref(), &self.flags).map_err(|e| e.to_string())?;
+        let mut cfg = Config::load(self.config_path.as_deref(), &self.flags)?;
         if cfg.max_server_connections == 0 {
             cfg.max_server_connections = old.max_server_connections;
         }
@@ -438,10 +430,10 @@ impl Context {
         let secrets = cfg.client_secrets();
         let credentials = tokio::task::spawn_blocking(move || Credentials::derive_all(secrets))
             .await
-            .map_err(|e| e.to_string())?
-            .map_err(|(user, e)| format!("invalid configuration: `users.{user}.password`: {e}"))?;
+            .map_err(ReloadError::Derive)?
+            .map_err(|(user, source)| ReloadError::Secret { user, source })?;
         // Certificates are read again: the next client gets the new one, sessions keep theirs.
-        let tls = crate::tls::TlsState::load(&cfg).map_err(|e| e.to_string())?;
+        let tls = crate::tls::TlsState::load(&cfg)?;
         let cfg = Arc::new(cfg);
         let pool_size = |db: &str, _user: &str| (cfg.pool_size_for(db), cfg.min_pool_size_for(db));
         let group = |name: &str| group_limits(&cfg, name);

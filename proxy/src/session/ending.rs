@@ -5,31 +5,30 @@ use std::time::Duration;
 
 use super::ROLLBACK_TIMEOUT;
 use crate::config::PoolMode;
+use crate::error::{sqlstate, PgError};
 use crate::pool::{Lease, Reason, Rejected};
-use crate::protocol::backend::{ErrorFields, TxStatus};
-use crate::protocol::sqlstate;
+use crate::protocol::backend::TxStatus;
 use crate::relay::Flow;
 use crate::server::{self, ServerConn};
 
 /// The error for a request refused for capacity: it was not executed and may be retried.
-pub(super) fn rejection(r: Rejected) -> ErrorFields {
+pub(super) fn rejection(r: Rejected) -> PgError {
     let code = match r.reason {
         Reason::Closed => sqlstate::CANNOT_CONNECT_NOW,
         _ => sqlstate::TOO_MANY_CONNECTIONS,
     };
-    ErrorFields {
-        severity: "ERROR".into(),
-        code: code.into(),
-        message: format!(
+    PgError::error(
+        code,
+        format!(
             "Sluice is at capacity ({}): the query was not executed and is safe to retry",
             r.reason.as_str()
         ),
-        detail: Some(r.detail),
-        hint: Some(format!(
-            "Retry after about {} ms, with backoff.",
-            r.retry_after.as_millis()
-        )),
-    }
+    )
+    .with_detail(r.detail)
+    .with_hint(format!(
+        "Retry after about {} ms, with backoff.",
+        r.retry_after.as_millis()
+    ))
 }
 
 /// Returns or closes the server of a client that left mid-request. A server between requests

@@ -7,6 +7,7 @@
 //! and ReadyForQuery, so the client keeps its connection and may retry on it.
 
 mod admin;
+mod client_conn;
 mod clients;
 mod ending;
 mod startup;
@@ -18,22 +19,25 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use parking_lot::{Mutex, RwLock};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-pub use admin::{group_limits, limits};
+pub use admin::{group_limits, limits, ReloadError};
+use client_conn::Framed;
+pub use client_conn::{ClientConn, ClientError};
 pub use clients::{ClientRegistry, ClientState};
 use ending::{cleanup, rejection};
 use startup::Login;
 
 use crate::auth::Credentials;
 use crate::config::{Config, GroupBy, PoolMode};
+use crate::error::{sqlstate, PgError, Severity, Side};
 use crate::pool::{Lease, PoolId, Pools};
-use crate::protocol::backend::{ErrorFields, Out, TxStatus};
+use crate::protocol::backend::{Out, TxStatus};
 use crate::protocol::frontend::tag;
-use crate::protocol::{sqlstate, Header};
+use crate::protocol::ProtocolError;
 use crate::relay::{self, End, Flow};
 use crate::server::{self, ServerConn, ServerRegistry, ServerState, Target};
 use crate::sql as state;
@@ -84,53 +88,60 @@ impl Context {
 /// The virtual database of the admin console.
 pub const ADMIN_DATABASE: &str = "sluice";
 
-/// A client socket (plain or TLS) and its read buffer.
-pub struct ClientIo {
-    pub stream: Stream,
-    pub buf: BytesMut,
-}
+/// The name the relay knows the client connection by.
+pub type ClientIo = ClientConn;
 
 /// How a session ends.
 pub enum Exit {
     /// The client left, or there is nobody to tell.
     Quiet,
-    /// Tell the client this FATAL error, then close.
-    Fatal(ErrorFields),
+    /// Tell the client this error (FATAL), then close.
+    Fatal(PgError),
 }
 
-pub fn fatal(code: &str, message: impl Into<String>) -> Exit {
-    Exit::Fatal(ErrorFields {
-        severity: "FATAL".into(),
-        code: code.into(),
-        message: message.into(),
-        detail: None,
-        hint: None,
-    })
+impl From<PgError> for Exit {
+    fn from(e: PgError) -> Exit {
+        Exit::Fatal(e)
+    }
+}
+
+/// A client that broke the protocol is told so; one that is gone is not.
+impl From<ClientError> for Exit {
+    fn from(e: ClientError) -> Exit {
+        match e {
+            ClientError::Protocol(e) => PgError::protocol_violation(e.to_string()).into(),
+            ClientError::Closed | ClientError::Io(_) | ClientError::Tls(_) => Exit::Quiet,
+        }
+    }
 }
 
 /// Serves one client connection to the end. Never panics on client or server input.
 pub async fn serve(ctx: Arc<Context>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
-    let mut io = ClientIo {
-        stream: Stream::Plain(stream),
-        buf: BytesMut::new(),
-    };
-    let exit = run(&ctx, &mut io).await;
-    if let Exit::Fatal(f) = exit {
+    let mut conn = ClientConn::new(Stream::Plain(stream));
+    let exit = run(&ctx, &mut conn).await;
+    if let Exit::Fatal(e) = exit {
+        tracing::debug!(
+            kind = e.kind(),
+            side = e.side().as_str(),
+            code = %e.code(),
+            error = %e,
+            "session ends with an error"
+        );
         let mut out = BytesMut::new();
-        Out::error_fields(&mut out, crate::protocol::backend::tag::ERROR_RESPONSE, &f);
-        let _ = io.send(&out).await;
+        e.encode(&mut out);
+        let _ = conn.send(&out).await;
     }
 }
 
-async fn run(ctx: &Arc<Context>, io: &mut ClientIo) -> Exit {
+async fn run(ctx: &Arc<Context>, conn: &mut ClientConn) -> Exit {
     // Futures that run once or per transaction are boxed so that the future every connected
     // client keeps while idle holds only what serving requests needs.
-    let (mut session, registration) = match Box::pin(start(ctx, io)).await {
+    let (mut session, registration) = match Box::pin(start(ctx, conn)).await {
         Started::Session(session, registration) => (session, registration),
         Started::Done(exit) => return exit,
     };
-    let exit = session.run(io, &registration).await;
+    let exit = session.run(conn, &registration).await;
     tracing::debug!("client disconnected");
     exit
 }
@@ -144,29 +155,33 @@ enum Started<'a> {
 }
 
 /// Start-up: the startup packet, authentication, then the admin console or a greeted session.
-async fn start<'a>(ctx: &'a Arc<Context>, io: &mut ClientIo) -> Started<'a> {
+async fn start<'a>(ctx: &'a Arc<Context>, conn: &mut ClientConn) -> Started<'a> {
     let config = ctx.config();
     let login_timeout = config.client_login_timeout;
     let (login, authenticated) = match tokio::time::timeout(login_timeout, async {
-        let Some(login) = startup::read_startup(ctx, io).await? else {
+        let Some(login) = startup::read_startup(ctx, conn).await? else {
             return Ok(None);
         };
         let g = crate::metrics::global();
         if login.tls { &g.clients_tls } else { &g.clients_plain }.increment(1);
         if config.client_tls_mode() == crate::config::ClientTls::Require && !login.tls {
             crate::metrics::client_rejected("tls_required");
-            return Err(fatal(
+            return Err(PgError::fatal(
                 sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
                 "Sluice requires TLS (client_tls = require): connect with sslmode=require or stronger",
-            ));
+            )
+            .with_side(Side::Client)
+            .into());
         }
         if login.database != ADMIN_DATABASE && !config.databases.contains_key(&login.database) {
-            return Err(fatal(
+            return Err(PgError::fatal(
                 sqlstate::INVALID_CATALOG_NAME,
                 format!("database \"{}\" does not exist", login.database),
-            ));
+            )
+            .with_side(Side::Client)
+            .into());
         }
-        let authenticated = startup::authenticate(ctx, io, &login).await?;
+        let authenticated = startup::authenticate(ctx, conn, &login).await?;
         Ok(Some((login, authenticated)))
     })
     .await
@@ -175,29 +190,31 @@ async fn start<'a>(ctx: &'a Arc<Context>, io: &mut ClientIo) -> Started<'a> {
         Ok(Ok(None)) => return Started::Done(Exit::Quiet),
         Ok(Err(exit)) => return Started::Done(exit),
         Err(_) => {
-            return Started::Done(fatal(
-                sqlstate::PROTOCOL_VIOLATION,
-                "timeout expired before authentication completed",
-            ))
+            return Started::Done(
+                PgError::protocol_violation("timeout expired before authentication completed")
+                    .into(),
+            )
         }
     };
     tracing::debug!(user = %login.user, database = %login.database, "client connected");
     if login.database == ADMIN_DATABASE {
         let exit = if config.admin_users.contains(&login.user) {
-            admin::serve(ctx, io, &login, authenticated).await
+            admin::serve(ctx, conn, &login, authenticated).await
         } else {
-            let _ = io.send(&authenticated).await;
-            fatal(
+            let _ = conn.send(&authenticated).await;
+            PgError::fatal(
                 sqlstate::INSUFFICIENT_PRIVILEGE,
                 format!(
                     "permission denied: \"{}\" is not an admin user (admin_users)",
                     login.user
                 ),
             )
+            .with_side(Side::Client)
+            .into()
         };
         return Started::Done(exit);
     }
-    let peer = io.stream.peer_addr().ok();
+    let peer = conn.peer_addr().ok();
     let mut session = Session::new(ctx, config, &login);
     let registration = ctx.clients.register(clients::ClientIdentity {
         user: login.user.clone(),
@@ -208,7 +225,7 @@ async fn start<'a>(ctx: &'a Arc<Context>, io: &mut ClientIo) -> Started<'a> {
         idle_timeout: session.config.client_idle_timeout,
     });
     match session
-        .greet(io, &login, &registration, authenticated)
+        .greet(conn, &login, &registration, authenticated)
         .await
     {
         Ok(()) => Started::Session(session, registration),
@@ -239,48 +256,77 @@ enum Step {
     Exit(Exit),
 }
 
-/// The kind of request buffered at the head of the client's buffer.
+/// The request at the head of the client's buffer.
 enum Request {
     /// Whole messages up to `end`, ending with the message tagged `last`.
     Complete { end: usize, last: u8 },
-    /// Not all there yet.
-    Incomplete,
+    /// Too large to buffer whole: a server relays it as it arrives.
+    Streamed,
     /// The client said goodbye.
     Terminate,
 }
 
-/// Finds the end of the first request in `buf`.
-fn scan_request(buf: &[u8], max_message: usize) -> Result<Request, String> {
-    let mut pos = 0;
+/// Waits for the client's next request: whole messages up to one that ends a request (Query,
+/// Sync, FunctionCall, Flush), or, when `limit` bytes are buffered without that end, the head of
+/// a request too large to buffer. Consumes nothing. With nothing buffered, waits as an idle
+/// client ([`wait_idle`]).
+async fn next_request(
+    conn: &mut ClientConn,
+    slot: &clients::ClientSlot,
+    max_message: usize,
+    limit: usize,
+) -> Result<Request, Exit> {
+    if conn.buffered() == 0 {
+        wait_idle(conn, slot).await?;
+    }
+    let mut end = 0;
     loop {
-        let h = match Header::peek(&buf[pos..]) {
-            Ok(Some(h)) => h,
-            Ok(None) => return Ok(Request::Incomplete),
-            Err(e) => return Err(e.to_string()),
+        let h = match conn.read_frame(end, max_message, limit).await {
+            Ok(Framed::Whole(h)) => h,
+            Ok(Framed::Partial(Some(h))) if h.tag == tag::TERMINATE => {
+                return Ok(Request::Terminate)
+            }
+            Ok(Framed::Partial(_)) => return Ok(Request::Streamed),
+            Err(ClientError::Protocol(e @ ProtocolError::TooLong { .. })) => {
+                return Err(PgError::protocol_violation(format!("{e} (max_message_bytes)")).into())
+            }
+            Err(e) => return Err(e.into()),
         };
-        if h.total() > max_message {
-            return Err(format!(
-                "message of type '{}' is {} bytes, over the limit of {max_message} (max_message_bytes)",
-                char::from(h.tag),
-                h.total()
-            ));
-        }
         if h.tag == tag::TERMINATE {
             return Ok(Request::Terminate);
         }
-        if buf.len() < pos + h.total() {
-            return Ok(Request::Incomplete);
-        }
-        pos += h.total();
+        end += h.total();
         if matches!(
             h.tag,
             tag::QUERY | tag::SYNC | tag::FUNCTION_CALL | tag::FLUSH
         ) {
-            return Ok(Request::Complete {
-                end: pos,
-                last: h.tag,
-            });
+            return Ok(Request::Complete { end, last: h.tag });
         }
+    }
+}
+
+/// Waits, as an idle client, until the client sends something. The read buffer is freed
+/// meanwhile, so an idle client holds none; the wait ends early when the registry kicks the
+/// session (idle timeout, shutdown). No timer is armed per wait.
+async fn wait_idle(conn: &mut ClientConn, slot: &clients::ClientSlot) -> Result<(), Exit> {
+    slot.went_idle();
+    // Room at the relay's read size, so a request never makes the buffer grow (copy) mid-way.
+    let kicked = conn
+        .wait_readable(crate::server::READ_BUFFER, |cx| slot.poll_kicked(cx))
+        .await;
+    match kicked {
+        None => Ok(()),
+        Some(clients::Kick::IdleTimeout) => Err(PgError::fatal(
+            sqlstate::IDLE_SESSION_TIMEOUT,
+            "terminating connection due to idle-session timeout (client_idle_timeout)",
+        )
+        .with_side(Side::Client)
+        .into()),
+        Some(clients::Kick::Shutdown) => Err(PgError::fatal(
+            sqlstate::ADMIN_SHUTDOWN,
+            "terminating connection because Sluice is shutting down",
+        )
+        .into()),
     }
 }
 
@@ -317,10 +363,14 @@ impl<'a> Session<'a> {
     }
 
     /// Serves the greeted client until it leaves.
-    async fn run(&mut self, io: &mut ClientIo, registration: &clients::Registration<'_>) -> Exit {
+    async fn run(
+        &mut self,
+        conn: &mut ClientConn,
+        registration: &clients::Registration<'_>,
+    ) -> Exit {
         let g = crate::metrics::global();
         g.clients_idle.increment(1.0);
-        let exit = self.serve_requests(io, &registration.slot).await;
+        let exit = self.serve_requests(conn, &registration.slot).await;
         g.clients_idle.decrement(1.0);
         if self.pinned.is_some() {
             g.pinned.decrement(1.0);
@@ -362,7 +412,7 @@ impl<'a> Session<'a> {
     /// before the error that ends start-up.
     async fn greet(
         &mut self,
-        io: &mut ClientIo,
+        conn: &mut ClientConn,
         login: &Login,
         registration: &clients::Registration<'_>,
         mut out: BytesMut,
@@ -371,7 +421,7 @@ impl<'a> Session<'a> {
         let (params, reported) = match ready {
             Ok(r) => r,
             Err(exit) => {
-                let _ = io.send(&out).await;
+                let _ = conn.send(&out).await;
                 return Err(exit);
             }
         };
@@ -385,7 +435,7 @@ impl<'a> Session<'a> {
         }
         Out::backend_key_data(&mut out, registration.process_id, registration.secret_key);
         Out::ready_for_query(&mut out, TxStatus::Idle);
-        io.send(&out).await
+        Ok(conn.send(&out).await?)
     }
 
     /// The client's settings checked; the server's parameters and the client's settings as the
@@ -394,23 +444,18 @@ impl<'a> Session<'a> {
         &mut self,
         login: &Login,
     ) -> Result<(ServerParams, Vec<(String, String)>), Exit> {
-        self.settings = match state::startup_settings(&login.params) {
-            Ok(s) => s,
-            Err(e) => return Err(fatal(sqlstate::PROTOCOL_VIOLATION, e)),
-        };
+        self.settings = state::startup_settings(&login.params)
+            .map_err(|e| PgError::protocol_violation(e.to_string()))?;
         if let Some(bad) = self.settings.keys().find(|n| !state::valid_name(n)) {
-            return Err(fatal(
-                "42602",
+            return Err(PgError::fatal(
+                sqlstate::INVALID_NAME,
                 format!("invalid startup parameter name \"{bad}\""),
-            ));
+            )
+            .with_side(Side::Client)
+            .into());
         }
         // Errors here end start-up: they are FATAL whatever the server called them.
-        let fatal_error = |e: ErrorFields| {
-            Exit::Fatal(ErrorFields {
-                severity: "FATAL".into(),
-                ..e
-            })
-        };
+        let fatal_error = |e: PgError| Exit::Fatal(e.with_severity(Severity::Fatal));
         let params = self.server_params().await.map_err(fatal_error)?;
         let reported = self.validate_settings().await.map_err(fatal_error)?;
         Ok((params, reported))
@@ -419,7 +464,7 @@ impl<'a> Session<'a> {
     /// Applies the client's startup settings on a server once per distinct (name, value), so a
     /// value the server refuses is refused at startup with the server's error. Returns the
     /// client's settings as the server reports them (its canonical spelling).
-    async fn validate_settings(&self) -> Result<Vec<(String, String)>, ErrorFields> {
+    async fn validate_settings(&self) -> Result<Vec<(String, String)>, PgError> {
         let unknown: state::Settings = {
             let known = self.ctx.validated_settings.lock();
             self.settings
@@ -431,12 +476,10 @@ impl<'a> Session<'a> {
         if !unknown.is_empty() {
             let mut lease = self.checkout().await?;
             let Some(server) = lease.conn() else {
-                return Err(ErrorFields {
-                    severity: "FATAL".into(),
-                    code: sqlstate::INTERNAL_ERROR.into(),
-                    message: "lease without connection".into(),
-                    ..Default::default()
-                });
+                return Err(PgError::fatal(
+                    sqlstate::INTERNAL_ERROR,
+                    "lease without connection",
+                ));
             };
             for (name, value) in unknown.iter() {
                 let sql = state::settings_sql(
@@ -463,16 +506,15 @@ impl<'a> Session<'a> {
                             .insert((name.clone(), value.clone()), shown);
                     }
                     Ok(_) => {
-                        return Err(ErrorFields {
-                            code: sqlstate::INTERNAL_ERROR.into(),
-                            message: "unexpected transaction state".into(),
-                            ..Default::default()
-                        })
+                        return Err(PgError::fatal(
+                            sqlstate::INTERNAL_ERROR,
+                            "unexpected transaction state",
+                        ))
                     }
-                    Err(server::ServerError::Rejected(f)) => {
+                    Err(server::ServerError::Rejected(e)) => {
                         // Leave the server as it was before handing it back.
                         let _ = server.simple_query(&format!("RESET {name}")).await;
-                        return Err(f);
+                        return Err(e);
                     }
                     Err(e) => return Err(server::client_error(&e)),
                 }
@@ -499,35 +541,33 @@ impl<'a> Session<'a> {
     }
 
     /// The loop of a logged-in client: wait for a request, borrow a server, relay, give it back.
-    async fn serve_requests(&mut self, io: &mut ClientIo, slot: &clients::ClientSlot) -> Exit {
+    async fn serve_requests(&mut self, conn: &mut ClientConn, slot: &clients::ClientSlot) -> Exit {
         let max_message = self.config.max_message_bytes as usize;
         let mut discard_until_sync = false;
         loop {
-            // 1. A whole request (or a large one's head).
-            let request = match scan_request(&io.buf, max_message) {
-                Err(e) => return fatal(sqlstate::PROTOCOL_VIOLATION, e),
+            // 1. A whole request (or a large one's head). A batch being discarded is read
+            // whole, however large, up to its Sync.
+            let limit = if discard_until_sync {
+                usize::MAX
+            } else {
+                REQUEST_BUFFER_LIMIT
+            };
+            let request = match next_request(conn, slot, max_message, limit).await {
                 Ok(Request::Terminate) => return Exit::Quiet,
-                Ok(Request::Incomplete)
-                    if io.buf.len() < REQUEST_BUFFER_LIMIT || discard_until_sync =>
-                {
-                    if let Err(exit) = Self::wait_for_client(io, slot).await {
-                        return exit;
-                    }
-                    continue;
-                }
-                Ok(Request::Incomplete) => None,
+                Ok(Request::Streamed) => None,
                 Ok(Request::Complete { end, last }) => Some((end, last)),
+                Err(exit) => return exit,
             };
             if discard_until_sync {
                 // After a refused Flush the client's batch runs on to a Sync; drop it, answer
                 // that Sync.
                 if let Some((end, last)) = request {
-                    io.buf.advance(end);
+                    conn.consume(end);
                     if last == tag::SYNC {
                         discard_until_sync = false;
                         let mut out = BytesMut::new();
                         Out::ready_for_query(&mut out, TxStatus::Idle);
-                        if io.send(&out).await.is_err() {
+                        if conn.send(&out).await.is_err() {
                             return Exit::Quiet;
                         }
                     }
@@ -536,7 +576,7 @@ impl<'a> Session<'a> {
             }
 
             // 2 and 3, in a boxed future: its state exists only while a request is served.
-            match Box::pin(self.transaction(io, slot, request)).await {
+            match Box::pin(self.transaction(conn, slot, request)).await {
                 Step::Next => {}
                 Step::DiscardUntilSync => discard_until_sync = true,
                 Step::Exit(exit) => return exit,
@@ -548,7 +588,7 @@ impl<'a> Session<'a> {
     /// session) ends, gives the connection back.
     async fn transaction(
         &mut self,
-        io: &mut ClientIo,
+        conn: &mut ClientConn,
         slot: &clients::ClientSlot,
         request: Option<(usize, u8)>,
     ) -> Step {
@@ -567,23 +607,16 @@ impl<'a> Session<'a> {
                 g.clients_idle.increment(1.0);
                 let Some((end, last)) = request else {
                     // A huge request half-received cannot be answered mid-stream.
-                    return Step::Exit(Exit::Fatal(ErrorFields {
-                        severity: "FATAL".into(),
-                        ..err
-                    }));
+                    return Step::Exit(err.with_severity(Severity::Fatal).into());
                 };
-                io.buf.advance(end);
+                conn.consume(end);
                 let mut out = BytesMut::new();
-                Out::error_fields(
-                    &mut out,
-                    crate::protocol::backend::tag::ERROR_RESPONSE,
-                    &err,
-                );
+                err.encode(&mut out);
                 let discard = last == tag::FLUSH;
                 if !discard {
                     Out::ready_for_query(&mut out, TxStatus::Idle);
                 }
-                if io.send(&out).await.is_err() {
+                if conn.send(&out).await.is_err() {
                     return Step::Exit(Exit::Quiet);
                 }
                 return if discard {
@@ -598,10 +631,13 @@ impl<'a> Session<'a> {
         g.clients_active.increment(1.0);
         slot.set_state(ClientState::Active);
         let Some(server) = lease.conn() else {
-            return Step::Exit(fatal(
-                sqlstate::INTERNAL_ERROR,
-                "internal error: lease without connection",
-            ));
+            return Step::Exit(
+                PgError::fatal(
+                    sqlstate::INTERNAL_ERROR,
+                    "internal error: lease without connection",
+                )
+                .into(),
+            );
         };
         slot.set_server(Some(server.cancel_key()));
         server.info.set_state(ServerState::Active);
@@ -629,16 +665,9 @@ impl<'a> Session<'a> {
             client = slot.addr.map(|a| a.port()).unwrap_or(0),
             server = server.process_id
         );
+        let (stream, buf) = conn.relay_parts();
         let end = tracing::Instrument::instrument(
-            relay::relay(
-                &mut io.stream,
-                &mut io.buf,
-                server,
-                &mut flow,
-                max_message,
-                statements,
-                prefix,
-            ),
+            relay::relay(stream, buf, server, &mut flow, max_message, statements, prefix),
             span,
         )
         .await;
@@ -675,63 +704,29 @@ impl<'a> Session<'a> {
             End::ClientProtocol(msg) => {
                 g.clients_idle.increment(1.0);
                 lease.discard();
-                return Step::Exit(fatal(sqlstate::PROTOCOL_VIOLATION, msg));
+                return Step::Exit(PgError::protocol_violation(msg).into());
             }
             End::ServerGone(msg) => {
                 g.clients_idle.increment(1.0);
                 tracing::warn!(error = %msg, "server connection lost while relaying");
                 crate::metrics::server_closed("error");
                 lease.discard();
-                return Step::Exit(fatal(
-                    sqlstate::CONNECTION_FAILURE,
-                    "server connection lost; the current transaction, if any, was rolled back",
-                ));
+                return Step::Exit(
+                    PgError::fatal(
+                        sqlstate::CONNECTION_FAILURE,
+                        "server connection lost; the current transaction, if any, was rolled back",
+                    )
+                    .with_side(Side::Server)
+                    .into(),
+                );
             }
         }
         Step::Next
     }
 
-    /// Waits for more bytes from the client. With nothing buffered the read buffer is freed
-    /// first, so an idle client holds no buffer; the wait ends early when the registry kicks
-    /// the session (idle timeout, shutdown). No timer is armed per wait.
-    async fn wait_for_client(io: &mut ClientIo, slot: &clients::ClientSlot) -> Result<(), Exit> {
-        if io.buf.is_empty() {
-            io.buf = BytesMut::new();
-            slot.went_idle();
-            // A hand-written wait rather than a select of two futures: it stores nothing, so
-            // the future every idle client keeps stays small. Readiness errors show up again
-            // in the read.
-            let kicked = std::future::poll_fn(|cx| {
-                if let std::task::Poll::Ready(k) = slot.poll_kicked(cx) {
-                    return std::task::Poll::Ready(Some(k));
-                }
-                io.stream.poll_read_ready(cx).map(|_| None)
-            })
-            .await;
-            match kicked {
-                Some(clients::Kick::IdleTimeout) => {
-                    return Err(fatal(
-                        sqlstate::IDLE_SESSION_TIMEOUT,
-                        "terminating connection due to idle-session timeout (client_idle_timeout)",
-                    ))
-                }
-                Some(clients::Kick::Shutdown) => {
-                    return Err(fatal(
-                        sqlstate::ADMIN_SHUTDOWN,
-                        "terminating connection because Sluice is shutting down",
-                    ))
-                }
-                None => {}
-            }
-            // At the relay's read size, so a request never makes the buffer grow (copy) mid-way.
-            io.buf.reserve(crate::server::READ_BUFFER);
-        }
-        io.read_more().await
-    }
-
     /// Borrows a usable server connection, connecting when the lease brings none, and
     /// replacing an idle one that died while pooled. Errors are what the client is told.
-    async fn checkout(&self) -> Result<Lease<Box<ServerConn>>, ErrorFields> {
+    async fn checkout(&self) -> Result<Lease<Box<ServerConn>>, PgError> {
         let mut lease = self
             .ctx
             .pools
@@ -748,7 +743,7 @@ impl<'a> Session<'a> {
         Ok(lease)
     }
 
-    async fn connect(&self, lease: &mut Lease<Box<ServerConn>>) -> Result<(), ErrorFields> {
+    async fn connect(&self, lease: &mut Lease<Box<ServerConn>>) -> Result<(), PgError> {
         let g = crate::metrics::global();
         let started = std::time::Instant::now();
         let target = Target::new(
@@ -772,15 +767,13 @@ impl<'a> Session<'a> {
             Err(e) => {
                 crate::metrics::server_connect(e.kind());
                 tracing::warn!(error = %e, database = %self.database, user = %self.user, "server connect failed");
-                let mut f = server::client_error(&e);
-                f.severity = "ERROR".into();
-                Err(f)
+                Err(server::client_error(&e).with_severity(Severity::Error))
             }
         }
     }
 
     /// The server's ParameterStatus values for this pool, connecting once if none are known.
-    async fn server_params(&self) -> Result<ServerParams, ErrorFields> {
+    async fn server_params(&self) -> Result<ServerParams, PgError> {
         if let Some(p) = self.ctx.server_params.lock().get(&self.pool) {
             return Ok(p.clone());
         }
@@ -791,11 +784,6 @@ impl<'a> Session<'a> {
             .lock()
             .get(&self.pool)
             .cloned()
-            .ok_or_else(|| ErrorFields {
-                severity: "FATAL".into(),
-                code: sqlstate::INTERNAL_ERROR.into(),
-                message: "no server parameters known".into(),
-                ..Default::default()
-            })
+            .ok_or_else(|| PgError::fatal(sqlstate::INTERNAL_ERROR, "no server parameters known"))
     }
 }

@@ -4,15 +4,15 @@
 //!
 //! See <https://www.postgresql.org/docs/current/protocol-flow.html#PROTOCOL-FLOW-START-UP>.
 
-use bytes::{Buf, BytesMut};
-use tokio::io::AsyncReadExt;
+use bytes::BytesMut;
 
-use super::{fatal, ClientIo, Context, Exit};
-use crate::auth::{Channel, Md5Hash, ScramServer, ScramVerifier};
+use super::client_conn::{ClientError, Opening};
+use super::{ClientConn, Context, Exit};
+use crate::auth::{AuthError, Channel, Md5Hash, ScramServer, ScramVerifier};
 use crate::config::ClientAuth;
+use crate::error::{sqlstate, PgError, Side};
 use crate::protocol::backend::Out;
 use crate::protocol::frontend::{self, tag, Startup};
-use crate::protocol::{next_frame, sqlstate};
 use crate::stream::Stream;
 use crate::tls::Acceptor;
 
@@ -46,45 +46,40 @@ impl Login {
 /// Reads the startup packet, negotiating TLS (or refusing it and GSS encryption), until a
 /// StartupMessage or a CancelRequest arrives. `Ok(None)` means the connection was a cancel
 /// request (handled).
-pub async fn read_startup(ctx: &Context, io: &mut ClientIo) -> Result<Option<Login>, Exit> {
+pub async fn read_startup(ctx: &Context, conn: &mut ClientConn) -> Result<Option<Login>, Exit> {
     let mut channel_binding = None;
     loop {
-        if io.buf.first() == Some(&crate::tls::HANDSHAKE_RECORD) && !io.stream.is_tls() {
-            // PostgreSQL 17's direct TLS: a ClientHello instead of a startup packet.
-            let Some(acceptor) = ctx.tls().acceptor else {
-                return Err(Exit::Quiet);
-            };
-            let early = std::mem::take(&mut io.buf);
-            upgrade(io, &acceptor, &early).await?;
-            if io.stream.alpn_protocol() != Some(crate::tls::ALPN_POSTGRESQL) {
-                // As PostgreSQL: direct TLS without ALPN could be another protocol's client.
-                crate::metrics::tls_handshake_failed("client", "no_alpn");
-                return Err(Exit::Quiet);
+        let msg = match conn.read_startup(!conn.is_tls()).await? {
+            Opening::Packet(msg) => msg,
+            Opening::TlsHello => {
+                // PostgreSQL 17's direct TLS: a ClientHello instead of a startup packet.
+                let Some(acceptor) = ctx.tls().acceptor else {
+                    return Err(Exit::Quiet);
+                };
+                upgrade(conn, &acceptor).await?;
+                if conn.alpn_protocol() != Some(crate::tls::ALPN_POSTGRESQL) {
+                    // As PostgreSQL: direct TLS without ALPN could be another protocol's client.
+                    crate::metrics::tls_handshake_failed("client", "no_alpn");
+                    return Err(Exit::Quiet);
+                }
+                channel_binding = acceptor.end_point.clone();
+                continue;
             }
-            channel_binding = acceptor.end_point.clone();
-            continue;
-        }
-        let parsed = Startup::parse(&io.buf)
-            .map_err(|e| fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()))?;
-        let Some((msg, used)) = parsed else {
-            io.read_more().await?;
-            continue;
         };
-        io.buf.advance(used);
         match msg {
             Startup::SslRequest | Startup::GssEncRequest => {
                 // Bytes behind the request would be taken as sent over TLS (CVE-2021-23214).
-                if !io.buf.is_empty() {
-                    return Err(fatal(
-                        sqlstate::PROTOCOL_VIOLATION,
+                if conn.buffered() > 0 {
+                    return Err(PgError::protocol_violation(
                         "received unencrypted data after encryption request",
-                    ));
+                    )
+                    .into());
                 }
-                if io.stream.is_tls() {
-                    return Err(fatal(
-                        sqlstate::PROTOCOL_VIOLATION,
+                if conn.is_tls() {
+                    return Err(PgError::protocol_violation(
                         "encryption requested on an encrypted connection",
-                    ));
+                    )
+                    .into());
                 }
                 let acceptor = match msg {
                     Startup::SslRequest => ctx.tls().acceptor,
@@ -92,11 +87,11 @@ pub async fn read_startup(ctx: &Context, io: &mut ClientIo) -> Result<Option<Log
                 };
                 let Some(acceptor) = acceptor else {
                     // The client may go on in plain text or give up.
-                    io.send(b"N").await?;
+                    conn.send(b"N").await?;
                     continue;
                 };
-                io.send(b"S").await?;
-                upgrade(io, &acceptor, &[]).await?;
+                conn.send(b"S").await?;
+                upgrade(conn, &acceptor).await?;
                 channel_binding = acceptor.end_point.clone();
             }
             Startup::Cancel {
@@ -109,7 +104,7 @@ pub async fn read_startup(ctx: &Context, io: &mut ClientIo) -> Result<Option<Log
             }
             Startup::Startup { params } => {
                 let mut login = login(params)?;
-                login.tls = io.stream.is_tls();
+                login.tls = conn.is_tls();
                 login.channel_binding = channel_binding;
                 return Ok(Some(login));
             }
@@ -127,20 +122,23 @@ fn login(mut params: Vec<(String, String)>) -> Result<Login, Exit> {
     let user = take(&mut params, "user")
         .filter(|u| !u.is_empty())
         .ok_or_else(|| {
-            fatal(
+            PgError::fatal(
                 sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
                 "no PostgreSQL user name specified in startup packet",
             )
+            .with_side(Side::Client)
         })?;
     let database = take(&mut params, "database")
         .filter(|d| !d.is_empty())
         .unwrap_or_else(|| user.clone());
     if let Some(r) = params.iter().find(|(n, _)| n == "replication") {
         if r.1 != "false" && r.1 != "0" && r.1 != "off" && r.1 != "no" {
-            return Err(fatal(
+            return Err(PgError::fatal(
                 sqlstate::FEATURE_NOT_SUPPORTED,
                 "replication connections are not supported through Sluice",
-            ));
+            )
+            .with_side(Side::Client)
+            .into());
         }
     }
     Ok(Login {
@@ -152,21 +150,16 @@ fn login(mut params: Vec<(String, String)>) -> Result<Login, Exit> {
     })
 }
 
-/// Runs the TLS handshake on the client's socket and puts the TLS stream in its place. A
-/// failed handshake ends the connection without a word: there is no channel to say it on.
-async fn upgrade(io: &mut ClientIo, acceptor: &Acceptor, early: &[u8]) -> Result<(), Exit> {
-    let tcp = io.stream.take_plain().ok_or(Exit::Quiet)?;
-    match crate::tls::accept(acceptor, tcp, early).await {
-        Ok(stream) => {
-            io.stream = stream;
-            Ok(())
-        }
-        Err(e) => {
+/// Runs the TLS handshake on the client's socket and goes on over TLS. A failed handshake
+/// ends the connection without a word: there is no channel to say it on.
+async fn upgrade(conn: &mut ClientConn, acceptor: &Acceptor) -> Result<(), Exit> {
+    conn.start_tls(acceptor).await.map_err(|e| {
+        if let ClientError::Tls(e) = &e {
             crate::metrics::tls_handshake_failed("client", e.reason());
             tracing::debug!(error = ?e, "client TLS handshake failed");
-            Err(Exit::Quiet)
         }
-    }
+        Exit::Quiet
+    })
 }
 
 /// Authenticates `login.user`. Unknown users go through the same exchange as known ones and
@@ -175,7 +168,7 @@ async fn upgrade(io: &mut ClientIo, acceptor: &Acceptor, early: &[u8]) -> Result
 /// caller sends them in one write with what follows.
 pub async fn authenticate(
     ctx: &Context,
-    io: &mut ClientIo,
+    conn: &mut ClientConn,
     login: &Login,
 ) -> Result<BytesMut, Exit> {
     let credentials = ctx.credentials.read().clone();
@@ -188,7 +181,7 @@ pub async fn authenticate(
     };
     let mut out = BytesMut::with_capacity(1024);
     let ok = if use_md5 {
-        md5_exchange(io, md5).await?
+        md5_exchange(conn, md5).await?
     } else {
         let mock;
         let verifier = match scram {
@@ -198,48 +191,51 @@ pub async fn authenticate(
                 &mock
             }
         };
-        scram_exchange(io, verifier, login.channel_binding.as_deref(), &mut out).await?
+        scram_exchange(conn, verifier, login.channel_binding.as_deref(), &mut out).await?
     };
     if !ok {
         crate::metrics::global().auth_failures.increment(1);
         tracing::info!(user = %login.user, "client authentication failed");
-        return Err(fatal(
+        return Err(PgError::fatal(
             sqlstate::INVALID_PASSWORD,
             format!("password authentication failed for user \"{}\"", login.user),
-        ));
+        )
+        .with_side(Side::Client)
+        .into());
     }
     Out::auth_ok(&mut out);
     Ok(out)
 }
 
 /// Reads one password-family message ('p') whole.
-async fn read_password_message(io: &mut ClientIo) -> Result<BytesMut, Exit> {
-    loop {
-        match next_frame(&io.buf, MAX_AUTH_MESSAGE) {
-            Ok(Some((frame, n))) => {
-                if frame.tag != tag::PASSWORD {
-                    return Err(fatal(
-                        sqlstate::PROTOCOL_VIOLATION,
-                        format!(
-                            "expected password response, got message type '{}'",
-                            char::from(frame.tag)
-                        ),
-                    ));
-                }
-                let mut msg = io.buf.split_to(n);
-                msg.advance(crate::protocol::HEADER_LEN);
-                return Ok(msg);
-            }
-            Ok(None) => io.read_more().await?,
-            Err(e) => return Err(fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string())),
-        }
+async fn read_password_message(conn: &mut ClientConn) -> Result<BytesMut, Exit> {
+    let msg = conn.read_message(MAX_AUTH_MESSAGE).await?;
+    if msg.tag != tag::PASSWORD {
+        return Err(PgError::protocol_violation(format!(
+            "expected password response, got message type '{}'",
+            char::from(msg.tag)
+        ))
+        .into());
     }
+    Ok(msg.body)
+}
+
+/// The error a failed authentication step ends the connection with: the client's fault, but
+/// for an unusable secret of Sluice's own (SQLSTATE XX000).
+fn auth_error(e: AuthError) -> PgError {
+    let code = e.sqlstate();
+    let side = if code == sqlstate::INTERNAL_ERROR {
+        Side::Sluice
+    } else {
+        Side::Client
+    };
+    PgError::fatal(code, e.to_string()).with_side(side)
 }
 
 /// SCRAM-SHA-256, and SCRAM-SHA-256-PLUS bound to `binding` (the certificate the client was
 /// served) when given; on success the server's final message is left in `last` for the caller.
 async fn scram_exchange(
-    io: &mut ClientIo,
+    conn: &mut ClientConn,
     verifier: &ScramVerifier,
     binding: Option<&[u8]>,
     last: &mut BytesMut,
@@ -251,15 +247,15 @@ async fn scram_exchange(
         None => &[SCRAM],
     };
     Out::auth_sasl(&mut out, mechanisms);
-    io.send(&out).await?;
-    let body = read_password_message(io).await?;
+    conn.send(&out).await?;
+    let body = read_password_message(conn).await?;
     let (mechanism, first) = frontend::sasl_initial_response(&body)
-        .map_err(|e| fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()))?;
+        .map_err(|e| PgError::protocol_violation(e.to_string()))?;
     if !mechanisms.contains(&mechanism) {
-        return Err(fatal(
-            sqlstate::PROTOCOL_VIOLATION,
+        return Err(PgError::protocol_violation(
             "client selected an invalid SASL authentication mechanism",
-        ));
+        )
+        .into());
     }
     let channel = match mechanism {
         SCRAM_PLUS => Channel::Bound(binding.unwrap_or_default()),
@@ -268,75 +264,50 @@ async fn scram_exchange(
     };
     let (server, server_first) =
         ScramServer::start(verifier, first, &ScramServer::random_nonce(), channel)
-            .map_err(|e| fatal(e.sqlstate(), e.to_string()))?;
+            .map_err(auth_error)?;
     out.clear();
     Out::auth_sasl_continue(&mut out, &server_first);
-    io.send(&out).await?;
-    let body = read_password_message(io).await?;
+    conn.send(&out).await?;
+    let body = read_password_message(conn).await?;
     match server.finish(&body) {
         Ok(server_final) => {
             Out::auth_sasl_final(last, &server_final);
             Ok(true)
         }
-        Err(crate::auth::AuthError::BadPassword) => Ok(false),
-        Err(e) => Err(fatal(e.sqlstate(), e.to_string())),
+        Err(AuthError::BadPassword) => Ok(false),
+        Err(e) => Err(auth_error(e).into()),
     }
 }
 
-async fn md5_exchange(io: &mut ClientIo, hash: Option<&Md5Hash>) -> Result<bool, Exit> {
+async fn md5_exchange(conn: &mut ClientConn, hash: Option<&Md5Hash>) -> Result<bool, Exit> {
     let salt: [u8; 4] = rand::random();
     let mut out = BytesMut::new();
     Out::auth_md5(&mut out, salt);
-    io.send(&out).await?;
-    let body = read_password_message(io).await?;
-    let response = frontend::password(&body)
-        .map_err(|e| fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()))?;
+    conn.send(&out).await?;
+    let body = read_password_message(conn).await?;
+    let response =
+        frontend::password(&body).map_err(|e| PgError::protocol_violation(e.to_string()))?;
     Ok(hash.is_some_and(|h| h.verify(salt, response)))
-}
-
-impl ClientIo {
-    /// Reads more bytes into the buffer; EOF ends the session quietly.
-    /// Cancel-safe: a cancelled read loses no bytes.
-    pub async fn read_more(&mut self) -> Result<(), Exit> {
-        self.buf.reserve(1024);
-        match self.stream.read_buf(&mut self.buf).await {
-            Ok(0) | Err(_) => Err(Exit::Quiet),
-            Ok(_) => Ok(()),
-        }
-    }
-
-    /// Writes and flushes `bytes`. Not cancel-safe (part of them may have gone).
-    pub async fn send(&mut self, bytes: &[u8]) -> Result<(), Exit> {
-        self.stream.send(bytes).await.map_err(|_| Exit::Quiet)
-    }
 }
 
 /// Refuses a connection before a session starts (client limit, shutdown): reads its startup
 /// packet like PostgreSQL does, so the client is listening, then sends the FATAL error.
-pub async fn refuse(stream: tokio::net::TcpStream, error: crate::protocol::backend::ErrorFields) {
-    let mut io = ClientIo {
-        stream: Stream::Plain(stream),
-        buf: BytesMut::new(),
-    };
+pub async fn refuse(stream: tokio::net::TcpStream, error: PgError) {
+    let mut conn = ClientConn::new(Stream::Plain(stream));
     let read = async {
         loop {
-            match Startup::parse(&io.buf) {
-                Ok(Some((Startup::SslRequest | Startup::GssEncRequest, n))) => {
-                    io.buf.advance(n);
-                    io.send(b"N").await?;
+            match conn.read_startup(false).await {
+                Ok(Opening::Packet(Startup::SslRequest | Startup::GssEncRequest)) => {
+                    conn.send(b"N").await?;
                 }
-                Ok(Some(_)) | Err(_) => return Ok::<_, Exit>(()),
-                Ok(None) => io.read_more().await?,
+                Ok(_) | Err(ClientError::Protocol(_)) => return Ok(()),
+                Err(e) => return Err(e),
             }
         }
     };
     if let Ok(Ok(())) = tokio::time::timeout(std::time::Duration::from_secs(2), read).await {
         let mut out = BytesMut::new();
-        Out::error_fields(
-            &mut out,
-            crate::protocol::backend::tag::ERROR_RESPONSE,
-            &error,
-        );
-        let _ = io.send(&out).await;
+        error.encode(&mut out);
+        let _ = conn.send(&out).await;
     }
 }
