@@ -16,7 +16,7 @@ use std::task::{ready, Context, Poll};
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-pub use self::core::{Core, End, Flow, Statements, Walked};
+pub use self::core::{Core, End, Flow, ServerFault, Statements, Walked};
 use crate::prepared::ServerStatements;
 use crate::server::{ServerConn, READ_BUFFER};
 use crate::stream::Stream;
@@ -250,17 +250,18 @@ where
                     Output::Staged => self.core.staged_for_server(),
                     Output::Prefix(p) => &p[..],
                 };
-                let failed = || End::ServerGone("write to server failed".into());
+                let failed = |e| Poll::Ready(Err(End::ServerGone(ServerFault::Write(e))));
                 if *written < bytes.len() {
                     match ready!(Pin::new(&mut *self.server).poll_write(cx, &bytes[*written..])) {
-                        Ok(0) | Err(_) => return Poll::Ready(Err(failed())),
+                        Ok(0) => return failed(std::io::ErrorKind::WriteZero.into()),
+                        Err(e) => return failed(e),
                         Ok(n) => *written += n,
                     }
                     return Poll::Ready(Ok(()));
                 }
                 // A TLS stream may keep the last records inside rustls until flushed.
-                if ready!(Pin::new(&mut *self.server).poll_flush(cx)).is_err() {
-                    return Poll::Ready(Err(failed()));
+                if let Err(e) = ready!(Pin::new(&mut *self.server).poll_flush(cx)) {
+                    return failed(e);
                 }
                 let (len, used) = (bytes.len(), *used);
                 self.core.wrote(len, 0);
@@ -302,10 +303,8 @@ where
                     cx,
                     self.sbuf
                 )) {
-                    Ok(0) => Poll::Ready(Err(End::ServerGone(
-                        "server closed the connection unexpectedly".into(),
-                    ))),
-                    Err(e) => Poll::Ready(Err(End::ServerGone(e.to_string()))),
+                    Ok(0) => Poll::Ready(Err(End::ServerGone(ServerFault::Closed))),
+                    Err(e) => Poll::Ready(Err(End::ServerGone(ServerFault::Read(e)))),
                     Ok(_) => {
                         self.down.step = Step::Walk;
                         Poll::Ready(Ok(()))

@@ -667,7 +667,15 @@ impl<'a> Session<'a> {
         );
         let (stream, buf) = conn.relay_parts();
         let end = tracing::Instrument::instrument(
-            relay::relay(stream, buf, server, &mut flow, max_message, statements, prefix),
+            relay::relay(
+                stream,
+                buf,
+                server,
+                &mut flow,
+                max_message,
+                statements,
+                prefix,
+            ),
             span,
         )
         .await;
@@ -701,14 +709,14 @@ impl<'a> Session<'a> {
                 cleanup(lease, &flow, self.mode, reset).await;
                 return Step::Exit(Exit::Quiet);
             }
-            End::ClientProtocol(msg) => {
+            End::ClientProtocol(error) => {
                 g.clients_idle.increment(1.0);
                 lease.discard();
-                return Step::Exit(PgError::protocol_violation(msg).into());
+                return Step::Exit(error.into());
             }
-            End::ServerGone(msg) => {
+            End::ServerGone(fault) => {
                 g.clients_idle.increment(1.0);
-                tracing::warn!(error = %msg, "server connection lost while relaying");
+                tracing::warn!(error = %fault, "server connection lost while relaying");
                 crate::metrics::server_closed("error");
                 lease.discard();
                 return Step::Exit(

@@ -174,7 +174,7 @@ fn replay(f: &Fixture, piece: usize) -> Replayed {
         };
         drop(core);
         out.pinned = out.pinned.or(flow.pinned());
-        let gone = end != End::Released;
+        let gone = !matches!(end, End::Released);
         out.ends.push(end);
         if gone {
             break;
@@ -276,7 +276,12 @@ fn golden(f: &Fixture) -> Replayed {
             tags(&r.to_client),
             tags(&f.to_client)
         );
-        assert_eq!(r.ends, as_recorded.ends, "{}: pieces of {piece}", f.name);
+        assert_eq!(
+            format!("{:?}", r.ends),
+            format!("{:?}", as_recorded.ends),
+            "{}: pieces of {piece}",
+            f.name
+        );
     }
     assert!(
         as_recorded
@@ -298,7 +303,7 @@ fn simple_query() {
     assert_eq!(f.to_server, client_sent(&f)[..f.to_server.len()]);
     assert_eq!(f.to_client, server_sent(&f));
     assert!(
-        r.ends.iter().filter(|e| **e == End::Released).count() >= 3,
+        r.ends.iter().filter(|e| matches!(e, End::Released)).count() >= 3,
         "{:?}",
         r.ends
     );
@@ -311,9 +316,15 @@ fn extended_pipelined() {
     let sent = client_sent(&f);
     // Every Parse and Close the client sent is answered, though the server saw fewer: the
     // re-Parse of a statement it has and the Close of a named statement are Sluice's to answer.
-    assert_eq!(count(&r.to_client, be::PARSE_COMPLETE), count(&sent, fe::PARSE));
+    assert_eq!(
+        count(&r.to_client, be::PARSE_COMPLETE),
+        count(&sent, fe::PARSE)
+    );
     assert!(count(&r.to_server, fe::PARSE) < count(&sent, fe::PARSE));
-    assert_eq!(count(&r.to_client, be::CLOSE_COMPLETE), count(&sent, fe::CLOSE));
+    assert_eq!(
+        count(&r.to_client, be::CLOSE_COMPLETE),
+        count(&sent, fe::CLOSE)
+    );
     assert_eq!(count(&r.to_server, fe::CLOSE), 0);
     // Statement names reach the server renamed (s1 itself only after its Close, unknown to
     // Sluice, so the server's error names it as the client did).
