@@ -10,7 +10,10 @@ top-level module's own file, outside comments. Prints the
 graph, then fails (exit 1) when
   - the modules form a cycle (a strongly connected component of more than one module), or
   - a module other than the crate root and `net` refers to `session` (the session sits at the
-    top of the library: everything below it serves it and must not call back).
+    top of the library: everything below it serves it and must not call back), or
+  - with --layers FILE (one layer per line, top first, modules separated by spaces; `#`
+    comments): a module uses one in a layer above its own, or a module is in no layer.
+    Modules of one layer may use each other (the cycle check still applies).
 The crate root may use anything; nothing may use the crate root (`crate::some_fn` defined in
 lib.rs counts as the root).
 """
@@ -57,7 +60,13 @@ def use_tree_heads(tree):
 
 
 def main():
-    src = sys.argv[1] if len(sys.argv) > 1 else "proxy/src"
+    args = sys.argv[1:]
+    layers_file = None
+    if "--layers" in args:
+        i = args.index("--layers")
+        layers_file = args[i + 1]
+        del args[i : i + 2]
+    src = args[0] if args else "proxy/src"
     modules = set()
     edges = {}
     for dirpath, _, files in os.walk(src):
@@ -98,6 +107,20 @@ def main():
             if t == "session" and m not in (ROOT, "net"):
                 problems.append(f"{where} ({m}) uses session, which sits above it")
 
+    if layers_file:
+        layer = {}
+        with open(layers_file, encoding="utf-8") as fh:
+            for n, line in enumerate(l.split("#", 1)[0].split() for l in fh):
+                for m in line:
+                    layer[m] = n
+        for m in sorted(modules - {ROOT}):
+            if m not in layer:
+                problems.append(f"{m} is in no layer of {layers_file}")
+        for m, ts in edges.items():
+            for t, where in sorted(ts):
+                if m in layer and t in layer and layer[t] < layer[m]:
+                    problems.append(f"{where} ({m}) uses {t}, in a layer above it")
+
     # Tarjan's strongly connected components.
     index, low, stack, on, comps, counter = {}, {}, [], set(), [], [0]
 
@@ -135,7 +158,8 @@ def main():
         for p in problems:
             print(f"  {p}", file=sys.stderr)
         return 1
-    print("\nno cycles between top-level modules; nothing below session uses it")
+    print("\nno cycles between top-level modules; nothing below session uses it"
+          + ("; every use goes down the layers" if layers_file else ""))
     return 0
 
 

@@ -16,8 +16,13 @@
 
 pub mod admin;
 pub mod auth;
+pub mod client_conn;
+pub mod clients;
 pub mod config;
+pub mod console;
+pub mod context;
 pub mod error;
+pub mod maintenance;
 pub mod metrics;
 pub mod net;
 pub mod pool;
@@ -44,9 +49,9 @@ use tokio_util::sync::CancellationToken;
 
 use auth::Credentials;
 use config::Config;
+use context::Context;
 use pool::Pools;
 use server::{ServerConn, Target};
-use session::Context;
 
 /// How long running sessions get to finish after shutdown begins.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -143,7 +148,7 @@ pub async fn start_from(
             addr: config.admin_listen,
             source,
         })?;
-    let pools = Pools::new(session::limits(&config));
+    let pools = Pools::new(context::limits(&config));
     // Pools that keep warm connections exist from the start, so the first burst finds them.
     for db in config
         .databases
@@ -179,10 +184,10 @@ pub async fn start_from(
     let ready = Arc::new(admin::Readiness::default());
     let ctx = context.clone();
     let task = tokio::spawn(async move {
-        let maintenance = tokio::spawn(maintain(ctx.clone(), ready.clone()));
+        let maintenance = tokio::spawn(maintenance::run(ctx.clone(), ready.clone()));
         let refresh: admin::Refresh = {
             let ctx = ctx.clone();
-            Arc::new(move || server_gauges(&ctx))
+            Arc::new(move || maintenance::server_gauges(&ctx))
         };
         let admin = tokio::spawn(admin::serve(
             admin_listener,
@@ -203,87 +208,6 @@ pub async fn start_from(
         context,
         task,
     })
-}
-
-/// Once a second: probes the server for readiness, closes idle and aged server connections,
-/// and keeps `min_pool_size` warm ones.
-async fn maintain(ctx: Arc<Context>, ready: Arc<admin::Readiness>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let cfg = ctx.config();
-        let connector = ctx.tls().connector;
-        let up = server::probe(
-            &connector,
-            &cfg.server_host,
-            cfg.server_port,
-            Duration::from_secs(1),
-        )
-        .await;
-        ready
-            .upstream_ok
-            .store(up, std::sync::atomic::Ordering::Relaxed);
-        let kicked = ctx.clients.sweep();
-        if kicked > 0 {
-            tracing::debug!(
-                clients = kicked,
-                "client_idle_timeout: disconnecting idle clients"
-            );
-        }
-        let dead = ctx.pools.reap(
-            tokio::time::Instant::now(),
-            cfg.server_idle_timeout,
-            cfg.server_lifetime,
-        );
-        drop(dead);
-        for stat in ctx.pools.pool_stats() {
-            let g = metrics::global();
-            let _ = (g, stat);
-        }
-        for mut slot in ctx.pools.warm_slots() {
-            let Some(stats) = ctx.pools.pool_stats().into_iter().nth(slot.pool().0) else {
-                continue;
-            };
-            let target = Target::new(&cfg, &connector, &stats.database, &stats.user);
-            let database = stats.database.clone();
-            let ctx = ctx.clone();
-            tokio::spawn(async move {
-                match ServerConn::connect(&target, &database, &ctx.servers).await {
-                    Ok(conn) => {
-                        metrics::server_connect("ok");
-                        ctx.server_params
-                            .lock()
-                            .insert(slot.pool(), Arc::new(conn.params.clone()));
-                        slot.fill(Box::new(conn));
-                        slot.release();
-                    }
-                    Err(e) => {
-                        metrics::server_connect(e.kind());
-                        tracing::warn!(error = %e, "warm-up connect failed");
-                    }
-                }
-            });
-        }
-        server_gauges(&ctx);
-    }
-}
-
-/// Sets the server connection gauges from the pools' state.
-fn server_gauges(ctx: &Context) {
-    let (mut active, mut idle, mut connecting) = (0, 0, 0);
-    for p in ctx.pools.pool_stats() {
-        active += p.active.saturating_sub(p.connecting);
-        idle += p.idle;
-        connecting += p.connecting;
-    }
-    let g = metrics::global();
-    g.servers_active.set(f64::from(active));
-    g.servers_idle.set(f64::from(idle));
-    g.servers_connecting.set(f64::from(connecting));
-    let (tls, plain) = ctx.servers.tls_counts();
-    g.servers_tls.set(tls as f64);
-    g.servers_plain.set(plain as f64);
 }
 
 /// Derives every user's client-auth secret; PBKDF2 runs on the blocking pool.

@@ -79,7 +79,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// SIGHUP reloads the configuration, like the admin console's RELOAD.
-fn reload_on_hangup(ctx: std::sync::Arc<sluice::session::Context>) {
+fn reload_on_hangup(ctx: std::sync::Arc<sluice::context::Context>) {
     #[cfg(unix)]
     tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};

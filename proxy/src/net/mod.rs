@@ -7,8 +7,9 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
 
+use crate::context::Context;
 use crate::error::{sqlstate, PgError};
-use crate::session::{self, Context};
+use crate::session;
 
 /// Counts a live client and uncounts it when its task ends, however it ends.
 struct ClientSlot(Arc<AtomicU32>);

@@ -17,22 +17,22 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 pub use self::core::{Core, End, Flow, ServerFault, Statements, Walked};
+use crate::client_conn::ClientConn;
 use crate::prepared::ServerStatements;
 use crate::server::{ServerConn, READ_BUFFER};
-use crate::stream::Stream;
 
 /// Relays until one of the [`End`]s. With `flow.release` false (session pooling, pinned
 /// clients) the relay only ends when one side goes away. `prefix` is a Query Sluice sends first
 /// (the client's settings), whose answers are swallowed; only with `statements`.
 pub async fn relay(
-    client: &mut Stream,
-    client_buf: &mut BytesMut,
+    client: &mut ClientConn,
     server: &mut ServerConn,
     flow: &mut Flow,
     max_message: usize,
     statements: Option<Statements<'_>>,
     prefix: Option<Bytes>,
 ) -> End {
+    let (client, client_buf) = client.relay_parts();
     let ends = Ends {
         client,
         client_buf,

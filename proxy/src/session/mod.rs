@@ -6,40 +6,33 @@
 //! A request refused for capacity is answered with a non-fatal ErrorResponse (SQLSTATE 53300)
 //! and ReadyForQuery, so the client keeps its connection and may retry on it.
 
-mod admin;
-mod client_conn;
-mod clients;
 mod ending;
 mod startup;
 
 pub use crate::settings::Settings;
 pub use startup::refuse;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use parking_lot::{Mutex, RwLock};
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
 
-pub use admin::{group_limits, limits, ReloadError};
-use client_conn::Framed;
-pub use client_conn::{ClientConn, ClientError};
-pub use clients::{ClientRegistry, ClientState};
 use ending::{cleanup, rejection};
 use startup::Login;
 
-use crate::auth::Credentials;
+use crate::client_conn::{ClientConn, ClientError, Exit, Framed};
+use crate::clients::{self, ClientState};
 use crate::config::{Config, GroupBy, PoolMode};
+use crate::console;
+use crate::context::{group_limits, Context, ServerParams, ADMIN_DATABASE};
 use crate::error::{sqlstate, PgError, Severity, Side};
-use crate::pool::{Lease, PoolId, Pools};
+use crate::pool::{Lease, PoolId};
 use crate::protocol::backend::{Out, TxStatus};
 use crate::protocol::frontend::tag;
 use crate::protocol::ProtocolError;
 use crate::relay::{self, End, Flow};
-use crate::server::{self, ServerConn, ServerRegistry, ServerState, Target};
+use crate::server::{self, ServerConn, ServerState, Target};
 use crate::sql as state;
 use crate::stream::Stream;
 
@@ -47,73 +40,6 @@ use crate::stream::Stream;
 const REQUEST_BUFFER_LIMIT: usize = 1 << 20;
 /// Time allowed to roll back the transaction of a client that disconnected mid-transaction.
 const ROLLBACK_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// ParameterStatus (name, value) pairs a server reported.
-pub type ServerParams = Arc<Vec<(String, String)>>;
-
-/// Everything sessions share.
-pub struct Context {
-    /// The configuration in force; RELOAD swaps it. Sessions keep the one they started with.
-    pub config: RwLock<Arc<Config>>,
-    /// The file and flags the configuration came from, for RELOAD.
-    pub config_path: Option<std::path::PathBuf>,
-    pub flags: crate::config::Overrides,
-    pub pools: Pools<Box<ServerConn>>,
-    pub credentials: RwLock<Arc<HashMap<String, Credentials>>>,
-    pub servers: ServerRegistry,
-    /// TLS toward clients and servers; RELOAD swaps it (certificate rotation).
-    pub tls: RwLock<crate::tls::TlsState>,
-    /// Seeds the SCRAM exchange of unknown users, so it fails like a wrong password.
-    pub mock_secret: [u8; 32],
-    pub clients: ClientRegistry,
-    /// ParameterStatus values of each pool's servers, reported to clients at start-up.
-    pub server_params: Mutex<HashMap<PoolId, ServerParams>>,
-    pub shutdown: CancellationToken,
-    /// Keys the hash that names prepared statements on servers.
-    pub statement_hasher: std::collections::hash_map::RandomState,
-    /// Startup settings (name, value) a server has accepted, with the value it reported.
-    pub validated_settings: Mutex<HashMap<(String, String), Option<String>>>,
-}
-
-impl Context {
-    pub fn config(&self) -> Arc<Config> {
-        self.config.read().clone()
-    }
-
-    pub fn tls(&self) -> crate::tls::TlsState {
-        self.tls.read().clone()
-    }
-}
-
-/// The virtual database of the admin console.
-pub const ADMIN_DATABASE: &str = "sluice";
-
-/// The name the relay knows the client connection by.
-pub type ClientIo = ClientConn;
-
-/// How a session ends.
-pub enum Exit {
-    /// The client left, or there is nobody to tell.
-    Quiet,
-    /// Tell the client this error (FATAL), then close.
-    Fatal(PgError),
-}
-
-impl From<PgError> for Exit {
-    fn from(e: PgError) -> Exit {
-        Exit::Fatal(e)
-    }
-}
-
-/// A client that broke the protocol is told so; one that is gone is not.
-impl From<ClientError> for Exit {
-    fn from(e: ClientError) -> Exit {
-        match e {
-            ClientError::Protocol(e) => PgError::protocol_violation(e.to_string()).into(),
-            ClientError::Closed | ClientError::Io(_) | ClientError::Tls(_) => Exit::Quiet,
-        }
-    }
-}
 
 /// Serves one client connection to the end. Never panics on client or server input.
 pub async fn serve(ctx: Arc<Context>, stream: TcpStream) {
@@ -199,7 +125,7 @@ async fn start<'a>(ctx: &'a Arc<Context>, conn: &mut ClientConn) -> Started<'a> 
     tracing::debug!(user = %login.user, database = %login.database, "client connected");
     if login.database == ADMIN_DATABASE {
         let exit = if config.admin_users.contains(&login.user) {
-            admin::serve(ctx, conn, &login, authenticated).await
+            console::serve(ctx, conn, &login.user, authenticated).await
         } else {
             let _ = conn.send(&authenticated).await;
             PgError::fatal(
@@ -345,7 +271,7 @@ impl<'a> Session<'a> {
             GroupBy::Database => db,
             GroupBy::ApplicationName => login.param("application_name").unwrap_or(""),
         };
-        let limits = admin::group_limits(cfg, group_name);
+        let limits = group_limits(cfg, group_name);
         let group = ctx.pools.group(group_name, limits);
         let mode = cfg.pool_mode_for(db);
         Session {
@@ -665,17 +591,8 @@ impl<'a> Session<'a> {
             client = slot.addr.map(|a| a.port()).unwrap_or(0),
             server = server.process_id
         );
-        let (stream, buf) = conn.relay_parts();
         let end = tracing::Instrument::instrument(
-            relay::relay(
-                stream,
-                buf,
-                server,
-                &mut flow,
-                max_message,
-                statements,
-                prefix,
-            ),
+            relay::relay(conn, server, &mut flow, max_message, statements, prefix),
             span,
         )
         .await;

@@ -6,9 +6,9 @@
 
 use bytes::BytesMut;
 
-use super::client_conn::{ClientError, Opening};
 use super::{ClientConn, Context, Exit};
 use crate::auth::{AuthError, Channel, Md5Hash, ScramServer, ScramVerifier};
+use crate::client_conn::{ClientError, Opening};
 use crate::config::ClientAuth;
 use crate::error::{sqlstate, PgError, Side};
 use crate::protocol::backend::Out;

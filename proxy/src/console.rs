@@ -9,12 +9,10 @@ use std::time::{Duration, SystemTime};
 
 use bytes::BytesMut;
 
-use super::startup::Login;
-use super::{ClientConn, Context, Exit};
-use crate::auth::{AuthError, Credentials};
-use crate::config::{Config, ConfigError, PoolMode};
+use crate::client_conn::{ClientConn, Exit};
+use crate::config::{Config, PoolMode};
+use crate::context::Context;
 use crate::error::{sqlstate, PgError, Side};
-use crate::pool::{GroupLimits, Limits};
 use crate::protocol::backend::{Out, TxStatus};
 use crate::protocol::frontend::{self, tag};
 use crate::server::ServerState;
@@ -41,7 +39,7 @@ type Table = (Vec<(&'static str, bool)>, Vec<Vec<Option<String>>>);
 pub async fn serve(
     ctx: &Arc<Context>,
     conn: &mut ClientConn,
-    login: &Login,
+    user: &str,
     mut out: BytesMut,
 ) -> Exit {
     for (name, value) in [
@@ -58,7 +56,7 @@ pub async fn serve(
     if conn.send(&out).await.is_err() {
         return Exit::Quiet;
     }
-    tracing::info!(user = %login.user, "admin console session");
+    tracing::info!(%user, "admin console session");
     let mut extended_error = false;
     loop {
         let msg = match conn.read_message(MAX_COMMAND).await {
@@ -375,78 +373,6 @@ fn help() -> Table {
     .map(|c| vec![s(c)])
     .collect();
     (vec![("command", false)], rows)
-}
-
-/// Pool limits from a configuration.
-pub fn limits(cfg: &Config) -> Limits {
-    Limits {
-        budget: cfg.max_server_connections,
-        max_connecting: cfg.max_connecting,
-        max_waiting: cfg.max_waiting,
-        wait_timeout: cfg.wait_timeout,
-        shed_target: cfg.shed_target,
-        shed_interval: cfg.shed_interval,
-    }
-}
-
-/// A group's limits from a configuration.
-pub fn group_limits(cfg: &Config, name: &str) -> GroupLimits {
-    cfg.groups
-        .get(name)
-        .map(|g| GroupLimits {
-            max_connections: g.max_connections,
-            reserved: g.reserved_connections.unwrap_or(0),
-            max_waiting: g.max_waiting,
-        })
-        .unwrap_or_default()
-}
-
-/// Why a RELOAD (or SIGHUP) kept the running configuration.
-#[derive(Debug, thiserror::Error)]
-pub enum ReloadError {
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    #[error("invalid configuration: `users.{user}.password`: {source}")]
-    Secret { user: String, source: AuthError },
-    /// Deriving the secrets on the blocking pool failed (it panicked or was cancelled).
-    #[error("{0}")]
-    Derive(tokio::task::JoinError),
-    #[error(transparent)]
-    Tls(#[from] crate::tls::TlsError),
-}
-
-impl Context {
-    /// Re-reads the configuration file (and environment) and applies it: users and passwords,
-    /// pool sizes, limits and group settings take effect at once; addresses need a restart.
-    pub async fn reload(&self) -> Result<(), ReloadError> {
-        let old = self.config();
-        let mut cfg = Config::load(self.config_path.as_deref(), &self.flags)?;
-        if cfg.max_server_connections == 0 {
-            cfg.max_server_connections = old.max_server_connections;
-        }
-        if cfg.listen != old.listen || cfg.admin_listen != old.admin_listen {
-            tracing::warn!("listen addresses changed: they take effect after a restart");
-        }
-        let secrets = cfg.client_secrets();
-        let credentials = tokio::task::spawn_blocking(move || Credentials::derive_all(secrets))
-            .await
-            .map_err(ReloadError::Derive)?
-            .map_err(|(user, source)| ReloadError::Secret { user, source })?;
-        // Certificates are read again: the next client gets the new one, sessions keep theirs.
-        let tls = crate::tls::TlsState::load(&cfg)?;
-        let cfg = Arc::new(cfg);
-        let pool_size = |db: &str, _user: &str| (cfg.pool_size_for(db), cfg.min_pool_size_for(db));
-        let group = |name: &str| group_limits(&cfg, name);
-        self.pools.reconfigure(limits(&cfg), &pool_size, &group);
-        crate::metrics::global()
-            .budget
-            .set(f64::from(cfg.max_server_connections));
-        *self.credentials.write() = Arc::new(credentials);
-        *self.tls.write() = tls;
-        *self.config.write() = cfg;
-        tracing::info!("configuration reloaded");
-        Ok(())
-    }
 }
 
 #[cfg(test)]

@@ -21,6 +21,7 @@ use bytes::{Buf, BytesMut};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::error::PgError;
 use crate::protocol::frontend::Startup;
 use crate::protocol::{Header, ProtocolError, HEADER_LEN};
 use crate::stream::Stream;
@@ -257,6 +258,30 @@ impl ClientConn<Stream> {
             self.buf.reserve(capacity);
         }
         interrupted
+    }
+}
+
+/// How a session ends.
+pub enum Exit {
+    /// The client left, or there is nobody to tell.
+    Quiet,
+    /// Tell the client this error (FATAL), then close.
+    Fatal(PgError),
+}
+
+impl From<PgError> for Exit {
+    fn from(e: PgError) -> Exit {
+        Exit::Fatal(e)
+    }
+}
+
+/// A client that broke the protocol is told so; one that is gone is not.
+impl From<ClientError> for Exit {
+    fn from(e: ClientError) -> Exit {
+        match e {
+            ClientError::Protocol(e) => PgError::protocol_violation(e.to_string()).into(),
+            ClientError::Closed | ClientError::Io(_) | ClientError::Tls(_) => Exit::Quiet,
+        }
     }
 }
 

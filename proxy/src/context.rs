@@ -1,0 +1,126 @@
+//! What every session shares: the configuration in force, the pools, the client and server
+//! registries, TLS and credentials, and RELOAD, which swaps them.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{AuthError, Credentials};
+use crate::clients::ClientRegistry;
+use crate::config::{Config, ConfigError};
+use crate::pool::{GroupLimits, Limits, PoolId, Pools};
+use crate::server::{ServerConn, ServerRegistry};
+
+/// ParameterStatus (name, value) pairs a server reported.
+pub type ServerParams = Arc<Vec<(String, String)>>;
+
+/// Everything sessions share.
+pub struct Context {
+    /// The configuration in force; RELOAD swaps it. Sessions keep the one they started with.
+    pub config: RwLock<Arc<Config>>,
+    /// The file and flags the configuration came from, for RELOAD.
+    pub config_path: Option<std::path::PathBuf>,
+    pub flags: crate::config::Overrides,
+    pub pools: Pools<Box<ServerConn>>,
+    pub credentials: RwLock<Arc<HashMap<String, Credentials>>>,
+    pub servers: ServerRegistry,
+    /// TLS toward clients and servers; RELOAD swaps it (certificate rotation).
+    pub tls: RwLock<crate::tls::TlsState>,
+    /// Seeds the SCRAM exchange of unknown users, so it fails like a wrong password.
+    pub mock_secret: [u8; 32],
+    pub clients: ClientRegistry,
+    /// ParameterStatus values of each pool's servers, reported to clients at start-up.
+    pub server_params: Mutex<HashMap<PoolId, ServerParams>>,
+    pub shutdown: CancellationToken,
+    /// Keys the hash that names prepared statements on servers.
+    pub statement_hasher: std::collections::hash_map::RandomState,
+    /// Startup settings (name, value) a server has accepted, with the value it reported.
+    pub validated_settings: Mutex<HashMap<(String, String), Option<String>>>,
+}
+
+impl Context {
+    pub fn config(&self) -> Arc<Config> {
+        self.config.read().clone()
+    }
+
+    pub fn tls(&self) -> crate::tls::TlsState {
+        self.tls.read().clone()
+    }
+}
+
+/// The virtual database of the admin console.
+pub const ADMIN_DATABASE: &str = "sluice";
+
+/// Pool limits from a configuration.
+pub fn limits(cfg: &Config) -> Limits {
+    Limits {
+        budget: cfg.max_server_connections,
+        max_connecting: cfg.max_connecting,
+        max_waiting: cfg.max_waiting,
+        wait_timeout: cfg.wait_timeout,
+        shed_target: cfg.shed_target,
+        shed_interval: cfg.shed_interval,
+    }
+}
+
+/// A group's limits from a configuration.
+pub fn group_limits(cfg: &Config, name: &str) -> GroupLimits {
+    cfg.groups
+        .get(name)
+        .map(|g| GroupLimits {
+            max_connections: g.max_connections,
+            reserved: g.reserved_connections.unwrap_or(0),
+            max_waiting: g.max_waiting,
+        })
+        .unwrap_or_default()
+}
+
+/// Why a RELOAD (or SIGHUP) kept the running configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("invalid configuration: `users.{user}.password`: {source}")]
+    Secret { user: String, source: AuthError },
+    /// Deriving the secrets on the blocking pool failed (it panicked or was cancelled).
+    #[error("{0}")]
+    Derive(tokio::task::JoinError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+}
+
+impl Context {
+    /// Re-reads the configuration file (and environment) and applies it: users and passwords,
+    /// pool sizes, limits and group settings take effect at once; addresses need a restart.
+    pub async fn reload(&self) -> Result<(), ReloadError> {
+        let old = self.config();
+        let mut cfg = Config::load(self.config_path.as_deref(), &self.flags)?;
+        if cfg.max_server_connections == 0 {
+            cfg.max_server_connections = old.max_server_connections;
+        }
+        if cfg.listen != old.listen || cfg.admin_listen != old.admin_listen {
+            tracing::warn!("listen addresses changed: they take effect after a restart");
+        }
+        let secrets = cfg.client_secrets();
+        let credentials = tokio::task::spawn_blocking(move || Credentials::derive_all(secrets))
+            .await
+            .map_err(ReloadError::Derive)?
+            .map_err(|(user, source)| ReloadError::Secret { user, source })?;
+        // Certificates are read again: the next client gets the new one, sessions keep theirs.
+        let tls = crate::tls::TlsState::load(&cfg)?;
+        let cfg = Arc::new(cfg);
+        let pool_size = |db: &str, _user: &str| (cfg.pool_size_for(db), cfg.min_pool_size_for(db));
+        let group = |name: &str| group_limits(&cfg, name);
+        self.pools.reconfigure(limits(&cfg), &pool_size, &group);
+        crate::metrics::global()
+            .budget
+            .set(f64::from(cfg.max_server_connections));
+        *self.credentials.write() = Arc::new(credentials);
+        *self.tls.write() = tls;
+        *self.config.write() = cfg;
+        tracing::info!("configuration reloaded");
+        Ok(())
+    }
+}

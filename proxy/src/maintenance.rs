@@ -1,0 +1,87 @@
+//! The once-a-second housekeeping: the readiness probe, idle clients disconnected, idle and aged
+//! server connections closed, `min_pool_size` warm connections opened, server gauges set.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::admin;
+use crate::context::Context;
+use crate::metrics;
+use crate::server::{self, ServerConn, Target};
+
+/// Once a second: probes the server for readiness, closes idle and aged server connections,
+/// and keeps `min_pool_size` warm ones.
+pub async fn run(ctx: Arc<Context>, ready: Arc<admin::Readiness>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let cfg = ctx.config();
+        let connector = ctx.tls().connector;
+        let up = server::probe(
+            &connector,
+            &cfg.server_host,
+            cfg.server_port,
+            Duration::from_secs(1),
+        )
+        .await;
+        ready
+            .upstream_ok
+            .store(up, std::sync::atomic::Ordering::Relaxed);
+        let kicked = ctx.clients.sweep();
+        if kicked > 0 {
+            tracing::debug!(
+                clients = kicked,
+                "client_idle_timeout: disconnecting idle clients"
+            );
+        }
+        let dead = ctx.pools.reap(
+            tokio::time::Instant::now(),
+            cfg.server_idle_timeout,
+            cfg.server_lifetime,
+        );
+        drop(dead);
+        for mut slot in ctx.pools.warm_slots() {
+            let Some(stats) = ctx.pools.pool_stats().into_iter().nth(slot.pool().0) else {
+                continue;
+            };
+            let target = Target::new(&cfg, &connector, &stats.database, &stats.user);
+            let database = stats.database.clone();
+            let ctx = ctx.clone();
+            tokio::spawn(async move {
+                match ServerConn::connect(&target, &database, &ctx.servers).await {
+                    Ok(conn) => {
+                        metrics::server_connect("ok");
+                        ctx.server_params
+                            .lock()
+                            .insert(slot.pool(), Arc::new(conn.params.clone()));
+                        slot.fill(Box::new(conn));
+                        slot.release();
+                    }
+                    Err(e) => {
+                        metrics::server_connect(e.kind());
+                        tracing::warn!(error = %e, "warm-up connect failed");
+                    }
+                }
+            });
+        }
+        server_gauges(&ctx);
+    }
+}
+
+/// Sets the server connection gauges from the pools' state.
+pub fn server_gauges(ctx: &Context) {
+    let (mut active, mut idle, mut connecting) = (0, 0, 0);
+    for p in ctx.pools.pool_stats() {
+        active += p.active.saturating_sub(p.connecting);
+        idle += p.idle;
+        connecting += p.connecting;
+    }
+    let g = metrics::global();
+    g.servers_active.set(f64::from(active));
+    g.servers_idle.set(f64::from(idle));
+    g.servers_connecting.set(f64::from(connecting));
+    let (tls, plain) = ctx.servers.tls_counts();
+    g.servers_tls.set(tls as f64);
+    g.servers_plain.set(plain as f64);
+}
