@@ -330,3 +330,165 @@ fn extended_pipelined() {
     // Sluice, so the server's error names it as the client did).
     assert!(r.to_server.windows(7).any(|w| w == b"sluice_"));
 }
+
+/// How many times `needle` occurs in `bytes`.
+fn occurrences(bytes: &[u8], needle: &[u8]) -> usize {
+    bytes.windows(needle.len()).filter(|w| *w == needle).count()
+}
+
+#[test]
+fn error_mid_batch() {
+    let f = fixture!("error_mid_batch");
+    let r = golden(&f);
+    let sent = client_sent(&f);
+    // Every Sync gets its ReadyForQuery, errors or not; the server's errors reach the client.
+    assert_eq!(
+        count(&r.to_client, be::READY_FOR_QUERY),
+        count(&sent, fe::SYNC)
+    );
+    assert!(count(&r.to_client, be::ERROR_RESPONSE) >= 4);
+    // The statement the server refused is forgotten and prepared again when reused: the
+    // server sees more Parses than the client's one per statement name.
+    assert!(count(&r.to_server, fe::PARSE) > count(&sent, fe::PARSE) - 2);
+}
+
+#[test]
+fn copy_in_out_and_fail() {
+    let f = fixture!("copy");
+    let r = golden(&f);
+    let sent = client_sent(&f);
+    assert_eq!(count(&r.to_client, be::COPY_IN_RESPONSE), 4);
+    assert_eq!(count(&r.to_client, be::COPY_OUT_RESPONSE), 1);
+    // All the client's CopyData reach the server, and CopyFail too.
+    assert_eq!(
+        count(&r.to_server, fe::COPY_DATA),
+        count(&sent, fe::COPY_DATA)
+    );
+    assert_eq!(count(&r.to_server, fe::COPY_FAIL), 1);
+    // Syncs the server reads in copy mode get no ReadyForQuery, yet every request ends and
+    // the server goes back to the pool after each.
+    assert!(
+        count(&r.to_client, be::READY_FOR_QUERY) < count(&sent, fe::SYNC) + count(&sent, fe::QUERY)
+    );
+    assert!(
+        r.ends.iter().filter(|e| matches!(e, End::Released)).count() >= 4,
+        "{:?}",
+        r.ends
+    );
+}
+
+#[test]
+fn portal_suspended() {
+    let f = fixture!("portal_suspended");
+    let r = golden(&f);
+    assert_eq!(count(&r.to_client, be::PORTAL_SUSPENDED), 2);
+    // The block holds its server from BEGIN to COMMIT: one relay for it.
+    assert_eq!(
+        r.ends.iter().filter(|e| matches!(e, End::Released)).count(),
+        1,
+        "{:?}",
+        r.ends
+    );
+}
+
+#[test]
+fn flush() {
+    let f = fixture!("flush");
+    let r = golden(&f);
+    // A Flush gets the answers so far, with no ReadyForQuery: the client reads ParseComplete
+    // and the description before its first ReadyForQuery.
+    let t = tags(&r.to_client);
+    assert!(
+        t.find('1') < t.find('Z') && t.find('t') < t.find('Z'),
+        "{t}"
+    );
+    assert_eq!(
+        count(&r.to_server, fe::FLUSH),
+        count(&client_sent(&f), fe::FLUSH)
+    );
+}
+
+#[test]
+fn evicted_statement_is_prepared_again() {
+    let f = fixture!("evicted_reprepared");
+    let r = golden(&f);
+    let sent = client_sent(&f);
+    // Sluice closes evicted statements on the server (the client never sent a Close)...
+    assert_eq!(count(&sent, fe::CLOSE), 0);
+    assert!(count(&r.to_server, fe::CLOSE) >= 2);
+    // ...prepares the ones used again, and swallows the answers to both: the client gets one
+    // ParseComplete per Parse it sent and no CloseComplete.
+    assert!(count(&r.to_server, fe::PARSE) > count(&sent, fe::PARSE));
+    assert_eq!(
+        count(&r.to_client, be::PARSE_COMPLETE),
+        count(&sent, fe::PARSE)
+    );
+    assert_eq!(count(&r.to_client, be::CLOSE_COMPLETE), 0);
+}
+
+#[test]
+fn deallocate_and_discard() {
+    let f = fixture!("deallocate_discard");
+    let r = golden(&f);
+    // DEALLOCATE of a known name is Sluice's to answer: the client gets one more
+    // "DEALLOCATE" command tag than the server sent.
+    let tag = b"DEALLOCATE\0";
+    assert_eq!(
+        occurrences(&r.to_client, tag),
+        occurrences(&server_sent(&f), tag) + 1
+    );
+    assert_eq!(
+        occurrences(&r.to_server, b"DEALLOCATE s1"),
+        0,
+        "the server never hears of the client's names"
+    );
+    assert!(occurrences(&r.to_server, b"DISCARD ALL") == 1);
+}
+
+#[test]
+fn session_state_is_refused_in_reject_mode() {
+    let f = fixture!("session_state_reject");
+    let r = golden(&f);
+    // Three refusals by Sluice itself (0A000), none of them from the server, and none of the
+    // refused statements sent.
+    let code = b"C0A000\0";
+    assert_eq!(occurrences(&r.to_client, code), 3);
+    assert_eq!(occurrences(&server_sent(&f), code), 0);
+    assert_eq!(occurrences(&r.to_server, b"LISTEN"), 0);
+    assert!(r.pinned.is_none());
+}
+
+#[test]
+fn session_state_pins_the_server() {
+    let f = fixture!("session_state_pin");
+    let r = golden(&f);
+    assert_eq!(r.pinned, Some(Pin::Set));
+    // Once pinned, the relay only ends when the client leaves.
+    assert!(
+        matches!(r.ends.last(), Some(End::ClientGone)),
+        "{:?}",
+        r.ends
+    );
+}
+
+#[test]
+fn session_pooling_passes_everything_through() {
+    let f = fixture!("session_pooling");
+    let r = golden(&f);
+    let sent = client_sent(&f);
+    assert_eq!(f.to_server[..], sent[..f.to_server.len()]);
+    assert_eq!(f.to_client, server_sent(&f));
+    assert_eq!(r.ends.len(), 1, "{:?}", r.ends);
+}
+
+#[test]
+fn large_messages_stream() {
+    let f = fixture!("large_message");
+    let r = golden(&f);
+    // Forwarded unchanged, though far larger than any read.
+    assert_eq!(r.to_client, server_sent(&f));
+    assert!(f.inputs.iter().all(|(_, b)| b.len() <= 16 * 1024));
+    assert!(messages(&r.to_server)
+        .iter()
+        .any(|(_, body)| body.len() > 250_000));
+}
