@@ -5,7 +5,7 @@
 //! the admin console read whole messages ([`ClientConn::read_message`]), and the session walks
 //! a request's messages without consuming them ([`ClientConn::read_frame`]) so the relay can
 //! forward them straight from the buffer. The relay alone works on the socket and the buffer
-//! directly ([`ClientConn::relay_parts`]).
+//! directly (`ClientConn::relay_parts`).
 //!
 //! [`ClientConn`] is generic over the byte stream: sessions use [`Stream`] (plain TCP, or TLS
 //! after the upgrade during start-up); the tests below use in-memory pipes.

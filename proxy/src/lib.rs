@@ -1,16 +1,29 @@
 //! Sluice: a PostgreSQL connection-pooling proxy for serverless fan-out.
 //!
 //! # Layout
-//! Data flows one way, each module importing only those after it:
-//! [`net`] (accept, client cap, drain) → [`session`] (startup, auth, transaction relay) →
-//! [`pool`] (budget, admission, fair queue, shedding) → [`server`] (authenticated backend
-//! connections) → [`protocol`] (pure framing and message codecs). Side modules import nothing
-//! from the path above [`protocol`]: [`config`], [`metrics`], [`error`] (the errors clients are
-//! told about, with their SQLSTATEs), [`auth`] (client authentication secrets and
-//! exchanges), [`settings`] (run-time settings by name), [`stream`] (a socket, plain or TLS,
-//! for clients and servers alike) and [`tls`] (rustls configurations, certificate checks,
-//! channel-binding data). [`start`] wires them together. `.ci/module-graph.py` checks that no
-//! module below [`session`] uses it and that the modules form no cycle.
+//! Data flows one way, down these layers (a module uses only its own layer and those below;
+//! `.ci/layers.txt` lists them and `.ci/module-graph.py` checks every use and that there are no
+//! cycles):
+//!
+//! 1. [`net`]: accept, the client connection cap, drain on shutdown.
+//! 2. [`session`]: one client, from its startup packet and authentication through its
+//!    requests: each buffered, a server borrowed from the pool, relayed, given back.
+//! 3. [`console`] (the admin console over the wire protocol), [`relay`] (client ⇄ server
+//!    bytes while a client holds a server: a sans-I/O core that decides, a short shell that
+//!    moves the bytes) and [`maintenance`] (once-a-second housekeeping).
+//! 4. [`context`]: what every session shares, and RELOAD.
+//! 5. [`clients`] (the client registry, cancel keys), [`pool`] (budget, admission, fair queue,
+//!    shedding) and [`server`] (authenticated server connections).
+//! 6. Leaves, importing no module above: [`client_conn`] (the client's socket, buffer and
+//!    framing, and how a connection ends), [`prepared`] (named statements: each client's,
+//!    each server's, their names), [`sql`] (the SQL scanners: session state, settings),
+//!    [`protocol`] (pure framing and message codecs), [`stream`] (a socket, plain or TLS),
+//!    [`error`] (the errors clients are told, with their SQLSTATEs), [`auth`] (client
+//!    authentication secrets and exchanges), [`config`], [`metrics`], [`settings`] (run-time
+//!    settings by name), [`tls`] (rustls configurations, certificate checks, channel binding)
+//!    and [`admin`] (the `/metrics` and health HTTP endpoint).
+//!
+//! The crate root ([`start`]) wires them together; `main.rs` is the binary's edge.
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 

@@ -19,7 +19,7 @@
 //! it and so are not counted.
 //!
 //! # Answers Sluice adds or removes
-//! When statements are rewritten, the client walk queues an [`Entry`] per message sent (or
+//! When statements are rewritten, the client walk queues an entry per message sent (or
 //! answered by Sluice itself) and the server walk matches the responses against that queue: a
 //! response that ends an entry sent by Sluice is swallowed, and an entry Sluice answers itself
 //! is answered when its turn comes. An ErrorResponse makes the server skip to the next Sync, so
