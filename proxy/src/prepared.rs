@@ -57,6 +57,14 @@ impl ClientStatements {
     pub fn clear(&mut self) {
         self.by_name.clear();
     }
+
+    /// The name the client knows `stmt` by (for errors that would name it as the server does).
+    pub fn name_of(&self, stmt: &Arc<Statement>) -> Option<&str> {
+        self.by_name
+            .iter()
+            .find(|(_, s)| Arc::ptr_eq(s, stmt))
+            .map(|(n, _)| n.as_str())
+    }
 }
 
 /// Makes the statement for a Parse body, named by a keyed hash of its text and types.

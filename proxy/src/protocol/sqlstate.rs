@@ -61,6 +61,7 @@ pub const INVALID_AUTHORIZATION_SPECIFICATION: SqlState = SqlState(*b"28000");
 pub const INVALID_PASSWORD: SqlState = SqlState(*b"28P01");
 pub const INVALID_CATALOG_NAME: SqlState = SqlState(*b"3D000");
 pub const SYNTAX_ERROR: SqlState = SqlState(*b"42601");
+pub const DUPLICATE_PREPARED_STATEMENT: SqlState = SqlState(*b"42P05");
 pub const INSUFFICIENT_PRIVILEGE: SqlState = SqlState(*b"42501");
 pub const INVALID_NAME: SqlState = SqlState(*b"42602");
 pub const TOO_MANY_CONNECTIONS: SqlState = SqlState(*b"53300");
@@ -86,6 +87,7 @@ mod tests {
             (INVALID_PASSWORD, "28P01"),
             (INVALID_CATALOG_NAME, "3D000"),
             (SYNTAX_ERROR, "42601"),
+            (DUPLICATE_PREPARED_STATEMENT, "42P05"),
             (INSUFFICIENT_PRIVILEGE, "42501"),
             (INVALID_NAME, "42602"),
             (TOO_MANY_CONNECTIONS, "53300"),

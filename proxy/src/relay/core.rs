@@ -33,7 +33,8 @@ use std::collections::VecDeque;
 use bytes::{Bytes, BytesMut};
 
 use self::rewrite::{
-    ends_a_response, look, needs_look, respond, take_injections, Action, Entry, Kind, Tracker,
+    ends_a_response, look, names_for_error, needs_look, rename_in_error, respond, take_injections,
+    Action, Entry, Kind, Tracker,
 };
 use crate::error::PgError;
 use crate::prepared::{ClientStatements, ServerStatements};
@@ -469,6 +470,10 @@ impl<'a> Core<'a> {
                         // Answers of Sluice's own may follow it: take it whole.
                         return Ok(Verdict::Wait(h.total()));
                     }
+                    let renamed = (h.tag == be::ERROR_RESPONSE)
+                        .then(|| names_for_error(t))
+                        .flatten()
+                        .and_then(|(server, client)| rename_in_error(msg, &server, &client));
                     let (swallow, before, after) = respond(t, h.tag);
                     if swallow {
                         // Not the client's: it changes nothing the client sees.
@@ -477,7 +482,18 @@ impl<'a> Core<'a> {
                         out.extend_from_slice(&after);
                         return Ok(Verdict::Replace(out.freeze()));
                     }
-                    verdict = Verdict::Pass { before, after };
+                    verdict = match renamed {
+                        // The server named the client's statement by Sluice's name for it.
+                        Some(msg) => {
+                            let mut out =
+                                BytesMut::with_capacity(before.len() + msg.len() + after.len());
+                            out.extend_from_slice(&before);
+                            out.extend_from_slice(&msg);
+                            out.extend_from_slice(&after);
+                            Verdict::Replace(out.freeze())
+                        }
+                        None => Verdict::Pass { before, after },
+                    };
                 }
                 match h.tag {
                     be::READY_FOR_QUERY => {

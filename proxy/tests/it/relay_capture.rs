@@ -65,7 +65,8 @@ const SCENARIOS: &[Scenario] = &[
         about: &[
             "Extended protocol: three unnamed Parse/Bind/Describe/Execute/Sync batches in one",
             "write; a named statement s1 (renamed by Sluice), used in later batches, parsed again",
-            "(answered by Sluice: the server has it), pipelined named batches with a named portal,",
+            "without a Close (refused, 42P05, as PostgreSQL does), closed and parsed again (both",
+            "answered by Sluice: the server has it), pipelined named batches with a named portal,",
             "Describe S s1, Close S s1 (answered by Sluice), and s1 used after its Close.",
         ],
         tweak: transaction,
@@ -112,7 +113,8 @@ const SCENARIOS: &[Scenario] = &[
         about: &[
             "max_prepared_statements = 2: three named statements prepared (the third evicts the",
             "first: Sluice closes it on the server), then each used again, so Sluice closes the",
-            "least recently used and prepares the one used, swallowing the answers to both.",
+            "least recently used and prepares the one used, swallowing the answers to both; a",
+            "statement closed and parsed again.",
         ],
         tweak: |c| c.max_prepared_statements = 2,
     },

@@ -9,11 +9,11 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 
 use super::{Flow, Verdict};
-use crate::error::{sqlstate, PgError};
+use crate::error::{sqlstate, PgError, Side};
 use crate::prepared::{self, ClientStatements, ServerStatements, Statement, StatementCommand};
 use crate::protocol::backend::{tag as be, Out, TxStatus};
 use crate::protocol::frontend::{self, tag as fe, STATEMENT};
-use crate::protocol::ProtocolError;
+use crate::protocol::{ProtocolError, HEADER_LEN};
 use crate::sql::{self, Pin};
 
 /// The extended-protocol messages whose responses are tracked.
@@ -102,6 +102,9 @@ pub(super) struct Entry {
     pub(super) action: Action,
     /// A Parse that registered (client name, hash): undone if the server refuses it.
     pub(super) registered: Option<(String, u64)>,
+    /// The client's named statement a Parse, Bind or Describe is about: an error the server
+    /// answers it with names the statement as the client does.
+    pub(super) statement: Option<Arc<Statement>>,
     /// A `DISCARD ALL`/`DEALLOCATE ALL` that empties the server's statements if it succeeds.
     pub(super) clears_server: bool,
     pub(super) errored: bool,
@@ -113,6 +116,7 @@ impl Entry {
             kind,
             action,
             registered: None,
+            statement: None,
             clears_server: false,
             errored: false,
         }
@@ -168,6 +172,21 @@ pub(super) fn look(
     match tag {
         fe::PARSE => {
             let p = frontend::parse(body)?;
+            if !p.name.is_empty() && t.client.get(p.name).is_some() {
+                // PostgreSQL refuses to redefine a statement that was not closed, and skips the
+                // rest of the batch.
+                t.discarding = true;
+                let mut answer = BytesMut::new();
+                PgError::error(
+                    sqlstate::DUPLICATE_PREPARED_STATEMENT,
+                    format!("prepared statement \"{}\" already exists", p.name),
+                )
+                .with_side(Side::Client)
+                .encode(&mut answer);
+                t.queue
+                    .push_back(Entry::new(Kind::Parse, Action::Inject(answer.freeze())));
+                return Ok(Some(Verdict::Replace(Bytes::new())));
+            }
             let text = &p.rest[..memchr::memchr(0, p.rest).unwrap_or(p.rest.len())];
             let pin = match std::str::from_utf8(text) {
                 Ok(sql) => sql::pins(sql),
@@ -208,6 +227,7 @@ pub(super) fn look(
             out.extend_from_slice(&stmt.parse);
             let mut e = Entry::new(Kind::Parse, Action::Forward);
             e.registered = Some((name, stmt.hash));
+            e.statement = Some(stmt);
             t.queue.push_back(e);
             Ok(Some(Verdict::Replace(out.freeze())))
         }
@@ -223,7 +243,9 @@ pub(super) fn look(
             let mut out = BytesMut::new();
             ensure(t, &stmt, &mut out);
             frontend::put_bind(&mut out, portal, &stmt.server_name, &body[used..]);
-            t.queue.push_back(Entry::new(Kind::Bind, Action::Forward));
+            let mut e = Entry::new(Kind::Bind, Action::Forward);
+            e.statement = Some(stmt);
+            t.queue.push_back(e);
             Ok(Some(Verdict::Replace(out.freeze())))
         }
         fe::DESCRIBE => {
@@ -239,8 +261,9 @@ pub(super) fn look(
             let mut out = BytesMut::new();
             ensure(t, &stmt, &mut out);
             frontend::put_target(&mut out, fe::DESCRIBE, STATEMENT, &stmt.server_name);
-            t.queue
-                .push_back(Entry::new(Kind::Describe, Action::Forward));
+            let mut e = Entry::new(Kind::Describe, Action::Forward);
+            e.statement = Some(stmt);
+            t.queue.push_back(e);
             Ok(Some(Verdict::Replace(out.freeze())))
         }
         fe::CLOSE => {
@@ -412,4 +435,33 @@ pub(super) fn respond(t: &mut Tracker<'_>, tag: u8) -> (bool, Bytes, Bytes) {
     }
     let after = injections(t);
     (matches!(entry.action, Action::Swallow), before, after)
+}
+
+/// For an ErrorResponse about to be matched against the queue: the server's name of the
+/// client's statement the head message is about, and the client's name for it.
+pub(super) fn names_for_error(t: &Tracker<'_>) -> Option<(String, String)> {
+    let stmt = t.queue.front()?.statement.as_ref()?;
+    let client = t.client.name_of(stmt)?;
+    Some((stmt.server_name.clone(), client.to_string()))
+}
+
+/// `msg` (a whole ErrorResponse) with every mention of `server_name` replaced by `client_name`,
+/// or `None` if it mentions none.
+pub(super) fn rename_in_error(msg: &[u8], server_name: &str, client_name: &str) -> Option<Bytes> {
+    let body = msg.get(HEADER_LEN..)?;
+    let from = server_name.as_bytes();
+    memchr::memmem::find(body, from)?;
+    let mut renamed = Vec::with_capacity(body.len());
+    let mut rest = body;
+    while let Some(at) = memchr::memmem::find(rest, from) {
+        renamed.extend_from_slice(&rest[..at]);
+        renamed.extend_from_slice(client_name.as_bytes());
+        rest = &rest[at + from.len()..];
+    }
+    renamed.extend_from_slice(rest);
+    let mut out = BytesMut::with_capacity(HEADER_LEN + renamed.len());
+    out.extend_from_slice(&[be::ERROR_RESPONSE]);
+    out.extend_from_slice(&u32::try_from(4 + renamed.len()).ok()?.to_be_bytes());
+    out.extend_from_slice(&renamed);
+    Some(out.freeze())
 }

@@ -234,12 +234,21 @@ async fn extended_pipelined(c: &mut Client) {
     // Used in a later batch (and transaction): renamed.
     c.bind("", "s1", &["again"]).execute("", 0).sync();
     c.round("2DCZ").await;
-    // Parsed again with the same text: the server has it, Sluice answers the Parse itself.
-    c.parse("s1", "SELECT $1::text || '!' AS shout", &[TEXT])
+    // Parsed again without a Close: refused as PostgreSQL refuses it (42P05), and the rest of
+    // the batch skipped.
+    c.parse("s1", "SELECT $1::text || '?' AS ask", &[TEXT])
+        .bind("", "s1", &["skipped"])
+        .execute("", 0)
+        .sync();
+    c.round("EZ").await;
+    // Closed, then parsed again with the same text: the server still has it, so Sluice answers
+    // both the Close and the Parse itself.
+    c.close(b'S', "s1")
+        .parse("s1", "SELECT $1::text || '!' AS shout", &[TEXT])
         .bind("", "s1", &["third"])
         .execute("", 0)
         .sync();
-    c.round("12DCZ").await;
+    c.round("312DCZ").await;
     // Named statements pipelined: three batches in one write, a named portal.
     c.parse("s2", "SELECT $1::int4 + $2::int4 AS total", &[INT4, INT4])
         .bind("", "s2", &["1", "2"])
@@ -415,12 +424,13 @@ async fn evicted_reprepared(c: &mut Client) {
     c.round("tTZ").await;
     c.bind("", "c", &[]).execute("", 0).sync();
     c.round("2DCZ").await;
-    // A Parse of a statement the server lacks by now.
-    c.parse("a", "SELECT 1 AS a", &[])
+    // Closed and parsed again: a statement the server lacks by now.
+    c.close(b'S', "a")
+        .parse("a", "SELECT 1 AS a", &[])
         .bind("", "a", &[])
         .execute("", 0)
         .sync();
-    c.round("12DCZ").await;
+    c.round("312DCZ").await;
 }
 
 async fn deallocate_discard(c: &mut Client) {
