@@ -10,6 +10,7 @@ mod core;
 mod drivers;
 mod harness_selftest;
 mod harness_tls;
+mod iam;
 mod loadgen;
 mod pg;
 mod proxy;
