@@ -7,7 +7,7 @@
 //! connections) → [`protocol`] (pure framing and message codecs). Side modules import nothing
 //! from the path above [`protocol`]: [`config`], [`metrics`], [`error`] (the errors clients are
 //! told about, with their SQLSTATEs), [`auth`] (client authentication secrets and
-//! exchanges), [`settings`] (run-time settings by name), [`stream`] (a socket, plain or TLS,
+//! exchanges; RDS IAM tokens toward the server), [`settings`] (run-time settings by name), [`stream`] (a socket, plain or TLS,
 //! for clients and servers alike) and [`tls`] (rustls configurations, certificate checks,
 //! channel-binding data). [`start`] wires them together. `.ci/module-graph.py` checks that no
 //! module below [`session`] uses it and that the modules form no cycle.

@@ -202,10 +202,10 @@ fn region_from_config_then_environment() {
         ("AWS_DEFAULT_REGION", "us-east-1"),
     ]);
     assert_eq!(
-        resolve_region(Some("ap-south-1"), &both).as_deref(),
+        resolve_region(Some("ap-south-1"), both).as_deref(),
         Some("ap-south-1")
     );
-    assert_eq!(resolve_region(None, &both).as_deref(), Some("eu-west-2"));
+    assert_eq!(resolve_region(None, both).as_deref(), Some("eu-west-2"));
     let default_only = env(&[("AWS_REGION", ""), ("AWS_DEFAULT_REGION", "us-east-1")]);
     assert_eq!(
         resolve_region(None, default_only).as_deref(),
