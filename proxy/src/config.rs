@@ -15,6 +15,10 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+mod server_auth;
+
+pub use self::server_auth::ServerAuth;
+
 #[derive(Debug, Error)]
 pub enum ConfigError {
     #[error("invalid configuration: {0}")]
@@ -142,6 +146,10 @@ pub struct Config {
     /// Client certificate and key Sluice presents to the server, if it asks for one.
     pub server_tls_cert_file: Option<PathBuf>,
     pub server_tls_key_file: Option<PathBuf>,
+    /// What Sluice presents to the server: passwords, or RDS IAM tokens.
+    pub server_auth: ServerAuth,
+    /// The region RDS IAM tokens are signed for (else `AWS_REGION`, `AWS_DEFAULT_REGION`).
+    pub aws_region: Option<String>,
     /// TLS toward clients; unset means `allow` when a certificate is configured, else `disable`.
     pub client_tls: Option<ClientTls>,
     /// Certificate chain (PEM) and private key Sluice presents to clients; re-read on RELOAD.
@@ -239,6 +247,8 @@ impl Default for Config {
             server_tls_ca_file: None,
             server_tls_cert_file: None,
             server_tls_key_file: None,
+            server_auth: ServerAuth::Password,
+            aws_region: None,
             client_tls: None,
             client_tls_cert_file: None,
             client_tls_key_file: None,
@@ -456,7 +466,7 @@ impl Config {
             if user.password.is_none() {
                 return Err(invalid(format!("users.{name}.password"), "missing"));
             }
-            if self.server_password(name).is_none() {
+            if self.server_auth == ServerAuth::Password && self.server_password(name).is_none() {
                 return Err(invalid(
                     format!("users.{name}.server_password"),
                     "needed when `password` is a SCRAM verifier or md5 hash",
@@ -472,6 +482,7 @@ impl Config {
             }
         }
         self.validate_tls()?;
+        self.validate_server_auth()?;
         if self.databases.contains_key("sluice") {
             return Err(invalid(
                 "databases.sluice",

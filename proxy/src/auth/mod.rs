@@ -4,6 +4,9 @@
 //!
 //! This module is pure computation: it never touches sockets or an async
 //! runtime, so the protocol layer decides how messages are framed and sent.
+//! The exception is [`iam`], RDS IAM tokens toward the server, whose
+//! credentials come from AWS's credential sources (environment, container
+//! credentials endpoint, instance metadata).
 //! See <https://www.postgresql.org/docs/current/sasl-authentication.html>
 //! for the SCRAM message flow (RFC 5802 / RFC 7677).
 //!
@@ -12,6 +15,7 @@
 //! to be run through a full exchange against [`ScramVerifier::mock`], which
 //! fails with the same [`AuthError::BadPassword`] as a wrong password.
 
+pub mod iam;
 mod md5;
 mod scram;
 

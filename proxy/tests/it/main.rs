@@ -11,6 +11,7 @@ mod drivers;
 mod fidelity;
 mod harness_selftest;
 mod harness_tls;
+mod iam;
 mod loadgen;
 mod pg;
 mod proxy;

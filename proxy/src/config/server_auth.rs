@@ -1,0 +1,154 @@
+//! How Sluice authenticates to the server (`server_auth`, `aws_region`): with the users'
+//! passwords, or with RDS IAM tokens ([`crate::auth::iam`]).
+
+use serde::{Deserialize, Serialize};
+
+use super::{invalid, Config, ConfigError, ServerTls};
+use crate::auth::iam;
+
+/// What Sluice presents to the server as a user's password.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServerAuth {
+    /// `users.NAME.server_password` (or the user's plaintext `password`).
+    Password,
+    /// An RDS IAM authentication token for the user, signed with the AWS credentials Sluice
+    /// finds (environment, container credentials, instance metadata).
+    RdsIam,
+}
+
+impl ServerAuth {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServerAuth::Password => "password",
+            ServerAuth::RdsIam => "rds_iam",
+        }
+    }
+}
+
+impl Config {
+    /// The AWS region RDS IAM tokens are signed for: `aws_region`, else `AWS_REGION`, else
+    /// `AWS_DEFAULT_REGION`.
+    pub fn resolved_aws_region(&self) -> Option<String> {
+        iam::resolve_region(self.aws_region.as_deref(), |name| std::env::var(name).ok())
+    }
+
+    pub(super) fn validate_server_auth(&self) -> Result<(), ConfigError> {
+        if let Some(region) = &self.aws_region {
+            if !iam::valid_region(region) {
+                return Err(invalid(
+                    "aws_region",
+                    format!("\"{region}\" is not an AWS region name (like us-east-1)"),
+                ));
+            }
+        }
+        if self.server_auth != ServerAuth::RdsIam {
+            return Ok(());
+        }
+        // The token is sent as a cleartext password and is good for 15 minutes to whoever
+        // holds it: only to a server whose certificate and name are checked.
+        if self.server_tls != ServerTls::VerifyFull {
+            return Err(invalid(
+                "server_tls",
+                format!(
+                    "server_auth = \"rds_iam\" sends the IAM token as a cleartext password, which needs server_tls = \"verify-full\" (with the RDS CA bundle in server_tls_ca_file), not \"{}\"",
+                    self.server_tls.as_str()
+                ),
+            ));
+        }
+        match self.resolved_aws_region() {
+            None => Err(invalid(
+                "aws_region",
+                "server_auth = \"rds_iam\" needs a region: set aws_region, AWS_REGION or AWS_DEFAULT_REGION",
+            )),
+            Some(region) if !iam::valid_region(&region) => Err(invalid(
+                "aws_region",
+                format!("\"{region}\" (from the environment) is not an AWS region name"),
+            )),
+            // Validated and documented, but server logins do not present IAM tokens yet:
+            // refused (at start-up and RELOAD) rather than silently logging in with passwords.
+            Some(_) => Err(invalid(
+                "server_auth",
+                "\"rds_iam\" is not supported by server logins yet; use \"password\"",
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Overrides;
+
+    fn load(toml: &str) -> Result<Config, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.toml");
+        std::fs::write(&path, toml).unwrap();
+        Config::load(Some(&path), &Overrides::default()).map_err(|e| e.to_string())
+    }
+
+    const BASE: &str =
+        "[databases.d]\n[users.u]\npassword = \"SCRAM-SHA-256$4096:c2FsdA==$c3RvcmVk:c2VydmVy\"\n";
+    const VERIFIED: &str =
+        "server_tls = \"verify-full\"\nserver_tls_ca_file = \"/etc/rds-ca.pem\"\n";
+
+    #[test]
+    fn password_by_default() {
+        let cfg = load(&format!("{BASE}server_password = \"pw\"\n")).unwrap();
+        assert_eq!(cfg.server_auth, ServerAuth::Password);
+        assert_eq!(cfg.aws_region, None);
+    }
+
+    #[test]
+    fn rds_iam_needs_verify_full_and_no_server_password() {
+        // A valid rds_iam configuration (no server_password needed) is refused only because
+        // server logins do not use tokens yet.
+        let e = load(&format!(
+            "server_auth = \"rds_iam\"\naws_region = \"eu-west-2\"\n{VERIFIED}{BASE}"
+        ))
+        .unwrap_err();
+        assert!(
+            e.contains("`server_auth`") && e.contains("not supported"),
+            "{e}"
+        );
+        let mut cfg = load(&format!(
+            "aws_region = \"eu-west-2\"\n{VERIFIED}{BASE}server_password = \"pw\"\n"
+        ))
+        .unwrap();
+        cfg.server_auth = ServerAuth::RdsIam;
+        cfg.users.get_mut("u").unwrap().server_password = None;
+        assert_eq!(cfg.resolved_aws_region().as_deref(), Some("eu-west-2"));
+        assert!(cfg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("not supported"));
+        for tls in ["require", "verify-ca", "prefer", "disable"] {
+            let e = load(&format!(
+                "server_auth = \"rds_iam\"\naws_region = \"eu-west-2\"\nserver_tls = \"{tls}\"\nserver_tls_ca_file = \"/ca.pem\"\n{BASE}"
+            ))
+            .unwrap_err();
+            assert!(
+                e.contains("`server_tls`") && e.contains("verify-full"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn region_is_checked() {
+        let e = load(&format!(
+            "server_auth = \"rds_iam\"\naws_region = \"EU West\"\n{VERIFIED}{BASE}"
+        ))
+        .unwrap_err();
+        assert!(e.contains("`aws_region`"), "{e}");
+        // Checked even when unused.
+        let e = load(&format!(
+            "aws_region = \"x y\"\n{BASE}server_password = \"pw\"\n"
+        ))
+        .unwrap_err();
+        assert!(e.contains("`aws_region`"), "{e}");
+        let e = load(&format!("server_auth = \"iam\"\n{BASE}")).unwrap_err();
+        assert!(e.contains("server_auth"), "{e}");
+    }
+}
