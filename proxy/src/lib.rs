@@ -19,9 +19,9 @@
 //!    each server's, their names), [`sql`] (the SQL scanners: session state, settings),
 //!    [`protocol`] (pure framing and message codecs), [`stream`] (a socket, plain or TLS),
 //!    [`error`] (the errors clients are told, with their SQLSTATEs), [`auth`] (client
-//!    authentication secrets and exchanges; RDS IAM tokens), [`config`], [`metrics`], [`settings`] (run-time
-//!    settings by name), [`tls`] (rustls configurations, certificate checks, channel binding)
-//!    and [`admin`] (the `/metrics` and health HTTP endpoint).
+//!    authentication secrets and exchanges; RDS IAM tokens), [`config`], [`metrics`],
+//!    [`settings`] (run-time settings by name), [`tls`] (rustls configurations, certificate
+//!    checks, channel binding) and [`admin`] (the `/metrics` and health HTTP endpoint).
 //!
 //! The crate root ([`start`]) wires them together; `main.rs` is the binary's edge.
 
