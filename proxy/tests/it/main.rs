@@ -13,6 +13,7 @@ mod harness_tls;
 mod loadgen;
 mod pg;
 mod proxy;
+mod secrets;
 mod session_state;
 mod support;
 mod tls;
