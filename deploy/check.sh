@@ -71,7 +71,34 @@ if command -v systemd-analyze >/dev/null 2>&1; then
     fi
     rm -rf "$tmp"
     ok "systemd-analyze verify deploy/systemd/sluice.service (with sluice-tls.conf)"
+
+    # The secret refresh units, and sluice.service with both drop-ins (the hook's path
+    # replaced: it need not be installed here).
+    tmp=$(mktemp -d)
+    sed 's#^ExecStart=/usr/local/bin/sluice #ExecStart=/bin/true #' deploy/systemd/sluice.service \
+        >"$tmp/sluice.service"
+    mkdir "$tmp/sluice.service.d"
+    cp deploy/systemd/sluice-tls.conf "$tmp/sluice.service.d/tls.conf"
+    sed 's#/usr/local/sbin/sluice-secret-refresh #/bin/true #' deploy/systemd/sluice-secrets.conf \
+        >"$tmp/sluice.service.d/secrets.conf"
+    sed 's#^ExecStart=/usr/local/sbin/sluice-secret-refresh #ExecStart=/bin/true #' \
+        deploy/systemd/sluice-secret-refresh.service >"$tmp/sluice-secret-refresh.service"
+    cp deploy/systemd/sluice-secret-refresh.timer "$tmp/"
+    if ! out=$(systemd-analyze verify "$tmp/sluice.service" "$tmp/sluice-secret-refresh.service" \
+        "$tmp/sluice-secret-refresh.timer" 2>&1) || [[ -n $out ]]; then
+        rm -rf "$tmp"
+        printf '%s\n' "$out" >&2
+        echo "systemd-analyze verify of the secret refresh units failed" >&2
+        exit 1
+    fi
+    rm -rf "$tmp"
+    ok "systemd-analyze verify deploy/systemd/sluice-secret-refresh.{service,timer}, sluice-secrets.conf"
 fi
+
+# The secret refresh hook, against stand-ins for the AWS CLI and systemctl in a scratch PATH
+# directory (see deploy/systemd/check-secret-refresh.sh).
+bash deploy/systemd/check-secret-refresh.sh
+ok "deploy/systemd/sluice-secret-refresh: plain and JSON secrets, mode 0600, reload only on change"
 
 # Docker: the health check command is a well-formed exec-form JSON array.
 "$PY" - deploy/docker/Dockerfile <<'EOF'
@@ -87,7 +114,8 @@ print(f"  ok  {sys.argv[1]}: HEALTHCHECK, USER, ENTRYPOINT")
 EOF
 
 # Shell scripts parse.
-for f in deploy/check.sh deploy/local/lib.sh deploy/local/demo.sh benches/compare.sh; do
+for f in deploy/check.sh deploy/local/lib.sh deploy/local/demo.sh benches/compare.sh \
+    deploy/systemd/sluice-secret-refresh deploy/systemd/check-secret-refresh.sh; do
     bash -n "$f"
 done
-ok "bash -n deploy/check.sh deploy/local/*.sh benches/compare.sh"
+ok "bash -n deploy/check.sh deploy/local/*.sh benches/compare.sh deploy/systemd/*secret-refresh*"

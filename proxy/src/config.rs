@@ -3,7 +3,14 @@
 //! Precedence, lowest first: built-in defaults, the file, the environment, flags. Nested keys
 //! are reached in the environment with `__` (`SLUICE_USERS__APP__PASSWORD`). Any string may hold
 //! `${NAME}` references to other environment variables, so no secret needs to live in the file.
-//! [`Config::load`] validates everything and names the offending key on error.
+//! Every password may also come from a file (`password_file`, `server_password_file`,
+//! `upstream_password_file`; see [`secret`]), read again on every load, so a RELOAD picks up a
+//! rotated secret. [`Config::load`] validates everything and names the offending key on error;
+//! no error quotes a secret.
+
+mod secret;
+
+pub use secret::read_secret_file;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -136,6 +143,8 @@ pub struct Config {
     /// `postgres://user:password@host:port/dbname`: the upstream server. Its user and database
     /// are added to `users` and `databases` when not listed there (the zero-config start).
     pub upstream: Option<String>,
+    /// File holding the password of `upstream`'s user, instead of a password in the URL.
+    pub upstream_password_file: Option<PathBuf>,
     /// Upstream host and port, when not given by `upstream`.
     pub server_host: String,
     pub server_port: u16,
@@ -221,10 +230,15 @@ pub struct DatabaseConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct UserConfig {
     /// What clients must present: a plaintext password, a `SCRAM-SHA-256$...` verifier or an
-    /// `md5...` hash.
+    /// `md5...` hash. After [`Config::load`], the content of `password_file` when that is set.
     pub password: Option<String>,
+    /// File holding `password` (one or the other may be set).
+    pub password_file: Option<PathBuf>,
     /// Password Sluice uses on the server; defaults to `password` when that is plaintext.
+    /// After [`Config::load`], the content of `server_password_file` when that is set.
     pub server_password: Option<String>,
+    /// File holding `server_password` (one or the other may be set).
+    pub server_password_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -241,6 +255,7 @@ impl Default for Config {
             listen: SocketAddr::from(([0, 0, 0, 0], 6432)),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9930)),
             upstream: None,
+            upstream_password_file: None,
             server_host: "127.0.0.1".into(),
             server_port: 5432,
             server_tls: ServerTls::Prefer,
@@ -333,6 +348,7 @@ impl Config {
             .map_err(|e| ConfigError::Parse(e.to_string()))?;
         cfg.expand_env()?;
         cfg.apply_upstream()?;
+        cfg.read_secret_files()?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -357,6 +373,9 @@ impl Config {
     /// Folds the `upstream` URL into host, port, users and databases.
     fn apply_upstream(&mut self) -> Result<(), ConfigError> {
         let Some(raw) = self.upstream.clone() else {
+            if self.upstream_password_file.is_some() {
+                return Err(invalid("upstream_password_file", "needs `upstream`"));
+            }
             return Ok(());
         };
         let url = url::Url::parse(&raw).map_err(|e| invalid("upstream", e.to_string()))?;
@@ -400,12 +419,22 @@ impl Config {
             }
         }
         let password = url.password().map(decode);
-        let entry = self.users.entry(user).or_default();
-        if entry.password.is_none() {
-            entry.password = password.clone();
+        let file = self.upstream_password_file.clone();
+        if password.is_some() && file.is_some() {
+            return Err(invalid(
+                "upstream_password_file",
+                "`upstream` has a password too: give one or the other",
+            ));
         }
-        if entry.server_password.is_none() {
+        // The URL's password (or file) is the user's unless the user has one of its own.
+        let entry = self.users.entry(user).or_default();
+        if entry.password.is_none() && entry.password_file.is_none() {
+            entry.password = password.clone();
+            entry.password_file = file.clone();
+        }
+        if entry.server_password.is_none() && entry.server_password_file.is_none() {
             entry.server_password = password;
+            entry.server_password_file = file;
         }
         Ok(())
     }
@@ -464,12 +493,15 @@ impl Config {
         }
         for (name, user) in &self.users {
             if user.password.is_none() {
-                return Err(invalid(format!("users.{name}.password"), "missing"));
+                return Err(invalid(
+                    format!("users.{name}.password"),
+                    "missing (set password or password_file)",
+                ));
             }
             if self.server_auth == ServerAuth::Password && self.server_password(name).is_none() {
                 return Err(invalid(
                     format!("users.{name}.server_password"),
-                    "needed when `password` is a SCRAM verifier or md5 hash",
+                    "needed (or server_password_file) when `password` is a SCRAM verifier or md5 hash",
                 ));
             }
         }
@@ -643,129 +675,4 @@ fn decode(s: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn flags(upstream: &str) -> Overrides {
-        Overrides {
-            upstream: Some(upstream.into()),
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn zero_config_from_upstream() {
-        let cfg = Config::load(None, &flags("postgres://app:p%40ss@db.local:5433/appdb")).unwrap();
-        assert_eq!(
-            (cfg.server_host.as_str(), cfg.server_port),
-            ("db.local", 5433)
-        );
-        assert!(cfg.databases.contains_key("appdb"));
-        assert_eq!(cfg.users["app"].password.as_deref(), Some("p@ss"));
-        assert_eq!(cfg.server_password("app"), Some("p@ss"));
-        assert_eq!(cfg.pool_mode_for("appdb"), PoolMode::Transaction);
-    }
-
-    #[test]
-    fn tls_keys_and_upstream_sslmode() {
-        let cfg = Config::load(
-            None,
-            &flags("postgres://app:pw@db.local/appdb?sslmode=verify-full&sslrootcert=/etc/ca.pem"),
-        )
-        .unwrap();
-        assert_eq!(cfg.server_tls, ServerTls::VerifyFull);
-        assert_eq!(
-            cfg.server_tls_ca_file.as_deref(),
-            Some(Path::new("/etc/ca.pem"))
-        );
-        assert_eq!(cfg.client_tls_mode(), ClientTls::Disable);
-        let err = |url: &str| Config::load(None, &flags(url)).unwrap_err().to_string();
-        let no_ca = err("postgres://app:pw@db/appdb?sslmode=verify-ca");
-        assert!(no_ca.contains("server_tls_ca_file"), "{no_ca}");
-        assert!(err("postgres://app:pw@db/appdb?sslmode=sometimes").contains("sslmode"));
-        assert!(err("postgres://app:pw@db/appdb?sslcompression=1").contains("sslcompression"));
-        let mut c = Config::load(None, &flags("postgres://app:pw@db/appdb")).unwrap();
-        c.client_tls = Some(ClientTls::Require);
-        assert!(c
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("client_tls_cert_file"));
-        c.client_tls = None;
-        c.client_tls_cert_file = Some("/c.pem".into());
-        assert!(c
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("client_tls_key_file"));
-        c.client_tls_key_file = Some("/k.pem".into());
-        assert_eq!(c.client_tls_mode(), ClientTls::Allow);
-    }
-
-    #[test]
-    fn load_generator_variables_are_not_keys() {
-        std::env::set_var("SLUICE_LOADTEST_URL", "postgres://x@y/z");
-        assert!(Config::load(None, &flags("postgres://app:pw@db/appdb")).is_ok());
-    }
-
-    #[test]
-    fn file_keys_and_env_references() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.toml");
-        std::env::set_var("CFGTEST_PW_1", "from-env");
-        std::env::set_var("CFGTEST_HOST_1", "db.internal");
-        std::fs::write(
-            &path,
-            r#"
-            pool_size = 7
-            server_host = "${CFGTEST_HOST_1}"
-            wait_timeout = "250ms"
-            [databases.a]
-            pool_mode = "session"
-            [users.u]
-            password = "${CFGTEST_PW_1}"
-            "#,
-        )
-        .unwrap();
-        let cfg = Config::load(Some(&path), &Overrides::default()).unwrap();
-        assert_eq!(cfg.pool_size, 7);
-        assert_eq!(cfg.wait_timeout, Duration::from_millis(250));
-        assert_eq!(cfg.pool_mode_for("a"), PoolMode::Session);
-        assert_eq!(cfg.users["u"].password.as_deref(), Some("from-env"));
-        assert_eq!(cfg.server_host, "db.internal");
-    }
-
-    #[test]
-    fn errors_name_the_key() {
-        let err = |toml: &str| {
-            let dir = tempfile::tempdir().unwrap();
-            let path = dir.path().join("s.toml");
-            std::fs::write(&path, toml).unwrap();
-            Config::load(Some(&path), &Overrides::default())
-                .unwrap_err()
-                .to_string()
-        };
-        let base = "[databases.d]\n[users.u]\npassword = \"x\"\n";
-        assert!(err(&format!("pool_size = 0\n{base}")).contains("pool_size"));
-        assert!(err(&format!("bogus = 1\n{base}")).contains("bogus"));
-        assert!(err(&format!("wait_timeout = \"soon\"\n{base}")).contains("wait_timeout"));
-        let unset = err("[databases.d]\n[users.u]\npassword = \"${CFGTEST_UNSET_X}\"\n");
-        assert!(
-            unset.contains("line 3") && unset.contains("CFGTEST_UNSET_X is not set"),
-            "{unset}"
-        );
-        assert!(err(
-            "[databases.d]\n[users.u]\npassword = \"md5aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"\n"
-        )
-        .contains("server_password"));
-        assert!(err(&format!(
-            "max_server_connections = 5\n{base}[groups.a]\nreserved_connections = 4\n[groups.b]\nreserved_connections = 2\n"
-        ))
-        .contains("reserved_connections add up to 6"));
-        assert!(Config::load(None, &flags("mysql://a@b/c"))
-            .unwrap_err()
-            .to_string()
-            .contains("upstream"));
-        assert!(Config::load(None, &Overrides::default()).is_err());
-    }
-}
+mod tests;

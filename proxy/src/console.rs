@@ -386,7 +386,7 @@ mod tests {
             "app".into(),
             crate::config::UserConfig {
                 password: Some("hunter2".into()),
-                server_password: None,
+                ..Default::default()
             },
         );
         let (_, rows) = config(&cfg);

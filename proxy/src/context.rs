@@ -11,7 +11,7 @@ use crate::auth::{AuthError, Credentials};
 use crate::clients::ClientRegistry;
 use crate::config::{Config, ConfigError};
 use crate::pool::{GroupLimits, Limits, PoolId, Pools};
-use crate::server::{ServerConn, ServerRegistry};
+use crate::server::{ServerConn, ServerPassword, ServerRegistry};
 
 /// ParameterStatus (name, value) pairs a server reported.
 pub type ServerParams = Arc<Vec<(String, String)>>;
@@ -25,6 +25,10 @@ pub struct Context {
     pub flags: crate::config::Overrides,
     pub pools: Pools<Box<ServerConn>>,
     pub credentials: RwLock<Arc<HashMap<String, Credentials>>>,
+    /// The password Sluice presents to the server, by user; RELOAD replaces them, a refused
+    /// login may renew one from its file. Sessions use the one in force, not the one of the
+    /// configuration they started with.
+    pub server_passwords: RwLock<HashMap<String, Arc<ServerPassword>>>,
     pub servers: ServerRegistry,
     /// TLS toward clients and servers; RELOAD swaps it (certificate rotation).
     pub tls: RwLock<crate::tls::TlsState>,
@@ -47,6 +51,11 @@ impl Context {
 
     pub fn tls(&self) -> crate::tls::TlsState {
         self.tls.read().clone()
+    }
+
+    /// The password to log in to the server as `user` with, if one is configured.
+    pub fn server_password(&self, user: &str) -> Option<Arc<ServerPassword>> {
+        self.server_passwords.read().get(user).cloned()
     }
 }
 
@@ -92,8 +101,9 @@ pub enum ReloadError {
 }
 
 impl Context {
-    /// Re-reads the configuration file (and environment) and applies it: users and passwords,
-    /// pool sizes, limits and group settings take effect at once; addresses need a restart.
+    /// Re-reads the configuration file (and environment) and the password files, and applies
+    /// them: users and passwords, pool sizes, limits and group settings take effect at once;
+    /// addresses need a restart. Sessions and server connections already open stay open.
     pub async fn reload(&self) -> Result<(), ReloadError> {
         let old = self.config();
         let mut cfg = Config::load(self.config_path.as_deref(), &self.flags)?;
@@ -110,6 +120,7 @@ impl Context {
             .map_err(|(user, source)| ReloadError::Secret { user, source })?;
         // Certificates are read again: the next client gets the new one, sessions keep theirs.
         let tls = crate::tls::TlsState::load(&cfg)?;
+        let server_passwords = ServerPassword::all(&cfg);
         let cfg = Arc::new(cfg);
         let pool_size = |db: &str, _user: &str| (cfg.pool_size_for(db), cfg.min_pool_size_for(db));
         let group = |name: &str| group_limits(&cfg, name);
@@ -118,6 +129,7 @@ impl Context {
             .budget
             .set(f64::from(cfg.max_server_connections));
         *self.credentials.write() = Arc::new(credentials);
+        *self.server_passwords.write() = server_passwords;
         *self.tls.write() = tls;
         *self.config.write() = cfg;
         tracing::info!("configuration reloaded");

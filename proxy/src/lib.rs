@@ -123,8 +123,10 @@ pub async fn start_from(
 ) -> Result<Handle, StartError> {
     let mut config = config;
     let tls = tls::TlsState::load(&config)?;
+    let server_passwords = server::ServerPassword::all(&config);
     if config.max_server_connections == 0 {
-        config.max_server_connections = derive_budget(&config, &tls.connector).await?;
+        config.max_server_connections =
+            derive_budget(&config, &tls.connector, &server_passwords).await?;
         tracing::info!(
             max_server_connections = config.max_server_connections,
             "derived the server connection budget from the server's max_connections"
@@ -184,6 +186,7 @@ pub async fn start_from(
         flags,
         pools: pools.clone(),
         credentials: RwLock::new(Arc::new(credentials)),
+        server_passwords: RwLock::new(server_passwords),
         servers: Default::default(),
         tls: RwLock::new(tls),
         mock_secret: rand::random(),
@@ -241,12 +244,16 @@ pub(crate) async fn derive_credentials(
 }
 
 /// `max_connections` minus the server's reserved slots, minus 10% (at least 2) headroom.
-async fn derive_budget(cfg: &Config, tls: &Arc<tls::Connector>) -> Result<u32, StartError> {
+async fn derive_budget(
+    cfg: &Config,
+    tls: &Arc<tls::Connector>,
+    passwords: &HashMap<String, Arc<server::ServerPassword>>,
+) -> Result<u32, StartError> {
     let (db, user) = match (cfg.databases.keys().next(), cfg.users.keys().next()) {
         (Some(d), Some(u)) => (d.clone(), u.clone()),
         _ => return Err(StartError::Budget("no database or user configured".into())),
     };
-    let t = Target::new(cfg, tls, &db, &user);
+    let t = Target::new(cfg, tls, passwords.get(&user).cloned(), &db, &user);
     let mut conn = ServerConn::connect(&t, &db, &server::ServerRegistry::default())
         .await
         .map_err(|e| StartError::Budget(e.to_string()))?;

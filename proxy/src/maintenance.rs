@@ -45,7 +45,8 @@ pub async fn run(ctx: Arc<Context>, ready: Arc<admin::Readiness>) {
             let Some(stats) = ctx.pools.pool_stats().into_iter().nth(slot.pool().0) else {
                 continue;
             };
-            let target = Target::new(&cfg, &connector, &stats.database, &stats.user);
+            let password = ctx.server_password(&stats.user);
+            let target = Target::new(&cfg, &connector, password, &stats.database, &stats.user);
             let database = stats.database.clone();
             let ctx = ctx.clone();
             tokio::spawn(async move {

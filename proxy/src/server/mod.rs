@@ -5,8 +5,11 @@
 //! [`crate::tls::Connector`] says. Authentication answers whatever the server asks for:
 //! SCRAM-SHA-256 (with postgres-protocol's client; SCRAM-SHA-256-PLUS, bound to the server's
 //! certificate, over TLS), md5, trust, or a cleartext password, which is sent only over a
-//! connection verified with `server_tls = verify-full`. See
+//! connection verified with `server_tls = verify-full`. A login refused with `28P01` or `28000`
+//! is tried once more when the password's file has changed since ([`password`]). See
 //! <https://www.postgresql.org/docs/current/protocol-flow.html#PROTOCOL-FLOW-START-UP>.
+
+pub mod password;
 
 use std::collections::HashMap;
 use std::io;
@@ -31,6 +34,8 @@ use crate::protocol::backend::{self, ErrorFields, Out, TxStatus};
 use crate::protocol::next_frame;
 use crate::stream::Stream;
 use crate::tls::{Connector, HandshakeError};
+
+pub use password::ServerPassword;
 
 /// Largest message accepted from a server during Sluice's own exchanges (startup, resets).
 const MAX_CONTROL_MESSAGE: usize = 1 << 20;
@@ -79,6 +84,14 @@ impl ServerError {
             _ => "error",
         }
     }
+
+    /// Whether the server refused the login itself (`28P01`, `28000`), which a newer password
+    /// may cure.
+    pub fn is_login_refused(&self) -> bool {
+        matches!(self, ServerError::Rejected(e)
+            if e.code() == sqlstate::INVALID_PASSWORD
+                || e.code() == sqlstate::INVALID_AUTHORIZATION_SPECIFICATION)
+    }
 }
 
 /// Where and as whom to connect.
@@ -87,7 +100,8 @@ pub struct Target {
     pub host: String,
     pub port: u16,
     pub user: String,
-    pub password: Option<String>,
+    /// The password to log in with; `None` when none is configured.
+    pub password: Option<Arc<ServerPassword>>,
     pub database: String,
     pub connect_timeout: Duration,
     pub max_prepared_statements: usize,
@@ -96,10 +110,13 @@ pub struct Target {
 }
 
 impl Target {
-    /// Where the pool for (`database`, `user`) connects, as configured.
+    /// Where the pool for (`database`, `user`) connects, as configured, logging in with
+    /// `password` (the one in force, which RELOAD and refused logins may have renewed since
+    /// `cfg` was loaded).
     pub fn new(
         cfg: &crate::config::Config,
         tls: &Arc<Connector>,
+        password: Option<Arc<ServerPassword>>,
         database: &str,
         user: &str,
     ) -> Target {
@@ -107,7 +124,7 @@ impl Target {
             host: cfg.server_host.clone(),
             port: cfg.server_port,
             user: user.to_string(),
-            password: cfg.server_password(user).map(str::to_string),
+            password,
             database: cfg.server_dbname(database).to_string(),
             connect_timeout: cfg.server_connect_timeout,
             max_prepared_statements: cfg.max_prepared_statements as usize,
@@ -206,9 +223,31 @@ pub struct ServerConn {
 
 impl ServerConn {
     /// Connects and authenticates. `t.database` is the server-side name; the connection is
-    /// registered under `pool_database` (the name clients use).
+    /// registered under `pool_database` (the name clients use). When the server refuses the
+    /// login and the password's file holds a different password by now, logs in once more
+    /// with that one ([`ServerPassword::after_refused_login`]).
     pub async fn connect(
         t: &Target,
+        pool_database: &str,
+        registry: &ServerRegistry,
+    ) -> Result<ServerConn, ServerError> {
+        let Some(source) = &t.password else {
+            return Self::connect_as(t, None, pool_database, registry).await;
+        };
+        let password = source.current();
+        match Self::connect_as(t, Some(&password), pool_database, registry).await {
+            Err(e) if e.is_login_refused() => match source.after_refused_login(&password).await {
+                Some(newer) => Self::connect_as(t, Some(&newer), pool_database, registry).await,
+                None => Err(e),
+            },
+            other => other,
+        }
+    }
+
+    /// One connection attempt, logging in with `password`, within `t.connect_timeout`.
+    async fn connect_as(
+        t: &Target,
+        password: Option<&str>,
         pool_database: &str,
         registry: &ServerRegistry,
     ) -> Result<ServerConn, ServerError> {
@@ -240,7 +279,7 @@ impl ServerConn {
                 addr: peer,
                 last_error: None,
             };
-            let channel_binding = conn.startup(t).await?;
+            let channel_binding = conn.startup(t, password).await?;
             conn.info = registry.add(ServerInfo {
                 id: 0,
                 database: conn.info.database.clone(),
@@ -260,7 +299,7 @@ impl ServerConn {
     }
 
     /// Logs in; returns whether the login was bound to the TLS channel.
-    async fn startup(&mut self, t: &Target) -> Result<bool, ServerError> {
+    async fn startup(&mut self, t: &Target, password: Option<&str>) -> Result<bool, ServerError> {
         let mut out = BytesMut::new();
         let params = [
             ("user", t.user.as_str()),
@@ -272,9 +311,9 @@ impl ServerConn {
         let mut scram: Option<ScramSha256> = None;
         let mut bound = false;
         let password = || {
-            t.password.as_deref().ok_or_else(|| {
+            password.ok_or_else(|| {
                 ServerError::Auth(
-                    "server asked for a password and none is configured (set server_password)"
+                    "server asked for a password and none is configured (set server_password or server_password_file)"
                         .into(),
                 )
             })

@@ -674,6 +674,7 @@ impl<'a> Session<'a> {
         let target = Target::new(
             &self.config,
             &self.ctx.tls().connector,
+            self.ctx.server_password(&self.user),
             &self.database,
             &self.user,
         );

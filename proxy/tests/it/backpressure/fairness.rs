@@ -22,7 +22,7 @@ async fn reserved_group_is_served_during_a_flood() {
             OTHER.into(),
             UserConfig {
                 password: Some(OTHER_PASSWORD.into()),
-                server_password: None,
+                ..Default::default()
             },
         );
         c.groups.insert(

@@ -1,0 +1,126 @@
+//! Loading, precedence, `${NAME}` references and errors of the configuration.
+
+use super::*;
+
+fn flags(upstream: &str) -> Overrides {
+    Overrides {
+        upstream: Some(upstream.into()),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn zero_config_from_upstream() {
+    let cfg = Config::load(None, &flags("postgres://app:p%40ss@db.local:5433/appdb")).unwrap();
+    assert_eq!(
+        (cfg.server_host.as_str(), cfg.server_port),
+        ("db.local", 5433)
+    );
+    assert!(cfg.databases.contains_key("appdb"));
+    assert_eq!(cfg.users["app"].password.as_deref(), Some("p@ss"));
+    assert_eq!(cfg.server_password("app"), Some("p@ss"));
+    assert_eq!(cfg.pool_mode_for("appdb"), PoolMode::Transaction);
+}
+
+#[test]
+fn tls_keys_and_upstream_sslmode() {
+    let cfg = Config::load(
+        None,
+        &flags("postgres://app:pw@db.local/appdb?sslmode=verify-full&sslrootcert=/etc/ca.pem"),
+    )
+    .unwrap();
+    assert_eq!(cfg.server_tls, ServerTls::VerifyFull);
+    assert_eq!(
+        cfg.server_tls_ca_file.as_deref(),
+        Some(Path::new("/etc/ca.pem"))
+    );
+    assert_eq!(cfg.client_tls_mode(), ClientTls::Disable);
+    let err = |url: &str| Config::load(None, &flags(url)).unwrap_err().to_string();
+    let no_ca = err("postgres://app:pw@db/appdb?sslmode=verify-ca");
+    assert!(no_ca.contains("server_tls_ca_file"), "{no_ca}");
+    assert!(err("postgres://app:pw@db/appdb?sslmode=sometimes").contains("sslmode"));
+    assert!(err("postgres://app:pw@db/appdb?sslcompression=1").contains("sslcompression"));
+    let mut c = Config::load(None, &flags("postgres://app:pw@db/appdb")).unwrap();
+    c.client_tls = Some(ClientTls::Require);
+    assert!(c
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("client_tls_cert_file"));
+    c.client_tls = None;
+    c.client_tls_cert_file = Some("/c.pem".into());
+    assert!(c
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("client_tls_key_file"));
+    c.client_tls_key_file = Some("/k.pem".into());
+    assert_eq!(c.client_tls_mode(), ClientTls::Allow);
+}
+
+#[test]
+fn load_generator_variables_are_not_keys() {
+    std::env::set_var("SLUICE_LOADTEST_URL", "postgres://x@y/z");
+    assert!(Config::load(None, &flags("postgres://app:pw@db/appdb")).is_ok());
+}
+
+#[test]
+fn file_keys_and_env_references() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.toml");
+    std::env::set_var("CFGTEST_PW_1", "from-env");
+    std::env::set_var("CFGTEST_HOST_1", "db.internal");
+    std::fs::write(
+        &path,
+        r#"
+        pool_size = 7
+        server_host = "${CFGTEST_HOST_1}"
+        wait_timeout = "250ms"
+        [databases.a]
+        pool_mode = "session"
+        [users.u]
+        password = "${CFGTEST_PW_1}"
+        "#,
+    )
+    .unwrap();
+    let cfg = Config::load(Some(&path), &Overrides::default()).unwrap();
+    assert_eq!(cfg.pool_size, 7);
+    assert_eq!(cfg.wait_timeout, Duration::from_millis(250));
+    assert_eq!(cfg.pool_mode_for("a"), PoolMode::Session);
+    assert_eq!(cfg.users["u"].password.as_deref(), Some("from-env"));
+    assert_eq!(cfg.server_host, "db.internal");
+}
+
+#[test]
+fn errors_name_the_key() {
+    let err = |toml: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.toml");
+        std::fs::write(&path, toml).unwrap();
+        Config::load(Some(&path), &Overrides::default())
+            .unwrap_err()
+            .to_string()
+    };
+    let base = "[databases.d]\n[users.u]\npassword = \"x\"\n";
+    assert!(err(&format!("pool_size = 0\n{base}")).contains("pool_size"));
+    assert!(err(&format!("bogus = 1\n{base}")).contains("bogus"));
+    assert!(err(&format!("wait_timeout = \"soon\"\n{base}")).contains("wait_timeout"));
+    let unset = err("[databases.d]\n[users.u]\npassword = \"${CFGTEST_UNSET_X}\"\n");
+    assert!(
+        unset.contains("line 3") && unset.contains("CFGTEST_UNSET_X is not set"),
+        "{unset}"
+    );
+    assert!(
+        err("[databases.d]\n[users.u]\npassword = \"md5aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"\n")
+            .contains("server_password")
+    );
+    assert!(err(&format!(
+        "max_server_connections = 5\n{base}[groups.a]\nreserved_connections = 4\n[groups.b]\nreserved_connections = 2\n"
+    ))
+    .contains("reserved_connections add up to 6"));
+    assert!(Config::load(None, &flags("mysql://a@b/c"))
+        .unwrap_err()
+        .to_string()
+        .contains("upstream"));
+    assert!(Config::load(None, &Overrides::default()).is_err());
+}
