@@ -68,7 +68,7 @@ pub async fn serve(
             tag::TERMINATE => return Exit::Quiet,
             tag::QUERY => {
                 let sql = match frontend::query(&msg.body) {
-                    Ok(q) => q.to_string(),
+                    Ok(q) => String::from_utf8_lossy(q).into_owned(),
                     Err(e) => return PgError::protocol_violation(e.to_string()).into(),
                 };
                 run_command(ctx, &sql, &mut out).await;

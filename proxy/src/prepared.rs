@@ -25,6 +25,7 @@ use std::sync::Arc;
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::protocol::frontend::tag;
+use crate::sql::{self, Encoding};
 
 /// One statement as prepared on servers.
 #[derive(Debug)]
@@ -35,22 +36,23 @@ pub struct Statement {
     pub parse: Bytes,
 }
 
-/// The named statements one client has prepared.
+/// The named statements one client has prepared, by name as the client's bytes (names are in
+/// its encoding).
 #[derive(Default)]
 pub struct ClientStatements {
-    by_name: HashMap<String, Arc<Statement>>,
+    by_name: HashMap<Box<[u8]>, Arc<Statement>>,
 }
 
 impl ClientStatements {
-    pub fn get(&self, name: &str) -> Option<&Arc<Statement>> {
+    pub fn get(&self, name: &[u8]) -> Option<&Arc<Statement>> {
         self.by_name.get(name)
     }
 
-    pub fn insert(&mut self, name: String, s: Arc<Statement>) {
-        self.by_name.insert(name, s);
+    pub fn insert(&mut self, name: &[u8], s: Arc<Statement>) {
+        self.by_name.insert(name.into(), s);
     }
 
-    pub fn remove(&mut self, name: &str) -> Option<Arc<Statement>> {
+    pub fn remove(&mut self, name: &[u8]) -> Option<Arc<Statement>> {
         self.by_name.remove(name)
     }
 
@@ -59,11 +61,11 @@ impl ClientStatements {
     }
 
     /// The name the client knows `stmt` by (for errors that would name it as the server does).
-    pub fn name_of(&self, stmt: &Arc<Statement>) -> Option<&str> {
+    pub fn name_of(&self, stmt: &Arc<Statement>) -> Option<&[u8]> {
         self.by_name
             .iter()
             .find(|(_, s)| Arc::ptr_eq(s, stmt))
-            .map(|(n, _)| n.as_str())
+            .map(|(n, _)| &n[..])
     }
 }
 
@@ -88,54 +90,100 @@ pub fn statement(hasher: &impl BuildHasher, rest: &[u8]) -> Statement {
 
 /// What a simple Query does to prepared statements.
 #[derive(Debug, PartialEq, Eq)]
-pub enum StatementCommand<'a> {
+pub enum StatementCommand {
     /// `DEALLOCATE [PREPARE] ALL` or `DISCARD ALL`.
     ForgetAll,
-    /// `DEALLOCATE [PREPARE] name`.
-    Forget(&'a str),
+    /// `DEALLOCATE [PREPARE] name`: the name as PostgreSQL reads it (unquoted folded to lower
+    /// case, quoted taken as written).
+    Forget(Vec<u8>),
     Other,
 }
 
-/// Recognises the statements that act on prepared statements. Only a lone statement counts.
-pub fn statement_command(sql: &str) -> StatementCommand<'_> {
-    let sql = sql.trim_start();
+/// Recognises the statements that act on prepared statements (bytes in the client's encoding
+/// `enc`). Only a lone statement counts.
+pub fn statement_command(sql: &[u8], enc: Encoding) -> StatementCommand {
+    let sql = sql::trim_start(sql, enc);
     // Most queries are neither: one byte tells.
-    if !sql
-        .as_bytes()
-        .first()
-        .is_some_and(|b| b.eq_ignore_ascii_case(&b'd'))
-    {
+    if !sql.first().is_some_and(|b| b.eq_ignore_ascii_case(&b'd')) {
         return StatementCommand::Other;
     }
-    let sql = sql.trim_end().trim_end_matches(';').trim_end();
-    let mut words = sql.split_whitespace();
-    let first = words.next().unwrap_or("");
-    let second = words.next().unwrap_or("");
+    let mut statements = sql::statements(sql, enc);
+    let (Some(stmt), None) = (statements.next(), statements.next()) else {
+        return StatementCommand::Other;
+    };
+    let mut words = Words { s: stmt, enc };
+    let first = words.next().unwrap_or_default();
+    let second = words.next().unwrap_or_default();
     let third = words.next();
-    if sql.contains(';') {
-        return StatementCommand::Other;
-    }
-    if first.eq_ignore_ascii_case("discard")
-        && second.eq_ignore_ascii_case("all")
+    if first.eq_ignore_ascii_case(b"discard")
+        && second.eq_ignore_ascii_case(b"all")
         && third.is_none()
     {
         return StatementCommand::ForgetAll;
     }
-    if !first.eq_ignore_ascii_case("deallocate") {
+    if !first.eq_ignore_ascii_case(b"deallocate") {
         return StatementCommand::Other;
     }
-    let (name, extra) = if second.eq_ignore_ascii_case("prepare") {
-        (third.unwrap_or(""), words.next())
+    let (name, extra) = if second.eq_ignore_ascii_case(b"prepare") {
+        (third.unwrap_or_default(), words.next())
     } else {
         (second, third)
     };
     if name.is_empty() || extra.is_some() {
         return StatementCommand::Other;
     }
-    if name.eq_ignore_ascii_case("all") {
-        StatementCommand::ForgetAll
-    } else {
-        StatementCommand::Forget(name.trim_matches('"'))
+    if name.eq_ignore_ascii_case(b"all") {
+        return StatementCommand::ForgetAll;
+    }
+    match name.strip_prefix(b"\"").and_then(|n| n.strip_suffix(b"\"")) {
+        Some(quoted) => {
+            let mut out = Vec::with_capacity(quoted.len());
+            let mut rest = quoted;
+            while let Some((&b, tail)) = rest.split_first() {
+                out.push(b);
+                rest = if b == b'"' {
+                    tail.strip_prefix(b"\"").unwrap_or(tail)
+                } else {
+                    tail
+                };
+            }
+            StatementCommand::Forget(out)
+        }
+        None => StatementCommand::Forget(name.to_ascii_lowercase()),
+    }
+}
+
+/// The words of one statement: split at whitespace and comments, a quoted identifier whole.
+struct Words<'a> {
+    s: &'a [u8],
+    enc: Encoding,
+}
+
+impl<'a> Iterator for Words<'a> {
+    type Item = &'a [u8];
+
+    fn next(&mut self) -> Option<&'a [u8]> {
+        let s = sql::trim_start(self.s, self.enc);
+        if s.is_empty() {
+            return None;
+        }
+        let mut end = 0;
+        let mut quoted = false;
+        while end < s.len() {
+            let b = s[end];
+            if b == b'"' {
+                quoted = !quoted;
+            } else if !quoted
+                && (b.is_ascii_whitespace()
+                    || s[end..].starts_with(b"/*")
+                    || s[end..].starts_with(b"--"))
+            {
+                break;
+            }
+            end += self.enc.char_len(&s[end..]);
+        }
+        self.s = &s[end..];
+        Some(&s[..end])
     }
 }
 
@@ -230,7 +278,7 @@ mod tests {
         let b = body("other", "select $1");
         let pa = parse(&a).unwrap();
         let pb = parse(&b).unwrap();
-        assert_eq!(pa.name, "a");
+        assert_eq!(pa.name, b"a");
         let (sa, sb) = (statement(&h, pa.rest), statement(&h, pb.rest));
         assert_eq!(sa.server_name, sb.server_name);
         assert_ne!(
@@ -242,19 +290,33 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!((f.tag, n), (b'P', sa.parse.len()));
-        assert_eq!(parse(f.body).unwrap().name, sa.server_name);
+        assert_eq!(parse(f.body).unwrap().name, sa.server_name.as_bytes());
     }
 
     #[test]
     fn recognises_statement_commands() {
         use StatementCommand::*;
-        assert_eq!(statement_command("DISCARD ALL"), ForgetAll);
-        assert_eq!(statement_command(" deallocate all; "), ForgetAll);
-        assert_eq!(statement_command("DEALLOCATE PREPARE ALL"), ForgetAll);
-        assert_eq!(statement_command("deallocate s1"), Forget("s1"));
-        assert_eq!(statement_command("DEALLOCATE PREPARE \"s1\""), Forget("s1"));
-        assert_eq!(statement_command("select 1; deallocate all"), Other);
-        assert_eq!(statement_command("DISCARD PLANS"), Other);
-        assert_eq!(statement_command("deallocate"), Other);
+        let cmd = |s: &str| statement_command(s.as_bytes(), Encoding::AsciiSafe);
+        let forget = |s: &str| Forget(s.as_bytes().to_vec());
+        assert_eq!(cmd("DISCARD ALL"), ForgetAll);
+        assert_eq!(cmd(" deallocate all; "), ForgetAll);
+        assert_eq!(cmd("/* c */ DEALLOCATE PREPARE ALL"), ForgetAll);
+        assert_eq!(cmd("deallocate s1"), forget("s1"));
+        assert_eq!(
+            cmd("deallocate S_1"),
+            forget("s_1"),
+            "folded as PostgreSQL does"
+        );
+        assert_eq!(cmd("DEALLOCATE PREPARE \"S 1\"\"\""), forget("S 1\""));
+        assert_eq!(cmd("select 1; deallocate all"), Other);
+        assert_eq!(cmd("deallocate all; select 1"), Other);
+        assert_eq!(cmd("DISCARD PLANS"), Other);
+        assert_eq!(cmd("deallocate"), Other);
+        assert_eq!(cmd("deallocate a b"), Other);
+        // A name in SJIS whose second byte is a backslash.
+        assert_eq!(
+            statement_command(b"deallocate \"\x83\x5c\"", Encoding::Sjis),
+            Forget(b"\x83\x5c".to_vec())
+        );
     }
 }

@@ -82,6 +82,16 @@ pub fn ready_for_query_status(body: &[u8]) -> Result<TxStatus, ProtocolError> {
 }
 
 /// The fields of an ErrorResponse or NoticeResponse that Sluice reads or writes.
+/// A ParameterStatus body: the parameter's name and value (bytes: values are in the client's
+/// encoding).
+pub fn parameter_status(body: &[u8]) -> Result<(&[u8], &[u8]), ProtocolError> {
+    let mut r = Reader::new(body, "ParameterStatus");
+    let name = r.cbytes()?;
+    let value = r.cbytes()?;
+    r.finish()?;
+    Ok((name, value))
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ErrorFields {
     pub severity: String,

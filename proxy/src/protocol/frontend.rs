@@ -132,10 +132,10 @@ pub fn password(body: &[u8]) -> Result<&[u8], ProtocolError> {
     Ok(pw)
 }
 
-/// The SQL text of a Query message.
-pub fn query(body: &[u8]) -> Result<&str, ProtocolError> {
+/// The SQL text of a Query message, in the client's encoding.
+pub fn query(body: &[u8]) -> Result<&[u8], ProtocolError> {
     let mut r = Reader::new(body, "Query");
-    let q = r.cstr()?;
+    let q = r.cbytes()?;
     r.finish()?;
     Ok(q)
 }
@@ -144,9 +144,9 @@ pub fn query(body: &[u8]) -> Result<&str, ProtocolError> {
 pub const STATEMENT: u8 = b'S';
 pub const PORTAL: u8 = b'P';
 
-/// The parts of a Parse body.
+/// The parts of a Parse body. Names, like query text, are bytes in the client's encoding.
 pub struct Parse<'a> {
-    pub name: &'a str,
+    pub name: &'a [u8],
     /// Query text and parameter types, exactly as sent (everything after the name).
     pub rest: &'a [u8],
 }
@@ -154,7 +154,7 @@ pub struct Parse<'a> {
 /// Parse: statement name, and the rest of the body.
 pub fn parse(body: &[u8]) -> Result<Parse<'_>, ProtocolError> {
     let mut r = Reader::new(body, "Parse");
-    let name = r.cstr()?;
+    let name = r.cbytes()?;
     let rest = r.rest();
     // The query must be NUL-terminated and the type count present.
     let mut check = Reader::new(rest, "Parse");
@@ -166,19 +166,19 @@ pub fn parse(body: &[u8]) -> Result<Parse<'_>, ProtocolError> {
 }
 
 /// Bind's portal and statement names, and where the rest of its body starts.
-pub fn bind(body: &[u8]) -> Result<(&str, &str, usize), ProtocolError> {
+pub fn bind(body: &[u8]) -> Result<(&[u8], &[u8], usize), ProtocolError> {
     let mut r = Reader::new(body, "Bind");
-    let portal = r.cstr()?;
-    let stmt = r.cstr()?;
+    let portal = r.cbytes()?;
+    let stmt = r.cbytes()?;
     let used = portal.len() + stmt.len() + 2;
     Ok((portal, stmt, used))
 }
 
 /// Describe's or Close's kind (`S` or `P`) and name.
-pub fn target<'a>(body: &'a [u8], what: &'static str) -> Result<(u8, &'a str), ProtocolError> {
+pub fn target<'a>(body: &'a [u8], what: &'static str) -> Result<(u8, &'a [u8]), ProtocolError> {
     let mut r = Reader::new(body, what);
     let kind = r.u8()?;
-    let name = r.cstr()?;
+    let name = r.cbytes()?;
     r.finish()?;
     if kind != STATEMENT && kind != PORTAL {
         return Err(ProtocolError::Malformed(what));
@@ -187,10 +187,10 @@ pub fn target<'a>(body: &'a [u8], what: &'static str) -> Result<(u8, &'a str), P
 }
 
 /// Appends a Bind with its statement name replaced.
-pub fn put_bind(out: &mut BytesMut, portal: &str, stmt: &str, rest: &[u8]) {
+pub fn put_bind(out: &mut BytesMut, portal: &[u8], stmt: &str, rest: &[u8]) {
     out.put_u8(tag::BIND);
     out.put_u32((4 + portal.len() + 1 + stmt.len() + 1 + rest.len()) as u32);
-    out.put_slice(portal.as_bytes());
+    out.put_slice(portal);
     out.put_u8(0);
     out.put_slice(stmt.as_bytes());
     out.put_u8(0);
@@ -286,7 +286,12 @@ mod tests {
         assert!(sasl_initial_response(b"SCRAM\0\0\0\0\x09ab").is_err());
         assert_eq!(password(b"secret\0").unwrap(), b"secret");
         assert!(password(b"secret").is_err());
-        assert_eq!(query(b"select 1\0").unwrap(), "select 1");
+        assert_eq!(query(b"select 1\0").unwrap(), b"select 1");
+        assert_eq!(
+            query(b"select \xe9\0").unwrap(),
+            b"select \xe9",
+            "any encoding"
+        );
     }
 
     #[test]
@@ -296,7 +301,7 @@ mod tests {
         assert!(bind(b"portal").is_err());
         assert!(target(b"Xname\0", "Describe").is_err());
         assert!(target(b"S", "Close").is_err());
-        assert_eq!(target(b"Sname\0", "Close").unwrap(), (b'S', "name"));
-        assert_eq!(bind(b"p\0s\0rest").unwrap(), ("p", "s", 4));
+        assert_eq!(target(b"Sname\0", "Close").unwrap(), (b'S', &b"name"[..]));
+        assert_eq!(bind(b"p\0s\0rest").unwrap(), (&b"p"[..], &b"s"[..], 4));
     }
 }

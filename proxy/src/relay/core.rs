@@ -41,7 +41,7 @@ use crate::prepared::{ClientStatements, ServerStatements};
 use crate::protocol::backend::{self, tag as be, TxStatus};
 use crate::protocol::frontend::tag as fe;
 use crate::protocol::{Header, HEADER_LEN};
-use crate::sql::Pin;
+use crate::sql::{Encoding, Pin};
 
 /// How a relay ended.
 #[derive(Debug)]
@@ -94,6 +94,9 @@ pub struct Flow {
     pub release: bool,
     /// The first statement seen whose state outlives its transaction.
     pin: Option<Pin>,
+    /// How the client's text is encoded (its `client_encoding`, as the server last reported
+    /// it): the scanners step over its multibyte characters.
+    pub encoding: Encoding,
 }
 
 impl Default for Flow {
@@ -118,6 +121,7 @@ impl Flow {
             settings_changed: Vec::new(),
             release: true,
             pin: None,
+            encoding: Encoding::AsciiSafe,
         }
     }
 
@@ -360,6 +364,7 @@ impl<'a> Core<'a> {
     pub fn prefix(&mut self) {
         if let Some(t) = &mut self.tracker {
             t.queue.push_back(Entry::new(Kind::Query, Action::Swallow));
+            self.flow.pending += 1;
         }
     }
 
@@ -458,8 +463,17 @@ impl<'a> Core<'a> {
             |e| End::ServerGone(ServerFault::Protocol(e)),
             |h, msg| {
                 let whole = msg.len() == h.total();
-                if h.tag == be::READY_FOR_QUERY && !whole {
+                if matches!(h.tag, be::READY_FOR_QUERY | be::PARAMETER_STATUS) && !whole {
                     return Ok(Verdict::Wait(h.total()));
+                }
+                if h.tag == be::PARAMETER_STATUS {
+                    // The client's own SET or Sluice's: either way the text that follows is in
+                    // this encoding.
+                    let (name, value) = backend::parameter_status(&msg[HEADER_LEN..])
+                        .map_err(|e| End::ServerGone(ServerFault::Protocol(e)))?;
+                    if name == b"client_encoding" {
+                        flow.encoding = Encoding::from_name(&String::from_utf8_lossy(value));
+                    }
                 }
                 let mut verdict = PASS;
                 if let Some(t) = tracker.as_mut() {
@@ -475,14 +489,15 @@ impl<'a> Core<'a> {
                         .flatten()
                         .and_then(|(server, client)| rename_in_error(msg, &server, &client));
                     let (swallow, before, after) = respond(t, h.tag);
-                    if swallow {
-                        // Not the client's: it changes nothing the client sees.
-                        let mut out = BytesMut::with_capacity(before.len() + after.len());
-                        out.extend_from_slice(&before);
-                        out.extend_from_slice(&after);
-                        return Ok(Verdict::Replace(out.freeze()));
-                    }
                     verdict = match renamed {
+                        // Not the client's: it changes nothing the client sees (a
+                        // ReadyForQuery still ends a request, below).
+                        _ if swallow => {
+                            let mut out = BytesMut::with_capacity(before.len() + after.len());
+                            out.extend_from_slice(&before);
+                            out.extend_from_slice(&after);
+                            Verdict::Replace(out.freeze())
+                        }
                         // The server named the client's statement by Sluice's name for it.
                         Some(msg) => {
                             let mut out =

@@ -164,6 +164,8 @@ struct Session<'a> {
     statements: crate::prepared::ClientStatements,
     /// The settings the client asked for at startup, applied on every server it gets.
     settings: state::Settings,
+    /// The client's `client_encoding`, as last reported to it.
+    encoding: state::Encoding,
     pinned: Option<state::Pin>,
     config: Arc<Config>,
     database: String,
@@ -278,6 +280,7 @@ impl<'a> Session<'a> {
             ctx,
             statements: Default::default(),
             settings: Default::default(),
+            encoding: Default::default(),
             pinned: None,
             database: login.database.clone(),
             config,
@@ -357,7 +360,11 @@ impl<'a> Session<'a> {
                 .iter()
                 .find(|(n, _)| n.eq_ignore_ascii_case(name))
                 .map(|(_, v)| v.as_str());
-            Out::parameter_status(&mut out, name, own.unwrap_or(value));
+            let value = own.unwrap_or(value);
+            if name.eq_ignore_ascii_case("client_encoding") {
+                self.encoding = state::Encoding::from_name(value);
+            }
+            Out::parameter_status(&mut out, name, value);
         }
         Out::backend_key_data(&mut out, registration.process_id, registration.secret_key);
         Out::ready_for_query(&mut out, TxStatus::Idle);
@@ -568,6 +575,7 @@ impl<'a> Session<'a> {
         slot.set_server(Some(server.cancel_key()));
         server.info.set_state(ServerState::Active);
         let mut flow = Flow::new();
+        flow.encoding = self.encoding;
         let pooling = self.mode == PoolMode::Transaction;
         flow.release = pooling && self.pinned.is_none();
         // Bring the server's settings to the client's, in the same write as its request.
@@ -597,6 +605,7 @@ impl<'a> Session<'a> {
         )
         .await;
         tracing::trace!(released = matches!(end, End::Released), "relay ended");
+        self.encoding = flow.encoding;
         if flow.settings_reset {
             server.settings.clear();
         }

@@ -8,6 +8,7 @@ mod backpressure;
 mod certs;
 mod core;
 mod drivers;
+mod encodings;
 mod fidelity;
 mod harness_selftest;
 mod harness_tls;

@@ -101,7 +101,7 @@ pub(super) struct Entry {
     pub(super) kind: Kind,
     pub(super) action: Action,
     /// A Parse that registered (client name, hash): undone if the server refuses it.
-    pub(super) registered: Option<(String, u64)>,
+    pub(super) registered: Option<(Box<[u8]>, u64)>,
     /// The client's named statement a Parse, Bind or Describe is about: an error the server
     /// answers it with names the statement as the client does.
     pub(super) statement: Option<Arc<Statement>>,
@@ -157,7 +157,7 @@ fn ensure(t: &mut Tracker<'_>, stmt: &Statement, out: &mut BytesMut) {
     }
     out.extend_from_slice(&stmt.parse);
     let mut e = Entry::new(Kind::Parse, Action::Swallow);
-    e.registered = Some((String::new(), stmt.hash));
+    e.registered = Some((Box::default(), stmt.hash));
     t.queue.push_back(e);
 }
 
@@ -172,27 +172,26 @@ pub(super) fn look(
     match tag {
         fe::PARSE => {
             let p = frontend::parse(body)?;
-            if !p.name.is_empty() && t.client.get(p.name).is_some() {
+            if let Some(old) = (!p.name.is_empty()).then(|| t.client.get(p.name)).flatten() {
                 // PostgreSQL refuses to redefine a statement that was not closed, and skips the
-                // rest of the batch.
+                // rest of the batch. The name is the client's bytes, in its encoding: written
+                // in place of Sluice's (ASCII) name for the statement.
                 t.discarding = true;
                 let mut answer = BytesMut::new();
                 PgError::error(
                     sqlstate::DUPLICATE_PREPARED_STATEMENT,
-                    format!("prepared statement \"{}\" already exists", p.name),
+                    format!("prepared statement \"{}\" already exists", old.server_name),
                 )
                 .with_side(Side::Client)
                 .encode(&mut answer);
+                let answer = rename_in_error(&answer, &old.server_name, p.name)
+                    .unwrap_or_else(|| answer.freeze());
                 t.queue
-                    .push_back(Entry::new(Kind::Parse, Action::Inject(answer.freeze())));
+                    .push_back(Entry::new(Kind::Parse, Action::Inject(answer)));
                 return Ok(Some(Verdict::Replace(Bytes::new())));
             }
             let text = &p.rest[..memchr::memchr(0, p.rest).unwrap_or(p.rest.len())];
-            let pin = match std::str::from_utf8(text) {
-                Ok(sql) => sql::pins(sql),
-                Err(_) => sql::pins(&String::from_utf8_lossy(text)),
-            };
-            if let Some(pin) = pin {
+            if let Some(pin) = sql::pins(text, flow.encoding) {
                 if t.reject_session_state {
                     t.discarding = true;
                     t.queue
@@ -206,9 +205,9 @@ pub(super) fn look(
                 return Ok(None);
             }
             let stmt = Arc::new(prepared::statement(t.hasher, p.rest));
-            let name = p.name.to_string();
-            tracing::trace!(%name, server_name = %stmt.server_name, on_server = t.server.len(), "client Parse");
-            t.client.insert(name.clone(), stmt.clone());
+            let name: Box<[u8]> = p.name.into();
+            tracing::trace!(name = %String::from_utf8_lossy(&name), server_name = %stmt.server_name, on_server = t.server.len(), "client Parse");
+            t.client.insert(&name, stmt.clone());
             if t.server.touch(stmt.hash) {
                 t.queue
                     .push_back(Entry::new(Kind::Parse, Action::Inject(parse_complete())));
@@ -283,10 +282,15 @@ pub(super) fn look(
             // A session SET inside a transaction block does not pin: the session reads back what
             // the transaction left (see `Flow::settings_changed`) and carries it as its own.
             let in_block = flow.status != TxStatus::Idle;
-            let set_names = if in_block { sql::set_names(sql) } else { None };
+            let enc = flow.encoding;
+            let set_names = if in_block {
+                sql::set_names(sql, enc)
+            } else {
+                None
+            };
             if let Some(names) = set_names {
                 flow.settings_changed.extend(names);
-            } else if let Some(pin) = sql::pins(sql) {
+            } else if let Some(pin) = sql::pins(sql, enc) {
                 tracing::trace!(
                     reason = pin.as_str(),
                     reject = t.reject_session_state,
@@ -301,7 +305,7 @@ pub(super) fn look(
                 }
                 flow.pin(pin);
             }
-            match prepared::statement_command(sql) {
+            match prepared::statement_command(sql, enc) {
                 StatementCommand::ForgetAll => {
                     t.client.clear();
                     let mut e = Entry::new(Kind::Query, Action::Forward);
@@ -309,7 +313,7 @@ pub(super) fn look(
                     t.queue.push_back(e);
                     Ok(None)
                 }
-                StatementCommand::Forget(name) if t.client.remove(name).is_some() => {
+                StatementCommand::Forget(name) if t.client.remove(&name).is_some() => {
                     let mut answer = BytesMut::new();
                     Out::command_complete(&mut answer, "DEALLOCATE");
                     Out::ready_for_query(&mut answer, flow.status);
@@ -439,15 +443,15 @@ pub(super) fn respond(t: &mut Tracker<'_>, tag: u8) -> (bool, Bytes, Bytes) {
 
 /// For an ErrorResponse about to be matched against the queue: the server's name of the
 /// client's statement the head message is about, and the client's name for it.
-pub(super) fn names_for_error(t: &Tracker<'_>) -> Option<(String, String)> {
+pub(super) fn names_for_error(t: &Tracker<'_>) -> Option<(String, Vec<u8>)> {
     let stmt = t.queue.front()?.statement.as_ref()?;
     let client = t.client.name_of(stmt)?;
-    Some((stmt.server_name.clone(), client.to_string()))
+    Some((stmt.server_name.clone(), client.to_vec()))
 }
 
 /// `msg` (a whole ErrorResponse) with every mention of `server_name` replaced by `client_name`,
 /// or `None` if it mentions none.
-pub(super) fn rename_in_error(msg: &[u8], server_name: &str, client_name: &str) -> Option<Bytes> {
+pub(super) fn rename_in_error(msg: &[u8], server_name: &str, client_name: &[u8]) -> Option<Bytes> {
     let body = msg.get(HEADER_LEN..)?;
     let from = server_name.as_bytes();
     memchr::memmem::find(body, from)?;
@@ -455,7 +459,7 @@ pub(super) fn rename_in_error(msg: &[u8], server_name: &str, client_name: &str) 
     let mut rest = body;
     while let Some(at) = memchr::memmem::find(rest, from) {
         renamed.extend_from_slice(&rest[..at]);
-        renamed.extend_from_slice(client_name.as_bytes());
+        renamed.extend_from_slice(client_name);
         rest = &rest[at + from.len()..];
     }
     renamed.extend_from_slice(rest);

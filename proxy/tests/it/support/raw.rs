@@ -110,6 +110,17 @@ impl Raw {
         out
     }
 
+    /// A Query of raw bytes (text in the session's client encoding), and its answer.
+    pub async fn query_bytes(&mut self, sql: &[u8]) -> Vec<Msg> {
+        let mut b = BytesMut::with_capacity(sql.len() + 6);
+        b.extend_from_slice(b"Q");
+        b.extend_from_slice(&u32::try_from(sql.len() + 5).expect("size").to_be_bytes());
+        b.extend_from_slice(sql);
+        b.extend_from_slice(b"\0");
+        self.send(&b).await;
+        self.until_ready().await
+    }
+
     pub async fn query(&mut self, sql: &str) -> Vec<Msg> {
         let mut b = BytesMut::new();
         frontend::query(sql, &mut b).expect("encode");
@@ -125,6 +136,18 @@ impl Raw {
         password: &str,
         db: &str,
     ) -> (Raw, i32, i32) {
+        Raw::login_with(addr, ssl_probe, user, password, db, &[]).await
+    }
+
+    /// [`Raw::login`] with more startup parameters (`client_encoding`, `options`, ...).
+    pub async fn login_with(
+        addr: SocketAddr,
+        ssl_probe: bool,
+        user: &str,
+        password: &str,
+        db: &str,
+        params: &[(&str, &str)],
+    ) -> (Raw, i32, i32) {
         let mut c = Raw::connect(addr).await;
         let mut b = BytesMut::new();
         if ssl_probe {
@@ -137,7 +160,10 @@ impl Raw {
             assert_eq!(answer[0], b'N', "Sluice does not offer TLS");
             b.clear();
         }
-        frontend::startup_message([("user", user), ("database", db)], &mut b).expect("encode");
+        let all = [("user", user), ("database", db)]
+            .into_iter()
+            .chain(params.iter().copied());
+        frontend::startup_message(all, &mut b).expect("encode");
         c.send(&b).await;
         let mut scram: Option<ScramSha256> = None;
         let (mut pid, mut secret) = (0, 0);

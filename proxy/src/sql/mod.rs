@@ -5,6 +5,9 @@
 /// Startup parameters that are not settings.
 const NOT_SETTINGS: &[&str] = &["user", "database", "replication", "options"];
 
+mod lex;
+
+pub use self::lex::{statements, trim_start, Encoding};
 pub use crate::settings::Settings;
 
 /// Why the `options` startup parameter could not be understood.
@@ -112,13 +115,30 @@ pub fn settings_sql(want: &Settings, have: &Settings) -> String {
     sql
 }
 
+/// A string literal of only ASCII bytes: the server reads Sluice's own SQL in whatever
+/// `client_encoding` the session has, so anything else is a Unicode escape of an `E''` string.
 fn quote_literal(v: &str) -> String {
-    let escaped = v.replace('\'', "''");
-    if v.contains('\\') {
-        format!("E'{}'", escaped.replace('\\', "\\\\"))
-    } else {
-        format!("'{escaped}'")
+    use std::fmt::Write as _;
+    if v.bytes().all(|b| (b' '..=b'~').contains(&b) && b != b'\\') {
+        return format!("'{}'", v.replace('\'', "''"));
     }
+    let mut out = String::with_capacity(v.len() + 8);
+    out.push_str("E'");
+    for c in v.chars() {
+        match c {
+            '\'' => out.push_str("''"),
+            '\\' => out.push_str("\\\\"),
+            ' '..='~' => out.push(c),
+            c if u32::from(c) <= 0xffff => {
+                let _ = write!(out, "\\u{:04x}", u32::from(c));
+            }
+            c => {
+                let _ = write!(out, "\\U{:08x}", u32::from(c));
+            }
+        }
+    }
+    out.push('\'');
+    out
 }
 
 /// State a statement leaves behind after its transaction ends.
@@ -174,32 +194,19 @@ impl Pin {
     }
 }
 
-/// Strips leading whitespace and SQL comments.
-fn skip_comments(mut s: &str) -> &str {
-    loop {
-        s = s.trim_start();
-        if let Some(rest) = s.strip_prefix("--") {
-            s = rest.split_once('\n').map(|(_, r)| r).unwrap_or("");
-        } else if let Some(rest) = s.strip_prefix("/*") {
-            s = rest.split_once("*/").map(|(_, r)| r).unwrap_or("");
-        } else {
-            return s;
-        }
-    }
-}
-
 /// Case-insensitive (ASCII) substring search, without allocating.
 #[cfg(test)]
-fn contains_ci(haystack: &str, needle: &str) -> bool {
+fn contains_ci(haystack: &[u8], needle: &str) -> bool {
     contains_ci_at(haystack, needle, 0)
 }
 
 /// Case-insensitive (ASCII) substring search anchored on `needle[anchor]`: only where that
 /// byte (either case) occurs, found by `memchr2` many bytes at a time, is the rest compared.
 /// Anchoring on a byte that is rare in SQL (`_`, `m`, `y`) makes the search of a typical query
-/// a few instructions.
-fn contains_ci_at(haystack: &str, needle: &str, anchor: usize) -> bool {
-    let (h, n) = (haystack.as_bytes(), needle.as_bytes());
+/// a few instructions. (A match may include trailing bytes of multibyte characters in some
+/// encodings: it can only make a statement pin needlessly.)
+fn contains_ci_at(h: &[u8], needle: &str, anchor: usize) -> bool {
+    let n = needle.as_bytes();
     let Some(&a) = n.get(anchor) else {
         return n.is_empty();
     };
@@ -214,9 +221,8 @@ fn contains_ci_at(haystack: &str, needle: &str, anchor: usize) -> bool {
 
 /// Whether a statement has ` INTO TEMP ` or ` INTO TEMPORARY ` (any case): one search, anchored
 /// on the `m`.
-fn into_temp(s: &str) -> bool {
+fn into_temp(h: &[u8]) -> bool {
     const HEAD: &[u8] = b" into temp";
-    let h = s.as_bytes();
     let Some(last_start) = h.len().checked_sub(HEAD.len()) else {
         return false;
     };
@@ -230,64 +236,67 @@ fn into_temp(s: &str) -> bool {
     })
 }
 
-fn starts_with_word(s: &str, word: &str) -> bool {
-    // The first bytes must be the ASCII word, so slicing after them is on a char boundary.
-    s.len() >= word.len()
-        && s.as_bytes()[..word.len()].eq_ignore_ascii_case(word.as_bytes())
-        && s[word.len()..]
-            .chars()
-            .next()
-            .is_none_or(|c| !c.is_alphanumeric() && c != '_')
+/// Whether `s` starts with the keyword `word` (any case) as a whole word.
+fn starts_with_word(s: &[u8], word: &str) -> bool {
+    let w = word.as_bytes();
+    s.len() >= w.len()
+        && s[..w.len()].eq_ignore_ascii_case(w)
+        // Any non-ASCII byte continues an identifier, as in PostgreSQL's lexer.
+        && s
+            .get(w.len())
+            .is_none_or(|&b| !(b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80))
+}
+
+/// `s` after its first `n` bytes, from the next token.
+fn after(s: &[u8], n: usize, enc: Encoding) -> &[u8] {
+    lex::trim_start(&s[n.min(s.len())..], enc)
 }
 
 /// The settings a Query changes with session-level `SET name …`/`RESET name` statements, when
 /// every statement in it is one of those or leaves no session state. `None` when there is none,
 /// or when something else (such as `RESET ALL`) needs the full pinning rules.
-pub fn set_names(sql: &str) -> Option<Vec<String>> {
+pub fn set_names(sql: &[u8], enc: Encoding) -> Option<Vec<String>> {
     let mut names = Vec::new();
-    for stmt in sql.split(';') {
-        let s = skip_comments(stmt);
+    for s in lex::statements(sql, enc) {
         let rest = if starts_with_word(s, "set") {
-            skip_comments(&s[3..])
+            after(s, 3, enc)
         } else if starts_with_word(s, "reset") {
-            skip_comments(&s[5..])
-        } else if s.is_empty() || pins(s).is_none() {
+            after(s, 5, enc)
+        } else if pin_of(s, enc).is_none() && !advisory_lock(s) {
             continue;
         } else {
             return None;
         };
         let rest = if starts_with_word(rest, "session") {
-            skip_comments(&rest[7..])
+            after(rest, 7, enc)
         } else {
             rest
         };
-        if [
-            "local",
-            "transaction",
-            "constraints",
-            "all",
-            "role",
-            "session",
-        ]
-        .iter()
-        .any(|w| starts_with_word(rest, w))
+        if ["local", "transaction", "constraints"]
+            .iter()
+            .any(|w| starts_with_word(rest, w))
         {
-            if starts_with_word(rest, "local")
-                || starts_with_word(rest, "transaction")
-                || starts_with_word(rest, "constraints")
-            {
-                continue;
-            }
+            continue;
+        }
+        if ["all", "role", "session", "authorization"]
+            .iter()
+            .any(|w| starts_with_word(rest, w))
+        {
             return None;
         }
         let name = if starts_with_word(rest, "time") {
             "timezone".to_string()
         } else {
-            rest.split(|c: char| c.is_whitespace() || c == '=')
-                .next()
-                .unwrap_or("")
-                .trim_matches('"')
-                .to_ascii_lowercase()
+            let end = rest
+                .iter()
+                .position(|&b| b.is_ascii_whitespace() || b == b'=' || b == b';')
+                .unwrap_or(rest.len());
+            let raw = &rest[..end];
+            let raw = raw
+                .strip_prefix(b"\"")
+                .and_then(|r| r.strip_suffix(b"\""))
+                .unwrap_or(raw);
+            String::from_utf8_lossy(raw).to_ascii_lowercase()
         };
         if !valid_name(&name) {
             return None;
@@ -297,51 +306,57 @@ pub fn set_names(sql: &str) -> Option<Vec<String>> {
     (!names.is_empty()).then_some(names)
 }
 
-/// Finds the first statement in `sql` whose effect outlives its transaction. Every statement of
-/// a multi-statement Query is looked at. Text inside quotes is not parsed, so a keyword inside a
-/// string literal may pin needlessly, which is safe.
-pub fn pins(sql: &str) -> Option<Pin> {
-    if contains_ci_at(sql, "advisory_lock", 8)
+fn advisory_lock(sql: &[u8]) -> bool {
+    contains_ci_at(sql, "advisory_lock", 8)
         && (contains_ci_at(sql, "pg_advisory_lock", 2)
             || contains_ci_at(sql, "pg_try_advisory_lock", 2))
-    {
+}
+
+/// Finds the first statement in `sql` (bytes in the client's encoding `enc`) whose effect
+/// outlives its transaction. Every statement of a multi-statement Query is looked at, split
+/// where PostgreSQL splits them. A session-level advisory lock is found anywhere in the text,
+/// so one named inside a string literal pins needlessly, which is safe.
+pub fn pins(sql: &[u8], enc: Encoding) -> Option<Pin> {
+    if advisory_lock(sql) {
         return Some(Pin::AdvisoryLock);
     }
-    for stmt in sql.split(';') {
-        let s = skip_comments(stmt);
-        if starts_with_word(s, "set") {
-            let rest = skip_comments(&s[3..]);
-            let transaction_scoped = ["local", "transaction", "constraints"]
-                .iter()
-                .any(|w| starts_with_word(rest, w));
-            if !transaction_scoped {
-                return Some(Pin::Set);
-            }
-        } else if starts_with_word(s, "reset") {
+    lex::statements(sql, enc).find_map(|s| pin_of(s, enc))
+}
+
+/// What one statement (from its first token) leaves behind, advisory locks aside.
+fn pin_of(s: &[u8], enc: Encoding) -> Option<Pin> {
+    if starts_with_word(s, "set") {
+        let rest = after(s, 3, enc);
+        let transaction_scoped = ["local", "transaction", "constraints"]
+            .iter()
+            .any(|w| starts_with_word(rest, w));
+        if !transaction_scoped {
             return Some(Pin::Set);
-        } else if starts_with_word(s, "listen") {
-            return Some(Pin::Listen);
-        } else if starts_with_word(s, "prepare") {
-            let rest = skip_comments(&s[7..]);
-            if !starts_with_word(rest, "transaction") {
-                return Some(Pin::Prepare);
-            }
-        } else if starts_with_word(s, "load") {
-            return Some(Pin::Load);
-        } else if starts_with_word(s, "declare") && contains_ci_at(s, " with hold", 1) {
-            return Some(Pin::HoldCursor);
-        } else if starts_with_word(s, "create") {
-            let mut words = s[6..].split_whitespace();
-            let mut w = words.next().unwrap_or("");
-            if w.eq_ignore_ascii_case("local") || w.eq_ignore_ascii_case("global") {
-                w = words.next().unwrap_or("");
-            }
-            if w.eq_ignore_ascii_case("temp") || w.eq_ignore_ascii_case("temporary") {
-                return Some(Pin::TempTable);
-            }
-        } else if into_temp(s) {
+        }
+    } else if starts_with_word(s, "reset") {
+        return Some(Pin::Set);
+    } else if starts_with_word(s, "listen") {
+        return Some(Pin::Listen);
+    } else if starts_with_word(s, "prepare") {
+        if !starts_with_word(after(s, 7, enc), "transaction") {
+            return Some(Pin::Prepare);
+        }
+    } else if starts_with_word(s, "load") {
+        return Some(Pin::Load);
+    } else if starts_with_word(s, "declare") && contains_ci_at(s, " with hold", 1) {
+        return Some(Pin::HoldCursor);
+    } else if starts_with_word(s, "create") {
+        let mut rest = after(s, 6, enc);
+        if starts_with_word(rest, "local") {
+            rest = after(rest, 5, enc);
+        } else if starts_with_word(rest, "global") {
+            rest = after(rest, 6, enc);
+        }
+        if starts_with_word(rest, "temp") || starts_with_word(rest, "temporary") {
             return Some(Pin::TempTable);
         }
+    } else if into_temp(s) {
+        return Some(Pin::TempTable);
     }
     None
 }
@@ -349,6 +364,20 @@ pub fn pins(sql: &str) -> Option<Pin> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // The scanners over UTF-8 text (other encodings: `lex` and the integration tests).
+    fn pins(s: &str) -> Option<Pin> {
+        crate::sql::pins(s.as_bytes(), Encoding::AsciiSafe)
+    }
+    fn set_names(s: &str) -> Option<Vec<String>> {
+        crate::sql::set_names(s.as_bytes(), Encoding::AsciiSafe)
+    }
+    fn contains_ci(h: &str, n: &str) -> bool {
+        crate::sql::contains_ci(h.as_bytes(), n)
+    }
+    fn contains_ci_at(h: &str, n: &str, anchor: usize) -> bool {
+        crate::sql::contains_ci_at(h.as_bytes(), n, anchor)
+    }
 
     #[test]
     fn startup_settings_include_options() {
@@ -452,6 +481,10 @@ mod tests {
         );
         assert_eq!(settings_sql(&want, &want), "");
         assert_eq!(quote_literal("a\\b"), "E'a\\\\b'");
+        assert_eq!(
+            quote_literal("caf\u{e9} \u{1f600}'"),
+            "E'caf\\u00e9 \\U0001f600'''"
+        );
     }
 
     #[test]
@@ -473,6 +506,11 @@ mod tests {
         assert_eq!(set_names("SET ROLE admin"), None);
         assert_eq!(set_names("SELECT 1"), None);
         assert_eq!(set_names("SET work_mem = '9MB'; LISTEN x"), None);
+        assert_eq!(set_names("SET SESSION AUTHORIZATION u"), None);
+        assert_eq!(
+            set_names("SET work_mem = ';'; SELECT ';'"),
+            Some(vec!["work_mem".to_string()])
+        );
     }
 
     #[test]
@@ -511,5 +549,10 @@ mod tests {
         assert_eq!(pins("SELECT settings FROM t"), None);
         assert_eq!(pins("UPDATE t SET a = 1"), None);
         assert_eq!(pins("séléct 'ü'; sé"), None);
+        // Statements split where PostgreSQL splits them.
+        assert_eq!(pins("SELECT 'a; SET x = 1'"), None);
+        assert_eq!(pins("SELECT $$;$$; LISTEN x"), Some(Pin::Listen));
+        assert_eq!(pins("SELECT 1 /* ; */; /* c */ LOAD 'x'"), Some(Pin::Load));
+        assert_eq!(pins("SETé = 1"), None);
     }
 }

@@ -1,0 +1,369 @@
+//! SQL text as the bytes a client sends, in its own encoding: how its multibyte characters are
+//! laid out, and where its statements begin and end.
+//!
+//! PostgreSQL converts a client's text to the server encoding before it parses it. Sluice reads
+//! it unconverted, so it must know which bytes belong to a multibyte character. In UTF-8, the
+//! EUC encodings, MULE_INTERNAL and every single-byte encoding each byte of a multibyte
+//! character has its high bit set, so an ASCII byte is always that ASCII character. In the
+//! client-only encodings SJIS, SHIFT_JIS_2004, BIG5, GBK, UHC, GB18030 and JOHAB the bytes after
+//! the first can be in the ASCII range (`\`, letters, digits; in JOHAB also `;`): there a scan
+//! steps over whole characters. Every non-ASCII character is a letter to the scanner, as it is to
+//! PostgreSQL's (identifiers may hold any of them).
+//!
+//! Hand-written: the splitter runs on every Query in transaction pooling, and needs only the
+//! little of PostgreSQL's lexer that finds statement boundaries.
+
+/// How a client encoding lays out its multibyte characters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Encoding {
+    /// Every byte of a multibyte character has its high bit set (UTF8, EUC_*, MULE_INTERNAL,
+    /// SQL_ASCII and the single-byte encodings).
+    #[default]
+    AsciiSafe,
+    /// SJIS, SHIFT_JIS_2004: a high byte starts two bytes, except the one-byte kana 0xA1-0xDF.
+    Sjis,
+    /// BIG5, GBK, UHC: a high byte starts two bytes.
+    TwoByte,
+    /// GB18030: a high byte starts two bytes, or four when the second is a digit.
+    Gb18030,
+    /// JOHAB: 0x8F starts three bytes, any other high byte two.
+    Johab,
+}
+
+impl Encoding {
+    /// The layout of a `client_encoding` value (any spelling PostgreSQL accepts: case, `-` and
+    /// `_` do not matter, and Windows code page aliases count).
+    pub fn from_name(name: &str) -> Encoding {
+        let clean: String = name
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .map(|c| c.to_ascii_lowercase())
+            .collect();
+        match clean.as_str() {
+            "sjis" | "shiftjis" | "mskanji" | "win932" | "windows932" | "shiftjis2004" => {
+                Encoding::Sjis
+            }
+            "big5" | "win950" | "windows950" | "gbk" | "win936" | "windows936" | "uhc"
+            | "win949" | "windows949" => Encoding::TwoByte,
+            "gb18030" => Encoding::Gb18030,
+            "johab" => Encoding::Johab,
+            _ => Encoding::AsciiSafe,
+        }
+    }
+
+    /// The length of the character starting at `s[0]` (at least 1, at most what is left).
+    #[inline]
+    pub fn char_len(self, s: &[u8]) -> usize {
+        let Some(&b) = s.first() else {
+            return 1;
+        };
+        if b < 0x80 {
+            return 1;
+        }
+        let len = match self {
+            Encoding::AsciiSafe => 1,
+            Encoding::Sjis if (0xa1..=0xdf).contains(&b) => 1,
+            Encoding::Sjis | Encoding::TwoByte => 2,
+            Encoding::Gb18030 if s.get(1).is_some_and(u8::is_ascii_digit) => 4,
+            Encoding::Gb18030 => 2,
+            Encoding::Johab if b == 0x8f => 3,
+            Encoding::Johab => 2,
+        };
+        len.min(s.len())
+    }
+}
+
+/// Whether `b` can continue an identifier (or a dollar-quote tag, or a keyword).
+#[inline]
+fn ident_cont(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80
+}
+
+/// The statements of a Query, split at the semicolons PostgreSQL splits at: not inside string
+/// literals (standard, `E''` with backslash escapes, dollar-quoted), quoted identifiers or
+/// comments (nested `/* */` too). Each is given from its first token, leading whitespace and
+/// comments skipped; empty statements are left out.
+pub fn statements(sql: &[u8], enc: Encoding) -> Statements<'_> {
+    Statements { sql, pos: 0, enc }
+}
+
+/// See [`statements`].
+pub struct Statements<'a> {
+    sql: &'a [u8],
+    pos: usize,
+    enc: Encoding,
+}
+
+impl<'a> Iterator for Statements<'a> {
+    type Item = &'a [u8];
+
+    fn next(&mut self) -> Option<&'a [u8]> {
+        while self.pos < self.sql.len() {
+            let start = skip_space(self.sql, self.pos, self.enc);
+            let end = statement_end(self.sql, start, self.enc);
+            self.pos = end + 1;
+            if end > start {
+                return Some(&self.sql[start..end]);
+            }
+        }
+        None
+    }
+}
+
+/// Leading whitespace and comments skipped from `at`.
+pub fn skip_space(s: &[u8], mut at: usize, enc: Encoding) -> usize {
+    loop {
+        while s.get(at).is_some_and(u8::is_ascii_whitespace) {
+            at += 1;
+        }
+        match (s.get(at), s.get(at + 1)) {
+            (Some(b'-'), Some(b'-')) => at = line_comment_end(s, at),
+            (Some(b'/'), Some(b'*')) => at = block_comment_end(s, at, enc),
+            _ => return at,
+        }
+    }
+}
+
+/// `s` from its first token: whitespace and comments skipped.
+pub fn trim_start(s: &[u8], enc: Encoding) -> &[u8] {
+    &s[skip_space(s, 0, enc).min(s.len())..]
+}
+
+fn line_comment_end(s: &[u8], at: usize) -> usize {
+    // No trailing byte of any encoding is a newline.
+    memchr::memchr2(b'\n', b'\r', &s[at..]).map_or(s.len(), |n| at + n + 1)
+}
+
+/// The end of the `/* */` comment at `at` (they nest).
+fn block_comment_end(s: &[u8], mut at: usize, enc: Encoding) -> usize {
+    let mut depth = 0usize;
+    while at < s.len() {
+        match (s[at], s.get(at + 1)) {
+            (b'/', Some(b'*')) => {
+                depth += 1;
+                at += 2;
+            }
+            (b'*', Some(b'/')) => {
+                depth -= 1;
+                at += 2;
+                if depth == 0 {
+                    return at;
+                }
+            }
+            _ => at += enc.char_len(&s[at..]),
+        }
+    }
+    s.len()
+}
+
+/// What the characters just before a quote were, for telling `E'...'` apart.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Before {
+    /// Not part of a word.
+    Space,
+    /// A lone `e` or `E` starting a token.
+    LoneE,
+    /// Any other word.
+    Word,
+}
+
+/// The index of the `;` ending the statement that starts at `at`, or the text's end.
+fn statement_end(s: &[u8], mut at: usize, enc: Encoding) -> usize {
+    let mut before = Before::Space;
+    while at < s.len() {
+        let b = s[at];
+        let was = std::mem::replace(&mut before, Before::Space);
+        match b {
+            b';' => return at,
+            b'\'' => at = quoted_end(s, at + 1, b'\'', was == Before::LoneE, enc),
+            b'"' => at = quoted_end(s, at + 1, b'"', false, enc),
+            b'-' if s.get(at + 1) == Some(&b'-') => at = line_comment_end(s, at),
+            b'/' if s.get(at + 1) == Some(&b'*') => at = block_comment_end(s, at, enc),
+            b'$' if was == Before::Space => match dollar_tag(s, at, enc) {
+                Some(tag) => at = dollar_end(s, at + tag.len(), tag),
+                None => {
+                    // A parameter (`$1`) or a lone `$`.
+                    at += 1;
+                    before = Before::Word;
+                }
+            },
+            _ => {
+                if ident_cont(b) {
+                    before = if was == Before::Space && b.eq_ignore_ascii_case(&b'e') {
+                        Before::LoneE
+                    } else {
+                        Before::Word
+                    };
+                }
+                // A multibyte character is one step: its trailing bytes are not ASCII.
+                at += enc.char_len(&s[at..]);
+            }
+        }
+    }
+    s.len()
+}
+
+/// The index just past the closing quote of a literal or quoted identifier whose body starts
+/// at `at`; a doubled quote is one quote, and with `escapes` a backslash escapes the next
+/// character.
+fn quoted_end(s: &[u8], mut at: usize, quote: u8, escapes: bool, enc: Encoding) -> usize {
+    while at < s.len() {
+        let b = s[at];
+        if b == quote {
+            if s.get(at + 1) == Some(&quote) {
+                at += 2;
+                continue;
+            }
+            return at + 1;
+        }
+        if escapes && b == b'\\' {
+            at += 1;
+            if at < s.len() {
+                at += enc.char_len(&s[at..]);
+            }
+            continue;
+        }
+        at += enc.char_len(&s[at..]);
+    }
+    s.len()
+}
+
+/// The tag (`$name$` or `$$`) of a dollar quote opening at `at`, if one does.
+fn dollar_tag(s: &[u8], at: usize, enc: Encoding) -> Option<&[u8]> {
+    let mut i = at + 1;
+    if s.get(i).is_some_and(u8::is_ascii_digit) {
+        return None;
+    }
+    while i < s.len() {
+        match s[i] {
+            b'$' => return Some(&s[at..=i]),
+            b if b.is_ascii_alphanumeric() || b == b'_' => i += 1,
+            b if b >= 0x80 => i += enc.char_len(&s[i..]),
+            _ => return None,
+        }
+    }
+    None
+}
+
+/// The index just past the closing `tag` of a dollar-quoted string whose body starts at `at`.
+/// Tags compare byte for byte, in the client's own bytes.
+fn dollar_end(s: &[u8], at: usize, tag: &[u8]) -> usize {
+    memchr::memmem::find(&s[at..], tag).map_or(s.len(), |n| at + n + tag.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split(sql: &[u8], enc: Encoding) -> Vec<String> {
+        statements(sql, enc)
+            .map(|s| String::from_utf8_lossy(s).into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn splits_where_postgresql_does() {
+        let e = Encoding::AsciiSafe;
+        assert_eq!(split(b"select 1; select 2", e), ["select 1", "select 2"]);
+        assert_eq!(split(b"select ';'; set x=1", e), ["select ';'", "set x=1"]);
+        assert_eq!(split(b"select 'it''s;'; b", e), ["select 'it''s;'", "b"]);
+        assert_eq!(split(b"select E'\\';'; b", e), ["select E'\\';'", "b"]);
+        assert_eq!(split(b"select e'a\\\\'; b", e), ["select e'a\\\\'", "b"]);
+        // Not an E string: `e` ends a longer word.
+        assert_eq!(split(b"select be'\\'; b", e), ["select be'\\'", "b"]);
+        assert_eq!(
+            split(b"select \"a;\"\"b\"; c", e),
+            ["select \"a;\"\"b\"", "c"]
+        );
+        assert_eq!(split(b"select $$;$$; c", e), ["select $$;$$", "c"]);
+        assert_eq!(
+            split(b"select $a$ $b$; $a$; c", e),
+            ["select $a$ $b$; $a$", "c"]
+        );
+        assert_eq!(split(b"select $1; c", e), ["select $1", "c"]);
+        assert_eq!(split(b"select a$b$; c", e), ["select a$b$", "c"]);
+        assert_eq!(
+            split(b"-- x;\nselect 1 -- ;\n; c", e),
+            ["select 1 -- ;\n", "c"]
+        );
+        assert_eq!(
+            split(b"/* a /* ; */ ; */ select 1; c", e),
+            ["select 1", "c"]
+        );
+        assert_eq!(split(b" ; ;; select 1;", e), ["select 1"]);
+        assert_eq!(
+            split(b"select 'unterminated; c", e),
+            ["select 'unterminated; c"]
+        );
+        assert!(split(b"", e).is_empty());
+    }
+
+    #[test]
+    fn steps_over_multibyte_characters() {
+        // SJIS 0x83 0x5C is one character whose second byte is `\`: not an escape.
+        let sjis = b"select E'\x83\x5c'; set x=1";
+        assert_eq!(statements(sjis, Encoding::Sjis).count(), 2);
+        assert_eq!(statements(sjis, Encoding::AsciiSafe).count(), 1);
+        // `e` after an SJIS character ends an identifier: the string after it has no escapes.
+        let word = b"select \x83\x5ce'\\'; x";
+        assert_eq!(statements(word, Encoding::Sjis).count(), 2);
+        // JOHAB 0x88 0x3B is one character whose second byte is `;`.
+        let johab = b"select 1 as \x88\x3b select 2";
+        assert_eq!(statements(johab, Encoding::Johab).count(), 1);
+        assert_eq!(statements(johab, Encoding::AsciiSafe).count(), 2);
+        // GB18030 four-byte characters have digits in them.
+        assert_eq!(Encoding::Gb18030.char_len(b"\x81\x30\x81\x30"), 4);
+        assert_eq!(Encoding::Gb18030.char_len(b"\x81\x40"), 2);
+        assert_eq!(Encoding::Sjis.char_len(b"\xb1x"), 1);
+        assert_eq!(Encoding::Johab.char_len(b"\x8f\xa1\xa1"), 3);
+        assert_eq!(Encoding::TwoByte.char_len(b"\xa4"), 1, "cut short");
+    }
+
+    /// Arbitrary bytes, in every layout: the scanners never panic, and every statement is a
+    /// piece of the text.
+    #[test]
+    fn any_bytes_scan_without_panicking() {
+        let layouts = [
+            Encoding::AsciiSafe,
+            Encoding::Sjis,
+            Encoding::TwoByte,
+            Encoding::Gb18030,
+            Encoding::Johab,
+        ];
+        let alphabet = b"';\"$-*/\\eEaS \n\x80\x8f\x81\xa1\xff09";
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        for _ in 0..20_000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let len = (state % 24) as usize;
+            let text: Vec<u8> = (0..len)
+                .map(|i| alphabet[((state >> (i % 8 * 8)) as usize + i) % alphabet.len()])
+                .collect();
+            for enc in layouts {
+                let base = text.as_ptr() as usize;
+                for stmt in statements(&text, enc) {
+                    let at = stmt.as_ptr() as usize - base;
+                    assert!(!stmt.is_empty() && at + stmt.len() <= text.len());
+                }
+                let _ = crate::sql::pins(&text, enc);
+                let _ = crate::sql::set_names(&text, enc);
+            }
+        }
+    }
+
+    #[test]
+    fn names_every_spelling() {
+        assert_eq!(Encoding::from_name("SJIS"), Encoding::Sjis);
+        assert_eq!(Encoding::from_name("Shift_JIS_2004"), Encoding::Sjis);
+        assert_eq!(Encoding::from_name("win932"), Encoding::Sjis);
+        assert_eq!(Encoding::from_name("BIG5"), Encoding::TwoByte);
+        assert_eq!(Encoding::from_name("WIN936"), Encoding::TwoByte);
+        assert_eq!(Encoding::from_name("uhc"), Encoding::TwoByte);
+        assert_eq!(Encoding::from_name("GB18030"), Encoding::Gb18030);
+        assert_eq!(Encoding::from_name("JOHAB"), Encoding::Johab);
+        assert_eq!(Encoding::from_name("EUC_JP"), Encoding::AsciiSafe);
+        assert_eq!(Encoding::from_name("UTF8"), Encoding::AsciiSafe);
+        assert_eq!(Encoding::from_name("LATIN1"), Encoding::AsciiSafe);
+    }
+}
