@@ -311,16 +311,15 @@ impl<'a> Session<'a> {
     /// server's). If they cannot be read, the server's settings are forgotten, so the next client
     /// gets them reset rather than inherited.
     async fn adopt_settings(&mut self, server: &mut ServerConn, names: &[String]) {
-        let list = names
-            .iter()
-            .map(|n| format!("current_setting('{n}')"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let read =
-            tokio::time::timeout(ROLLBACK_TIMEOUT, server.read_row(&format!("SELECT {list}")))
-                .await;
-        match read {
-            Ok(Ok(values)) if values.len() == names.len() => {
+        let sql = state::read_back_sql(names);
+        let read = tokio::time::timeout(ROLLBACK_TIMEOUT, server.read_row(&sql)).await;
+        let values = read.ok().and_then(Result::ok).and_then(|row| {
+            row.iter()
+                .map(|v| state::read_back_value(v))
+                .collect::<Option<Vec<_>>>()
+        });
+        match values {
+            Some(values) if values.len() == names.len() => {
                 for (name, value) in names.iter().zip(values) {
                     self.settings.insert(name.clone(), value.clone());
                     server.settings.insert(name.clone(), value);

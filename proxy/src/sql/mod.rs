@@ -115,6 +115,30 @@ pub fn settings_sql(want: &Settings, have: &Settings) -> String {
     sql
 }
 
+/// A query reading the current values of `names` (valid names), each as hex of its UTF-8
+/// bytes: the row comes back in the session's `client_encoding`, which may be the client's.
+pub fn read_back_sql(names: &[String]) -> String {
+    let list = names
+        .iter()
+        .map(|n| format!("encode(convert_to(current_setting('{n}'), 'UTF8'), 'hex')"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!("SELECT {list}")
+}
+
+/// A value read by [`read_back_sql`].
+pub fn read_back_value(hex: &str) -> Option<String> {
+    let digits = hex.as_bytes();
+    if digits.len() % 2 != 0 {
+        return None;
+    }
+    let bytes = digits
+        .chunks(2)
+        .map(|pair| u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok())
+        .collect::<Option<Vec<u8>>>()?;
+    String::from_utf8(bytes).ok()
+}
+
 /// A string literal of only ASCII bytes: the server reads Sluice's own SQL in whatever
 /// `client_encoding` the session has, so anything else is a Unicode escape of an `E''` string.
 fn quote_literal(v: &str) -> String {
@@ -461,6 +485,20 @@ mod tests {
             15
         ));
         assert!(!contains_ci_at("SELECT 1 INTO t", " into temporary ", 15));
+    }
+
+    #[test]
+    fn values_read_back_as_hex() {
+        assert_eq!(
+            read_back_sql(&["work_mem".into(), "timezone".into()]),
+            "SELECT encode(convert_to(current_setting('work_mem'), 'UTF8'), 'hex'), \
+             encode(convert_to(current_setting('timezone'), 'UTF8'), 'hex')"
+        );
+        assert_eq!(read_back_value("636166c3a9").as_deref(), Some("café"));
+        assert_eq!(read_back_value("").as_deref(), Some(""));
+        assert_eq!(read_back_value("6"), None);
+        assert_eq!(read_back_value("zz"), None);
+        assert_eq!(read_back_value("ff"), None);
     }
 
     #[test]

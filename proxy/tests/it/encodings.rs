@@ -530,3 +530,36 @@ async fn psycopg_in_latin1_win1252_sjis_and_euc_jp() {
         assert_eq!(seen[&(enc, true)], seen[&(enc, false)], "{enc}");
     }
 }
+
+/// A session setting with a non-ASCII value, set by a LATIN1 client inside a transaction block,
+/// is carried to its next server as the same text (read back and applied independent of the
+/// server session's encoding at the time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_ascii_settings_follow_a_latin1_client() {
+    let pg = start_pg_with_user(Default::default(), USER, PASSWORD, DB).await;
+    let sluice = start_sluice(&pg, USER, PASSWORD, DB, 4, 1, |_| {}).await;
+    let show = |addr: SocketAddr, steal: bool| async move {
+        let params = [("client_encoding", "LATIN1")];
+        let (mut a, _, _) = Raw::login_with(addr, false, USER, PASSWORD, DB, &params).await;
+        // Inside a transaction block a session SET does not pin.
+        for q in [
+            &b"BEGIN"[..],
+            b"SET myapp.label = 'caf\xe9 \xfc'",
+            b"COMMIT",
+        ] {
+            assert_eq!(error_code(&a.query_bytes(q).await), None);
+        }
+        if steal {
+            // Another client, in UTF-8, takes the only server in between.
+            let (mut b, _, _) = Raw::login(addr, false, USER, PASSWORD, DB).await;
+            let other = b.query("SET LOCAL myapp.label = 'x'; SELECT 1").await;
+            assert_eq!(error_code(&other), None, "the server was free");
+        }
+        a.query_bytes(b"SHOW myapp.label").await
+    };
+    let want = show(direct_addr(&pg), false).await;
+    let got = show(sluice.local_addr, true).await;
+    assert_eq!(got, want, "through Sluice (left) and directly (right)");
+    let row = want.iter().find(|(t, _)| *t == b'D').expect("a row");
+    assert!(row.1.ends_with(b"caf\xe9 \xfc"), "{:?}", row.1);
+}
