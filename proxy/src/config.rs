@@ -312,6 +312,14 @@ pub struct Overrides {
     pub max_server_connections: Option<u32>,
 }
 
+/// Whether `key` (a `SLUICE_` variable's name without the prefix, any case) has the shape of
+/// the variables Kubernetes injects for a Service named `sluice`: `SLUICE_PORT`,
+/// `SLUICE_PORT_5432_TCP[_PROTO|_PORT|_ADDR]`, `SLUICE_SERVICE_HOST`, `SLUICE_SERVICE_PORT[_*]`.
+fn is_service_link(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    k == "port" || k.starts_with("port_") || k.starts_with("service_")
+}
+
 impl Config {
     /// Reads defaults, then `file`, then `SLUICE_*` variables, then `flags`; expands `${VAR}`
     /// references and validates.
@@ -336,11 +344,25 @@ impl Config {
             fig = fig.merge(Toml::string(&text));
         }
         // `SLUICE_CONFIG` names the file, it is not a key; `SLUICE_LOADTEST_*` belong to the
-        // load generator, which may share the environment.
+        // load generator, which may share the environment; Kubernetes service links for a
+        // Service named `sluice` are not Sluice's (any other unknown key still stops start-up).
+        for (name, _) in std::env::vars_os() {
+            if let Some(key) = name.to_str().and_then(|n| n.strip_prefix("SLUICE_")) {
+                if is_service_link(key) {
+                    tracing::info!(
+                        variable = %name.to_string_lossy(),
+                        "ignoring a Kubernetes service-link variable"
+                    );
+                }
+            }
+        }
         let env = Env::prefixed("SLUICE_")
             .split("__")
             .ignore(&["config"])
-            .filter(|k| !k.as_str().to_ascii_lowercase().starts_with("loadtest_"));
+            .filter(|k| {
+                let k = k.as_str();
+                !k.to_ascii_lowercase().starts_with("loadtest_") && !is_service_link(k)
+            });
         fig = fig.merge(env);
         fig = fig.merge(Serialized::defaults(flags));
         let mut cfg: Config = fig

@@ -124,3 +124,29 @@ fn errors_name_the_key() {
         .contains("upstream"));
     assert!(Config::load(None, &Overrides::default()).is_err());
 }
+
+#[test]
+fn kubernetes_service_links_are_not_keys() {
+    // What Kubernetes injects into every pod when a Service named `sluice` exists.
+    for (k, v) in [
+        ("SLUICE_PORT", "tcp://10.0.0.7:6432"),
+        ("SLUICE_PORT_6432_TCP", "tcp://10.0.0.7:6432"),
+        ("SLUICE_PORT_6432_TCP_PROTO", "tcp"),
+        ("SLUICE_PORT_6432_TCP_PORT", "6432"),
+        ("SLUICE_PORT_6432_TCP_ADDR", "10.0.0.7"),
+        ("SLUICE_SERVICE_HOST", "10.0.0.7"),
+        ("SLUICE_SERVICE_PORT", "6432"),
+        ("SLUICE_SERVICE_PORT_POSTGRES", "6432"),
+    ] {
+        std::env::set_var(k, v);
+    }
+    assert!(Config::load(None, &flags("postgres://app:pw@db/appdb")).is_ok());
+    for key in ["port", "PORT_5432_TCP", "service_host", "SERVICE_PORT_X"] {
+        assert!(super::is_service_link(key), "{key}");
+    }
+    // Anything else unknown still stops start-up (checked with the binary, whose environment
+    // is its own, in the integration tests).
+    for key in ["server_tsl", "ports", "servicehost", "pool_size"] {
+        assert!(!super::is_service_link(key), "{key}");
+    }
+}

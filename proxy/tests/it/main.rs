@@ -9,6 +9,7 @@ mod certs;
 mod core;
 mod drivers;
 mod encodings;
+mod environment;
 mod fidelity;
 mod harness_selftest;
 mod harness_tls;
