@@ -188,6 +188,24 @@ pub struct Config {
     pub shed_interval: Duration,
     #[serde(with = "humantime_serde")]
     pub server_connect_timeout: Duration,
+    /// TCP keepalive on server sockets: idle time before the first probe (0 disables), the
+    /// time between probes, and how many go unanswered before the connection is dropped.
+    #[serde(with = "humantime_serde")]
+    pub server_tcp_keepalive: Duration,
+    #[serde(with = "humantime_serde")]
+    pub server_tcp_keepalive_interval: Duration,
+    pub server_tcp_keepalive_count: u32,
+    /// `TCP_USER_TIMEOUT` on server sockets: a server that acknowledges nothing for this long
+    /// (data sent, or keepalive probes) is dropped; 0 leaves the system default (minutes).
+    #[serde(with = "humantime_serde")]
+    pub server_tcp_user_timeout: Duration,
+    /// TCP keepalive on client sockets (0 disables): shorter than a load balancer's idle
+    /// timeout (an AWS NLB's is 350 s), and how a vanished client is noticed.
+    #[serde(with = "humantime_serde")]
+    pub client_tcp_keepalive: Duration,
+    #[serde(with = "humantime_serde")]
+    pub client_tcp_keepalive_interval: Duration,
+    pub client_tcp_keepalive_count: u32,
     #[serde(with = "humantime_serde")]
     pub server_idle_timeout: Duration,
     #[serde(with = "humantime_serde")]
@@ -279,6 +297,13 @@ impl Default for Config {
             shed_target: Duration::from_millis(500),
             shed_interval: Duration::from_secs(2),
             server_connect_timeout: Duration::from_secs(5),
+            server_tcp_keepalive: Duration::from_secs(3),
+            server_tcp_keepalive_interval: Duration::from_secs(1),
+            server_tcp_keepalive_count: 3,
+            server_tcp_user_timeout: Duration::from_secs(8),
+            client_tcp_keepalive: Duration::from_secs(60),
+            client_tcp_keepalive_interval: Duration::from_secs(10),
+            client_tcp_keepalive_count: 6,
             server_idle_timeout: Duration::from_secs(600),
             server_lifetime: Duration::from_secs(3600),
             client_idle_timeout: Duration::from_secs(900),
@@ -321,6 +346,26 @@ fn is_service_link(key: &str) -> bool {
 }
 
 impl Config {
+    /// Keepalive and `TCP_USER_TIMEOUT` for server sockets.
+    pub fn server_keepalive(&self) -> crate::stream::Keepalive {
+        crate::stream::Keepalive {
+            idle: self.server_tcp_keepalive,
+            interval: self.server_tcp_keepalive_interval,
+            count: self.server_tcp_keepalive_count,
+            user_timeout: self.server_tcp_user_timeout,
+        }
+    }
+
+    /// Keepalive for client sockets.
+    pub fn client_keepalive(&self) -> crate::stream::Keepalive {
+        crate::stream::Keepalive {
+            idle: self.client_tcp_keepalive,
+            interval: self.client_tcp_keepalive_interval,
+            count: self.client_tcp_keepalive_count,
+            user_timeout: Duration::ZERO,
+        }
+    }
+
     /// Reads defaults, then `file`, then `SLUICE_*` variables, then `flags`; expands `${VAR}`
     /// references and validates.
     pub fn load(file: Option<&Path>, flags: &Overrides) -> Result<Config, ConfigError> {
@@ -490,6 +535,38 @@ impl Config {
         }
         if self.wait_timeout.is_zero() {
             return Err(invalid("wait_timeout", "must be above zero"));
+        }
+        for (key, n, idle) in [
+            (
+                "server_tcp_keepalive_count",
+                self.server_tcp_keepalive_count,
+                self.server_tcp_keepalive,
+            ),
+            (
+                "client_tcp_keepalive_count",
+                self.client_tcp_keepalive_count,
+                self.client_tcp_keepalive,
+            ),
+        ] {
+            if !idle.is_zero() && n == 0 {
+                return Err(invalid(key, "must be at least 1 while keepalive is on"));
+            }
+        }
+        for (key, d, idle) in [
+            (
+                "server_tcp_keepalive_interval",
+                self.server_tcp_keepalive_interval,
+                self.server_tcp_keepalive,
+            ),
+            (
+                "client_tcp_keepalive_interval",
+                self.client_tcp_keepalive_interval,
+                self.client_tcp_keepalive,
+            ),
+        ] {
+            if !idle.is_zero() && d < Duration::from_secs(1) {
+                return Err(invalid(key, "must be at least 1s while keepalive is on"));
+            }
         }
         if self.server_connect_timeout.is_zero() {
             return Err(invalid("server_connect_timeout", "must be above zero"));

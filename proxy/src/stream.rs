@@ -275,3 +275,36 @@ impl AsyncWrite for WriteHalf<'_> {
         }
     }
 }
+
+/// TCP keepalive (and, toward servers, `TCP_USER_TIMEOUT`) for a socket: how a peer that went
+/// silent without a FIN or RST (a cut link, a failed-over host, a load balancer's idle timeout)
+/// is noticed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    /// Idle time before the first probe; zero leaves keepalive off.
+    pub idle: std::time::Duration,
+    pub interval: std::time::Duration,
+    pub count: u32,
+    /// How long sent data may stay unacknowledged (and, with keepalive on, probes unanswered)
+    /// before the connection is dropped; zero leaves the system default.
+    pub user_timeout: std::time::Duration,
+}
+
+impl Keepalive {
+    /// Applies the options to `tcp`.
+    pub fn apply(&self, tcp: &TcpStream) -> io::Result<()> {
+        let sock = socket2::SockRef::from(tcp);
+        if !self.idle.is_zero() {
+            let ka = socket2::TcpKeepalive::new()
+                .with_time(self.idle)
+                .with_interval(self.interval)
+                .with_retries(self.count);
+            sock.set_tcp_keepalive(&ka)?;
+        }
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        if !self.user_timeout.is_zero() {
+            sock.set_tcp_user_timeout(Some(self.user_timeout))?;
+        }
+        Ok(())
+    }
+}

@@ -104,6 +104,8 @@ pub struct Target {
     pub password: Option<Arc<ServerPassword>>,
     pub database: String,
     pub connect_timeout: Duration,
+    /// Keepalive and `TCP_USER_TIMEOUT` of its sockets.
+    pub keepalive: crate::stream::Keepalive,
     pub max_prepared_statements: usize,
     /// How the connection is encrypted.
     pub tls: Arc<Connector>,
@@ -127,6 +129,7 @@ impl Target {
             password,
             database: cfg.server_dbname(database).to_string(),
             connect_timeout: cfg.server_connect_timeout,
+            keepalive: cfg.server_keepalive(),
             max_prepared_statements: cfg.max_prepared_statements as usize,
             tls: tls.clone(),
         }
@@ -647,6 +650,9 @@ async fn tcp_connect(t: &Target, addr: &str) -> Result<TcpStream, ServerError> {
             source,
         })?;
     tcp.set_nodelay(true)?;
+    // A server that goes silent (a cut link, a failover that drops packets) is noticed within
+    // seconds rather than the kernel's minutes, idle in the pool or mid-query.
+    t.keepalive.apply(&tcp)?;
     Ok(tcp)
 }
 

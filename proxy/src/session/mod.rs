@@ -44,6 +44,9 @@ const ROLLBACK_TIMEOUT: Duration = Duration::from_secs(5);
 /// Serves one client connection to the end. Never panics on client or server input.
 pub async fn serve(ctx: Arc<Context>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
+    if let Err(e) = ctx.config().client_keepalive().apply(&stream) {
+        tracing::debug!(error = %e, "cannot set TCP keepalive on a client socket");
+    }
     let mut conn = ClientConn::new(Stream::Plain(stream));
     let exit = run(&ctx, &mut conn).await;
     if let Exit::Fatal(e) = exit {

@@ -20,6 +20,7 @@ mod proxy;
 mod relay_capture;
 mod secrets;
 mod session_state;
+mod silent_server;
 mod support;
 mod tls;
 mod tls_clients;

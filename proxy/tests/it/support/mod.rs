@@ -4,6 +4,7 @@
 //! `pg.rs`.
 #![allow(dead_code)]
 
+pub mod blackhole;
 pub mod raw;
 
 use std::future::Future;
