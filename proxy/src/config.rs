@@ -213,6 +213,10 @@ pub struct Config {
     /// Idle clients (no transaction open) are disconnected after this; 0 disables.
     #[serde(with = "humantime_serde")]
     pub client_idle_timeout: Duration,
+    /// A client that sends nothing for this long inside a transaction block is disconnected
+    /// (FATAL 25P03) and its transaction rolled back; 0 disables.
+    #[serde(with = "humantime_serde")]
+    pub idle_transaction_timeout: Duration,
     /// Time a client has to finish startup and authentication.
     #[serde(with = "humantime_serde")]
     pub client_login_timeout: Duration,
@@ -308,6 +312,7 @@ impl Default for Config {
             server_lifetime: Duration::from_secs(3600),
             client_idle_timeout: Duration::from_secs(900),
             client_login_timeout: Duration::from_secs(15),
+            idle_transaction_timeout: Duration::from_secs(60),
             max_message_bytes: 64 << 20,
             max_prepared_statements: 200,
             client_auth: ClientAuth::ScramSha256,

@@ -23,6 +23,7 @@ pub const SERVER_BUDGET: &str = "sluice_server_connections_budget";
 pub const SERVER_CONNECTS: &str = "sluice_server_connects_total";
 pub const SERVER_CONNECT_TIME: &str = "sluice_server_connect_seconds";
 pub const SERVER_CLOSED: &str = "sluice_server_connections_closed_total";
+pub const CLIENT_TIMEOUTS: &str = "sluice_client_timeouts_total";
 pub const TRANSACTIONS: &str = "sluice_transactions_total";
 pub const TRANSACTION_TIME: &str = "sluice_transaction_seconds";
 pub const BYTES: &str = "sluice_bytes_total";
@@ -66,6 +67,10 @@ pub fn describe() {
         "Time to connect and authenticate to the server"
     );
     describe_counter!(SERVER_CLOSED, "Server connections closed, by reason");
+    describe_counter!(
+        CLIENT_TIMEOUTS,
+        "Clients disconnected by a timeout, by reason (idle_transaction_timeout)"
+    );
     describe_counter!(
         TRANSACTIONS,
         "Transactions (pool checkouts) completed, by group"
@@ -192,6 +197,10 @@ pub fn client_rejected(reason: &'static str) {
 
 pub fn server_connect(result: &'static str) {
     counter!(SERVER_CONNECTS, "result" => result).increment(1);
+}
+
+pub fn client_timed_out(reason: &'static str) {
+    counter!(CLIENT_TIMEOUTS, "reason" => reason).increment(1);
 }
 
 pub fn server_closed(reason: &'static str) {

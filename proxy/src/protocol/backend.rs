@@ -102,6 +102,11 @@ pub struct ErrorFields {
 }
 
 impl ErrorFields {
+    /// A FATAL or PANIC: the server ends the session after sending it.
+    pub fn ends_session(&self) -> bool {
+        matches!(self.severity.as_str(), "FATAL" | "PANIC")
+    }
+
     /// Decodes an ErrorResponse/NoticeResponse body; unknown fields are skipped.
     pub fn parse(body: &[u8]) -> Result<ErrorFields, ProtocolError> {
         let mut r = Reader::new(body, "ErrorResponse");

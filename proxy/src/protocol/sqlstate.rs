@@ -55,8 +55,10 @@ impl fmt::Debug for SqlState {
 
 pub const CONNECTION_EXCEPTION: SqlState = SqlState(*b"08000");
 pub const CONNECTION_FAILURE: SqlState = SqlState(*b"08006");
+pub const TRANSACTION_RESOLUTION_UNKNOWN: SqlState = SqlState(*b"08007");
 pub const PROTOCOL_VIOLATION: SqlState = SqlState(*b"08P01");
 pub const FEATURE_NOT_SUPPORTED: SqlState = SqlState(*b"0A000");
+pub const IDLE_IN_TRANSACTION_SESSION_TIMEOUT: SqlState = SqlState(*b"25P03");
 pub const INVALID_AUTHORIZATION_SPECIFICATION: SqlState = SqlState(*b"28000");
 pub const INVALID_PASSWORD: SqlState = SqlState(*b"28P01");
 pub const INVALID_CATALOG_NAME: SqlState = SqlState(*b"3D000");
@@ -81,8 +83,10 @@ mod tests {
         for (code, text) in [
             (CONNECTION_EXCEPTION, "08000"),
             (CONNECTION_FAILURE, "08006"),
+            (TRANSACTION_RESOLUTION_UNKNOWN, "08007"),
             (PROTOCOL_VIOLATION, "08P01"),
             (FEATURE_NOT_SUPPORTED, "0A000"),
+            (IDLE_IN_TRANSACTION_SESSION_TIMEOUT, "25P03"),
             (INVALID_AUTHORIZATION_SPECIFICATION, "28000"),
             (INVALID_PASSWORD, "28P01"),
             (INVALID_CATALOG_NAME, "3D000"),

@@ -54,6 +54,8 @@ pub enum End {
     ClientProtocol(PgError),
     /// The server connection failed or broke the protocol.
     ServerGone(ServerFault),
+    /// The client sent nothing for `idle_transaction_timeout` inside a transaction block.
+    IdleInTransaction,
 }
 
 /// How the server connection failed while relaying (logged; the client is told the connection
@@ -94,6 +96,17 @@ pub struct Flow {
     pub release: bool,
     /// The first statement seen whose state outlives its transaction.
     pin: Option<Pin>,
+    /// The server sent the client a FATAL (or PANIC) error: it is ending the session, and the
+    /// client has been told why.
+    pub server_fatal: bool,
+    /// A request in flight may commit (COMMIT, END, COMMIT PREPARED, or a statement outside a
+    /// transaction block): if the server is lost now, its outcome is unknown.
+    pub commit_in_flight: bool,
+    /// The Query or Parse just looked at holds a statement that ends a transaction.
+    commits_seen: bool,
+    /// A client inside a transaction block that sends nothing for this long is disconnected
+    /// (zero: never).
+    pub idle_transaction_timeout: std::time::Duration,
     /// How the client's text is encoded (its `client_encoding`, as the server last reported
     /// it): the scanners step over its multibyte characters.
     pub encoding: Encoding,
@@ -122,6 +135,10 @@ impl Flow {
             release: true,
             pin: None,
             encoding: Encoding::AsciiSafe,
+            idle_transaction_timeout: std::time::Duration::ZERO,
+            server_fatal: false,
+            commit_in_flight: false,
+            commits_seen: false,
         }
     }
 
@@ -152,6 +169,11 @@ impl Flow {
     /// Nothing in flight in either direction: the server is between requests.
     pub fn at_rest(&self) -> bool {
         self.between_requests() && self.server_skip == 0
+    }
+
+    /// Inside a transaction block with nothing in flight: waiting for the client alone.
+    pub fn idle_in_transaction(&self) -> bool {
+        self.status != TxStatus::Idle && self.at_rest()
     }
 
     /// Every request sent has been answered and the client is not inside a message or a COPY:
@@ -438,6 +460,13 @@ impl<'a> Core<'a> {
                 }
                 // A message replaced by nothing is dropped: answered by Sluice, or discarded.
                 let dropped = matches!(&verdict, Verdict::Replace(b) if b.is_empty());
+                if !dropped && matches!(h.tag, fe::QUERY | fe::EXECUTE | fe::FUNCTION_CALL) {
+                    // Outside a transaction block every statement commits; inside one, only
+                    // the statements that end it (seen when statements are looked at).
+                    flow.commit_in_flight |=
+                        flow.status == TxStatus::Idle || tracker.is_none() || flow.commits_seen;
+                    flow.commits_seen = false;
+                }
                 flow.count(h.tag, dropped);
                 Ok(verdict)
             },
@@ -463,8 +492,17 @@ impl<'a> Core<'a> {
             |e| End::ServerGone(ServerFault::Protocol(e)),
             |h, msg| {
                 let whole = msg.len() == h.total();
-                if matches!(h.tag, be::READY_FOR_QUERY | be::PARAMETER_STATUS) && !whole {
+                if matches!(
+                    h.tag,
+                    be::READY_FOR_QUERY | be::PARAMETER_STATUS | be::ERROR_RESPONSE
+                ) && !whole
+                {
                     return Ok(Verdict::Wait(h.total()));
+                }
+                if h.tag == be::ERROR_RESPONSE && !flow.server_fatal {
+                    let fields = backend::ErrorFields::parse(&msg[HEADER_LEN..])
+                        .map_err(|e| End::ServerGone(ServerFault::Protocol(e)))?;
+                    flow.server_fatal = fields.ends_session();
                 }
                 if h.tag == be::PARAMETER_STATUS {
                     // The client's own SET or Sluice's: either way the text that follows is in
@@ -516,6 +554,9 @@ impl<'a> Core<'a> {
                             .map_err(|e| End::ServerGone(ServerFault::Protocol(e)))?;
                         flow.status = status;
                         flow.pending = flow.pending.saturating_sub(1);
+                        if flow.pending == 0 {
+                            flow.commit_in_flight = false;
+                        }
                         ready = true;
                     }
                     be::COPY_IN_RESPONSE => {

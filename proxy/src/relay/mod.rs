@@ -10,6 +10,7 @@
 pub mod core;
 
 use std::future::poll_fn;
+use std::future::Future as _;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
@@ -82,6 +83,7 @@ where
         sbuf: ends.server_buf,
         up,
         down: Direction::walking(),
+        idle_timer: None,
     };
     poll_fn(|cx| shell.poll(cx)).await
 }
@@ -185,6 +187,8 @@ struct Shell<'a, C, S> {
     up: Direction,
     /// Server → client.
     down: Direction,
+    /// Running while the client idles inside a transaction (`idle_transaction_timeout`).
+    idle_timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 /// What one poll of a direction did: `Ready(Ok)` made progress (poll again), `Pending` waits
@@ -201,17 +205,29 @@ where
     /// picks up when it runs next: so one pass, client half first, leaves nothing undone.
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<End> {
         loop {
-            match self.poll_up(cx) {
-                Poll::Ready(Ok(())) => continue,
-                Poll::Ready(Err(end)) => return Poll::Ready(end),
-                Poll::Pending => break,
+            loop {
+                match self.poll_up(cx) {
+                    Poll::Ready(Ok(())) => continue,
+                    Poll::Ready(Err(end)) => return Poll::Ready(end),
+                    Poll::Pending => break,
+                }
             }
-        }
-        loop {
-            match self.poll_down(cx) {
-                Poll::Ready(Ok(())) => continue,
-                Poll::Ready(Err(end)) => return Poll::Ready(end),
-                Poll::Pending => return Poll::Pending,
+            loop {
+                match self.poll_down(cx) {
+                    Poll::Ready(Ok(())) => continue,
+                    Poll::Ready(Err(end)) => return Poll::Ready(end),
+                    Poll::Pending => break,
+                }
+            }
+            // The server half may have just left the client idle inside a transaction: the
+            // client half arms its timer when it next waits, so let it wait once more.
+            let flow = self.core.flow();
+            let arm = self.idle_timer.is_none()
+                && matches!(self.up.step, Step::Read)
+                && !flow.idle_transaction_timeout.is_zero()
+                && flow.idle_in_transaction();
+            if !arm {
+                return Poll::Pending;
             }
         }
     }
@@ -226,6 +242,17 @@ where
                 Poll::Ready(Ok(()))
             }
             Step::Read => {
+                let timeout = self.core.flow().idle_transaction_timeout;
+                if !timeout.is_zero() && self.core.flow().idle_in_transaction() {
+                    // Armed once per wait (the timer is made only for a client that stops
+                    // inside a transaction), dropped when the client sends something.
+                    let timer = self
+                        .idle_timer
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                    if timer.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Err(End::IdleInTransaction));
+                    }
+                }
                 let room = READ_BUFFER.max(self.up.need.saturating_sub(self.cbuf.len()));
                 self.cbuf.reserve(room);
                 match ready!(tokio_util::io::poll_read_buf(
@@ -235,6 +262,7 @@ where
                 )) {
                     Ok(0) | Err(_) => Poll::Ready(Err(End::ClientGone)),
                     Ok(_) => {
+                        self.idle_timer = None;
                         self.up.step = Step::Walk;
                         Poll::Ready(Ok(()))
                     }

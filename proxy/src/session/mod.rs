@@ -41,6 +41,32 @@ const REQUEST_BUFFER_LIMIT: usize = 1 << 20;
 /// Time allowed to roll back the transaction of a client that disconnected mid-transaction.
 const ROLLBACK_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How a client is told that its server connection was lost while relaying.
+fn lost_server(flow: &Flow) -> Exit {
+    if flow.server_fatal {
+        // The server said why it ended the session (57P01 on a shutdown or
+        // pg_terminate_backend, say), and the client has that: one FATAL is what it expects.
+        return Exit::Quiet;
+    }
+    if flow.commit_in_flight {
+        return PgError::fatal(
+            sqlstate::TRANSACTION_RESOLUTION_UNKNOWN,
+            "server connection lost while a statement that may commit was in flight: whether its transaction committed is unknown",
+        )
+        .with_side(Side::Server)
+        .with_hint("Check whether the transaction's effects are there before retrying it.")
+        .into();
+    }
+    let what = if flow.status() == TxStatus::Idle {
+        "server connection lost"
+    } else {
+        "server connection lost; the current transaction was rolled back"
+    };
+    PgError::fatal(sqlstate::CONNECTION_FAILURE, what)
+        .with_side(Side::Server)
+        .into()
+}
+
 /// Serves one client connection to the end. Never panics on client or server input.
 pub async fn serve(ctx: Arc<Context>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
@@ -578,6 +604,7 @@ impl<'a> Session<'a> {
         server.info.set_state(ServerState::Active);
         let mut flow = Flow::new();
         flow.encoding = self.encoding;
+        flow.idle_transaction_timeout = self.config.idle_transaction_timeout;
         let pooling = self.mode == PoolMode::Transaction;
         flow.release = pooling && self.pinned.is_none();
         // Bring the server's settings to the client's, in the same write as its request.
@@ -642,19 +669,32 @@ impl<'a> Session<'a> {
                 lease.discard();
                 return Step::Exit(error.into());
             }
+            End::IdleInTransaction => {
+                g.clients_idle.increment(1.0);
+                tracing::info!(
+                    timeout = ?self.config.idle_transaction_timeout,
+                    "client idle inside a transaction: disconnected, its transaction rolled back"
+                );
+                crate::metrics::client_timed_out("idle_transaction_timeout");
+                crate::metrics::server_closed("idle_transaction_timeout");
+                // Closing the server connection rolls the transaction back and frees its locks
+                // at once, whatever state the server is in.
+                lease.discard();
+                return Step::Exit(
+                    PgError::fatal(
+                        sqlstate::IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
+                        "terminating connection due to idle-in-transaction timeout (idle_transaction_timeout)",
+                    )
+                    .with_side(Side::Client)
+                    .into(),
+                );
+            }
             End::ServerGone(fault) => {
                 g.clients_idle.increment(1.0);
                 tracing::warn!(error = %fault, "server connection lost while relaying");
                 crate::metrics::server_closed("error");
                 lease.discard();
-                return Step::Exit(
-                    PgError::fatal(
-                        sqlstate::CONNECTION_FAILURE,
-                        "server connection lost; the current transaction, if any, was rolled back",
-                    )
-                    .with_side(Side::Server)
-                    .into(),
-                );
+                return Step::Exit(lost_server(&flow));
             }
         }
         Step::Next

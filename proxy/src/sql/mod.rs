@@ -330,6 +330,16 @@ pub fn set_names(sql: &[u8], enc: Encoding) -> Option<Vec<String>> {
     (!names.is_empty()).then_some(names)
 }
 
+/// Whether a statement of `sql` may commit a transaction block: `COMMIT`, `END`, `COMMIT
+/// PREPARED` (and `PREPARE TRANSACTION`, whose outcome is as open).
+pub fn ends_transaction(sql: &[u8], enc: Encoding) -> bool {
+    lex::statements(sql, enc).any(|s| {
+        starts_with_word(s, "commit")
+            || starts_with_word(s, "end")
+            || (starts_with_word(s, "prepare") && starts_with_word(after(s, 7, enc), "transaction"))
+    })
+}
+
 fn advisory_lock(sql: &[u8]) -> bool {
     contains_ci_at(sql, "advisory_lock", 8)
         && (contains_ci_at(sql, "pg_advisory_lock", 2)
@@ -549,6 +559,19 @@ mod tests {
             set_names("SET work_mem = ';'; SELECT ';'"),
             Some(vec!["work_mem".to_string()])
         );
+    }
+
+    #[test]
+    fn finds_statements_that_may_commit() {
+        let commits = |s: &str| ends_transaction(s.as_bytes(), Encoding::AsciiSafe);
+        assert!(commits("COMMIT"));
+        assert!(commits("insert into t values (1); end"));
+        assert!(commits("/* c */ commit prepared 'x'"));
+        assert!(commits("PREPARE TRANSACTION 'x'"));
+        assert!(!commits("ROLLBACK"));
+        assert!(!commits("SELECT 'commit'"));
+        assert!(!commits("PREPARE p AS SELECT 1"));
+        assert!(!commits("SELECT endpoint FROM t"));
     }
 
     #[test]

@@ -71,9 +71,10 @@ async fn a_silent_server_is_noticed_mid_query_and_in_the_pool() {
     // with room for a loaded machine: the kernel alone would take minutes.
     assert!(a_after < Duration::from_secs(20), "mid-query: {a_after:?}");
     assert!(b_after < Duration::from_secs(20), "pooled: {b_after:?}");
+    // An autocommit statement was in flight: whether it committed is unknown.
     assert_eq!(
         mid.code().map(|c| c.code()),
-        Some("08006"),
+        Some("08007"),
         "mid-query: {}",
         describe(&mid)
     );
@@ -122,4 +123,152 @@ async fn client_sockets_have_keepalive() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("Sluice's side of a client connection keeps a keepalive timer: {text}");
+}
+
+/// A transaction block whose server goes silent: lost with a COMMIT in flight, the client is
+/// told the outcome is unknown (08007); lost with any other statement in flight, that the
+/// transaction was rolled back (08006).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_commit_is_reported_as_unknown_and_a_lost_transaction_as_rolled_back() {
+    let pg = start_pg_with_user(Default::default(), USER, PASSWORD, DB).await;
+    let target: SocketAddr = format!("{}:{}", pg.host(), pg.port())
+        .parse()
+        .expect("addr");
+    let hole = BlackHole::start(target).await;
+    let mut o = overrides(&pg, USER, PASSWORD, DB, 4, 2);
+    o.upstream = Some(format!(
+        "postgres://{USER}:{PASSWORD}@{}:{}/{DB}",
+        hole.addr.ip(),
+        hole.addr.port()
+    ));
+    let sluice = sluice::start(Config::load(None, &o).expect("config"))
+        .await
+        .expect("sluice starts");
+    let commit = connect(&sluice, USER, PASSWORD, DB).await.expect("client");
+    let other = connect(&sluice, USER, PASSWORD, DB).await.expect("client");
+    commit
+        .batch_execute("BEGIN; SELECT 1")
+        .await
+        .expect("begin");
+    other.batch_execute("BEGIN").await.expect("begin");
+    hole.cut();
+    let (c, o) = tokio::join!(
+        tokio::time::timeout(Duration::from_secs(30), commit.batch_execute("COMMIT")),
+        tokio::time::timeout(Duration::from_secs(30), other.batch_execute("SELECT 1")),
+    );
+    let c = c.expect("an answer").expect_err("an error");
+    let o = o.expect("an answer").expect_err("an error");
+    assert_eq!(
+        c.code().map(|s| s.code()),
+        Some("08007"),
+        "{}",
+        describe(&c)
+    );
+    assert_eq!(
+        o.code().map(|s| s.code()),
+        Some("08006"),
+        "{}",
+        describe(&o)
+    );
+    assert!(describe(&o).contains("rolled back"), "{}", describe(&o));
+}
+
+/// A server that ends the session itself (pg_terminate_backend, a fast shutdown) says why with
+/// FATAL 57P01: the client gets that one FATAL and the end of the connection, nothing of
+/// Sluice's after it (drivers such as psycopg 3 fail on a second error, without its SQLSTATE).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminated_backend_gives_the_client_one_fatal() {
+    use crate::support::raw::{fields, Raw};
+    let pg = start_pg_with_user(Default::default(), USER, PASSWORD, DB).await;
+    let sluice = crate::proxy::start_sluice(&pg, USER, PASSWORD, DB, 4, 1, |_| {}).await;
+    let (su, su_pw) = pg.superuser();
+    let admin = crate::support::direct(&pg.url(su, su_pw, "postgres")).await;
+    let (mut c, _, _) = Raw::login(sluice.local_addr, false, USER, PASSWORD, DB).await;
+    let mut q = bytes::BytesMut::new();
+    postgres_protocol::message::frontend::query("SELECT pg_sleep(60)", &mut q).expect("encode");
+    c.send(&q).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let n = admin
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE usename = $1 AND query = 'SELECT pg_sleep(60)' AND state = 'active'",
+                &[&USER],
+            )
+            .await
+            .expect("terminate")
+            .get::<_, i64>(0);
+        if n == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the query started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let seen = tokio::time::timeout(Duration::from_secs(20), c.until_eof())
+        .await
+        .expect("the connection ends");
+    let errors: Vec<_> = seen
+        .iter()
+        .filter(|(t, _)| *t == b'E')
+        .map(|(_, b)| fields(b))
+        .collect();
+    assert_eq!(errors.len(), 1, "one error, then the end: {errors:?}");
+    assert_eq!(errors[0].get(&'C').map(String::as_str), Some("57P01"));
+    assert_eq!(errors[0].get(&'V').map(String::as_str), Some("FATAL"));
+}
+
+/// A frozen function inside a transaction: after `idle_transaction_timeout` it is disconnected
+/// with FATAL 25P03, its transaction is rolled back and its locks and server connection freed;
+/// a client idle outside a transaction, or one slower than that between statements but still
+/// within it, is not touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_frozen_in_a_transaction_is_disconnected_and_rolled_back() {
+    use crate::support::raw::{fields, Raw};
+    let pg = start_pg_with_user(Default::default(), USER, PASSWORD, DB).await;
+    let sluice = crate::proxy::start_sluice(&pg, USER, PASSWORD, DB, 4, 1, |c| {
+        c.idle_transaction_timeout = Duration::from_secs(2);
+    })
+    .await;
+    let other = connect(&sluice, USER, PASSWORD, DB).await.expect("client");
+    other
+        .batch_execute("CREATE TABLE IF NOT EXISTS frozen (id int PRIMARY KEY, v int); INSERT INTO frozen VALUES (1, 0) ON CONFLICT DO NOTHING")
+        .await
+        .expect("table");
+    let (mut frozen, _, _) = Raw::login(sluice.local_addr, false, USER, PASSWORD, DB).await;
+    // Working, with pauses shorter than the timeout: untouched.
+    for sql in ["BEGIN", "UPDATE frozen SET v = 1 WHERE id = 1"] {
+        frozen.query(sql).await;
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+    }
+    // Then it freezes, holding the row lock and the only server connection.
+    let seen = tokio::time::timeout(Duration::from_secs(20), frozen.until_eof())
+        .await
+        .expect("the frozen client is disconnected");
+    let errors: Vec<_> = seen
+        .iter()
+        .filter(|(t, _)| *t == b'E')
+        .map(|(_, b)| fields(b))
+        .collect();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0].get(&'C').map(String::as_str), Some("25P03"));
+    assert_eq!(errors[0].get(&'V').map(String::as_str), Some("FATAL"));
+    // The lock is gone and the update with it.
+    let row = tokio::time::timeout(
+        Duration::from_secs(10),
+        other.query_one("UPDATE frozen SET v = v + 10 WHERE id = 1 RETURNING v", &[]),
+    )
+    .await
+    .expect("the row is free")
+    .expect("update");
+    assert_eq!(
+        row.get::<_, i32>(0),
+        10,
+        "the frozen transaction was rolled back"
+    );
+    // Idle outside a transaction for longer than that: still connected.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    other
+        .simple_query("SELECT 1")
+        .await
+        .expect("an idle client outside a transaction stays connected");
 }
