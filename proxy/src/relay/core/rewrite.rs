@@ -191,7 +191,9 @@ pub(super) fn look(
                 return Ok(Some(Verdict::Replace(Bytes::new())));
             }
             let text = &p.rest[..memchr::memchr(0, p.rest).unwrap_or(p.rest.len())];
-            flow.commits_seen |= sql::ends_transaction(text, flow.encoding);
+            // Outside a transaction block every statement may commit: no need to look.
+            flow.commits_seen |=
+                flow.status != TxStatus::Idle && sql::ends_transaction(text, flow.encoding);
             if let Some(pin) = sql::pins(text, flow.encoding) {
                 if t.reject_session_state {
                     t.discarding = true;
@@ -284,7 +286,7 @@ pub(super) fn look(
             // the transaction left (see `Flow::settings_changed`) and carries it as its own.
             let in_block = flow.status != TxStatus::Idle;
             let enc = flow.encoding;
-            flow.commits_seen = sql::ends_transaction(sql, enc);
+            flow.commits_seen = in_block && sql::ends_transaction(sql, enc);
             let set_names = if in_block {
                 sql::set_names(sql, enc)
             } else {
