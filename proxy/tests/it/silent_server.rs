@@ -16,8 +16,9 @@ const USER: &str = "silent_app";
 const PASSWORD: &str = "silent-pw";
 const DB: &str = "silent_db";
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_silent_server_is_noticed_mid_query_and_in_the_pool() {
+/// PostgreSQL, a black hole in front of it, and Sluice (default settings: they are what is
+/// tested) connecting through the hole.
+async fn through_black_hole() -> (crate::pg::PgServer, BlackHole, sluice::Handle) {
     let pg = start_pg_with_user(Default::default(), USER, PASSWORD, DB).await;
     let target: SocketAddr = format!("{}:{}", pg.host(), pg.port())
         .parse()
@@ -29,9 +30,14 @@ async fn a_silent_server_is_noticed_mid_query_and_in_the_pool() {
         hole.addr.ip(),
         hole.addr.port()
     ));
-    // The defaults are what is tested.
     let cfg = Config::load(None, &o).expect("config");
     let sluice = sluice::start(cfg).await.expect("sluice starts");
+    (pg, hole, sluice)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_server_is_noticed_mid_query_and_in_the_pool() {
+    let (_pg, hole, sluice) = through_black_hole().await;
 
     // Two server connections, both back in the pool.
     let a = connect(&sluice, USER, PASSWORD, DB).await.expect("a");
@@ -130,20 +136,7 @@ async fn client_sockets_have_keepalive() {
 /// transaction was rolled back (08006).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_commit_is_reported_as_unknown_and_a_lost_transaction_as_rolled_back() {
-    let pg = start_pg_with_user(Default::default(), USER, PASSWORD, DB).await;
-    let target: SocketAddr = format!("{}:{}", pg.host(), pg.port())
-        .parse()
-        .expect("addr");
-    let hole = BlackHole::start(target).await;
-    let mut o = overrides(&pg, USER, PASSWORD, DB, 4, 2);
-    o.upstream = Some(format!(
-        "postgres://{USER}:{PASSWORD}@{}:{}/{DB}",
-        hole.addr.ip(),
-        hole.addr.port()
-    ));
-    let sluice = sluice::start(Config::load(None, &o).expect("config"))
-        .await
-        .expect("sluice starts");
+    let (_pg, hole, sluice) = through_black_hole().await;
     let commit = connect(&sluice, USER, PASSWORD, DB).await.expect("client");
     let other = connect(&sluice, USER, PASSWORD, DB).await.expect("client");
     commit
@@ -178,7 +171,7 @@ async fn a_lost_commit_is_reported_as_unknown_and_a_lost_transaction_as_rolled_b
 /// Sluice's after it (drivers such as psycopg 3 fail on a second error, without its SQLSTATE).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_terminated_backend_gives_the_client_one_fatal() {
-    use crate::support::raw::{fields, Raw};
+    use crate::support::raw::Raw;
     let pg = start_pg_with_user(Default::default(), USER, PASSWORD, DB).await;
     let sluice = crate::proxy::start_sluice(&pg, USER, PASSWORD, DB, 4, 1, |_| {}).await;
     let (su, su_pw) = pg.superuser();
@@ -204,16 +197,21 @@ async fn a_terminated_backend_gives_the_client_one_fatal() {
         assert!(Instant::now() < deadline, "the query started");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    ends_with_one_fatal(&mut c, "57P01").await;
+}
+
+/// Reads `c` to its end: exactly one error, a FATAL with `code`.
+async fn ends_with_one_fatal(c: &mut crate::support::raw::Raw, code: &str) {
     let seen = tokio::time::timeout(Duration::from_secs(20), c.until_eof())
         .await
         .expect("the connection ends");
     let errors: Vec<_> = seen
         .iter()
         .filter(|(t, _)| *t == b'E')
-        .map(|(_, b)| fields(b))
+        .map(|(_, b)| crate::support::raw::fields(b))
         .collect();
     assert_eq!(errors.len(), 1, "one error, then the end: {errors:?}");
-    assert_eq!(errors[0].get(&'C').map(String::as_str), Some("57P01"));
+    assert_eq!(errors[0].get(&'C').map(String::as_str), Some(code));
     assert_eq!(errors[0].get(&'V').map(String::as_str), Some("FATAL"));
 }
 
@@ -223,7 +221,7 @@ async fn a_terminated_backend_gives_the_client_one_fatal() {
 /// within it, is not touched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_frozen_in_a_transaction_is_disconnected_and_rolled_back() {
-    use crate::support::raw::{fields, Raw};
+    use crate::support::raw::Raw;
     let pg = start_pg_with_user(Default::default(), USER, PASSWORD, DB).await;
     let sluice = crate::proxy::start_sluice(&pg, USER, PASSWORD, DB, 4, 1, |c| {
         c.idle_transaction_timeout = Duration::from_secs(2);
@@ -241,17 +239,7 @@ async fn a_client_frozen_in_a_transaction_is_disconnected_and_rolled_back() {
         tokio::time::sleep(Duration::from_millis(1200)).await;
     }
     // Then it freezes, holding the row lock and the only server connection.
-    let seen = tokio::time::timeout(Duration::from_secs(20), frozen.until_eof())
-        .await
-        .expect("the frozen client is disconnected");
-    let errors: Vec<_> = seen
-        .iter()
-        .filter(|(t, _)| *t == b'E')
-        .map(|(_, b)| fields(b))
-        .collect();
-    assert_eq!(errors.len(), 1, "{errors:?}");
-    assert_eq!(errors[0].get(&'C').map(String::as_str), Some("25P03"));
-    assert_eq!(errors[0].get(&'V').map(String::as_str), Some("FATAL"));
+    ends_with_one_fatal(&mut frozen, "25P03").await;
     // The lock is gone and the update with it.
     let row = tokio::time::timeout(
         Duration::from_secs(10),

@@ -116,19 +116,14 @@ impl BlackHole {
 
     /// From now on, packets to the endpoint vanish.
     pub fn cut(&self) {
-        ip(&[
-            "netns",
-            "exec",
-            &self.ns,
-            "ip",
-            "link",
-            "set",
-            &self.ns_if,
-            "down",
-        ]);
+        self.link("down");
     }
 
     pub fn mend(&self) {
+        self.link("up");
+    }
+
+    fn link(&self, state: &str) {
         ip(&[
             "netns",
             "exec",
@@ -137,7 +132,7 @@ impl BlackHole {
             "link",
             "set",
             &self.ns_if,
-            "up",
+            state,
         ]);
     }
 }
