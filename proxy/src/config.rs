@@ -8,6 +8,7 @@
 //! rotated secret. [`Config::load`] validates everything and names the offending key on error;
 //! no error quotes a secret.
 
+mod duration;
 mod secret;
 
 pub use secret::read_secret_file;
@@ -179,46 +180,46 @@ pub struct Config {
     pub max_connecting: u32,
     /// Clients waiting for a server connection, all groups together.
     pub max_waiting: u32,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub wait_timeout: Duration,
     /// Queueing delay that, sustained for `shed_interval`, counts as overload.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub shed_target: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub shed_interval: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub server_connect_timeout: Duration,
     /// TCP keepalive on server sockets: idle time before the first probe (0 disables), the
     /// time between probes, and how many go unanswered before the connection is dropped.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub server_tcp_keepalive: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub server_tcp_keepalive_interval: Duration,
     pub server_tcp_keepalive_count: u32,
     /// `TCP_USER_TIMEOUT` on server sockets: a server that acknowledges nothing for this long
     /// (data sent, or keepalive probes) is dropped; 0 leaves the system default (minutes).
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub server_tcp_user_timeout: Duration,
     /// TCP keepalive on client sockets (0 disables): shorter than a load balancer's idle
     /// timeout (an AWS NLB's is 350 s), and how a vanished client is noticed.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub client_tcp_keepalive: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub client_tcp_keepalive_interval: Duration,
     pub client_tcp_keepalive_count: u32,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub server_idle_timeout: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub server_lifetime: Duration,
     /// Idle clients (no transaction open) are disconnected after this; 0 disables.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub client_idle_timeout: Duration,
     /// A client that sends nothing for this long inside a transaction block is disconnected
     /// (FATAL 25P03) and its transaction rolled back; 0 disables.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub idle_transaction_timeout: Duration,
     /// Time a client has to finish startup and authentication.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub client_login_timeout: Duration,
     /// Largest single client message accepted, in bytes.
     pub max_message_bytes: u32,

@@ -150,3 +150,24 @@ fn kubernetes_service_links_are_not_keys() {
         assert!(!super::is_service_link(key), "{key}");
     }
 }
+
+#[test]
+fn durations_are_text_or_seconds() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.toml");
+    std::fs::write(
+        &path,
+        "client_idle_timeout = 0\nidle_transaction_timeout = \"0\"\nwait_timeout = \"250ms\"\nserver_lifetime = 90\n",
+    )
+    .unwrap();
+    let c = Config::load(Some(&path), &flags("postgres://app:pw@db/appdb")).unwrap();
+    assert_eq!(c.client_idle_timeout, Duration::ZERO);
+    assert_eq!(c.idle_transaction_timeout, Duration::ZERO);
+    assert_eq!(c.wait_timeout, Duration::from_millis(250));
+    assert_eq!(c.server_lifetime, Duration::from_secs(90));
+    std::fs::write(&path, "wait_timeout = \"soon\"\n").unwrap();
+    let err = Config::load(Some(&path), &flags("postgres://app:pw@db/appdb"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("\"soon\" is not a duration"), "{err}");
+}
