@@ -74,6 +74,7 @@ pub enum GroupBy {
 #[serde(rename_all = "kebab-case")]
 pub enum ClientAuth {
     /// SCRAM-SHA-256 for every user (users configured with only an md5 hash get md5).
+    #[serde(rename = "scram-sha-256", alias = "scram-sha256")]
     ScramSha256,
     /// md5 for users that have an md5-capable secret, SCRAM for the others.
     Md5,

@@ -171,3 +171,18 @@ fn durations_are_text_or_seconds() {
         .to_string();
     assert!(err.contains("\"soon\" is not a duration"), "{err}");
 }
+
+#[test]
+fn client_auth_is_spelled_as_postgresql_spells_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.toml");
+    for (text, want) in [
+        ("scram-sha-256", ClientAuth::ScramSha256),
+        ("scram-sha256", ClientAuth::ScramSha256),
+        ("md5", ClientAuth::Md5),
+    ] {
+        std::fs::write(&path, format!("client_auth = \"{text}\"\n")).unwrap();
+        let c = Config::load(Some(&path), &flags("postgres://app:pw@db/appdb")).unwrap();
+        assert_eq!(c.client_auth, want, "{text}");
+    }
+}
