@@ -17,6 +17,7 @@
 //! 6. Leaves, importing no module above: [`client_conn`] (the client's socket, buffer and
 //!    framing, and how a connection ends), [`prepared`] (named statements: each client's,
 //!    each server's, their names), [`sql`] (the SQL scanners: session state, settings),
+//!    [`resets`] (which statements of a Query return settings to the session's defaults),
 //!    [`protocol`] (pure framing and message codecs), [`stream`] (a socket, plain or TLS),
 //!    [`error`] (the errors clients are told, with their SQLSTATEs), [`auth`] (client
 //!    authentication secrets and exchanges; RDS IAM tokens), [`config`], [`metrics`],
@@ -42,6 +43,7 @@ pub mod pool;
 pub mod prepared;
 pub mod protocol;
 pub mod relay;
+pub mod resets;
 pub mod server;
 pub mod session;
 pub mod settings;

@@ -112,7 +112,8 @@ pub fn settings_sql(want: &Settings, have: &Settings) -> String {
     sql
 }
 
-fn quote_literal(v: &str) -> String {
+/// `v` as an SQL string literal.
+pub fn quote_literal(v: &str) -> String {
     let escaped = v.replace('\'', "''");
     if v.contains('\\') {
         format!("E'{}'", escaped.replace('\\', "\\\\"))
