@@ -94,8 +94,9 @@ async fn relay_once(result: &[u8]) {
         }
         got
     };
+    let startup = sluice::settings::Settings::new();
     let (end, _, got) = tokio::join!(
-        relay_streams(ends, &mut flow, 1 << 30, None, None),
+        relay_streams(ends, &mut flow, 1 << 30, None, None, &startup),
         server,
         client
     );

@@ -17,7 +17,7 @@
 //! 6. Leaves, importing no module above: [`client_conn`] (the client's socket, buffer and
 //!    framing, and how a connection ends), [`prepared`] (named statements: each client's,
 //!    each server's, their names), [`sql`] (the SQL scanners, in the client's encoding:
-//!    statement boundaries, session state, settings), [`protocol`] (pure framing and message
+//!    statement boundaries, session state, settings, resets), [`protocol`] (pure framing and message
 //!    codecs), [`stream`] (a socket, plain or TLS),
 //!    [`error`] (the errors clients are told, with their SQLSTATEs), [`auth`] (client
 //!    authentication secrets and exchanges; RDS IAM tokens), [`config`], [`metrics`],

@@ -27,6 +27,15 @@ impl Settings {
         self.find(name).ok().map(|i| &self.0[i].1)
     }
 
+    /// The stored name and value of `name`.
+    pub fn get_key_value(&self, name: &str) -> Option<(&String, &String)> {
+        self.find(name).ok().map(|i| (&self.0[i].0, &self.0[i].1))
+    }
+
+    pub fn remove(&mut self, name: &str) -> Option<String> {
+        self.find(name).ok().map(|i| self.0.remove(i).1)
+    }
+
     pub fn contains_key(&self, name: &str) -> bool {
         self.find(name).is_ok()
     }

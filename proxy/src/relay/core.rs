@@ -24,7 +24,12 @@
 //! response that ends an entry sent by Sluice is swallowed, and an entry Sluice answers itself
 //! is answered when its turn comes. An ErrorResponse makes the server skip to the next Sync, so
 //! the queue skips with it.
+//!
+//! A client's `RESET ALL`, `RESET name` or `DISCARD ALL` gets a statement of Sluice's own added
+//! to its Query, which puts the client's startup values back; its answers are recognised and
+//! left out, in both pooling modes (see `core/reset.rs`).
 
+mod reset;
 mod rewrite;
 
 use std::collections::hash_map::RandomState;
@@ -41,6 +46,8 @@ use crate::prepared::{ClientStatements, ServerStatements};
 use crate::protocol::backend::{self, tag as be, TxStatus};
 use crate::protocol::frontend::tag as fe;
 use crate::protocol::{Header, HEADER_LEN};
+use crate::settings::Settings;
+use crate::sql::resets::{self, Reset};
 use crate::sql::{Encoding, Pin};
 
 /// How a relay ended.
@@ -88,8 +95,12 @@ pub struct Flow {
     client_skip: usize,
     pub to_server: u64,
     pub to_client: u64,
-    /// The client reset the server's session (`DISCARD ALL`): its settings are the defaults.
-    pub settings_reset: bool,
+    /// Settings the client returned to their startup values (`RESET ALL`, `RESET name`,
+    /// `SET name TO DEFAULT`, `DISCARD ALL`), in order; Sluice put its startup values back.
+    pub resets: Vec<Reset>,
+    /// A reset ran in a transaction block, alongside an error, or behind other requests: whether
+    /// it took effect is not known, and the session reads the values back.
+    pub resets_unsure: bool,
     /// Settings the client changed with a session SET inside a transaction block.
     pub settings_changed: Vec<String>,
     /// Whether the server goes back to the pool when a transaction ends; cleared by a pin.
@@ -130,7 +141,8 @@ impl Flow {
             client_skip: 0,
             to_server: 0,
             to_client: 0,
-            settings_reset: false,
+            resets: Vec::new(),
+            resets_unsure: false,
             settings_changed: Vec::new(),
             release: true,
             pin: None,
@@ -210,6 +222,16 @@ impl Flow {
             _ => self.partial = true,
         }
     }
+}
+
+/// In session pooling, the largest Query the client walk waits to have whole to look for resets
+/// in it (larger ones are streamed unread).
+const LOOK_LIMIT: usize = 64 * 1024;
+
+/// The statements of a Query body, when some of them are resets.
+fn query_resets(body: &[u8], enc: Encoding) -> Option<Vec<resets::Statement>> {
+    let text = &body[..memchr::memchr(0, body)?];
+    resets::scan(text, enc)
 }
 
 /// Named statements to rewrite (transaction pooling), or none (session pooling, where the
@@ -349,25 +371,28 @@ pub struct Core<'a> {
     flow: &'a mut Flow,
     max_message: usize,
     tracker: Option<Tracker<'a>>,
+    /// The client's startup settings, which its resets bring back.
+    startup: &'a Settings,
+    own: reset::Own,
     client: Walker,
     server: Walker,
 }
 
 impl<'a> Core<'a> {
     /// A relay over a server holding `on_server`; `statements` when names are rewritten
-    /// (transaction pooling).
+    /// (transaction pooling); `startup`, the client's startup settings.
     pub fn new(
         flow: &'a mut Flow,
         max_message: usize,
         statements: Option<Statements<'a>>,
         on_server: &'a mut ServerStatements,
+        startup: &'a Settings,
     ) -> Self {
         let tracker = statements.map(|s| Tracker {
             // Room for a typical extended-protocol batch without growing.
             queue: VecDeque::with_capacity(8),
             reject_session_state: s.reject_session_state,
             discarding: false,
-            settings_reset: false,
             client: s.client,
             server: on_server,
             hasher: s.hasher,
@@ -376,6 +401,8 @@ impl<'a> Core<'a> {
             flow,
             max_message,
             tracker,
+            startup,
+            own: reset::Own::default(),
             client: Walker::default(),
             server: Walker::default(),
         }
@@ -417,6 +444,8 @@ impl<'a> Core<'a> {
             tracker,
             client,
             max_message,
+            startup,
+            own,
             ..
         } = self;
         let mut skip = flow.client_skip;
@@ -449,13 +478,36 @@ impl<'a> Core<'a> {
                             return Ok(Verdict::Wait(h.total()));
                         }
                         let body = &msg[HEADER_LEN..];
-                        if let Some(v) = look(t, flow, h.tag, body).map_err(|e| {
-                            End::ClientProtocol(PgError::protocol_violation(e.to_string()))
-                        })? {
+                        let resets = (h.tag == fe::QUERY)
+                            .then(|| query_resets(body, flow.encoding))
+                            .flatten();
+                        if let Some(v) =
+                            look(t, flow, h.tag, body, resets.as_deref()).map_err(|e| {
+                                End::ClientProtocol(PgError::protocol_violation(e.to_string()))
+                            })?
+                        {
                             verdict = v;
+                        } else if let Some(stmts) = &resets {
+                            if let Some(q) = reset::rewrite(own, flow, body, stmts, startup) {
+                                verdict = Verdict::Replace(q);
+                            }
                         }
                     } else if let Some(kind) = Kind::of(h.tag) {
                         t.queue.push_back(Entry::new(kind, Action::Forward));
+                    }
+                } else if h.tag == fe::QUERY && !startup.is_empty() {
+                    // Session pooling: only a client's resets are looked at. A Query too large
+                    // to wait for is passed on unread.
+                    if !whole && h.total() <= LOOK_LIMIT {
+                        return Ok(Verdict::Wait(h.total()));
+                    }
+                    let body = &msg[HEADER_LEN..];
+                    let rewritten = whole
+                        .then(|| query_resets(body, flow.encoding))
+                        .flatten()
+                        .and_then(|stmts| reset::rewrite(own, flow, body, &stmts, startup));
+                    if let Some(q) = rewritten {
+                        verdict = Verdict::Replace(q);
                     }
                 }
                 // A message replaced by nothing is dropped: answered by Sluice, or discarded.
@@ -481,6 +533,7 @@ impl<'a> Core<'a> {
             flow,
             tracker,
             server,
+            own,
             ..
         } = self;
         let mut skip = flow.server_skip;
@@ -511,6 +564,24 @@ impl<'a> Core<'a> {
                         .map_err(|e| End::ServerGone(ServerFault::Protocol(e)))?;
                     if name == b"client_encoding" {
                         flow.encoding = Encoding::from_name(&String::from_utf8_lossy(value));
+                    }
+                }
+                if !own.is_idle() {
+                    // Small messages that may be Sluice's are taken whole (a DataRow only once
+                    // it is known to be Sluice's: the client's may be large).
+                    let small = matches!(
+                        h.tag,
+                        be::ROW_DESCRIPTION
+                            | be::COMMAND_COMPLETE
+                            | be::PARSE_COMPLETE
+                            | be::BIND_COMPLETE
+                    ) || (h.tag == be::DATA_ROW && own.swallowing());
+                    if small && !whole {
+                        return Ok(Verdict::Wait(h.total()));
+                    }
+                    if own.swallows(h.tag, msg) {
+                        // The answer to a statement Sluice added to the client's request.
+                        return Ok(Verdict::Replace(Bytes::new()));
                     }
                 }
                 let mut verdict = PASS;
@@ -558,12 +629,18 @@ impl<'a> Core<'a> {
                             flow.commit_in_flight = false;
                         }
                         ready = true;
+                        own.ready();
+                        if status != TxStatus::Idle && !flow.resets.is_empty() {
+                            flow.resets_unsure = true;
+                        }
                     }
+                    be::ERROR_RESPONSE if !flow.resets.is_empty() => flow.resets_unsure = true,
                     be::COPY_IN_RESPONSE => {
                         // Syncs sent after the Execute that started this COPY are read by the server
                         // in copy mode and ignored: they will get no ReadyForQuery.
                         let ignored = std::mem::take(&mut flow.syncs_since_execute);
                         flow.pending = flow.pending.saturating_sub(ignored);
+                        own.copy_ignored(ignored);
                         flow.copy_in = true;
                         if let Some(t) = tracker.as_mut() {
                             let mut first = true;
@@ -612,6 +689,7 @@ impl<'a> Core<'a> {
             && self.flow.between_requests()
             && self.flow.server_skip == 0
             && !owed
+            && self.own.is_idle()
     }
 }
 
@@ -622,9 +700,6 @@ impl Drop for Core<'_> {
             // An entry still queued means the server owes responses: it is not at rest.
             if !t.queue.is_empty() {
                 self.flow.partial = true;
-            }
-            if t.settings_reset {
-                self.flow.settings_reset = true;
             }
         }
     }

@@ -21,10 +21,12 @@ pub use self::core::{Core, End, Flow, ServerFault, Statements, Walked};
 use crate::client_conn::ClientConn;
 use crate::prepared::ServerStatements;
 use crate::server::{ServerConn, READ_BUFFER};
+use crate::settings::Settings;
 
 /// Relays until one of the [`End`]s. With `flow.release` false (session pooling, pinned
 /// clients) the relay only ends when one side goes away. `prefix` is a Query Sluice sends first
-/// (the client's settings), whose answers are swallowed; only with `statements`.
+/// (the client's settings), whose answers are swallowed; only with `statements`. `startup`: the
+/// client's startup settings, which its `RESET ALL` and the like bring back.
 pub async fn relay(
     client: &mut ClientConn,
     server: &mut ServerConn,
@@ -32,6 +34,7 @@ pub async fn relay(
     max_message: usize,
     statements: Option<Statements<'_>>,
     prefix: Option<Bytes>,
+    startup: &Settings,
 ) -> End {
     let (client, client_buf) = client.relay_parts();
     let ends = Ends {
@@ -41,7 +44,7 @@ pub async fn relay(
         server_buf: &mut server.buf,
         on_server: &mut server.prepared,
     };
-    relay_streams(ends, flow, max_message, statements, prefix).await
+    relay_streams(ends, flow, max_message, statements, prefix, startup).await
 }
 
 /// The two ends of a relay: each side's stream and read buffer, and the statements prepared on
@@ -61,13 +64,14 @@ pub async fn relay_streams<C, S>(
     max_message: usize,
     statements: Option<Statements<'_>>,
     prefix: Option<Bytes>,
+    startup: &Settings,
 ) -> End
 where
     C: AsyncRead + AsyncWrite + Unpin,
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let prefix = prefix.filter(|_| statements.is_some());
-    let mut core = Core::new(flow, max_message, statements, ends.on_server);
+    let mut core = Core::new(flow, max_message, statements, ends.on_server, startup);
     let up = match prefix {
         Some(p) => {
             core.prefix();

@@ -7,6 +7,7 @@
 //! and ReadyForQuery, so the client keeps its connection and may retry on it.
 
 mod ending;
+mod settings;
 mod startup;
 
 pub use crate::settings::Settings;
@@ -191,10 +192,13 @@ async fn start<'a>(ctx: &'a Arc<Context>, conn: &mut ClientConn) -> Started<'a> 
 struct Session<'a> {
     ctx: &'a Context,
     statements: crate::prepared::ClientStatements,
-    /// The settings the client asked for at startup, applied on every server it gets.
+    /// The client's settings: those it asked for at startup, as changed since (by a SET
+    /// inside a transaction block, or a reset), applied on every server it gets.
     settings: state::Settings,
     /// The client's `client_encoding`, as last reported to it.
     encoding: state::Encoding,
+    /// The settings the client asked for at startup: what `RESET ALL` and the like bring back.
+    startup: state::Settings,
     pinned: Option<state::Pin>,
     config: Arc<Config>,
     database: String,
@@ -310,6 +314,7 @@ impl<'a> Session<'a> {
             statements: Default::default(),
             settings: Default::default(),
             encoding: Default::default(),
+            startup: Default::default(),
             pinned: None,
             database: login.database.clone(),
             config,
@@ -334,32 +339,6 @@ impl<'a> Session<'a> {
             g.pinned.decrement(1.0);
         }
         exit
-    }
-
-    /// Records the current values of `names` on `server` as the client's settings (and the
-    /// server's). If they cannot be read, the server's settings are forgotten, so the next client
-    /// gets them reset rather than inherited.
-    async fn adopt_settings(&mut self, server: &mut ServerConn, names: &[String]) {
-        let sql = state::read_back_sql(names);
-        let read = tokio::time::timeout(ROLLBACK_TIMEOUT, server.read_row(&sql)).await;
-        let values = read.ok().and_then(Result::ok).and_then(|row| {
-            row.iter()
-                .map(|v| state::read_back_value(v))
-                .collect::<Option<Vec<_>>>()
-        });
-        match values {
-            Some(values) if values.len() == names.len() => {
-                for (name, value) in names.iter().zip(values) {
-                    self.settings.insert(name.clone(), value.clone());
-                    server.settings.insert(name.clone(), value);
-                }
-            }
-            _ => {
-                for name in names {
-                    server.settings.insert(name.clone(), "\u{0}unknown".into());
-                }
-            }
-        }
     }
 
     /// Start-up after authentication: the client's settings checked, its ParameterStatus
@@ -415,6 +394,7 @@ impl<'a> Session<'a> {
             .with_side(Side::Client)
             .into());
         }
+        self.startup.clone_from(&self.settings);
         // Errors here end start-up: they are FATAL whatever the server called them.
         let fatal_error = |e: PgError| Exit::Fatal(e.with_severity(Severity::Fatal));
         let params = self.server_params().await.map_err(fatal_error)?;
@@ -588,6 +568,17 @@ impl<'a> Session<'a> {
             }
         };
 
+        if self.mode == PoolMode::Session {
+            // Session pooling relays once, for the whole session: the client's settings are
+            // applied on its server first, as they would be by its startup packet.
+            if let Err(err) = self.apply_settings(&mut lease).await {
+                g.clients_idle.increment(1.0);
+                crate::metrics::server_closed("error");
+                lease.discard();
+                return Step::Exit(err.with_severity(Severity::Fatal).into());
+            }
+        }
+
         // 3. Relay until the transaction (or session) ends.
         g.clients_active.increment(1.0);
         slot.set_state(ClientState::Active);
@@ -629,16 +620,22 @@ impl<'a> Session<'a> {
             server = server.process_id
         );
         let end = tracing::Instrument::instrument(
-            relay::relay(conn, server, &mut flow, max_message, statements, prefix),
+            relay::relay(
+                conn,
+                server,
+                &mut flow,
+                max_message,
+                statements,
+                prefix,
+                &self.startup,
+            ),
             span,
         )
         .await;
         tracing::trace!(released = matches!(end, End::Released), "relay ended");
         self.encoding = flow.encoding;
-        if flow.settings_reset {
-            server.settings.clear();
-        }
-        let changed = std::mem::take(&mut flow.settings_changed);
+        let mut changed = std::mem::take(&mut flow.settings_changed);
+        self.after_resets(server, &mut flow, &mut changed);
         if !changed.is_empty() && matches!(end, End::Released) {
             // What a SET inside the transaction left behind is now this client's own setting:
             // read it back once, and carry it to whichever server the client gets next.

@@ -98,12 +98,21 @@ impl<'a> Iterator for Statements<'a> {
     type Item = &'a [u8];
 
     fn next(&mut self) -> Option<&'a [u8]> {
+        let sql = self.sql;
+        self.next_span().map(|r| &sql[r])
+    }
+}
+
+impl Statements<'_> {
+    /// The next statement as a range of the Query's text: from its first token to its `;` (not
+    /// included) or the end of the text.
+    pub fn next_span(&mut self) -> Option<std::ops::Range<usize>> {
         while self.pos < self.sql.len() {
             let start = skip_space(self.sql, self.pos, self.enc);
             let end = statement_end(self.sql, start, self.enc);
             self.pos = end + 1;
             if end > start {
-                return Some(&self.sql[start..end]);
+                return Some(start..end);
             }
         }
         None
@@ -168,13 +177,24 @@ enum Before {
 }
 
 /// The index of the `;` ending the statement that starts at `at`, or the text's end.
+/// A `;` inside parentheses does not end a statement: PostgreSQL's grammar reads the actions of
+/// `CREATE RULE ... DO (a; b)` as one.
 fn statement_end(s: &[u8], mut at: usize, enc: Encoding) -> usize {
     let mut before = Before::Space;
+    let mut depth = 0usize;
     while at < s.len() {
         let b = s[at];
         let was = std::mem::replace(&mut before, Before::Space);
         match b {
-            b';' => return at,
+            b';' if depth == 0 => return at,
+            b'(' => {
+                depth += 1;
+                at += 1;
+            }
+            b')' => {
+                depth = depth.saturating_sub(1);
+                at += 1;
+            }
             b'\'' => at = quoted_end(s, at + 1, b'\'', was == Before::LoneE, enc),
             b'"' => at = quoted_end(s, at + 1, b'"', false, enc),
             b'-' if s.get(at + 1) == Some(&b'-') => at = line_comment_end(s, at),
@@ -296,6 +316,19 @@ mod tests {
             ["select 'unterminated; c"]
         );
         assert!(split(b"", e).is_empty());
+        // A rule's actions in parentheses are one statement; a stray `)` changes nothing.
+        assert_eq!(
+            split(
+                b"create rule r as on insert to t do (select 1; select 2); c",
+                e
+            ),
+            [
+                "create rule r as on insert to t do (select 1; select 2)",
+                "c"
+            ]
+        );
+        assert_eq!(split(b"select ')'; select (');'); c", e).len(), 3);
+        assert_eq!(split(b"select 1); c", e), ["select 1)", "c"]);
     }
 
     #[test]

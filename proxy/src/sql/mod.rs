@@ -6,6 +6,7 @@
 const NOT_SETTINGS: &[&str] = &["user", "database", "replication", "options"];
 
 mod lex;
+pub mod resets;
 
 pub use self::lex::{statements, trim_start, Encoding};
 pub use crate::settings::Settings;
@@ -141,7 +142,7 @@ pub fn read_back_value(hex: &str) -> Option<String> {
 
 /// A string literal of only ASCII bytes: the server reads Sluice's own SQL in whatever
 /// `client_encoding` the session has, so anything else is a Unicode escape of an `E''` string.
-fn quote_literal(v: &str) -> String {
+pub fn quote_literal(v: &str) -> String {
     use std::fmt::Write as _;
     if v.bytes().all(|b| (b' '..=b'~').contains(&b) && b != b'\\') {
         return format!("'{}'", v.replace('\'', "''"));

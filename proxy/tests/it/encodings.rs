@@ -259,8 +259,9 @@ async fn scanners_split_every_client_encoding_as_postgresql_does() {
             );
         }
         let params = [("client_encoding", enc)];
-        let (d, _, _) = Raw::login_with(direct_addr(&pg), false, USER, PASSWORD, DB, &params).await;
-        let (s, _, _) =
+        let (d, _, _, _) =
+            Raw::login_with(direct_addr(&pg), false, USER, PASSWORD, DB, &params).await;
+        let (s, _, _, _) =
             Raw::login_with(sluice.local_addr, false, USER, PASSWORD, DB, &params).await;
         clients.push((enc, Encoding::from_name(enc), chars, d, s));
     }
@@ -381,7 +382,7 @@ async fn statement_names_and_errors_are_the_clients_bytes() {
     let name: &[u8] = b"s\x83\x5c\x95\x5c";
     let run = |addr: SocketAddr| async move {
         let params = [("client_encoding", "SJIS")];
-        let (mut c, _, _) = Raw::login_with(addr, false, USER, PASSWORD, DB, &params).await;
+        let (mut c, _, _, _) = Raw::login_with(addr, false, USER, PASSWORD, DB, &params).await;
         let mut seen = Vec::new();
         for sql in [&b"SELECT '\x83\x5c' AS \"\x95\x5c\""[..], b"SELECT 2"] {
             let mut b = BytesMut::new();
@@ -540,7 +541,7 @@ async fn non_ascii_settings_follow_a_latin1_client() {
     let sluice = start_sluice(&pg, USER, PASSWORD, DB, 4, 1, |_| {}).await;
     let show = |addr: SocketAddr, steal: bool| async move {
         let params = [("client_encoding", "LATIN1")];
-        let (mut a, _, _) = Raw::login_with(addr, false, USER, PASSWORD, DB, &params).await;
+        let (mut a, _, _, _) = Raw::login_with(addr, false, USER, PASSWORD, DB, &params).await;
         // Inside a transaction block a session SET does not pin.
         for q in [
             &b"BEGIN"[..],

@@ -18,6 +18,7 @@ mod loadgen;
 mod pg;
 mod proxy;
 mod relay_capture;
+mod reset;
 mod secrets;
 mod session_state;
 mod silent_server;

@@ -14,6 +14,7 @@ use crate::prepared::{self, ClientStatements, ServerStatements, Statement, State
 use crate::protocol::backend::{tag as be, Out, TxStatus};
 use crate::protocol::frontend::{self, tag as fe, STATEMENT};
 use crate::protocol::{ProtocolError, HEADER_LEN};
+use crate::sql::resets;
 use crate::sql::{self, Pin};
 
 /// The extended-protocol messages whose responses are tracked.
@@ -130,8 +131,6 @@ pub(super) struct Tracker<'a> {
     /// After refusing a Parse, the client's messages up to its Sync are dropped, as the server
     /// would after an error.
     pub(super) discarding: bool,
-    /// The client ran `DISCARD ALL`/`DEALLOCATE ALL`: the server's settings are its defaults.
-    pub(super) settings_reset: bool,
     pub(super) client: &'a mut ClientStatements,
     pub(super) server: &'a mut ServerStatements,
     pub(super) hasher: &'a RandomState,
@@ -162,12 +161,14 @@ fn ensure(t: &mut Tracker<'_>, stmt: &Statement, out: &mut BytesMut) {
 }
 
 /// Looks into a whole Parse, Bind, Describe, Close or Query: what to send instead, if not the
-/// message itself.
+/// message itself. `resets`: a Query's statements, when some of them are resets (which leave
+/// no state behind: see `super::reset`).
 pub(super) fn look(
     t: &mut Tracker<'_>,
     flow: &mut Flow,
     tag: u8,
     body: &[u8],
+    resets: Option<&[resets::Statement]>,
 ) -> Result<Option<Verdict>, ProtocolError> {
     match tag {
         fe::PARSE => {
@@ -191,10 +192,13 @@ pub(super) fn look(
                 return Ok(Some(Verdict::Replace(Bytes::new())));
             }
             let text = &p.rest[..memchr::memchr(0, p.rest).unwrap_or(p.rest.len())];
+            let enc = flow.encoding;
             // Outside a transaction block every statement may commit: no need to look.
-            flow.commits_seen |=
-                flow.status != TxStatus::Idle && sql::ends_transaction(text, flow.encoding);
-            if let Some(pin) = sql::pins(text, flow.encoding) {
+            flow.commits_seen |= flow.status != TxStatus::Idle && sql::ends_transaction(text, enc);
+            // Resets are handled in simple Queries only (see `super::reset`): through the
+            // extended protocol, a DISCARD ALL too keeps the server.
+            let pin = sql::pins(text, enc).or_else(|| resets::scan(text, enc).map(|_| Pin::Set));
+            if let Some(pin) = pin {
                 if t.reject_session_state {
                     t.discarding = true;
                     t.queue
@@ -287,14 +291,19 @@ pub(super) fn look(
             let in_block = flow.status != TxStatus::Idle;
             let enc = flow.encoding;
             flow.commits_seen = in_block && sql::ends_transaction(sql, enc);
-            let set_names = if in_block {
+            let set_names = if in_block && resets.is_none() {
                 sql::set_names(sql, enc)
             } else {
                 None
             };
+            let pin = match resets {
+                _ if set_names.is_some() => None,
+                Some(stmts) => super::reset::pins(flow, sql, stmts),
+                None => sql::pins(sql, enc),
+            };
             if let Some(names) = set_names {
                 flow.settings_changed.extend(names);
-            } else if let Some(pin) = sql::pins(sql, enc) {
+            } else if let Some(pin) = pin {
                 tracing::trace!(
                     reason = pin.as_str(),
                     reject = t.reject_session_state,
@@ -439,7 +448,6 @@ pub(super) fn respond(t: &mut Tracker<'_>, tag: u8) -> (bool, Bytes, Bytes) {
     };
     if entry.clears_server && !entry.errored {
         t.server.clear();
-        t.settings_reset = true;
     }
     let after = injections(t);
     (matches!(entry.action, Action::Swallow), before, after)

@@ -136,10 +136,12 @@ impl Raw {
         password: &str,
         db: &str,
     ) -> (Raw, i32, i32) {
-        Raw::login_with(addr, ssl_probe, user, password, db, &[]).await
+        let (c, _, pid, secret) = Raw::login_with(addr, ssl_probe, user, password, db, &[]).await;
+        (c, pid, secret)
     }
 
-    /// [`Raw::login`] with more startup parameters (`client_encoding`, `options`, ...).
+    /// Like [`Raw::login`], with more startup parameters (`application_name`, `options`, ...);
+    /// also returns the login's ParameterStatus messages, in order.
     pub async fn login_with(
         addr: SocketAddr,
         ssl_probe: bool,
@@ -147,8 +149,9 @@ impl Raw {
         password: &str,
         db: &str,
         params: &[(&str, &str)],
-    ) -> (Raw, i32, i32) {
+    ) -> (Raw, Vec<(String, String)>, i32, i32) {
         let mut c = Raw::connect(addr).await;
+        let mut reported = Vec::new();
         let mut b = BytesMut::new();
         if ssl_probe {
             frontend::ssl_request(&mut b);
@@ -160,10 +163,10 @@ impl Raw {
             assert_eq!(answer[0], b'N', "Sluice does not offer TLS");
             b.clear();
         }
-        let all = [("user", user), ("database", db)]
+        let startup = [("user", user), ("database", db)]
             .into_iter()
             .chain(params.iter().copied());
-        frontend::startup_message(all, &mut b).expect("encode");
+        frontend::startup_message(startup, &mut b).expect("encode");
         c.send(&b).await;
         let mut scram: Option<ScramSha256> = None;
         let (mut pid, mut secret) = (0, 0);
@@ -206,8 +209,14 @@ impl Raw {
                     pid = i32::from_be_bytes(body[..4].try_into().expect("pid"));
                     secret = i32::from_be_bytes(body[4..8].try_into().expect("secret"));
                 }
-                b'S' | b'N' => {}
-                b'Z' => return (c, pid, secret),
+                b'S' => {
+                    let mut parts = body.split(|&b| b == 0).map(String::from_utf8_lossy);
+                    let name = parts.next().unwrap_or_default().into_owned();
+                    let value = parts.next().unwrap_or_default().into_owned();
+                    reported.push((name, value));
+                }
+                b'N' => {}
+                b'Z' => return (c, reported, pid, secret),
                 b'E' => panic!("login failed: {:?}", fields(&body)),
                 other => panic!("unexpected message '{}' during login", other as char),
             }
