@@ -293,8 +293,14 @@ async fn pipeline_outcomes(c: &Client) -> Vec<Result<i64, String>> {
         if in_tx {
             c.batch_execute("BEGIN").await.expect("BEGIN");
         }
-        let named = qs.iter().map(|(sql, v)| async move {
-            c.query_one(*sql, &[v])
+        // Prepared first, one at a time: the executions then go out in order, on their first
+        // poll, whatever the timing of the prepares' answers.
+        let mut prepared = Vec::new();
+        for (sql, v) in &qs {
+            prepared.push((within("prepare", c.prepare(sql)).await.expect("prepare"), v));
+        }
+        let named = prepared.iter().map(|(stmt, v)| async move {
+            c.query_one(stmt, &[*v])
                 .await
                 .map(|r| r.get::<_, i64>(0))
                 .map_err(|e| code(&e))
