@@ -25,6 +25,7 @@ use std::sync::Arc;
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::protocol::frontend::tag;
+use crate::sql::resets::Kind;
 use crate::sql::{self, Encoding};
 
 /// One statement as prepared on servers.
@@ -34,6 +35,8 @@ pub struct Statement {
     pub server_name: String,
     /// A whole Parse message under `server_name`, to prepare it on a server that lacks it.
     pub parse: Bytes,
+    /// The reset (`RESET ALL`, `DISCARD ALL`, ...) the statement is, if it is one.
+    pub reset: Option<Kind>,
 }
 
 /// The named statements one client has prepared, by name as the client's bytes (names are in
@@ -85,6 +88,7 @@ pub fn statement(hasher: &impl BuildHasher, rest: &[u8]) -> Statement {
         hash,
         server_name,
         parse: parse.freeze(),
+        reset: None,
     }
 }
 

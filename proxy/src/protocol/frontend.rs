@@ -174,6 +174,15 @@ pub fn bind(body: &[u8]) -> Result<(&[u8], &[u8], usize), ProtocolError> {
     Ok((portal, stmt, used))
 }
 
+/// Execute: portal name and row limit (0: all rows).
+pub fn execute(body: &[u8]) -> Result<(&[u8], i32), ProtocolError> {
+    let mut r = Reader::new(body, "Execute");
+    let portal = r.cbytes()?;
+    let limit = r.i32()?;
+    r.finish()?;
+    Ok((portal, limit))
+}
+
 /// Describe's or Close's kind (`S` or `P`) and name.
 pub fn target<'a>(body: &'a [u8], what: &'static str) -> Result<(u8, &'a [u8]), ProtocolError> {
     let mut r = Reader::new(body, what);

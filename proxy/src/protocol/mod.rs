@@ -153,11 +153,7 @@ impl<'a> Reader<'a> {
 
     /// NUL-terminated bytes, without the NUL.
     pub fn cbytes(&mut self) -> Result<&'a [u8], ProtocolError> {
-        let end = self
-            .buf
-            .iter()
-            .position(|&b| b == 0)
-            .ok_or_else(|| self.err())?;
+        let end = memchr::memchr(0, self.buf).ok_or_else(|| self.err())?;
         let s = &self.buf[..end];
         self.buf = &self.buf[end + 1..];
         Ok(s)

@@ -26,8 +26,9 @@
 //! the queue skips with it.
 //!
 //! A client's `RESET ALL`, `RESET name` or `DISCARD ALL` gets a statement of Sluice's own added
-//! to its Query, which puts the client's startup values back; its answers are recognised and
-//! left out, in both pooling modes (see `core/reset.rs`).
+//! to its Query (through the extended protocol: a Query of Sluice's own after its pipeline,
+//! ahead of the client's next messages), which puts the client's startup values back; its
+//! answers are recognised and left out, in both pooling modes (see `core/reset.rs`).
 
 mod reset;
 mod rewrite;
@@ -49,6 +50,9 @@ use crate::protocol::{Header, HEADER_LEN};
 use crate::settings::Settings;
 use crate::sql::resets::{self, Reset};
 use crate::sql::{Encoding, Pin};
+
+/// Reported parameters by name, and their values, as the client's bytes.
+pub type Reported = Vec<(Box<[u8]>, Box<[u8]>)>;
 
 /// How a relay ended.
 #[derive(Debug)]
@@ -121,6 +125,9 @@ pub struct Flow {
     /// How the client's text is encoded (its `client_encoding`, as the server last reported
     /// it): the scanners step over its multibyte characters.
     pub encoding: Encoding,
+    /// The values of the client's reported parameters (ParameterStatus) as it was last told
+    /// them, by name: kept by the session across relays.
+    pub reported: Reported,
 }
 
 impl Default for Flow {
@@ -147,6 +154,7 @@ impl Flow {
             release: true,
             pin: None,
             encoding: Encoding::AsciiSafe,
+            reported: Vec::new(),
             idle_transaction_timeout: std::time::Duration::ZERO,
             server_fatal: false,
             commit_in_flight: false,
@@ -190,6 +198,23 @@ impl Flow {
 
     /// Every request sent has been answered and the client is not inside a message or a COPY:
     /// the next client byte starts a new request.
+    /// Records that the client is told `name` = `value`; false when it was told so already and
+    /// the ParameterStatus can be left out (one that Sluice's own statements made the server
+    /// send again).
+    pub(super) fn tell(&mut self, name: &[u8], value: &[u8]) -> bool {
+        match self.reported.iter_mut().find(|(n, _)| &n[..] == name) {
+            Some((_, v)) if &v[..] == value => false,
+            Some((_, v)) => {
+                *v = value.into();
+                true
+            }
+            None => {
+                self.reported.push((name.into(), value.into()));
+                true
+            }
+        }
+    }
+
     fn between_requests(&self) -> bool {
         self.pending == 0 && !self.partial && !self.copy_in && self.client_skip == 0
     }
@@ -275,6 +300,8 @@ pub struct Walked {
     pub ready: bool,
     /// Client walk: the client said goodbye after `used` bytes.
     pub terminate: bool,
+    /// Client walk: the rest waits for a Query of Sluice's own (see [`Core::holding`]).
+    pub held: bool,
 }
 
 /// One direction's walk state: the rest of a message being streamed, and the staged output.
@@ -449,16 +476,37 @@ impl<'a> Core<'a> {
             ..
         } = self;
         let mut skip = flow.client_skip;
-        let walked = client.walk(
+        let mut walked = client.walk(
             buf,
             &mut skip,
             Some(*max_message),
             |e| End::ClientProtocol(PgError::protocol_violation(e.to_string())),
             |h, msg| {
+                if own.extended.holding() {
+                    return Ok(Verdict::Wait(0));
+                }
                 if h.tag == fe::TERMINATE {
                     return Ok(Verdict::Stop);
                 }
                 let whole = msg.len() == h.total();
+                let mut executed = None;
+                // Resets through the extended protocol (see `reset::Extended`): looked for in
+                // transaction pooling, and in session pooling when there are startup values.
+                if reset::follows(h.tag) && (tracker.is_some() || !startup.is_empty()) {
+                    if !whole && h.total() <= LOOK_LIMIT {
+                        return Ok(Verdict::Wait(h.total()));
+                    }
+                    if whole {
+                        let known = |name: &[u8]| {
+                            tracker
+                                .as_ref()
+                                .and_then(|t| t.client.get(name))
+                                .and_then(|s| s.reset.clone())
+                        };
+                        executed =
+                            reset::extended(own, flow, h.tag, &msg[HEADER_LEN..], startup, known);
+                    }
+                }
                 let mut verdict = PASS;
                 if let Some(t) = tracker {
                     let mut drop = false;
@@ -493,7 +541,13 @@ impl<'a> Core<'a> {
                             }
                         }
                     } else if let Some(kind) = Kind::of(h.tag) {
-                        t.queue.push_back(Entry::new(kind, Action::Forward));
+                        let mut e = Entry::new(kind, Action::Forward);
+                        if executed == Some(resets::Kind::DiscardAll) {
+                            // As a DISCARD ALL in a Query (see `look`).
+                            t.client.clear();
+                            e.clears_server = true;
+                        }
+                        t.queue.push_back(e);
                     }
                 } else if h.tag == fe::QUERY && !startup.is_empty() {
                     // Session pooling: only a client's resets are looked at. A Query too large
@@ -524,7 +578,19 @@ impl<'a> Core<'a> {
             },
         )?;
         flow.client_skip = skip;
+        walked.held = own.extended.holding();
         Ok(walked)
+    }
+
+    /// The client walk holds the client's messages until a Query of Sluice's own is sent
+    /// ([`Core::take_for_server`]) ahead of them.
+    pub fn holding(&self) -> bool {
+        self.own.extended.holding()
+    }
+
+    /// A Query of Sluice's own to send the server before anything more of the client's.
+    pub fn take_for_server(&mut self) -> Option<Bytes> {
+        self.own.extended.take_due()
     }
 
     /// Walks the server's buffered bytes (from where the last walk's `used` ended).
@@ -564,6 +630,9 @@ impl<'a> Core<'a> {
                         .map_err(|e| End::ServerGone(ServerFault::Protocol(e)))?;
                     if name == b"client_encoding" {
                         flow.encoding = Encoding::from_name(&String::from_utf8_lossy(value));
+                    }
+                    if own.extended.holds_report(name, msg) || !flow.tell(name, value) {
+                        return Ok(Verdict::Replace(Bytes::new()));
                     }
                 }
                 if !own.is_idle() {
@@ -633,8 +702,23 @@ impl<'a> Core<'a> {
                         if status != TxStatus::Idle && !flow.resets.is_empty() {
                             flow.resets_unsure = true;
                         }
+                        let restore;
+                        (verdict, restore) = reset::at_ready(own, flow, status, verdict)
+                            .map_err(|e| End::ServerGone(ServerFault::Protocol(e)))?;
+                        if restore {
+                            // Sluice's Query goes next; its ReadyForQuery is the client's.
+                            flow.pending += 1;
+                            if let Some(t) = tracker.as_mut() {
+                                t.queue.push_back(Entry::new(Kind::Query, Action::Forward));
+                            }
+                        }
                     }
-                    be::ERROR_RESPONSE if !flow.resets.is_empty() => flow.resets_unsure = true,
+                    be::ERROR_RESPONSE => {
+                        own.extended.error();
+                        if !flow.resets.is_empty() {
+                            flow.resets_unsure = true;
+                        }
+                    }
                     be::COPY_IN_RESPONSE => {
                         // Syncs sent after the Execute that started this COPY are read by the server
                         // in copy mode and ignored: they will get no ReadyForQuery.

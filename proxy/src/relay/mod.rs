@@ -17,7 +17,7 @@ use std::task::{ready, Context, Poll};
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-pub use self::core::{Core, End, Flow, ServerFault, Statements, Walked};
+pub use self::core::{Core, End, Flow, Reported, ServerFault, Statements, Walked};
 use crate::client_conn::ClientConn;
 use crate::prepared::ServerStatements;
 use crate::server::{ServerConn, READ_BUFFER};
@@ -126,6 +126,8 @@ struct Direction {
     check_release: bool,
     /// After this write: the client said goodbye.
     terminate: bool,
+    /// The last walk stopped at messages that wait for a Query of Sluice's own.
+    held: bool,
 }
 
 impl Direction {
@@ -135,6 +137,7 @@ impl Direction {
             need: 0,
             check_release: false,
             terminate: false,
+            held: false,
         }
     }
 
@@ -152,6 +155,7 @@ impl Direction {
     /// Sets up the write of a walk's output (or, with nothing to write, goes on reading).
     fn walked(&mut self, w: Walked, staged_len: usize, buf: &mut BytesMut) {
         self.need = w.need;
+        self.held = w.held;
         let len = if w.staged { staged_len } else { w.used };
         if len == 0 && !w.terminate && !w.ready {
             buf.advance(w.used);
@@ -221,6 +225,23 @@ where
                     Poll::Ready(Ok(())) => continue,
                     Poll::Ready(Err(end)) => return Poll::Ready(end),
                     Poll::Pending => break,
+                }
+            }
+            // The server half may have let the client half go on: with a Query of Sluice's own
+            // to send first, or with the client's messages it held back.
+            if matches!(self.up.step, Step::Read) {
+                if let Some(own) = self.core.take_for_server() {
+                    self.up.step = Step::Write {
+                        output: Output::Prefix(own),
+                        written: 0,
+                        used: 0,
+                    };
+                    continue;
+                }
+                if self.up.held && !self.core.holding() {
+                    self.up.held = false;
+                    self.up.step = Step::Walk;
+                    continue;
                 }
             }
             // The server half may have just left the client idle inside a transaction: the

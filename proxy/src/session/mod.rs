@@ -197,6 +197,8 @@ struct Session<'a> {
     settings: state::Settings,
     /// The client's `client_encoding`, as last reported to it.
     encoding: state::Encoding,
+    /// The client's reported parameters as it was last told them (see `Flow::reported`).
+    reported: crate::relay::Reported,
     /// The settings the client asked for at startup: what `RESET ALL` and the like bring back.
     startup: state::Settings,
     pinned: Option<state::Pin>,
@@ -314,6 +316,7 @@ impl<'a> Session<'a> {
             statements: Default::default(),
             settings: Default::default(),
             encoding: Default::default(),
+            reported: Vec::new(),
             startup: Default::default(),
             pinned: None,
             database: login.database.clone(),
@@ -372,6 +375,8 @@ impl<'a> Session<'a> {
                 self.encoding = state::Encoding::from_name(value);
             }
             Out::parameter_status(&mut out, name, value);
+            self.reported
+                .push((name.as_bytes().into(), value.as_bytes().into()));
         }
         Out::backend_key_data(&mut out, registration.process_id, registration.secret_key);
         Out::ready_for_query(&mut out, TxStatus::Idle);
@@ -595,6 +600,7 @@ impl<'a> Session<'a> {
         server.info.set_state(ServerState::Active);
         let mut flow = Flow::new();
         flow.encoding = self.encoding;
+        flow.reported = std::mem::take(&mut self.reported);
         flow.idle_transaction_timeout = self.config.idle_transaction_timeout;
         let pooling = self.mode == PoolMode::Transaction;
         flow.release = pooling && self.pinned.is_none();
@@ -634,6 +640,7 @@ impl<'a> Session<'a> {
         .await;
         tracing::trace!(released = matches!(end, End::Released), "relay ended");
         self.encoding = flow.encoding;
+        self.reported = std::mem::take(&mut flow.reported);
         let mut changed = std::mem::take(&mut flow.settings_changed);
         self.after_resets(server, &mut flow, &mut changed);
         if !changed.is_empty() && matches!(end, End::Released) {

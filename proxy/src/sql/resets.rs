@@ -45,13 +45,20 @@ pub struct Statement {
     pub kind: Kind,
 }
 
-impl Statement {
+impl Kind {
     /// Whether the statement returns a setting to its session default.
     pub fn is_reset(&self) -> bool {
         matches!(
-            self.kind,
+            self,
             Kind::ResetAll | Kind::DiscardAll | Kind::Reset(_) | Kind::LocalDefault(_)
         )
+    }
+}
+
+impl Statement {
+    /// Whether the statement returns a setting to its session default.
+    pub fn is_reset(&self) -> bool {
+        self.kind.is_reset()
     }
 }
 
@@ -74,6 +81,16 @@ pub fn scan(sql: &[u8], enc: Encoding) -> Option<Vec<Statement>> {
     }
     let stmts = split(sql, enc)?;
     stmts.iter().any(Statement::is_reset).then_some(stmts)
+}
+
+/// The reset a prepared statement's text (a Parse's, without its NUL) is, if it is one (see
+/// [`Kind::is_reset`]): the extended protocol allows one statement.
+pub fn prepared(sql: &[u8], enc: Encoding) -> Option<Kind> {
+    let mut stmts = scan(sql, enc)?;
+    match stmts.pop() {
+        Some(only) if stmts.is_empty() && only.is_reset() => Some(only.kind),
+        _ => None,
+    }
 }
 
 /// Whether `sql` contains `reset`, `discard`, `default` or `zone` (`SET TIME ZONE LOCAL`) in
@@ -298,6 +315,16 @@ mod tests {
             kinds("SET LOCAL DateStyle = DEFAULT"),
             Some(vec![Kind::LocalDefault("datestyle".into())])
         );
+    }
+
+    #[test]
+    fn prepared_statements_are_one_reset() {
+        let e = Encoding::AsciiSafe;
+        assert_eq!(prepared(b"DISCARD ALL", e), Some(Kind::DiscardAll));
+        assert_eq!(prepared(b" reset work_mem ", e), Some(name("work_mem")));
+        assert_eq!(prepared(b"SET work_mem = 1", e), None);
+        assert_eq!(prepared(b"RESET ALL; RESET ALL", e), None);
+        assert_eq!(prepared(b"SELECT 'RESET ALL'", e), None);
     }
 
     #[test]

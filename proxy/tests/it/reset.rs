@@ -162,9 +162,24 @@ fn own_reported(reported: &[(String, String)]) -> Vec<(String, String)> {
         .collect()
 }
 
+/// How the script's statements are sent.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    /// Each step as a simple Query.
+    Simple,
+    /// Each step of one statement through the extended protocol (the unnamed statement, as
+    /// drivers' `execute` does); steps of several statements as a simple Query.
+    Extended,
+}
+
 /// Runs `clients` against `addr`, taking turns unit by unit (`together`) or one client after
 /// the other, each from login to goodbye; returns every client's transcript.
-async fn run(addr: SocketAddr, clients: &[&Client], together: bool) -> Vec<Vec<Vec<String>>> {
+async fn run(
+    addr: SocketAddr,
+    clients: &[&Client],
+    together: bool,
+    protocol: Protocol,
+) -> Vec<Vec<Vec<String>>> {
     async fn login(addr: SocketAddr, c: &Client) -> (Raw, Vec<Vec<String>>) {
         let (raw, reported, _, _) =
             Raw::login_with(addr, false, USER, PASSWORD, DB, c.params).await;
@@ -174,10 +189,15 @@ async fn run(addr: SocketAddr, clients: &[&Client], together: bool) -> Vec<Vec<V
             .collect();
         (raw, vec![login])
     }
-    async fn unit(raw: &mut Raw, steps: &[&str], out: &mut Vec<Vec<String>>) {
+    async fn unit(raw: &mut Raw, steps: &[&str], out: &mut Vec<Vec<String>>, p: Protocol) {
         for sql in steps {
             let mut answer = vec![format!("> {sql}")];
-            answer.extend(seen(&raw.query(sql).await));
+            let msgs = if p == Protocol::Extended && !sql.contains(';') {
+                raw.extended(sql).await
+            } else {
+                raw.query(sql).await
+            };
+            answer.extend(seen(&msgs));
             out.push(answer);
         }
     }
@@ -195,7 +215,7 @@ async fn run(addr: SocketAddr, clients: &[&Client], together: bool) -> Vec<Vec<V
         for i in 0..=SCRIPT.len() {
             for ((raw, out), c) in conns.iter_mut().zip(clients) {
                 let steps = if i == 0 { c.prelude } else { SCRIPT[i - 1] };
-                unit(raw, steps, out).await;
+                unit(raw, steps, out, protocol).await;
             }
         }
         transcripts.extend(conns.into_iter().map(|(_, out)| out));
@@ -203,7 +223,7 @@ async fn run(addr: SocketAddr, clients: &[&Client], together: bool) -> Vec<Vec<V
         for c in clients {
             let (mut raw, mut out) = login(addr, c).await;
             for u in units(c) {
-                unit(&mut raw, u, &mut out).await;
+                unit(&mut raw, u, &mut out, protocol).await;
             }
             let mut bye = bytes::BytesMut::new();
             postgres_protocol::message::frontend::terminate(&mut bye);
@@ -256,6 +276,18 @@ fn compare(want: &[Vec<Vec<String>>], got: &[Vec<Vec<String>>]) {
 }
 
 async fn check(mode: PoolMode, pool_size: u32, clients: &[&Client], together: bool) {
+    for protocol in [Protocol::Simple, Protocol::Extended] {
+        check_with(mode, pool_size, clients, together, protocol).await;
+    }
+}
+
+async fn check_with(
+    mode: PoolMode,
+    pool_size: u32,
+    clients: &[&Client],
+    together: bool,
+    protocol: Protocol,
+) {
     let pg = start_pg_with_user(Default::default(), USER, PASSWORD, DB).await;
     let sluice = start_sluice(&pg, USER, PASSWORD, DB, pool_size, pool_size, |c| {
         c.pool_mode = mode;
@@ -265,8 +297,8 @@ async fn check(mode: PoolMode, pool_size: u32, clients: &[&Client], together: bo
     let direct: SocketAddr = format!("{}:{}", pg.host(), pg.port())
         .parse()
         .expect("addr");
-    let want = run(direct, clients, together).await;
-    let got = run(sluice.local_addr, clients, together).await;
+    let want = run(direct, clients, together, protocol).await;
+    let got = run(sluice.local_addr, clients, together, protocol).await;
     compare(&want, &got);
     sluice.stop().await;
 }
@@ -286,4 +318,122 @@ async fn reset_gives_back_startup_values_one_server_shared() {
 async fn reset_gives_back_startup_values_in_session_pooling() {
     // One server, its clients one after the other.
     check(PoolMode::Session, 1, &[&A, &B, &A], false).await;
+}
+
+/// One request of [`extended_steps`].
+enum Req {
+    /// A simple Query.
+    Simple(&'static str),
+    /// Parse of a named statement, and Sync.
+    Prepare(&'static str, &'static str),
+    /// Bind, Describe and Execute of each statement (named, or `""` with its text), then one
+    /// Sync.
+    Run(&'static [(&'static str, Option<&'static str>)]),
+}
+
+/// Resets through the extended protocol beyond a driver's `execute`: a named statement run
+/// again in later transactions, a pipeline that fails after its reset, a DISCARD ALL that
+/// deallocates itself; another client shares the server between requests.
+async fn extended_steps(addr: SocketAddr) -> Vec<Vec<String>> {
+    use Req::*;
+    let steps: &[Req] = &[
+        Prepare("reset_all", "RESET ALL"),
+        Prepare("reset_tz", "RESET TimeZone"),
+        Simple("BEGIN; SET application_name = 'x'; SET TimeZone = 'UTC'; COMMIT"),
+        Run(&[("reset_tz", None)]),
+        Simple(CHECK),
+        Run(&[("reset_all", None)]),
+        Simple(CHECK),
+        Simple("BEGIN; SET application_name = 'y'; SET TimeZone = 'UTC'; COMMIT"),
+        // The pipeline fails after its reset: its implicit transaction, the reset with it, is
+        // rolled back.
+        Run(&[("", Some("RESET ALL")), ("", Some("SELECT 1/0"))]),
+        Simple(CHECK),
+        // Two resets in one pipeline. (A statement after a reset in the same pipeline would
+        // still see the server connection's defaults: the startup values are put back once
+        // the pipeline is answered. See README.)
+        Simple("BEGIN; SET application_name = 'w'; SET TimeZone = 'UTC'; COMMIT"),
+        Run(&[("", Some("RESET ALL")), ("reset_tz", None)]),
+        Simple(CHECK),
+        Prepare("discard", "DISCARD ALL"),
+        Simple("BEGIN; SET application_name = 'z'; COMMIT"),
+        Run(&[("discard", None)]),
+        Simple(CHECK),
+        // DISCARD ALL deallocated every statement, itself included.
+        Run(&[("discard", None)]),
+        Run(&[("reset_all", None)]),
+        Simple(CHECK),
+    ];
+    let (mut a, reported, _, _) = Raw::login_with(addr, false, USER, PASSWORD, DB, A.params).await;
+    let (mut b, _, _, _) = Raw::login_with(addr, false, USER, PASSWORD, DB, B.params).await;
+    let mut out = vec![own_reported(&reported)
+        .into_iter()
+        .map(|(n, v)| format!("{n}={v}"))
+        .collect::<Vec<_>>()];
+    for step in steps {
+        let mut buf = bytes::BytesMut::new();
+        let (shown, msgs) = match step {
+            Simple(sql) => (format!("> {sql}"), a.query(sql).await),
+            Prepare(name, sql) => {
+                postgres_protocol::message::frontend::parse(
+                    name,
+                    sql,
+                    std::iter::empty(),
+                    &mut buf,
+                )
+                .expect("encode");
+                postgres_protocol::message::frontend::sync(&mut buf);
+                a.send(&buf).await;
+                (format!("> prepare {name}: {sql}"), a.until_ready().await)
+            }
+            Run(stmts) => {
+                for (name, sql) in stmts.iter() {
+                    Raw::put_run(&mut buf, name, *sql);
+                }
+                postgres_protocol::message::frontend::sync(&mut buf);
+                a.send(&buf).await;
+                (format!("> run {:?}", stmts), a.until_ready().await)
+            }
+        };
+        let mut answer = vec![shown];
+        answer.extend(seen(&msgs));
+        out.push(answer);
+        // The other client takes the server in between (one server in the pool).
+        let theirs = seen(&b.query(CHECK).await);
+        assert!(theirs.iter().any(|m| m.contains("app_b")), "{theirs:?}");
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extended_protocol_resets_named_failed_and_discarded() {
+    let pg = start_pg_with_user(Default::default(), USER, PASSWORD, DB).await;
+    for mode in [PoolMode::Transaction, PoolMode::Session] {
+        let sluice = start_sluice(&pg, USER, PASSWORD, DB, 2, 2, |c| {
+            c.pool_mode = mode;
+            c.wait_timeout = Duration::from_secs(10);
+        })
+        .await;
+        let direct: SocketAddr = format!("{}:{}", pg.host(), pg.port())
+            .parse()
+            .expect("addr");
+        let want = extended_steps(direct).await;
+        let got = extended_steps(sluice.local_addr).await;
+        for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+            assert_eq!(
+                g, w,
+                "{mode:?}, step {i}: through Sluice (left) and directly (right)"
+            );
+        }
+        assert_eq!(got.len(), want.len());
+        // What PostgreSQL says, pinned: the named RESET ALL brought back the startup values.
+        assert!(
+            want[7]
+                .iter()
+                .any(|m| m.contains("app_a") && m.contains("Asia/Tokyo")),
+            "{:?}",
+            want[7]
+        );
+        sluice.stop().await;
+    }
 }

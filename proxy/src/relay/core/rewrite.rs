@@ -195,9 +195,21 @@ pub(super) fn look(
             let enc = flow.encoding;
             // Outside a transaction block every statement may commit: no need to look.
             flow.commits_seen |= flow.status != TxStatus::Idle && sql::ends_transaction(text, enc);
-            // Resets are handled in simple Queries only (see `super::reset`): through the
-            // extended protocol, a DISCARD ALL too keeps the server.
-            let pin = sql::pins(text, enc).or_else(|| resets::scan(text, enc).map(|_| Pin::Set));
+            // A reset leaves nothing behind: Sluice puts the client's startup values back once
+            // it has run (see `super::reset::Extended`).
+            let reset = resets::prepared(text, enc);
+            // A session SET inside a transaction block, into the unnamed statement (run in this
+            // transaction, as a driver's `execute` does), does not pin: as in a Query.
+            let set_names = (flow.status != TxStatus::Idle && p.name.is_empty())
+                .then(|| sql::set_names(text, enc))
+                .flatten();
+            let pin = match &reset {
+                Some(kind) if kind.is_reset() => None,
+                _ if set_names.is_some() => None,
+                _ => sql::pins(text, enc),
+            };
+            flow.settings_changed
+                .extend(set_names.into_iter().flatten());
             if let Some(pin) = pin {
                 if t.reject_session_state {
                     t.discarding = true;
@@ -211,7 +223,9 @@ pub(super) fn look(
                 t.queue.push_back(Entry::new(Kind::Parse, Action::Forward));
                 return Ok(None);
             }
-            let stmt = Arc::new(prepared::statement(t.hasher, p.rest));
+            let mut stmt = prepared::statement(t.hasher, p.rest);
+            stmt.reset = reset;
+            let stmt = Arc::new(stmt);
             let name: Box<[u8]> = p.name.into();
             tracing::trace!(name = %String::from_utf8_lossy(&name), server_name = %stmt.server_name, on_server = t.server.len(), "client Parse");
             t.client.insert(&name, stmt.clone());

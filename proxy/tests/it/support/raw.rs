@@ -128,6 +128,36 @@ impl Raw {
         self.until_ready().await
     }
 
+    /// Adds to `b` the extended-protocol messages that run statement `name` (prepared first
+    /// with `sql`, when given) into the unnamed portal: Parse, Bind, Describe, Execute. No Sync.
+    pub fn put_run(b: &mut BytesMut, name: &str, sql: Option<&str>) {
+        if let Some(sql) = sql {
+            frontend::parse(name, sql, std::iter::empty(), b).expect("encode");
+        }
+        frontend::bind(
+            "",
+            name,
+            std::iter::empty(),
+            std::iter::empty::<()>(),
+            |_, _| Ok(postgres_protocol::IsNull::No),
+            std::iter::empty(),
+            b,
+        )
+        .map_err(|_| ())
+        .expect("encode");
+        frontend::describe(b'P', "", b).expect("encode");
+        frontend::execute("", 0, b).expect("encode");
+    }
+
+    /// `sql` through the extended protocol (the unnamed statement), and its answer.
+    pub async fn extended(&mut self, sql: &str) -> Vec<Msg> {
+        let mut b = BytesMut::new();
+        Raw::put_run(&mut b, "", Some(sql));
+        frontend::sync(&mut b);
+        self.send(&b).await;
+        self.until_ready().await
+    }
+
     /// Start-up and SCRAM-SHA-256 login as `user` on `db`; returns the client and its cancel key.
     pub async fn login(
         addr: SocketAddr,
