@@ -24,6 +24,9 @@ pub enum OptionsError {
 
 /// The settings a StartupMessage asks for, including `-c name=value` (and `--name=value`) pairs
 /// in `options`. Errors name what could not be understood.
+///
+/// A client that names no `application_name` gets PostgreSQL's default for it, the empty
+/// string, as it would directly: not the server connection's own (`sluice`).
 pub fn startup_settings(params: &[(String, String)]) -> Result<Settings, OptionsError> {
     let mut out = Settings::new();
     for (name, value) in params {
@@ -32,6 +35,9 @@ pub fn startup_settings(params: &[(String, String)]) -> Result<Settings, Options
         } else if !NOT_SETTINGS.contains(&name.as_str()) {
             out.insert(name.to_ascii_lowercase(), value.clone());
         }
+    }
+    if !out.contains_key("application_name") {
+        out.insert("application_name".into(), String::new());
     }
     Ok(out)
 }

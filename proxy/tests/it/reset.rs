@@ -47,6 +47,13 @@ const B: Client = Client {
     prelude: &[],
 };
 
+/// No startup parameters: PostgreSQL's defaults (an empty `application_name`, not the server
+/// connection's `sluice`).
+const PLAIN: Client = Client {
+    params: &[],
+    prelude: &[],
+};
+
 /// Pinned to its server by a session SET outside a transaction block.
 const PINNED: Client = Client {
     params: &[
@@ -306,18 +313,18 @@ async fn check_with(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reset_gives_back_startup_values_in_transaction_pooling() {
     // A and B share one server; the pinned client keeps the other.
-    check(PoolMode::Transaction, 2, &[&PINNED, &A, &B], true).await;
+    check(PoolMode::Transaction, 2, &[&PINNED, &A, &B, &PLAIN], true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reset_gives_back_startup_values_one_server_shared() {
-    check(PoolMode::Transaction, 1, &[&A, &B], true).await;
+    check(PoolMode::Transaction, 1, &[&A, &PLAIN, &B], true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reset_gives_back_startup_values_in_session_pooling() {
     // One server, its clients one after the other.
-    check(PoolMode::Session, 1, &[&A, &B, &A], false).await;
+    check(PoolMode::Session, 1, &[&A, &B, &PLAIN, &A], false).await;
 }
 
 /// One request of [`extended_steps`].
