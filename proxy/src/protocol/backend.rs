@@ -107,6 +107,27 @@ impl ErrorFields {
         matches!(self.severity.as_str(), "FATAL" | "PANIC")
     }
 
+    /// Whether an ErrorResponse body is a FATAL or PANIC (see [`ErrorFields::ends_session`]),
+    /// read in place: the relay asks this of every error the server sends.
+    pub fn body_ends_session(body: &[u8]) -> Result<bool, ProtocolError> {
+        let mut r = Reader::new(body, "ErrorResponse");
+        let mut severity: &[u8] = b"";
+        loop {
+            let kind = r.u8()?;
+            if kind == 0 {
+                break;
+            }
+            let value = r.cbytes()?;
+            match kind {
+                field::SEVERITY_NONLOCALIZED => severity = value,
+                field::SEVERITY if severity.is_empty() => severity = value,
+                _ => {}
+            }
+        }
+        r.finish()?;
+        Ok(matches!(severity, b"FATAL" | b"PANIC"))
+    }
+
     /// Decodes an ErrorResponse/NoticeResponse body; unknown fields are skipped.
     pub fn parse(body: &[u8]) -> Result<ErrorFields, ProtocolError> {
         let mut r = Reader::new(body, "ErrorResponse");
@@ -339,6 +360,21 @@ mod tests {
             (back.code.as_str(), back.detail.as_deref()),
             ("53300", Some("d"))
         );
+        assert_eq!(ErrorFields::body_ends_session(frame.body), Ok(false));
+        // The non-localized severity wins over a translated one, in either order.
+        assert_eq!(
+            ErrorFields::body_ends_session(b"SFATAL\0VFATAL\0C57P01\0\0"),
+            Ok(true)
+        );
+        assert_eq!(
+            ErrorFields::body_ends_session(b"VPANIC\0SPANIK\0\0"),
+            Ok(true)
+        );
+        assert_eq!(
+            ErrorFields::body_ends_session(b"SFATAL\0VERROR\0\0"),
+            Ok(false)
+        );
+        assert!(ErrorFields::body_ends_session(b"SFATAL").is_err());
     }
 
     #[test]

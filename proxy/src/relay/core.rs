@@ -619,9 +619,8 @@ impl<'a> Core<'a> {
                     return Ok(Verdict::Wait(h.total()));
                 }
                 if h.tag == be::ERROR_RESPONSE && !flow.server_fatal {
-                    let fields = backend::ErrorFields::parse(&msg[HEADER_LEN..])
+                    flow.server_fatal = backend::ErrorFields::body_ends_session(&msg[HEADER_LEN..])
                         .map_err(|e| End::ServerGone(ServerFault::Protocol(e)))?;
-                    flow.server_fatal = fields.ends_session();
                 }
                 if h.tag == be::PARAMETER_STATUS {
                     // The client's own SET or Sluice's: either way the text that follows is in

@@ -120,7 +120,7 @@ impl Statements<'_> {
 }
 
 /// Leading whitespace and comments skipped from `at`.
-pub fn skip_space(s: &[u8], mut at: usize, enc: Encoding) -> usize {
+pub(crate) fn skip_space(s: &[u8], mut at: usize, enc: Encoding) -> usize {
     loop {
         while s.get(at).is_some_and(u8::is_ascii_whitespace) {
             at += 1;
