@@ -773,6 +773,16 @@ fn expand(s: &str, key: &str) -> Result<String, ConfigError> {
     Ok(out)
 }
 
+/// Whether `url` (an `upstream` as given, before `${NAME}` references are expanded) carries a
+/// password written out: on a command line, anyone on the host can read it (`ps`).
+pub fn literal_password(url: &str) -> bool {
+    !url.contains("${")
+        && url::Url::parse(url)
+            .ok()
+            .and_then(|u| u.password().map(|p| !p.is_empty()))
+            .unwrap_or(false)
+}
+
 fn decode(s: &str) -> String {
     url::form_urlencoded::parse(format!("x={s}").as_bytes())
         .next()

@@ -41,6 +41,16 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    let in_argv = |u: &str| std::env::args().any(|a| a.contains(u));
+    if let Some(u) = args.upstream.as_deref() {
+        if sluice::config::literal_password(u) && in_argv(u) {
+            tracing::warn!(
+                "--upstream has a password in it, which other users of this host can read \
+                 (ps): write it as ${{NAME}} (quoted, so the shell leaves it), or give the URL \
+                 in SLUICE_UPSTREAM or the password in upstream_password_file"
+            );
+        }
+    }
     let overrides = Overrides {
         listen: args.listen,
         admin_listen: args.admin_listen,

@@ -186,3 +186,13 @@ fn client_auth_is_spelled_as_postgresql_spells_it() {
         assert_eq!(c.client_auth, want, "{text}");
     }
 }
+
+#[test]
+fn passwords_written_out_in_an_upstream_are_noticed() {
+    assert!(literal_password("postgres://app:pw@db/appdb"));
+    assert!(!literal_password("postgres://app:${DB_PASSWORD}@db/appdb"));
+    assert!(!literal_password("postgres://app@db/appdb"));
+    assert!(!literal_password("postgres://app:@db/appdb"));
+    assert!(!literal_password("${DATABASE_URL}"));
+    assert!(!literal_password("not a url"));
+}
