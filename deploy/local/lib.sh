@@ -253,7 +253,9 @@ sl_sluice_start() {
     for attempt in 1 2 3 4 5; do
         SL_SLUICE_PORT=$(sl_pick_port)
         SL_ADMIN_PORT=$(sl_pick_port)
-        "$SL_SLUICE" --listen "127.0.0.1:$SL_SLUICE_PORT" \
+        # No load balancer to leave: stop at once on SIGTERM.
+        SLUICE_SHUTDOWN_GRACE=${SLUICE_SHUTDOWN_GRACE:-0} \
+            "$SL_SLUICE" --listen "127.0.0.1:$SL_SLUICE_PORT" \
             --admin-listen "127.0.0.1:$SL_ADMIN_PORT" "$@" </dev/null >>"$log" 2>&1 &
         SL_SLUICE_PID=$!
         for ((i = 0; i < 300; i++)); do

@@ -222,6 +222,10 @@ pub struct Config {
     /// Time a client has to finish startup and authentication.
     #[serde(with = "duration")]
     pub client_login_timeout: Duration,
+    /// On SIGTERM, how long `/readyz` answers 503 while Sluice still serves, before it stops
+    /// accepting clients and drains; 0 skips it.
+    #[serde(with = "duration")]
+    pub shutdown_grace: Duration,
     /// Largest single client message accepted, in bytes.
     pub max_message_bytes: u32,
     /// Named prepared statements kept per server connection (least recently used closed).
@@ -315,6 +319,7 @@ impl Default for Config {
             client_idle_timeout: Duration::from_secs(900),
             client_login_timeout: Duration::from_secs(15),
             idle_transaction_timeout: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(5),
             max_message_bytes: 64 << 20,
             max_prepared_statements: 200,
             client_auth: ClientAuth::ScramSha256,

@@ -42,6 +42,8 @@ pub struct Context {
     pub statement_hasher: std::collections::hash_map::RandomState,
     /// Startup settings (name, value) a server has accepted, with the value it reported.
     pub validated_settings: Mutex<HashMap<(String, String), Option<String>>>,
+    /// What `/readyz` answers from: the server's port, and the outcomes of real logins.
+    pub ready: Arc<crate::admin::Readiness>,
 }
 
 impl Context {

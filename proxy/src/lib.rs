@@ -196,12 +196,13 @@ pub async fn start_from(
         shutdown: shutdown.clone(),
         statement_hasher: Default::default(),
         validated_settings: Default::default(),
+        ready: Default::default(),
     });
     tracing::info!(%local_addr, %admin_addr, budget = config.max_server_connections, "sluice listening");
-    let ready = Arc::new(admin::Readiness::default());
     let ctx = context.clone();
     let task = tokio::spawn(async move {
-        let maintenance = tokio::spawn(maintenance::run(ctx.clone(), ready.clone()));
+        let ready = ctx.ready.clone();
+        let maintenance = tokio::spawn(maintenance::run(ctx.clone()));
         let refresh: admin::Refresh = {
             let ctx = ctx.clone();
             Arc::new(move || maintenance::server_gauges(&ctx))

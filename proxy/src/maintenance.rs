@@ -1,17 +1,22 @@
-//! The once-a-second housekeeping: the readiness probe, idle clients disconnected, idle and aged
-//! server connections closed, `min_pool_size` warm connections opened, server gauges set.
+//! The once-a-second housekeeping: the readiness probe (and a real login when none has shown
+//! lately that the server serves), idle clients disconnected, idle and aged server connections
+//! closed, `min_pool_size` warm connections opened, server gauges set.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::admin;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::admin::Readiness;
 use crate::context::Context;
 use crate::metrics;
 use crate::server::{self, ServerConn, Target};
 
 /// Once a second: probes the server for readiness, closes idle and aged server connections,
 /// and keeps `min_pool_size` warm ones.
-pub async fn run(ctx: Arc<Context>, ready: Arc<admin::Readiness>) {
+pub async fn run(ctx: Arc<Context>) {
+    let ready = ctx.ready.clone();
+    let logging_in = Arc::new(AtomicBool::new(false));
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -25,9 +30,22 @@ pub async fn run(ctx: Arc<Context>, ready: Arc<admin::Readiness>) {
             Duration::from_secs(1),
         )
         .await;
-        ready
-            .upstream_ok
-            .store(up, std::sync::atomic::Ordering::Relaxed);
+        ready.upstream_ok.store(up, Ordering::Relaxed);
+        let first = cfg
+            .databases
+            .keys()
+            .next()
+            .cloned()
+            .zip(cfg.users.keys().next().cloned());
+        if let Some((database, user)) = ready.stale(first) {
+            if !logging_in.swap(true, Ordering::AcqRel) {
+                let (ctx, ready, logging_in) = (ctx.clone(), ready.clone(), logging_in.clone());
+                tokio::spawn(async move {
+                    login(&ctx, &ready, &database, &user).await;
+                    logging_in.store(false, Ordering::Release);
+                });
+            }
+        }
         let kicked = ctx.clients.sweep();
         if kicked > 0 {
             tracing::debug!(
@@ -53,6 +71,7 @@ pub async fn run(ctx: Arc<Context>, ready: Arc<admin::Readiness>) {
                 match ServerConn::connect(&target, &database, &ctx.servers).await {
                     Ok(conn) => {
                         metrics::server_connect("ok");
+                        ctx.ready.login(&database, &stats.user, true);
                         ctx.server_params
                             .lock()
                             .insert(slot.pool(), Arc::new(conn.params.clone()));
@@ -61,12 +80,37 @@ pub async fn run(ctx: Arc<Context>, ready: Arc<admin::Readiness>) {
                     }
                     Err(e) => {
                         metrics::server_connect(e.kind());
+                        if e.says_unable_to_serve() {
+                            ctx.ready.login(&database, &stats.user, false);
+                        }
                         tracing::warn!(error = %e, "warm-up connect failed");
                     }
                 }
             });
         }
         server_gauges(&ctx);
+    }
+}
+
+/// Logs in to the server as `user` to `database` and out again, for readiness: nothing else has
+/// shown lately whether logins succeed.
+async fn login(ctx: &Context, ready: &Readiness, database: &str, user: &str) {
+    let cfg = ctx.config();
+    let connector = ctx.tls().connector;
+    let target = Target::new(&cfg, &connector, ctx.server_password(user), database, user);
+    match ServerConn::connect(&target, database, &ctx.servers).await {
+        Ok(conn) => {
+            metrics::server_connect("ok");
+            ready.login(database, user, true);
+            drop(conn);
+        }
+        Err(e) => {
+            metrics::server_connect(e.kind());
+            if e.says_unable_to_serve() {
+                ready.login(database, user, false);
+            }
+            tracing::warn!(error = %e, %database, %user, "readiness login failed");
+        }
     }
 }
 

@@ -85,6 +85,13 @@ impl ServerError {
         }
     }
 
+    /// Whether the failure says the server cannot serve Sluice (for readiness): every failure
+    /// but the server's own `too many connections` (53300), which says only that it has no
+    /// room for one more while the connections Sluice holds still serve.
+    pub fn says_unable_to_serve(&self) -> bool {
+        !matches!(self, ServerError::Rejected(e) if e.code() == sqlstate::TOO_MANY_CONNECTIONS)
+    }
+
     /// Whether the server refused the login itself (`28P01`, `28000`), which a newer password
     /// may cure.
     pub fn is_login_refused(&self) -> bool {

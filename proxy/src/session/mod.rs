@@ -738,6 +738,7 @@ impl<'a> Session<'a> {
             Ok(conn) => {
                 g.connect_time.record(started.elapsed().as_secs_f64());
                 crate::metrics::server_connect("ok");
+                self.ctx.ready.login(&self.database, &self.user, true);
                 self.ctx
                     .server_params
                     .lock()
@@ -747,6 +748,9 @@ impl<'a> Session<'a> {
             }
             Err(e) => {
                 crate::metrics::server_connect(e.kind());
+                if e.says_unable_to_serve() {
+                    self.ctx.ready.login(&self.database, &self.user, false);
+                }
                 tracing::warn!(error = %e, database = %self.database, user = %self.user, "server connect failed");
                 Err(server::client_error(&e).with_severity(Severity::Error))
             }

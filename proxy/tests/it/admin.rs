@@ -153,6 +153,45 @@ async fn readyz_follows_the_database() {
     h.stop().await;
 }
 
+/// Readiness follows real logins, not only the server's port: with the port open and every
+/// login refused (the server's password for Sluice's user changed), `/readyz` answers 503 until
+/// logins succeed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_follows_real_logins() {
+    let pg = server("login_u");
+    let h = start_sluice(&pg, "login_u", "pw", "obs", 2, 2, |_| {}).await;
+    let status = |h: &sluice::Handle| http_get(h.admin_addr, "/readyz");
+    let wait_for = |want: u16, why: &str| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (got, body) = status(&h);
+            if got == want {
+                return body;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "/readyz stayed {got} ({body:?}), wanted {want}: {why}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    wait_for(200, "at start");
+    pg.psql("ALTER ROLE login_u PASSWORD 'rotated-elsewhere'");
+    // Nothing else happens: Sluice's own login (at most every 10 s while logins succeed) finds
+    // out.
+    let body = wait_for(503, "the server refuses Sluice's logins");
+    assert!(body.contains("logins"), "{body}");
+    pg.psql("ALTER ROLE login_u PASSWORD 'pw'");
+    wait_for(200, "logins succeed again");
+    let c = connect(&h, "login_u", "pw", "obs")
+        .await
+        .expect("client login");
+    c.simple_query("SELECT 1")
+        .await
+        .expect("query once logins succeed");
+    h.stop().await;
+}
+
 fn psql(pg: &PgServer, port: u16, user: &str, password: &str, sql: &str) -> (bool, String) {
     let out = Command::new(pg.bin("psql"))
         .args([
@@ -347,4 +386,113 @@ fn which(cmd: &str) -> Option<std::path::PathBuf> {
         .split(':')
         .map(|d| std::path::Path::new(d).join(cmd))
         .find(|p| p.is_file())
+}
+
+/// SIGTERM to the binary: for `shutdown_grace` `/readyz` answers 503 (out of a load balancer's
+/// rotation) while clients are still served; then Sluice stops accepting, drains and exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_turns_readyz_off_before_clients_are_refused() {
+    use std::io::BufRead;
+    let pg = server("grace_u");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env(
+            "SLUICE_UPSTREAM",
+            format!("postgres://grace_u:pw@{}:{}/obs", pg.host(), pg.port()),
+        )
+        .env("SLUICE_LISTEN", "127.0.0.1:0")
+        .env("SLUICE_ADMIN_LISTEN", "127.0.0.1:0")
+        .env("SLUICE_MAX_SERVER_CONNECTIONS", "4")
+        .env("SLUICE_SHUTDOWN_GRACE", "3s")
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("sluice runs");
+    // The addresses, from the start-up log line (colour codes dropped).
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let clean = |l: &str| {
+        let mut out = String::new();
+        let mut esc = false;
+        for c in l.chars() {
+            match c {
+                '\u{1b}' => esc = true,
+                'm' if esc => esc = false,
+                c if !esc => out.push(c),
+                _ => {}
+            }
+        }
+        out
+    };
+    let field = |l: &str, key: &str| -> Option<SocketAddr> {
+        l.split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .and_then(|v| v.parse().ok())
+    };
+    let (local, admin) = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .map(|l| clean(&l))
+            .expect("sluice logs that it listens");
+        if line.contains("sluice listening") {
+            let local = field(&line, "local_addr=").expect("local_addr");
+            let admin = field(&line, "admin_addr=").expect("admin_addr");
+            break (local, admin);
+        }
+    };
+    let url = format!("postgres://grace_u:pw@{}:{}/obs", local.ip(), local.port());
+    let query = |url: String| async move {
+        let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        c.simple_query("SELECT 1").await.map(|_| ())
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http_get(admin, "/readyz").0 != 200 {
+        assert!(Instant::now() < deadline, "/readyz never answered 200");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    query(url.clone()).await.expect("served before SIGTERM");
+
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill")
+        .success());
+    let signalled = Instant::now();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, body) = http_get(admin, "/readyz");
+    assert_eq!((status, body.as_str()), (503, "draining\n"));
+    query(url.clone())
+        .await
+        .expect("a new client is still served during shutdown_grace");
+    // After the grace the port closes and the process ends.
+    let exited = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            signalled.elapsed() < Duration::from_secs(20),
+            "sluice did not exit after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(exited.success(), "{exited}");
+    assert!(
+        signalled.elapsed() >= Duration::from_secs(3),
+        "the grace was kept: exited after {:?}",
+        signalled.elapsed()
+    );
+    assert!(query(url).await.is_err(), "refused once stopped");
 }
