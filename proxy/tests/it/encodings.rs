@@ -17,7 +17,7 @@ use crate::drivers::require_python;
 use crate::pg::PgServer;
 use crate::proxy::start_sluice;
 use crate::support::raw::{error_code, fields, Msg, Raw};
-use crate::support::{direct, start_pg_with_user};
+use crate::support::{direct, direct_addr, start_pg_with_user};
 
 const USER: &str = "enc_app";
 const PASSWORD: &str = "enc-pw";
@@ -39,12 +39,6 @@ const ENCODINGS: &[&str] = &[
     "GB18030",
     "JOHAB",
 ];
-
-fn direct_addr(pg: &PgServer) -> SocketAddr {
-    format!("{}:{}", pg.host(), pg.port())
-        .parse()
-        .expect("addr")
-}
 
 /// Characters of `encoding` as its bytes, from PostgreSQL's own conversion: first those with a
 /// trailing byte in the ASCII range (what a byte scanner gets wrong), then a few others.

@@ -9,8 +9,8 @@ use postgres_protocol::message::frontend;
 use postgres_protocol::IsNull;
 
 use crate::proxy::start_sluice;
-use crate::support::raw::{fields, Msg, Raw};
-use crate::support::start_pg_with_user;
+use crate::support::raw::{seen, Raw};
+use crate::support::{direct_addr, start_pg_with_user};
 
 const USER: &str = "fidelity_app";
 const PASSWORD: &str = "fidelity-pw";
@@ -18,25 +18,6 @@ const DB: &str = "fidelity_db";
 
 /// One request: messages up to a Sync.
 type Step = BytesMut;
-
-/// What a client sees of one answer: each message's tag, and its body, except that error and
-/// notice fields other than severity, SQLSTATE, message, detail and hint (file, line, routine,
-/// position) are left out.
-fn seen(msgs: &[Msg]) -> Vec<String> {
-    msgs.iter()
-        .map(|(tag, body)| match tag {
-            b'E' | b'N' => {
-                let f = fields(body);
-                let keep: Vec<String> = ['S', 'C', 'M', 'D', 'H']
-                    .iter()
-                    .filter_map(|k| f.get(k).map(|v| format!("{k}={v}")))
-                    .collect();
-                format!("{} {}", char::from(*tag), keep.join(" | "))
-            }
-            _ => format!("{} {:?}", char::from(*tag), String::from_utf8_lossy(body)),
-        })
-        .collect()
-}
 
 async fn run(addr: SocketAddr, steps: &[Step]) -> Vec<Vec<String>> {
     let (mut c, _, _) = Raw::login(addr, false, USER, PASSWORD, DB).await;
@@ -78,9 +59,7 @@ fn execute_sync(b: &mut BytesMut) {
 async fn statement_errors_name_the_clients_statements() {
     let pg = start_pg_with_user(Default::default(), USER, PASSWORD, DB).await;
     let sluice = start_sluice(&pg, USER, PASSWORD, DB, 4, 2, |_| {}).await;
-    let direct: SocketAddr = format!("{}:{}", pg.host(), pg.port())
-        .parse()
-        .expect("addr");
+    let direct = direct_addr(&pg);
 
     let mut steps = Vec::new();
     // A named statement, then the same name parsed again without a Close: PostgreSQL refuses

@@ -11,8 +11,8 @@ use std::time::Duration;
 use sluice::config::PoolMode;
 
 use crate::proxy::start_sluice;
-use crate::support::raw::{fields, Msg, Raw};
-use crate::support::start_pg_with_user;
+use crate::support::raw::{seen, Raw};
+use crate::support::{direct_addr, start_pg_with_user};
 
 const USER: &str = "reset_app";
 const PASSWORD: &str = "reset-pw";
@@ -141,24 +141,6 @@ const SCRIPT: &[&[&str]] = &[
     &["SET TimeZone = 'UTC'; SELECT 1; RESET TimeZone"],
     &[CHECK],
 ];
-
-/// What a client sees of one answer: each message's tag and body, except that error and notice
-/// fields other than severity, SQLSTATE, message, detail and hint are left out.
-fn seen(msgs: &[Msg]) -> Vec<String> {
-    msgs.iter()
-        .map(|(tag, body)| match tag {
-            b'E' | b'N' => {
-                let f = fields(body);
-                let keep: Vec<String> = ['S', 'C', 'M', 'D', 'H']
-                    .iter()
-                    .filter_map(|k| f.get(k).map(|v| format!("{k}={v}")))
-                    .collect();
-                format!("{} {}", char::from(*tag), keep.join(" | "))
-            }
-            _ => format!("{} {:?}", char::from(*tag), String::from_utf8_lossy(body)),
-        })
-        .collect()
-}
 
 /// The login's report of the client's own settings.
 fn own_reported(reported: &[(String, String)]) -> Vec<(String, String)> {
@@ -301,9 +283,7 @@ async fn check_with(
         c.wait_timeout = Duration::from_secs(10);
     })
     .await;
-    let direct: SocketAddr = format!("{}:{}", pg.host(), pg.port())
-        .parse()
-        .expect("addr");
+    let direct = direct_addr(&pg);
     let want = run(direct, clients, together, protocol).await;
     let got = run(sluice.local_addr, clients, together, protocol).await;
     compare(&want, &got);
@@ -421,9 +401,7 @@ async fn extended_protocol_resets_named_failed_and_discarded() {
             c.wait_timeout = Duration::from_secs(10);
         })
         .await;
-        let direct: SocketAddr = format!("{}:{}", pg.host(), pg.port())
-            .parse()
-            .expect("addr");
+        let direct = direct_addr(&pg);
         let want = extended_steps(direct).await;
         let got = extended_steps(sluice.local_addr).await;
         for (i, (w, g)) in want.iter().zip(&got).enumerate() {

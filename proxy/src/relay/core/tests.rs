@@ -766,6 +766,17 @@ mod resets {
         assert_eq!(p.flow.pinned(), None);
     }
 
+    /// The server's answer to a converted `DISCARD ALL` and Sluice's statement after it, up to
+    /// its ReadyForQuery.
+    fn discard_all_answer(s: &mut BytesMut) {
+        s.extend_from_slice(&[be::PARSE_COMPLETE, 0, 0, 0, 4]);
+        s.extend_from_slice(&[be::BIND_COMPLETE, 0, 0, 0, 4]);
+        Out::command_complete(s, "DISCARD ALL");
+        s.extend_from_slice(&[be::PARSE_COMPLETE, 0, 0, 0, 4]);
+        s.extend_from_slice(&[be::BIND_COMPLETE, 0, 0, 0, 4]);
+        own_answer(s, &["app_a", "Asia/Tokyo"]);
+    }
+
     #[test]
     fn discard_all_runs_first_in_an_extended_request() {
         for pooling in [true, false] {
@@ -775,12 +786,7 @@ mod resets {
             assert_eq!(tags(&sent), "PBEPBDES");
             assert!(text(&sent).contains("\0DISCARD ALL\0"));
             let mut s = BytesMut::new();
-            s.extend_from_slice(&[be::PARSE_COMPLETE, 0, 0, 0, 4]);
-            s.extend_from_slice(&[be::BIND_COMPLETE, 0, 0, 0, 4]);
-            Out::command_complete(&mut s, "DISCARD ALL");
-            s.extend_from_slice(&[be::PARSE_COMPLETE, 0, 0, 0, 4]);
-            s.extend_from_slice(&[be::BIND_COMPLETE, 0, 0, 0, 4]);
-            own_answer(&mut s, &["app_a", "Asia/Tokyo"]);
+            discard_all_answer(&mut s);
             Out::ready_for_query(&mut s, TxStatus::Idle);
             let (got, released) = to_client(&mut core, &s);
             assert_eq!(tags(&got), "CZ");
@@ -823,12 +829,7 @@ mod resets {
         let sent = to_server(&mut core, &c);
         assert_eq!(tags(&sent), "PBEPBDESQ");
         let mut s = BytesMut::new();
-        s.extend_from_slice(&[be::PARSE_COMPLETE, 0, 0, 0, 4]);
-        s.extend_from_slice(&[be::BIND_COMPLETE, 0, 0, 0, 4]);
-        Out::command_complete(&mut s, "DISCARD ALL");
-        s.extend_from_slice(&[be::PARSE_COMPLETE, 0, 0, 0, 4]);
-        s.extend_from_slice(&[be::BIND_COMPLETE, 0, 0, 0, 4]);
-        own_answer(&mut s, &["app_a", "Asia/Tokyo"]);
+        discard_all_answer(&mut s);
         Out::ready_for_query(&mut s, TxStatus::Idle);
         Out::row_description(&mut s, &[("x", false), ("sluice.reset", false)]);
         Out::data_row(&mut s, &[Some("1"), Some("2")]);

@@ -62,6 +62,13 @@ pub async fn direct(url: &str) -> Client {
 }
 
 /// A test PostgreSQL started with `opts`, with `user` (password `password`) owning `db`.
+/// The address of `pg` itself, for raw clients that go straight to it.
+pub fn direct_addr(pg: &PgServer) -> std::net::SocketAddr {
+    format!("{}:{}", pg.host(), pg.port())
+        .parse()
+        .expect("addr")
+}
+
 pub fn pg_with_user(opts: PgOptions, user: &str, password: &str, db: &str) -> PgServer {
     let pg = PgServer::start(opts);
     pg.create_user(user, password);

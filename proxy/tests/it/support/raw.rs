@@ -280,6 +280,25 @@ pub fn fields(body: &[u8]) -> HashMap<char, String> {
 }
 
 /// SQLSTATE of the first ErrorResponse among `msgs`.
+/// What a client sees of one answer: each message's tag and body, except that error and notice
+/// fields other than severity, SQLSTATE, message, detail and hint (file, line, routine,
+/// position) are left out: for comparing answers through Sluice and directly.
+pub fn seen(msgs: &[Msg]) -> Vec<String> {
+    msgs.iter()
+        .map(|(tag, body)| match tag {
+            b'E' | b'N' => {
+                let f = fields(body);
+                let keep: Vec<String> = ['S', 'C', 'M', 'D', 'H']
+                    .iter()
+                    .filter_map(|k| f.get(k).map(|v| format!("{k}={v}")))
+                    .collect();
+                format!("{} {}", char::from(*tag), keep.join(" | "))
+            }
+            _ => format!("{} {:?}", char::from(*tag), String::from_utf8_lossy(body)),
+        })
+        .collect()
+}
+
 pub fn error_code(msgs: &[Msg]) -> Option<String> {
     msgs.iter()
         .find(|m| m.0 == b'E')
