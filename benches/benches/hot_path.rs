@@ -126,6 +126,7 @@ fn limits() -> Limits {
         wait_timeout: Duration::from_secs(5),
         shed_target: Duration::from_millis(500),
         shed_interval: Duration::from_secs(2),
+        server_unavailable_timeout: Duration::from_secs(5),
     }
 }
 

@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 mod server_auth;
+mod validate;
 
 pub use self::server_auth::ServerAuth;
 
@@ -122,6 +123,35 @@ impl ServerTls {
     }
 }
 
+/// Which servers Sluice uses, with libpq's `target_session_attrs` meanings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TargetSessionAttrs {
+    /// Only a server that accepts writes: one that reports `in_hot_standby = on` or
+    /// `default_transaction_read_only = on` at login (a standby reached through a stale DNS
+    /// answer after a failover) is closed and tried again, as in an outage.
+    ReadWrite,
+    /// Any server (a read replica's endpoint).
+    Any,
+}
+
+impl TargetSessionAttrs {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TargetSessionAttrs::ReadWrite => "read-write",
+            TargetSessionAttrs::Any => "any",
+        }
+    }
+
+    fn parse(s: &str) -> Option<TargetSessionAttrs> {
+        Some(match s {
+            "read-write" => TargetSessionAttrs::ReadWrite,
+            "any" => TargetSessionAttrs::Any,
+            _ => return None,
+        })
+    }
+}
+
 /// TLS toward clients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -190,6 +220,12 @@ pub struct Config {
     pub shed_interval: Duration,
     #[serde(with = "duration")]
     pub server_connect_timeout: Duration,
+    /// While the server cannot be reached (refused, timed out, shutting down or starting,
+    /// read-only against `target_session_attrs`), a request waits up to this long from its
+    /// arrival while Sluice reconnects with backoff; unset, `wait_timeout`.
+    #[serde(with = "duration::option", skip_serializing_if = "Option::is_none")]
+    pub server_unavailable_timeout: Option<Duration>,
+    pub target_session_attrs: TargetSessionAttrs,
     /// TCP keepalive on server sockets: idle time before the first probe (0 disables), the
     /// time between probes, and how many go unanswered before the connection is dropped.
     #[serde(with = "duration")]
@@ -307,6 +343,8 @@ impl Default for Config {
             shed_target: Duration::from_millis(500),
             shed_interval: Duration::from_secs(2),
             server_connect_timeout: Duration::from_secs(5),
+            server_unavailable_timeout: None,
+            target_session_attrs: TargetSessionAttrs::ReadWrite,
             server_tcp_keepalive: Duration::from_secs(3),
             server_tcp_keepalive_interval: Duration::from_secs(1),
             server_tcp_keepalive_count: 3,
@@ -489,10 +527,18 @@ impl Config {
                 "sslrootcert" => self.server_tls_ca_file = Some(PathBuf::from(value.as_ref())),
                 "sslcert" => self.server_tls_cert_file = Some(PathBuf::from(value.as_ref())),
                 "sslkey" => self.server_tls_key_file = Some(PathBuf::from(value.as_ref())),
+                "target_session_attrs" => {
+                    self.target_session_attrs = TargetSessionAttrs::parse(&value).ok_or_else(|| {
+                        invalid(
+                            "upstream",
+                            format!("target_session_attrs \"{value}\" is not one of read-write, any"),
+                        )
+                    })?;
+                }
                 other => {
                     return Err(invalid(
                         "upstream",
-                        format!("unsupported parameter \"{other}\" (Sluice reads sslmode, sslrootcert, sslcert and sslkey)"),
+                        format!("unsupported parameter \"{other}\" (Sluice reads sslmode, sslrootcert, sslcert, sslkey and target_session_attrs)"),
                     ))
                 }
             }
@@ -518,182 +564,9 @@ impl Config {
         Ok(())
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
-        if self.databases.is_empty() {
-            return Err(invalid(
-                "databases",
-                "no database configured: give --upstream or [databases.NAME]",
-            ));
-        }
-        if self.users.is_empty() {
-            return Err(invalid(
-                "users",
-                "no user configured: give --upstream or [users.NAME]",
-            ));
-        }
-        for (key, v) in [
-            ("pool_size", self.pool_size),
-            ("max_client_connections", self.max_client_connections),
-            ("max_connecting", self.max_connecting),
-            ("max_message_bytes", self.max_message_bytes),
-            ("max_prepared_statements", self.max_prepared_statements),
-        ] {
-            if v == 0 {
-                return Err(invalid(key, "must be at least 1"));
-            }
-        }
-        if self.max_message_bytes < 1024 {
-            return Err(invalid("max_message_bytes", "must be at least 1024"));
-        }
-        if self.wait_timeout.is_zero() {
-            return Err(invalid("wait_timeout", "must be above zero"));
-        }
-        for (key, n, idle) in [
-            (
-                "server_tcp_keepalive_count",
-                self.server_tcp_keepalive_count,
-                self.server_tcp_keepalive,
-            ),
-            (
-                "client_tcp_keepalive_count",
-                self.client_tcp_keepalive_count,
-                self.client_tcp_keepalive,
-            ),
-        ] {
-            if !idle.is_zero() && n == 0 {
-                return Err(invalid(key, "must be at least 1 while keepalive is on"));
-            }
-        }
-        for (key, d, idle) in [
-            (
-                "server_tcp_keepalive_interval",
-                self.server_tcp_keepalive_interval,
-                self.server_tcp_keepalive,
-            ),
-            (
-                "client_tcp_keepalive_interval",
-                self.client_tcp_keepalive_interval,
-                self.client_tcp_keepalive,
-            ),
-        ] {
-            if !idle.is_zero() && d < Duration::from_secs(1) {
-                return Err(invalid(key, "must be at least 1s while keepalive is on"));
-            }
-        }
-        if self.server_connect_timeout.is_zero() {
-            return Err(invalid("server_connect_timeout", "must be above zero"));
-        }
-        if self.min_pool_size > self.pool_size {
-            return Err(invalid("min_pool_size", "must not exceed pool_size"));
-        }
-        for (name, db) in &self.databases {
-            if db.pool_size == Some(0) {
-                return Err(invalid(
-                    format!("databases.{name}.pool_size"),
-                    "must be at least 1",
-                ));
-            }
-            if db.min_pool_size.unwrap_or(self.min_pool_size)
-                > db.pool_size.unwrap_or(self.pool_size)
-            {
-                return Err(invalid(
-                    format!("databases.{name}.min_pool_size"),
-                    "must not exceed pool_size",
-                ));
-            }
-        }
-        for (name, user) in &self.users {
-            if user.password.is_none() {
-                return Err(invalid(
-                    format!("users.{name}.password"),
-                    "missing (set password or password_file)",
-                ));
-            }
-            if self.server_auth == ServerAuth::Password && self.server_password(name).is_none() {
-                return Err(invalid(
-                    format!("users.{name}.server_password"),
-                    "needed (or server_password_file) when `password` is a SCRAM verifier or md5 hash",
-                ));
-            }
-        }
-        for admin in &self.admin_users {
-            if !self.users.contains_key(admin) {
-                return Err(invalid(
-                    "admin_users",
-                    format!("\"{admin}\" is not in users"),
-                ));
-            }
-        }
-        self.validate_tls()?;
-        self.validate_server_auth()?;
-        if self.databases.contains_key("sluice") {
-            return Err(invalid(
-                "databases.sluice",
-                "the name is reserved for the admin console",
-            ));
-        }
-        let mut reserved = 0u64;
-        for (name, g) in &self.groups {
-            let r = g.reserved_connections.unwrap_or(0);
-            if let Some(max) = g.max_connections {
-                if max == 0 {
-                    return Err(invalid(
-                        format!("groups.{name}.max_connections"),
-                        "must be at least 1",
-                    ));
-                }
-                if r > max {
-                    return Err(invalid(
-                        format!("groups.{name}.reserved_connections"),
-                        "must not exceed the group's max_connections",
-                    ));
-                }
-            }
-            reserved += u64::from(r);
-        }
-        if self.max_server_connections > 0 && reserved > u64::from(self.max_server_connections) {
-            return Err(invalid(
-                "groups",
-                format!(
-                    "reserved_connections add up to {reserved}, over max_server_connections ({})",
-                    self.max_server_connections
-                ),
-            ));
-        }
-        Ok(())
-    }
-
-    fn validate_tls(&self) -> Result<(), ConfigError> {
-        if matches!(self.server_tls, ServerTls::VerifyCa | ServerTls::VerifyFull)
-            && self.server_tls_ca_file.is_none()
-        {
-            return Err(invalid(
-                "server_tls_ca_file",
-                format!(
-                    "server_tls = \"{}\" needs the certificate authorities to verify against (a PEM file, e.g. the RDS global bundle)",
-                    self.server_tls.as_str()
-                ),
-            ));
-        }
-        if self.server_tls_cert_file.is_some() != self.server_tls_key_file.is_some() {
-            return Err(invalid(
-                "server_tls_key_file",
-                "server_tls_cert_file and server_tls_key_file go together",
-            ));
-        }
-        if self.client_tls_cert_file.is_some() != self.client_tls_key_file.is_some() {
-            return Err(invalid(
-                "client_tls_key_file",
-                "client_tls_cert_file and client_tls_key_file go together",
-            ));
-        }
-        if self.client_tls_mode() != ClientTls::Disable && self.client_tls_cert_file.is_none() {
-            return Err(invalid(
-                "client_tls_cert_file",
-                "client_tls needs a certificate and key (client_tls_cert_file, client_tls_key_file)",
-            ));
-        }
-        Ok(())
+    /// `server_unavailable_timeout` with its default filled in.
+    pub fn server_unavailable_timeout(&self) -> Duration {
+        self.server_unavailable_timeout.unwrap_or(self.wait_timeout)
     }
 
     /// `client_tls` with its default filled in.

@@ -11,7 +11,7 @@ use crate::auth::{AuthError, Credentials};
 use crate::clients::ClientRegistry;
 use crate::config::{Config, ConfigError};
 use crate::pool::{GroupLimits, Limits, PoolId, Pools};
-use crate::server::{ServerConn, ServerPassword, ServerRegistry};
+use crate::server::{ServerConn, ServerError, ServerPassword, ServerRegistry};
 
 /// ParameterStatus (name, value) pairs a server reported.
 pub type ServerParams = Arc<Vec<(String, String)>>;
@@ -55,6 +55,42 @@ impl Context {
         self.tls.read().clone()
     }
 
+    /// Records how a login to the server as `user` to `database` went: the connect metric,
+    /// readiness, and whether the server is in an outage. The first failure of an outage
+    /// closes the idle server connections, which it has most likely broken too, so none is
+    /// handed to a client.
+    pub fn record_login(&self, database: &str, user: &str, outcome: Result<(), &ServerError>) {
+        let g = crate::metrics::global();
+        match outcome {
+            Ok(()) => {
+                crate::metrics::server_connect("ok");
+                self.ready.login(database, user, true);
+                if self.pools.set_outage(false) {
+                    g.server_unavailable.set(0.0);
+                    tracing::info!("the database server can be reached again");
+                }
+            }
+            Err(e) => {
+                crate::metrics::server_connect(e.kind());
+                if e.says_unable_to_serve() {
+                    self.ready.login(database, user, false);
+                }
+                if e.is_outage() && self.pools.set_outage(true) {
+                    g.server_unavailable.set(1.0);
+                    let idle = self.pools.drain_idle();
+                    for _ in &idle {
+                        crate::metrics::server_closed("outage");
+                    }
+                    tracing::warn!(
+                        error = %e,
+                        closed_idle = idle.len(),
+                        "the database server cannot be reached: requests wait while Sluice reconnects (server_unavailable_timeout)"
+                    );
+                }
+            }
+        }
+    }
+
     /// The password to log in to the server as `user` with, if one is configured.
     pub fn server_password(&self, user: &str) -> Option<Arc<ServerPassword>> {
         self.server_passwords.read().get(user).cloned()
@@ -73,6 +109,7 @@ pub fn limits(cfg: &Config) -> Limits {
         wait_timeout: cfg.wait_timeout,
         shed_target: cfg.shed_target,
         shed_interval: cfg.shed_interval,
+        server_unavailable_timeout: cfg.server_unavailable_timeout(),
     }
 }
 

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::admin::Readiness;
 use crate::context::Context;
 use crate::metrics;
 use crate::server::{self, ServerConn, Target};
@@ -39,9 +38,9 @@ pub async fn run(ctx: Arc<Context>) {
             .zip(cfg.users.keys().next().cloned());
         if let Some((database, user)) = ready.stale(first) {
             if !logging_in.swap(true, Ordering::AcqRel) {
-                let (ctx, ready, logging_in) = (ctx.clone(), ready.clone(), logging_in.clone());
+                let (ctx, logging_in) = (ctx.clone(), logging_in.clone());
                 tokio::spawn(async move {
-                    login(&ctx, &ready, &database, &user).await;
+                    login(&ctx, &database, &user).await;
                     logging_in.store(false, Ordering::Release);
                 });
             }
@@ -70,8 +69,7 @@ pub async fn run(ctx: Arc<Context>) {
             tokio::spawn(async move {
                 match ServerConn::connect(&target, &database, &ctx.servers).await {
                     Ok(conn) => {
-                        metrics::server_connect("ok");
-                        ctx.ready.login(&database, &stats.user, true);
+                        ctx.record_login(&database, &stats.user, Ok(()));
                         ctx.server_params
                             .lock()
                             .insert(slot.pool(), Arc::new(conn.params.clone()));
@@ -79,10 +77,7 @@ pub async fn run(ctx: Arc<Context>) {
                         slot.release();
                     }
                     Err(e) => {
-                        metrics::server_connect(e.kind());
-                        if e.says_unable_to_serve() {
-                            ctx.ready.login(&database, &stats.user, false);
-                        }
+                        ctx.record_login(&database, &stats.user, Err(&e));
                         tracing::warn!(error = %e, "warm-up connect failed");
                     }
                 }
@@ -94,21 +89,17 @@ pub async fn run(ctx: Arc<Context>) {
 
 /// Logs in to the server as `user` to `database` and out again, for readiness: nothing else has
 /// shown lately whether logins succeed.
-async fn login(ctx: &Context, ready: &Readiness, database: &str, user: &str) {
+async fn login(ctx: &Context, database: &str, user: &str) {
     let cfg = ctx.config();
     let connector = ctx.tls().connector;
     let target = Target::new(&cfg, &connector, ctx.server_password(user), database, user);
     match ServerConn::connect(&target, database, &ctx.servers).await {
         Ok(conn) => {
-            metrics::server_connect("ok");
-            ready.login(database, user, true);
+            ctx.record_login(database, user, Ok(()));
             drop(conn);
         }
         Err(e) => {
-            metrics::server_connect(e.kind());
-            if e.says_unable_to_serve() {
-                ready.login(database, user, false);
-            }
+            ctx.record_login(database, user, Err(&e));
             tracing::warn!(error = %e, %database, %user, "readiness login failed");
         }
     }

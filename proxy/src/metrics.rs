@@ -23,6 +23,7 @@ pub const SERVER_BUDGET: &str = "sluice_server_connections_budget";
 pub const SERVER_CONNECTS: &str = "sluice_server_connects_total";
 pub const SERVER_CONNECT_TIME: &str = "sluice_server_connect_seconds";
 pub const SERVER_CLOSED: &str = "sluice_server_connections_closed_total";
+pub const SERVER_UNAVAILABLE: &str = "sluice_server_unavailable";
 pub const CLIENT_TIMEOUTS: &str = "sluice_client_timeouts_total";
 pub const TRANSACTIONS: &str = "sluice_transactions_total";
 pub const TRANSACTION_TIME: &str = "sluice_transaction_seconds";
@@ -67,6 +68,10 @@ pub fn describe() {
         "Time to connect and authenticate to the server"
     );
     describe_counter!(SERVER_CLOSED, "Server connections closed, by reason");
+    describe_gauge!(
+        SERVER_UNAVAILABLE,
+        "1 while the database server cannot be reached (requests wait while Sluice reconnects), else 0"
+    );
     describe_counter!(
         CLIENT_TIMEOUTS,
         "Clients disconnected by a timeout, by reason (idle_transaction_timeout)"
@@ -165,6 +170,7 @@ pub struct Global {
     pub clients_plain: Counter,
     pub servers_tls: Gauge,
     pub servers_plain: Gauge,
+    pub server_unavailable: Gauge,
 }
 
 /// The process-wide handles. Registered on first use, after the recorder is installed.
@@ -188,6 +194,7 @@ pub fn global() -> &'static Global {
         clients_plain: counter!(CLIENT_TLS, "tls" => "false"),
         servers_tls: gauge!(SERVER_TLS, "tls" => "true"),
         servers_plain: gauge!(SERVER_TLS, "tls" => "false"),
+        server_unavailable: gauge!(SERVER_UNAVAILABLE),
     })
 }
 

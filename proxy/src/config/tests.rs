@@ -196,3 +196,30 @@ fn passwords_written_out_in_an_upstream_are_noticed() {
     assert!(!literal_password("${DATABASE_URL}"));
     assert!(!literal_password("not a url"));
 }
+
+#[test]
+fn outage_hold_and_target_session_attrs() {
+    let up = "postgres://app:pw@db/appdb";
+    let c = Config::load(None, &flags(up)).unwrap();
+    assert_eq!(c.server_unavailable_timeout(), c.wait_timeout);
+    assert_eq!(c.target_session_attrs, TargetSessionAttrs::ReadWrite);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("o.toml");
+    std::fs::write(
+        &path,
+        "server_unavailable_timeout = \"90s\"\ntarget_session_attrs = \"any\"\n",
+    )
+    .unwrap();
+    let c = Config::load(Some(&path), &flags(up)).unwrap();
+    assert_eq!(c.server_unavailable_timeout(), Duration::from_secs(90));
+    assert_eq!(c.target_session_attrs, TargetSessionAttrs::Any);
+    std::fs::write(&path, "server_unavailable_timeout = 0\n").unwrap();
+    let c = Config::load(Some(&path), &flags(up)).unwrap();
+    assert_eq!(c.server_unavailable_timeout(), Duration::ZERO);
+    let c = Config::load(None, &flags(&format!("{up}?target_session_attrs=any"))).unwrap();
+    assert_eq!(c.target_session_attrs, TargetSessionAttrs::Any);
+    let err = Config::load(None, &flags(&format!("{up}?target_session_attrs=standby")))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("is not one of read-write, any"), "{err}");
+}

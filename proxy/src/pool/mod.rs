@@ -51,6 +51,8 @@ pub struct Limits {
     /// Queueing delay above which, sustained for `shed_interval`, new arrivals are shed.
     pub shed_target: Duration,
     pub shed_interval: Duration,
+    /// While the server cannot be reached, how long a request may wait from its arrival.
+    pub server_unavailable_timeout: Duration,
 }
 
 /// Per-group settings.
@@ -68,6 +70,8 @@ pub enum Reason {
     PredictedTimeout,
     Overload,
     WaitTimeout,
+    /// The server could not be reached for `server_unavailable_timeout`.
+    ServerUnavailable,
     Closed,
 }
 
@@ -79,6 +83,7 @@ impl Reason {
             Reason::PredictedTimeout => "predicted_timeout",
             Reason::Overload => "overload",
             Reason::WaitTimeout => "wait_timeout",
+            Reason::ServerUnavailable => "server_unavailable",
             Reason::Closed => "shutting_down",
         }
     }
@@ -191,49 +196,66 @@ impl<C: Send + 'static> Pools<C> {
             group,
             id: Some(id),
         };
-        match tokio::time::timeout_at(deadline, &mut rx).await {
-            Ok(Ok(lease)) => {
-                guard.id = None;
-                Ok(lease)
+        let mut deadline = deadline;
+        let received = loop {
+            if let Ok(received) = tokio::time::timeout_at(deadline, &mut rx).await {
+                break received;
             }
-            // Senders are dropped without a grant only on shutdown.
-            Ok(Err(_)) => {
-                guard.id = None;
-                Err(Rejected {
-                    reason: Reason::Closed,
-                    detail: "Sluice is shutting down".into(),
-                    retry_after: Duration::from_secs(1),
-                })
-            }
-            Err(_elapsed) => {
-                guard.id = None;
-                let rejected = {
-                    let mut st = self.shared.state.lock();
-                    if st.remove_waiter(group, id) {
-                        let ms = st.limits.wait_timeout.as_millis();
-                        Some(st.reject(
+            let rejected = {
+                let mut st = self.shared.state.lock();
+                // An outage holds requests longer than wait_timeout when the operator says so
+                // (server_unavailable_timeout), and ends them with its own reason.
+                let outage = st.outage();
+                let hold = started + st.limits.server_unavailable_timeout;
+                if outage.is_some() && hold > deadline {
+                    deadline = hold;
+                    continue;
+                }
+                // Not there: granted between the timer firing and the lock, the lease is on
+                // its way (grants are sent right after the lock is released).
+                st.remove_waiter(group, id).then(|| {
+                    let waited = deadline.saturating_duration_since(started).as_millis();
+                    match outage {
+                        Some(since) => {
+                            let down = Instant::now().saturating_duration_since(since).as_millis();
+                            st.reject(
+                                group,
+                                Reason::ServerUnavailable,
+                                format!("the database server has been unreachable for {down} ms; no server connection could be had within {waited} ms"),
+                            )
+                        }
+                        None => st.reject(
                             group,
                             Reason::WaitTimeout,
-                            format!(
-                                "no server connection became free within wait_timeout ({ms} ms)"
-                            ),
-                        ))
-                    } else {
-                        None
+                            format!("no server connection became free within {waited} ms (wait_timeout)"),
+                        ),
                     }
-                };
-                match rejected {
-                    Some(r) => Err(r),
-                    // Granted between the timer firing and the lock: the lease is on its way
-                    // (grants are sent right after the lock is released).
-                    None => rx.await.map_err(|_| Rejected {
-                        reason: Reason::Closed,
-                        detail: "Sluice is shutting down".into(),
-                        retry_after: Duration::from_secs(1),
-                    }),
-                }
+                })
+            };
+            guard.id = None;
+            match rejected {
+                Some(r) => return Err(r),
+                None => break (&mut rx).await,
             }
-        }
+        };
+        guard.id = None;
+        // Senders are dropped without a grant only on shutdown.
+        received.map_err(|_| Rejected {
+            reason: Reason::Closed,
+            detail: "Sluice is shutting down".into(),
+            retry_after: Duration::from_secs(1),
+        })
+    }
+
+    /// Marks the server unreachable (`down`: a connect attempt failed as in an outage) or
+    /// reachable again (a login succeeded). Returns whether that changed.
+    pub fn set_outage(&self, down: bool) -> bool {
+        self.shared.state.lock().set_outage(down, Instant::now())
+    }
+
+    /// Since when the server has been unreachable, if it is.
+    pub fn outage(&self) -> Option<Instant> {
+        self.shared.state.lock().outage()
     }
 
     /// Takes idle connections that have idled past `idle_timeout` or lived past `lifetime`

@@ -133,6 +133,16 @@ impl Shedder {
         }
     }
 
+    /// Forgets the release rate measured so far (it measured an outage, not the capacity) and
+    /// starts measuring anew.
+    pub fn restart_rate(&mut self, now: Instant) {
+        self.rate = None;
+        self.last_rate = 0.0;
+        self.last_release = None;
+        self.window_start = Some(now);
+        self.window_count = 0;
+    }
+
     /// The first request of a busy spell started queueing.
     pub fn queue_started(&mut self, now: Instant) {
         if self.saturated_since.is_none() {

@@ -100,6 +100,11 @@ pub(crate) struct State<C: Send + 'static> {
     rr: VecDeque<usize>,
     next_id: u64,
     shedder: Shedder,
+    /// Since when the server has been unreachable (see [`State::set_outage`]).
+    outage: Option<Instant>,
+    /// When the last outage ended: requests queued before then waited on the outage, not on
+    /// the load, and say nothing to the shedder.
+    recovered: Option<Instant>,
     closed: bool,
     paused: bool,
     dead: Vec<C>,
@@ -118,6 +123,8 @@ impl<C: Send + 'static> State<C> {
             rr: VecDeque::new(),
             next_id: 1,
             shedder,
+            outage: None,
+            recovered: None,
             closed: false,
             paused: false,
             dead: Vec::new(),
@@ -287,7 +294,9 @@ impl<C: Send + 'static> State<C> {
         let ahead = (ahead * groups_waiting).min(self.waiting + 1);
         // Predictions need a steady pool: while connections are opening, requests wait on the
         // connect limit, not on releases.
-        let steady = self.connecting == 0;
+        // Nor is a wait during an outage a sign of overload: the queue holds until the server
+        // is back or server_unavailable_timeout ends it.
+        let steady = self.connecting == 0 && self.outage.is_none();
         if let Some((reason, detail)) = steady
             .then(|| self.shedder.check(now, ahead, self.limits.wait_timeout))
             .flatten()
@@ -295,6 +304,25 @@ impl<C: Send + 'static> State<C> {
             return Err(self.reject(group, reason, detail));
         }
         Ok(Admit::Queue)
+    }
+
+    /// See [`super::Pools::set_outage`].
+    pub fn set_outage(&mut self, down: bool, now: Instant) -> bool {
+        match (down, self.outage) {
+            (true, None) => self.outage = Some(now),
+            (false, Some(_)) => {
+                self.outage = None;
+                self.recovered = Some(now);
+                // Releases were rare while the server was away: that was no measure of the rate.
+                self.shedder.restart_rate(now);
+            }
+            _ => return false,
+        }
+        true
+    }
+
+    pub fn outage(&self) -> Option<Instant> {
+        self.outage
     }
 
     pub fn reject(&mut self, group: GroupId, reason: Reason, detail: String) -> Rejected {
@@ -381,7 +409,9 @@ impl<C: Send + 'static> State<C> {
                     let waited = now.saturating_duration_since(w.since);
                     gs.metrics.wait.record(waited.as_secs_f64());
                     self.groups[g].wait_time += waited;
-                    self.shedder.on_dequeue(now, waited);
+                    if self.outage.is_none() && self.recovered.is_none_or(|r| w.since >= r) {
+                        self.shedder.on_dequeue(now, waited);
+                    }
                     let lease = self.grant(shared, g, pool, src, now);
                     grants.push((w.tx, lease));
                     progressed = true;

@@ -16,6 +16,7 @@ fn limits(budget: u32) -> Limits {
         wait_timeout: Duration::from_secs(5),
         shed_target: Duration::from_secs(60),
         shed_interval: Duration::from_secs(60),
+        server_unavailable_timeout: Duration::from_secs(5),
     }
 }
 
@@ -112,6 +113,79 @@ async fn full_queue_rejects_at_once_and_timeout_rejects_later() {
     assert!(err.detail.contains("max_waiting (2)"));
     for w in [w1, w2] {
         assert_eq!(w.await.unwrap().unwrap_err().reason, Reason::WaitTimeout);
+    }
+    check(&pools);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_outage_holds_waiters_up_to_server_unavailable_timeout_with_its_own_reason() {
+    let mut l = limits(1);
+    l.server_unavailable_timeout = Duration::from_secs(20);
+    let pools = Pools::new(l);
+    let p = pools.pool("db", "u", 1, 0);
+    let g = pools.group("g", GroupLimits::default());
+    // The one slot is a session trying to connect through the outage.
+    let connecting = pools.acquire(p, g).await.unwrap();
+    assert!(pools.set_outage(true));
+    assert!(!pools.set_outage(true), "already in an outage");
+    let waiter = |pools: Pools<u32>| async move {
+        let t0 = Instant::now();
+        (pools.acquire(p, g).await.map(|_| ()), t0.elapsed())
+    };
+    let (err, waited) = waiter(pools.clone()).await;
+    assert_eq!(err.unwrap_err().reason, Reason::ServerUnavailable);
+    assert_eq!(waited, Duration::from_secs(20), "past wait_timeout (5 s)");
+    // The server comes back while one waits: it gets the connection.
+    let w = tokio::spawn(waiter(pools.clone()));
+    sleep(Duration::from_secs(8)).await;
+    assert!(pools.set_outage(false));
+    let next = AtomicU32::new(0);
+    ready(connecting, &next).release();
+    let (got, waited) = w.await.unwrap();
+    assert!(got.is_ok());
+    assert_eq!(waited, Duration::from_secs(8));
+    // No outage: wait_timeout as before.
+    let _held = pools.acquire(p, g).await.unwrap();
+    let (err, waited) = waiter(pools.clone()).await;
+    assert_eq!(err.unwrap_err().reason, Reason::WaitTimeout);
+    assert_eq!(waited, Duration::from_secs(5));
+    check(&pools);
+}
+
+#[tokio::test(start_paused = true)]
+async fn waits_through_an_outage_are_not_taken_for_overload() {
+    // Shedding as tight as it goes: 10 ms of queueing for 50 ms is overload.
+    let mut l = limits(1);
+    (l.shed_target, l.shed_interval) = (Duration::from_millis(10), Duration::from_millis(50));
+    l.server_unavailable_timeout = Duration::from_secs(20);
+    let pools = Pools::new(l);
+    let p = pools.pool("db", "u", 1, 0);
+    let g = pools.group("g", GroupLimits::default());
+    let next = AtomicU32::new(0);
+    let connecting = pools.acquire(p, g).await.unwrap();
+    pools.set_outage(true);
+    let mut queued = Vec::new();
+    for _ in 0..20 {
+        let pools = pools.clone();
+        queued.push(tokio::spawn(async move {
+            let lease = pools.acquire(p, g).await?;
+            sleep(Duration::from_millis(10)).await;
+            lease.release();
+            Ok::<_, Rejected>(())
+        }));
+        sleep(Duration::from_millis(100)).await;
+    }
+    // Back after 2 s: the requests queued through the outage are served one by one, 10 ms
+    // each. Halfway through, their long waits and the outage's silence have said nothing about
+    // load: a request arriving then queues behind them (else 2 s of queueing for over 50 ms is
+    // overload, and one release in 2 s predicts a wait past wait_timeout).
+    pools.set_outage(false);
+    ready(connecting, &next).release();
+    sleep(Duration::from_millis(100)).await;
+    let late = pools.acquire(p, g).await;
+    assert!(late.is_ok(), "shed after an outage: {:?}", late.err());
+    for q in queued {
+        q.await.unwrap().unwrap();
     }
     check(&pools);
 }

@@ -70,6 +70,7 @@ pub const TOO_MANY_CONNECTIONS: SqlState = SqlState(*b"53300");
 pub const PROGRAM_LIMIT_EXCEEDED: SqlState = SqlState(*b"54000");
 pub const QUERY_CANCELED: SqlState = SqlState(*b"57014");
 pub const ADMIN_SHUTDOWN: SqlState = SqlState(*b"57P01");
+pub const CRASH_SHUTDOWN: SqlState = SqlState(*b"57P02");
 pub const CANNOT_CONNECT_NOW: SqlState = SqlState(*b"57P03");
 pub const IDLE_SESSION_TIMEOUT: SqlState = SqlState(*b"57P05");
 pub const INTERNAL_ERROR: SqlState = SqlState(*b"XX000");
@@ -98,6 +99,7 @@ mod tests {
             (PROGRAM_LIMIT_EXCEEDED, "54000"),
             (QUERY_CANCELED, "57014"),
             (ADMIN_SHUTDOWN, "57P01"),
+            (CRASH_SHUTDOWN, "57P02"),
             (CANNOT_CONNECT_NOW, "57P03"),
             (IDLE_SESSION_TIMEOUT, "57P05"),
             (INTERNAL_ERROR, "XX000"),

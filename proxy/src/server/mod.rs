@@ -69,6 +69,10 @@ pub enum ServerError {
     /// The server refused the connection or a statement with an ErrorResponse.
     #[error("server error {}: {}", .0.code(), .0.message())]
     Rejected(PgError),
+    /// A login that succeeded on a server that does not accept writes, with
+    /// `target_session_attrs = read-write`: the setting that says so (`in_hot_standby`).
+    #[error("server {addr} is read-only ({setting} = on), and target_session_attrs = read-write")]
+    ReadOnly { addr: String, setting: &'static str },
 }
 
 impl ServerError {
@@ -81,7 +85,37 @@ impl ServerError {
             ServerError::Rejected(e) if e.code().class() == "28" => "auth_failed",
             ServerError::Rejected(_) => "rejected",
             ServerError::Auth(_) => "auth_failed",
+            ServerError::ReadOnly { .. } => "read_only",
             _ => "error",
+        }
+    }
+
+    /// Whether the failure is one an outage causes, which Sluice rides out by connecting again
+    /// with backoff (up to `server_unavailable_timeout`): the server unreachable, refusing,
+    /// silent, going away during the login, shutting down or starting up (`57P01`-`57P03`),
+    /// or read-only (a standby, a stale DNS answer after a failover). Not: what only a
+    /// configuration change cures (authentication, TLS, an unknown database) or the server's
+    /// own connection limit.
+    pub fn is_outage(&self) -> bool {
+        match self {
+            ServerError::Connect { .. }
+            | ServerError::ConnectTimeout(_)
+            | ServerError::Io(_)
+            | ServerError::Closed
+            | ServerError::ReadOnly { .. } => true,
+            ServerError::Rejected(e) => {
+                e.code().class() == "08"
+                    || [
+                        sqlstate::ADMIN_SHUTDOWN,
+                        sqlstate::CRASH_SHUTDOWN,
+                        sqlstate::CANNOT_CONNECT_NOW,
+                    ]
+                    .contains(&e.code())
+            }
+            ServerError::Protocol(_)
+            | ServerError::Auth(_)
+            | ServerError::Tls { .. }
+            | ServerError::TlsUnsupported { .. } => false,
         }
     }
 
@@ -113,6 +147,8 @@ pub struct Target {
     pub connect_timeout: Duration,
     /// Keepalive and `TCP_USER_TIMEOUT` of its sockets.
     pub keepalive: crate::stream::Keepalive,
+    /// Whether a read-only server is refused.
+    pub read_write: bool,
     pub max_prepared_statements: usize,
     /// How the connection is encrypted.
     pub tls: Arc<Connector>,
@@ -137,6 +173,7 @@ impl Target {
             database: cfg.server_dbname(database).to_string(),
             connect_timeout: cfg.server_connect_timeout,
             keepalive: cfg.server_keepalive(),
+            read_write: cfg.target_session_attrs == crate::config::TargetSessionAttrs::ReadWrite,
             max_prepared_statements: cfg.max_prepared_statements as usize,
             tls: tls.clone(),
         }
@@ -410,7 +447,12 @@ impl ServerConn {
                     self.process_id = body.process_id();
                     self.secret_key = body.secret_key();
                 }
-                Message::ReadyForQuery(_) => return Ok(bound),
+                Message::ReadyForQuery(_) => {
+                    if t.read_write {
+                        self.check_writable()?;
+                    }
+                    return Ok(bound);
+                }
                 Message::ErrorResponse(_) => return Err(self.last_error()),
                 Message::NoticeResponse(_) => {}
                 _ => {
@@ -423,6 +465,28 @@ impl ServerConn {
                 self.stream.send(&out).await?;
             }
         }
+    }
+
+    /// Refuses a server that does not accept writes, from what it reported at login (as libpq's
+    /// `target_session_attrs = read-write` does with PostgreSQL 14 and later, which report
+    /// both settings; older servers report neither and are taken as they are).
+    fn check_writable(&self) -> Result<(), ServerError> {
+        for setting in ["in_hot_standby", "default_transaction_read_only"] {
+            if self.param(setting) == Some("on") {
+                return Err(ServerError::ReadOnly {
+                    addr: self.addr.to_string(),
+                    setting,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn param(&self, name: &str) -> Option<&str> {
+        self.params
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
     }
 
     fn set_param(&mut self, name: String, value: String) {
@@ -601,6 +665,13 @@ pub fn client_error(e: &ServerError) -> PgError {
         ServerError::Auth(why) => failed(format!(
             "Sluice could not log in to the database server: {why}"
         )),
+        ServerError::ReadOnly { addr, setting } => failed(format!(
+            "the database server {addr} is read-only ({setting} = on)"
+        ))
+        .with_detail(
+            "Sluice uses only a server that accepts writes (target_session_attrs = read-write); after a failover the endpoint's name may still lead to the old primary for a while. For a read replica set target_session_attrs = any.",
+        )
+        .with_hint("The query was not executed; it is safe to retry."),
         ServerError::TlsUnsupported { .. } => {
             failed("the database server does not support TLS, which server_tls requires".into())
         }

@@ -11,8 +11,21 @@ use crate::protocol::backend::TxStatus;
 use crate::relay::Flow;
 use crate::server::{self, ServerConn};
 
-/// The error for a request refused for capacity: it was not executed and may be retried.
+/// The error for a request refused for capacity, or held through an outage for
+/// `server_unavailable_timeout`: it was not executed and may be retried.
 pub(super) fn rejection(r: Rejected) -> PgError {
+    if r.reason == Reason::ServerUnavailable {
+        return PgError::error(
+            sqlstate::CONNECTION_FAILURE,
+            "the database server cannot be reached (server_unavailable): the query was not executed and is safe to retry",
+        )
+        .with_side(crate::error::Side::Server)
+        .with_detail(r.detail)
+        .with_hint(format!(
+            "Retry after about {} ms, with backoff.",
+            r.retry_after.as_millis()
+        ));
+    }
     let code = match r.reason {
         Reason::Closed => sqlstate::CANNOT_CONNECT_NOW,
         _ => sqlstate::TOO_MANY_CONNECTIONS,

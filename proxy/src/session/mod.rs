@@ -6,6 +6,7 @@
 //! A request refused for capacity is answered with a non-fatal ErrorResponse (SQLSTATE 53300)
 //! and ReadyForQuery, so the client keeps its connection and may retry on it.
 
+mod checkout;
 mod ending;
 mod settings;
 mod startup;
@@ -19,7 +20,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::net::TcpStream;
 
-use ending::{cleanup, rejection};
+use ending::cleanup;
 use startup::Login;
 
 use crate::client_conn::{ClientConn, ClientError, Exit, Framed};
@@ -28,12 +29,12 @@ use crate::config::{Config, GroupBy, PoolMode};
 use crate::console;
 use crate::context::{group_limits, Context, ServerParams, ADMIN_DATABASE};
 use crate::error::{sqlstate, PgError, Severity, Side};
-use crate::pool::{Lease, PoolId};
+use crate::pool::PoolId;
 use crate::protocol::backend::{Out, TxStatus};
 use crate::protocol::frontend::tag;
 use crate::protocol::ProtocolError;
 use crate::relay::{self, End, Flow};
-use crate::server::{self, ServerConn, ServerState, Target};
+use crate::server::{self, ServerState};
 use crate::sql as state;
 use crate::stream::Stream;
 
@@ -702,73 +703,5 @@ impl<'a> Session<'a> {
             }
         }
         Step::Next
-    }
-
-    /// Borrows a usable server connection, connecting when the lease brings none, and
-    /// replacing an idle one that died while pooled. Errors are what the client is told.
-    async fn checkout(&self) -> Result<Lease<Box<ServerConn>>, PgError> {
-        let mut lease = self
-            .ctx
-            .pools
-            .acquire(self.pool, self.group)
-            .await
-            .map_err(rejection)?;
-        if let Some(conn) = lease.conn() {
-            if conn.is_reusable() {
-                return Ok(lease);
-            }
-            lease.reconnect();
-        }
-        self.connect(&mut lease).await?;
-        Ok(lease)
-    }
-
-    async fn connect(&self, lease: &mut Lease<Box<ServerConn>>) -> Result<(), PgError> {
-        let g = crate::metrics::global();
-        let started = std::time::Instant::now();
-        let target = Target::new(
-            &self.config,
-            &self.ctx.tls().connector,
-            self.ctx.server_password(&self.user),
-            &self.database,
-            &self.user,
-        );
-        let res = ServerConn::connect(&target, &self.database, &self.ctx.servers).await;
-        match res {
-            Ok(conn) => {
-                g.connect_time.record(started.elapsed().as_secs_f64());
-                crate::metrics::server_connect("ok");
-                self.ctx.ready.login(&self.database, &self.user, true);
-                self.ctx
-                    .server_params
-                    .lock()
-                    .insert(self.pool, Arc::new(conn.params.clone()));
-                lease.fill(Box::new(conn));
-                Ok(())
-            }
-            Err(e) => {
-                crate::metrics::server_connect(e.kind());
-                if e.says_unable_to_serve() {
-                    self.ctx.ready.login(&self.database, &self.user, false);
-                }
-                tracing::warn!(error = %e, database = %self.database, user = %self.user, "server connect failed");
-                Err(server::client_error(&e).with_severity(Severity::Error))
-            }
-        }
-    }
-
-    /// The server's ParameterStatus values for this pool, connecting once if none are known.
-    async fn server_params(&self) -> Result<ServerParams, PgError> {
-        if let Some(p) = self.ctx.server_params.lock().get(&self.pool) {
-            return Ok(p.clone());
-        }
-        let lease = self.checkout().await?;
-        lease.release();
-        self.ctx
-            .server_params
-            .lock()
-            .get(&self.pool)
-            .cloned()
-            .ok_or_else(|| PgError::fatal(sqlstate::INTERNAL_ERROR, "no server parameters known"))
     }
 }

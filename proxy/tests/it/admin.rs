@@ -30,7 +30,7 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 }
 
 /// The value of the exposition line `name{labels}` (labels as rendered), or 0 when absent.
-fn metric(body: &str, series: &str) -> f64 {
+pub fn metric(body: &str, series: &str) -> f64 {
     body.lines()
         .find_map(|l| {
             l.strip_prefix(series)

@@ -15,6 +15,7 @@ mod harness_selftest;
 mod harness_tls;
 mod iam;
 mod loadgen;
+mod outage;
 mod pg;
 mod proxy;
 mod relay_capture;

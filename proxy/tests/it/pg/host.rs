@@ -248,7 +248,7 @@ pub(super) static PORTS_IN_USE: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
 
 /// A port that was free a moment ago and that no other server of this
 /// process uses. (The race with other processes is handled by retrying.)
-pub(super) fn pick_port() -> u16 {
+pub fn pick_port() -> u16 {
     let mut used = PORTS_IN_USE.lock().unwrap_or_else(|e| e.into_inner());
     let used = used.get_or_insert_with(HashSet::new);
     for _ in 0..100 {

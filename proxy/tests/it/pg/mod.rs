@@ -21,7 +21,7 @@
 mod host;
 
 use host::*;
-pub use host::{bin, pg_os_user};
+pub use host::{bin, pg_os_user, pick_port};
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write as _;
@@ -52,6 +52,10 @@ pub struct PgOptions {
     /// which says whether it used TLS (`SSL enabled (protocol=...)`). See
     /// [`PgServer::log_contents`].
     pub log_connections: bool,
+    /// Listen on this loopback address (`listen_addresses`, e.g. `127.0.0.2`) rather than
+    /// 127.0.0.1, and on this port rather than a free one: two servers on one port at
+    /// different addresses stand for one endpoint's hosts before and after a failover.
+    pub listen: Option<(&'static str, u16)>,
 }
 
 impl Default for PgOptions {
@@ -61,6 +65,7 @@ impl Default for PgOptions {
             extra_conf: Vec::new(),
             tls: None,
             log_connections: false,
+            listen: None,
         }
     }
 }
@@ -82,6 +87,7 @@ pub struct PgTls {
 
 /// A running (or stopped, see [`PgServer::stop`]) PostgreSQL server.
 pub struct PgServer {
+    host: &'static str,
     port: u16,
     /// Whether the server serves TLS.
     tls: bool,
@@ -104,7 +110,7 @@ impl PgServer {
                 Command::new("cp").arg("-a").arg(&tpl.data).arg(&data),
                 "copy template data directory",
             );
-            let port = pick_port();
+            let (host, port) = opts.listen.unwrap_or_else(|| (HOST, pick_port()));
             let mut conf = format!(
                 "\n# --- per-server settings (sluice test harness) ---\n\
                  port = {port}\n\
@@ -115,6 +121,9 @@ impl PgServer {
             );
             if opts.log_connections {
                 conf.push_str("log_connections = on\n");
+            }
+            if host != HOST {
+                conf.push_str(&format!("listen_addresses = '{host}'\n"));
             }
             if let Some(tls) = &opts.tls {
                 crate::certs::write_pem(&data, "server.crt", &tls.cert_pem, pg_user(), 0o644);
@@ -142,6 +151,7 @@ impl PgServer {
             append(&data.join("postgresql.conf"), &conf);
 
             let server = PgServer {
+                host,
                 port,
                 tls: opts.tls.is_some(),
                 log: dir.path().join("postgres.log"),
@@ -170,7 +180,7 @@ impl PgServer {
     }
 
     pub fn host(&self) -> &str {
-        HOST
+        self.host
     }
 
     /// Whether the server was started with [`PgOptions::tls`].
@@ -186,9 +196,10 @@ impl PgServer {
     /// `postgres://user:password@127.0.0.1:port/db` (user and password percent-encoded).
     pub fn url(&self, user: &str, password: &str, db: &str) -> String {
         format!(
-            "postgres://{}:{}@{HOST}:{}/{}",
+            "postgres://{}:{}@{}:{}/{}",
             pct(user),
             pct(password),
+            self.host,
             self.port,
             pct(db)
         )
@@ -228,7 +239,7 @@ impl PgServer {
         let out = output(
             Command::new(self.bin("psql"))
                 .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1"])
-                .args(["-h", HOST, "-p", &self.port.to_string()])
+                .args(["-h", self.host, "-p", &self.port.to_string()])
                 .args(["-U", SUPERUSER, "-d", db, "-c", sql])
                 .env("PGPASSWORD", SUPERUSER_PASSWORD)
                 .env("PGCONNECT_TIMEOUT", "10")

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod blackhole;
+pub mod hosts;
 pub mod raw;
 
 use std::future::Future;

@@ -1,0 +1,236 @@
+//! Riding out an outage: while the server is stopped, refusing, or reachable only as a
+//! read-only host (a failover whose DNS change has not settled), requests wait in the queue
+//! while Sluice reconnects with backoff, up to `server_unavailable_timeout`; clients keep their
+//! connections throughout, and every acknowledged write is there exactly once afterwards.
+
+use std::time::{Duration, Instant};
+
+use tokio_postgres::Client;
+
+use crate::admin::{http_get, metric};
+use crate::pg::{pick_port, PgOptions, PgServer};
+use crate::proxy::{connect, start_sluice};
+use crate::support::hosts::HostsEntry;
+use crate::support::{describe, direct, pg_with_user, start_pg_with_user};
+
+const PASSWORD: &str = "outage-pw";
+const DB: &str = "outage_db";
+
+async fn clients(sluice: &sluice::Handle, user: &str, n: usize) -> Vec<Client> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let c = connect(sluice, user, PASSWORD, DB).await.expect("connect");
+        c.simple_query("SELECT 1").await.expect("served");
+        out.push(c);
+    }
+    out
+}
+
+async fn off_runtime(f: impl FnOnce() + Send + 'static) {
+    tokio::task::spawn_blocking(f).await.expect("blocking task");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_wait_through_an_outage_and_keep_their_connections() {
+    const USER: &str = "outage_hold";
+    let pg = std::sync::Arc::new(start_pg_with_user(Default::default(), USER, PASSWORD, DB).await);
+    pg.psql_db(
+        DB,
+        &format!("CREATE TABLE t (id int PRIMARY KEY); ALTER TABLE t OWNER TO {USER}"),
+    );
+    // Shedding as tight as the queue allows, to show that an outage is not taken for overload;
+    // requests queued behind the pool wait past wait_timeout.
+    let sluice = start_sluice(&pg, USER, PASSWORD, DB, 6, 3, |c| {
+        c.wait_timeout = Duration::from_secs(2);
+        c.server_unavailable_timeout = Some(Duration::from_secs(30));
+        c.shed_target = Duration::from_millis(50);
+        c.shed_interval = Duration::from_millis(100);
+    })
+    .await;
+    let clients = clients(&sluice, USER, 12).await;
+
+    let stopped = pg.clone();
+    off_runtime(move || stopped.stop()).await;
+    let down = Instant::now();
+    let mut tasks = Vec::new();
+    for (i, c) in clients.into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            let r = c.simple_query(&format!("INSERT INTO t VALUES ({i})")).await;
+            (c, r.map(|_| ()), Instant::now())
+        }));
+    }
+    // Past wait_timeout: every request is still waiting (none was refused or failed).
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    for t in &tasks {
+        assert!(!t.is_finished(), "a request ended during the outage");
+    }
+    let started = pg.clone();
+    off_runtime(move || started.start_again()).await;
+    let up = Instant::now();
+    let mut last = up;
+    for t in tasks {
+        let (c, r, at) = t.await.expect("task");
+        r.unwrap_or_else(|e| panic!("held through the outage: {}", describe(&e)));
+        last = last.max(at);
+        // The same connection serves on.
+        c.simple_query("SELECT 1").await.expect("connection kept");
+    }
+    eprintln!(
+        "outage of {:?}; every held request served {:?} after the server was back",
+        up - down,
+        last - up
+    );
+    let direct = direct(&pg.url(USER, PASSWORD, DB)).await;
+    let row = direct
+        .query_one("SELECT count(*), count(DISTINCT id) FROM t", &[])
+        .await
+        .expect("count");
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (12, 12));
+    let body = http_get(sluice.admin_addr, "/metrics").1;
+    for reason in [
+        "overload",
+        "predicted_timeout",
+        "wait_timeout",
+        "server_unavailable",
+    ] {
+        let series =
+            format!(r#"sluice_queries_rejected_total{{reason="{reason}",group="{USER}"}}"#);
+        assert_eq!(metric(&body, &series), 0.0, "{series}");
+    }
+    assert!(body.contains("\nsluice_server_unavailable "), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_past_server_unavailable_timeout_ends_with_a_retryable_error() {
+    const USER: &str = "outage_short";
+    let pg = std::sync::Arc::new(start_pg_with_user(Default::default(), USER, PASSWORD, DB).await);
+    let sluice = start_sluice(&pg, USER, PASSWORD, DB, 2, 1, |c| {
+        c.server_unavailable_timeout = Some(Duration::from_secs(1));
+    })
+    .await;
+    let clients = clients(&sluice, USER, 3).await;
+    let stopped = pg.clone();
+    off_runtime(move || stopped.stop()).await;
+    let mut tasks = Vec::new();
+    for c in clients {
+        tasks.push(tokio::spawn(async move {
+            let r = c.simple_query("SELECT 1").await;
+            (c, r)
+        }));
+    }
+    let mut clients = Vec::new();
+    for t in tasks {
+        let (c, r) = t.await.expect("task");
+        let e = r.expect_err("the server is down");
+        let db = e
+            .as_db_error()
+            .unwrap_or_else(|| panic!("{}", describe(&e)));
+        // A non-fatal 08006 (the documented retryable "server connection could not be made"):
+        // the client's own connection stays.
+        assert_eq!(db.code().code(), "08006", "{}", describe(&e));
+        assert_eq!(db.severity(), "ERROR", "{}", describe(&e));
+        assert!(
+            db.message()
+                .contains("could not connect to the database server")
+                || db
+                    .message()
+                    .contains("cannot be reached (server_unavailable)"),
+            "{}",
+            describe(&e)
+        );
+        clients.push(c);
+    }
+    let started = pg.clone();
+    off_runtime(move || started.start_again()).await;
+    for c in clients {
+        c.simple_query("SELECT 1")
+            .await
+            .expect("served again on the same connection");
+    }
+}
+
+/// One address of a failover pair: `127.0.0.N` on `port`, with the test's user and database.
+fn host_of_pair(addr: &'static str, port: u16, user: &str) -> PgServer {
+    let pg = pg_with_user(
+        PgOptions {
+            listen: Some((addr, port)),
+            ..Default::default()
+        },
+        user,
+        PASSWORD,
+        DB,
+    );
+    pg.psql_db(
+        DB,
+        &format!("CREATE TABLE t (id int PRIMARY KEY); ALTER TABLE t OWNER TO {user}"),
+    );
+    pg
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_failover_the_name_is_resolved_again_and_a_read_only_host_is_not_used() {
+    const USER: &str = "outage_failover";
+    let port = pick_port();
+    let (old, new) = tokio::task::spawn_blocking(move || {
+        (
+            host_of_pair("127.0.0.2", port, USER),
+            host_of_pair("127.0.0.3", port, USER),
+        )
+    })
+    .await
+    .expect("servers start");
+    // The new host is not writable yet (as a standby before its promotion).
+    new.psql(&format!(
+        "ALTER DATABASE {DB} SET default_transaction_read_only = on"
+    ));
+    let name = HostsEntry::add("sluice-failover", "127.0.0.2");
+    let sluice = start_sluice(&old, USER, PASSWORD, DB, 4, 2, |c| {
+        c.server_host = name.name.clone();
+        c.server_unavailable_timeout = Some(Duration::from_secs(60));
+    })
+    .await;
+    let client = connect(&sluice, USER, PASSWORD, DB).await.expect("connect");
+    client
+        .simple_query("INSERT INTO t VALUES (1)")
+        .await
+        .expect("written on the old host");
+
+    // The old host goes; the name moves to the new one, still read-only.
+    let old = std::sync::Arc::new(old);
+    let gone = old.clone();
+    off_runtime(move || gone.stop()).await;
+    name.point_at("127.0.0.3");
+    let write = tokio::spawn(async move {
+        let r = client.simple_query("INSERT INTO t VALUES (2)").await;
+        (client, r.map(|_| ()))
+    });
+    let read_only =
+        |body: &str| metric(body, r#"sluice_server_connects_total{result="read_only"}"#);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while read_only(&http_get(sluice.admin_addr, "/metrics").1) == 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "Sluice never reached the new host"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        !write.is_finished(),
+        "the write was not held while the new host is read-only"
+    );
+    // Promoted: the held write lands there.
+    new.psql(&format!(
+        "ALTER DATABASE {DB} RESET default_transaction_read_only"
+    ));
+    let (client, r) = write.await.expect("task");
+    r.unwrap_or_else(|e| panic!("held through the failover: {}", describe(&e)));
+    client
+        .simple_query("SELECT 1")
+        .await
+        .expect("connection kept");
+    assert_eq!(
+        new.psql_db(DB, "SELECT string_agg(id::text, ',') FROM t"),
+        "2"
+    );
+    drop(name);
+}
