@@ -133,15 +133,17 @@ pub fn read_back_sql(names: &[String]) -> String {
     format!("SELECT {list}")
 }
 
-/// A value read by [`read_back_sql`].
+/// A value read by [`read_back_sql`]: pairs of hex digits, nothing else (`u8::from_str_radix`
+/// would take `+f` for `0f`).
 pub fn read_back_value(hex: &str) -> Option<String> {
     let digits = hex.as_bytes();
     if digits.len() % 2 != 0 {
         return None;
     }
+    let digit = |b: u8| char::from(b).to_digit(16);
     let bytes = digits
         .chunks(2)
-        .map(|pair| u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok())
+        .map(|pair| u8::try_from(digit(pair[0])? * 16 + digit(pair[1])?).ok())
         .collect::<Option<Vec<u8>>>()?;
     String::from_utf8(bytes).ok()
 }
@@ -516,6 +518,10 @@ mod tests {
         assert_eq!(read_back_value("6"), None);
         assert_eq!(read_back_value("zz"), None);
         assert_eq!(read_back_value("ff"), None);
+        // A sign is not a digit (found by the `backend` fuzz target).
+        assert_eq!(read_back_value("+6"), None);
+        assert_eq!(read_back_value("6+61"), None);
+        assert_eq!(read_back_value("4A").as_deref(), Some("J"));
     }
 
     #[test]
