@@ -1,0 +1,172 @@
+//! The relay's sans-I/O core (`relay::Core`): fed what a client and a server send, cut into
+//! reads anywhere, it frames both directions, rewrites prepared statements, answers or
+//! swallows messages, and says when the server may go back to the pool. Driven as the relay's
+//! shell and the session drive it: one core per transaction, each side walked after each read.
+//!
+//! Input: one byte of configuration (bit 0: session pooling; bit 1: `on_session_state =
+//! "reject"`; bit 2: a small `max_message_bytes`; bits 3-4: room for 1-4 statements per
+//! server; bit 5: Sluice's settings Query first), then reads, each a byte (even: the client's,
+//! odd: the server's), a big-endian `u16` length and that many bytes.
+//!
+//! Checks: a walk consumes only what is buffered; without statement tracking it forwards the
+//! bytes as they came; both output streams are well framed; and a server goes back to the pool
+//! only between whole messages in both directions.
+#![no_main]
+
+use std::collections::hash_map::RandomState;
+use std::sync::OnceLock;
+
+use bytes::{Buf, BytesMut};
+use libfuzzer_sys::fuzz_target;
+use sluice::prepared::{ClientStatements, ServerStatements};
+use sluice::protocol::backend::Out;
+use sluice::protocol::frontend::tag as fe;
+use sluice::protocol::Header;
+use sluice::relay::{Core, End, Flow, Statements};
+use sluice::sql::Encoding;
+
+fn hasher() -> &'static RandomState {
+    static H: OnceLock<RandomState> = OnceLock::new();
+    H.get_or_init(RandomState::new)
+}
+
+/// The reads of one input, client's and server's.
+struct Reads<'a> {
+    data: &'a [u8],
+}
+
+impl Reads<'_> {
+    /// Appends the next read to its side's buffer; false when there are no more.
+    fn feed(&mut self, client: &mut BytesMut, server: &mut BytesMut) -> bool {
+        let Some((&side, rest)) = self.data.split_first() else {
+            return false;
+        };
+        let len = match rest {
+            [a, b, ..] => usize::from(u16::from_be_bytes([*a, *b])),
+            _ => 0,
+        };
+        let rest = rest.get(2..).unwrap_or_default();
+        let (read, rest) = rest.split_at(len.min(rest.len()));
+        self.data = rest;
+        let buf = if side % 2 == 0 { client } else { server };
+        buf.extend_from_slice(read);
+        true
+    }
+}
+
+/// Whether `stream` is whole messages with valid headers (`whole`), or so up to a last
+/// message still being streamed.
+fn framed(stream: &[u8], whole: bool) {
+    let mut pos = 0;
+    while pos < stream.len() {
+        match Header::peek(&stream[pos..]) {
+            Ok(Some(h)) if pos + h.total() <= stream.len() => pos += h.total(),
+            Ok(_) => {
+                assert!(!whole, "a partial message at {pos} of {}", stream.len());
+                return;
+            }
+            Err(e) => panic!("a corrupt header at {pos}: {e}"),
+        }
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&config, data)) = data.split_first() else {
+        return;
+    };
+    let pooling = config & 1 == 0;
+    let reject = config & 2 != 0;
+    let max_message = if config & 4 != 0 { 1 << 12 } else { 1 << 20 };
+    let max_prepared = usize::from((config >> 3) & 3) + 1;
+    let mut prefix = config & 32 != 0;
+
+    let mut client = ClientStatements::default();
+    let mut on_server = ServerStatements::with_capacity(max_prepared);
+    let mut reads = Reads { data };
+    let (mut cbuf, mut sbuf) = (BytesMut::new(), BytesMut::new());
+    let (mut to_server, mut to_client) = (Vec::new(), Vec::new());
+    let mut encoding = Encoding::AsciiSafe;
+    let mut pinned = None;
+
+    'session: loop {
+        // Between transactions the session waits for the client; the pooled server is not read.
+        while cbuf.is_empty() {
+            if !reads.feed(&mut cbuf, &mut sbuf) {
+                break 'session;
+            }
+        }
+        if cbuf.first() == Some(&fe::TERMINATE) {
+            break;
+        }
+        let mut flow = Flow::new();
+        flow.encoding = encoding;
+        flow.release = pooling && pinned.is_none();
+        let statements = pooling.then_some(Statements {
+            client: &mut client,
+            hasher: hasher(),
+            reject_session_state: reject,
+        });
+        let mut core = Core::new(&mut flow, max_message, statements, &mut on_server);
+        if std::mem::take(&mut prefix) && pooling {
+            core.prefix();
+            let mut q = BytesMut::new();
+            Out::query(&mut q, "SELECT set_config('work_mem', '8MB', false)");
+            to_server.extend_from_slice(&q);
+        }
+        let end = 'relay: loop {
+            let w = match core.client(&cbuf) {
+                Ok(w) => w,
+                Err(end) => break 'relay end,
+            };
+            assert!(w.used <= cbuf.len());
+            if w.staged {
+                assert!(pooling, "staged without statement tracking");
+                to_server.extend_from_slice(core.staged_for_server());
+            } else {
+                to_server.extend_from_slice(&cbuf[..w.used]);
+            }
+            cbuf.advance(w.used);
+            if w.terminate {
+                break 'relay End::ClientGone;
+            }
+            if core.take_due() {
+                to_client.extend_from_slice(core.staged_for_client());
+                if sbuf.is_empty() && core.releasable() {
+                    break 'relay End::Released;
+                }
+            }
+            let w = match core.server(&sbuf) {
+                Ok(w) => w,
+                Err(end) => break 'relay end,
+            };
+            assert!(w.used <= sbuf.len());
+            if w.staged {
+                assert!(pooling, "staged without statement tracking");
+                to_client.extend_from_slice(core.staged_for_client());
+            } else {
+                to_client.extend_from_slice(&sbuf[..w.used]);
+            }
+            sbuf.advance(w.used);
+            if w.ready && sbuf.is_empty() && core.releasable() {
+                break 'relay End::Released;
+            }
+            if !reads.feed(&mut cbuf, &mut sbuf) {
+                break 'relay End::ClientGone;
+            }
+        };
+        drop(core);
+        encoding = flow.encoding;
+        pinned = pinned.or(flow.pinned());
+        let released = matches!(end, End::Released);
+        // Released only between whole messages, both ways.
+        framed(&to_server, released);
+        framed(&to_client, released);
+        if released {
+            assert!(flow.at_rest() && pooling);
+        } else {
+            break;
+        }
+    }
+    framed(&to_server, false);
+    framed(&to_client, false);
+});
