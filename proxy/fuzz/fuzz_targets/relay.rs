@@ -5,12 +5,15 @@
 //!
 //! Input: one byte of configuration (bit 0: session pooling; bit 1: `on_session_state =
 //! "reject"`; bit 2: a small `max_message_bytes`; bits 3-4: room for 1-4 statements per
-//! server; bit 5: Sluice's settings Query first), then reads, each a byte (even: the client's,
+//! server; bit 5: Sluice's settings Query first; bit 6: the client started with settings of its
+//! own, which its resets bring back), then reads, each a byte (even: the client's,
 //! odd: the server's), a big-endian `u16` length and that many bytes.
 //!
 //! Checks: a walk consumes only what is buffered; without statement tracking it forwards the
 //! bytes as they came; both output streams are well framed; and a server goes back to the pool
-//! only between whole messages in both directions.
+//! only between whole messages in both directions. A client walk that holds the rest for a
+//! Query of Sluice's own is not walked again until the core lets it go, and that Query goes to
+//! the server first, as the shell does it.
 #![no_main]
 
 use std::collections::hash_map::RandomState;
@@ -23,6 +26,7 @@ use sluice::protocol::backend::Out;
 use sluice::protocol::frontend::tag as fe;
 use sluice::protocol::Header;
 use sluice::relay::{Core, End, Flow, Statements};
+use sluice::settings::Settings;
 use sluice::sql::Encoding;
 
 fn hasher() -> &'static RandomState {
@@ -79,6 +83,11 @@ fuzz_target!(|data: &[u8]| {
     let max_message = if config & 4 != 0 { 1 << 12 } else { 1 << 20 };
     let max_prepared = usize::from((config >> 3) & 3) + 1;
     let mut prefix = config & 32 != 0;
+    let mut startup = Settings::new();
+    if config & 64 != 0 {
+        startup.insert("application_name".into(), "fuzz".into());
+        startup.insert("timezone".into(), "UTC".into());
+    }
 
     let mut client = ClientStatements::default();
     let mut on_server = ServerStatements::with_capacity(max_prepared);
@@ -106,28 +115,33 @@ fuzz_target!(|data: &[u8]| {
             hasher: hasher(),
             reject_session_state: reject,
         });
-        let mut core = Core::new(&mut flow, max_message, statements, &mut on_server);
+        let mut core = Core::new(&mut flow, max_message, statements, &mut on_server, &startup);
         if std::mem::take(&mut prefix) && pooling {
             core.prefix();
             let mut q = BytesMut::new();
             Out::query(&mut q, "SELECT set_config('work_mem', '8MB', false)");
             to_server.extend_from_slice(&q);
         }
+        let mut held = false;
         let end = 'relay: loop {
-            let w = match core.client(&cbuf) {
-                Ok(w) => w,
-                Err(end) => break 'relay end,
-            };
-            assert!(w.used <= cbuf.len());
-            if w.staged {
-                assert!(pooling, "staged without statement tracking");
-                to_server.extend_from_slice(core.staged_for_server());
-            } else {
-                to_server.extend_from_slice(&cbuf[..w.used]);
-            }
-            cbuf.advance(w.used);
-            if w.terminate {
-                break 'relay End::ClientGone;
+            if !held || !core.holding() {
+                let w = match core.client(&cbuf) {
+                    Ok(w) => w,
+                    Err(end) => break 'relay end,
+                };
+                assert!(w.used <= cbuf.len());
+                assert!(!w.held || pooling, "held without statement tracking");
+                held = w.held;
+                if w.staged {
+                    assert!(pooling, "staged without statement tracking");
+                    to_server.extend_from_slice(core.staged_for_server());
+                } else {
+                    to_server.extend_from_slice(&cbuf[..w.used]);
+                }
+                cbuf.advance(w.used);
+                if w.terminate {
+                    break 'relay End::ClientGone;
+                }
             }
             if core.take_due() {
                 to_client.extend_from_slice(core.staged_for_client());
@@ -147,6 +161,14 @@ fuzz_target!(|data: &[u8]| {
                 to_client.extend_from_slice(&sbuf[..w.used]);
             }
             sbuf.advance(w.used);
+            if let Some(own) = core.take_for_server() {
+                assert!(
+                    pooling,
+                    "a Query of Sluice's own without statement tracking"
+                );
+                framed(&own, true);
+                to_server.extend_from_slice(&own);
+            }
             if w.ready && sbuf.is_empty() && core.releasable() {
                 break 'relay End::Released;
             }

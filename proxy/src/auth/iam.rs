@@ -37,8 +37,11 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+#[cfg(feature = "aws-sdk")]
 use aws_config::default_provider::credentials::DefaultCredentialsChain;
+#[cfg(feature = "aws-sdk")]
 use aws_config::provider_config::ProviderConfig;
+#[cfg(feature = "aws-sdk")]
 use aws_config::Region;
 use aws_credential_types::provider::error::CredentialsError;
 use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvider};
@@ -349,6 +352,7 @@ impl IamTokens {
     /// Tokens signed with credentials from the AWS SDK's default chain, for `region`, else
     /// the region [`resolve_region`] finds in the environment. The chain is only built here;
     /// credentials are first fetched by the first [`IamTokens::token`].
+    #[cfg(feature = "aws-sdk")]
     pub async fn from_environment(region: Option<&str>) -> Result<IamTokens, IamError> {
         let region =
             resolve_region(region, |name| std::env::var(name).ok()).ok_or(IamError::NoRegion)?;
