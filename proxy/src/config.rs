@@ -255,6 +255,11 @@ pub struct Config {
     /// (FATAL 25P03) and its transaction rolled back; 0 disables.
     #[serde(with = "duration")]
     pub idle_transaction_timeout: Duration,
+    /// A client that sends nothing for this long in the middle of a message (one too large to
+    /// buffer whole, streamed to its server) or of a COPY FROM STDIN is disconnected and its
+    /// server connection closed (rolling back); 0 disables.
+    #[serde(with = "duration")]
+    pub client_stall_timeout: Duration,
     /// Time a client has to finish startup and authentication.
     #[serde(with = "duration")]
     pub client_login_timeout: Duration,
@@ -357,6 +362,7 @@ impl Default for Config {
             client_idle_timeout: Duration::from_secs(900),
             client_login_timeout: Duration::from_secs(15),
             idle_transaction_timeout: Duration::from_secs(60),
+            client_stall_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(5),
             max_message_bytes: 64 << 20,
             max_prepared_statements: 200,

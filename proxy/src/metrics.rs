@@ -74,7 +74,7 @@ pub fn describe() {
     );
     describe_counter!(
         CLIENT_TIMEOUTS,
-        "Clients disconnected by a timeout, by reason (idle_transaction_timeout)"
+        "Clients disconnected by a timeout, by reason (idle_transaction_timeout, client_stall_timeout)"
     );
     describe_counter!(
         TRANSACTIONS,

@@ -87,7 +87,7 @@ where
         sbuf: ends.server_buf,
         up,
         down: Direction::walking(),
-        idle_timer: None,
+        client_timer: None,
     };
     poll_fn(|cx| shell.poll(cx)).await
 }
@@ -195,8 +195,9 @@ struct Shell<'a, C, S> {
     up: Direction,
     /// Server → client.
     down: Direction,
-    /// Running while the client idles inside a transaction (`idle_transaction_timeout`).
-    idle_timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Running while the server waits for the client: idle inside a transaction
+    /// (`idle_transaction_timeout`) or stalled mid-request (`client_stall_timeout`).
+    client_timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 /// What one poll of a direction did: `Ready(Ok)` made progress (poll again), `Pending` waits
@@ -244,17 +245,24 @@ where
                     continue;
                 }
             }
-            // The server half may have just left the client idle inside a transaction: the
-            // client half arms its timer when it next waits, so let it wait once more.
-            let flow = self.core.flow();
-            let arm = self.idle_timer.is_none()
+            // The server half may have just left the server waiting for the client (idle
+            // inside a transaction, or in a COPY FROM STDIN): the client half arms its timer
+            // when it next waits, so let it wait once more.
+            let arm = self.client_timer.is_none()
                 && matches!(self.up.step, Step::Read)
-                && !flow.idle_transaction_timeout.is_zero()
-                && flow.idle_in_transaction();
+                && self.client_deadline().is_some();
             if !arm {
                 return Poll::Pending;
             }
         }
+    }
+
+    /// See [`Flow::client_deadline`]: client bytes buffered while the client half reads are
+    /// the start of a message the walk waits to have whole (unless they are held back for a
+    /// Query of Sluice's own, which waits for the server).
+    fn client_deadline(&self) -> Option<(std::time::Duration, End)> {
+        let in_message = !self.cbuf.is_empty() && !self.up.held;
+        self.core.flow().client_deadline(in_message)
     }
 
     /// Client → server.
@@ -267,15 +275,14 @@ where
                 Poll::Ready(Ok(()))
             }
             Step::Read => {
-                let timeout = self.core.flow().idle_transaction_timeout;
-                if !timeout.is_zero() && self.core.flow().idle_in_transaction() {
-                    // Armed once per wait (the timer is made only for a client that stops
-                    // inside a transaction), dropped when the client sends something.
+                if let Some((timeout, end)) = self.client_deadline() {
+                    // Armed once per wait (the timer is made only for a client that keeps its
+                    // server waiting), dropped when the client sends something.
                     let timer = self
-                        .idle_timer
+                        .client_timer
                         .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
                     if timer.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(Err(End::IdleInTransaction));
+                        return Poll::Ready(Err(end));
                     }
                 }
                 let room = READ_BUFFER.max(self.up.need.saturating_sub(self.cbuf.len()));
@@ -287,7 +294,7 @@ where
                 )) {
                     Ok(0) | Err(_) => Poll::Ready(Err(End::ClientGone)),
                     Ok(_) => {
-                        self.idle_timer = None;
+                        self.client_timer = None;
                         self.up.step = Step::Walk;
                         Poll::Ready(Ok(()))
                     }

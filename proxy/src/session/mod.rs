@@ -603,6 +603,7 @@ impl<'a> Session<'a> {
         flow.encoding = self.encoding;
         flow.reported = std::mem::take(&mut self.reported);
         flow.idle_transaction_timeout = self.config.idle_transaction_timeout;
+        flow.client_stall_timeout = self.config.client_stall_timeout;
         let pooling = self.mode == PoolMode::Transaction;
         flow.release = pooling && self.pinned.is_none();
         // Bring the server's settings to the client's, in the same write as its request.
@@ -689,6 +690,26 @@ impl<'a> Session<'a> {
                     PgError::fatal(
                         sqlstate::IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
                         "terminating connection due to idle-in-transaction timeout (idle_transaction_timeout)",
+                    )
+                    .with_side(Side::Client)
+                    .into(),
+                );
+            }
+            End::ClientStalled => {
+                g.clients_idle.increment(1.0);
+                tracing::info!(
+                    timeout = ?self.config.client_stall_timeout,
+                    "client stopped sending in the middle of a request: disconnected, its server connection closed"
+                );
+                crate::metrics::client_timed_out("client_stall_timeout");
+                crate::metrics::server_closed("client_stall_timeout");
+                // The server is mid-message or mid-COPY: only closing it ends the request, and
+                // rolls back its transaction.
+                lease.discard();
+                return Step::Exit(
+                    PgError::fatal(
+                        sqlstate::QUERY_CANCELED,
+                        "terminating connection: the client sent nothing in the middle of a request for client_stall_timeout; the request was not completed and its transaction was rolled back",
                     )
                     .with_side(Side::Client)
                     .into(),

@@ -260,3 +260,64 @@ async fn a_client_frozen_in_a_transaction_is_disconnected_and_rolled_back() {
         .await
         .expect("an idle client outside a transaction stays connected");
 }
+
+/// Clients that stop sending half-way through a request too large to buffer (streamed to its
+/// server as it arrives) or through a COPY FROM STDIN hold a server that waits for the rest:
+/// after `client_stall_timeout` they are disconnected with FATAL 57014 and their servers closed
+/// (the COPY rolled back), so the other clients are served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_stall_mid_request_are_cut_off_and_free_their_servers() {
+    use crate::support::raw::Raw;
+    use bytes::{BufMut, BytesMut};
+    let pg = start_pg_with_user(Default::default(), USER, PASSWORD, DB).await;
+    let sluice = crate::proxy::start_sluice(&pg, USER, PASSWORD, DB, 4, 2, |c| {
+        c.client_stall_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let other = connect(&sluice, USER, PASSWORD, DB).await.expect("client");
+    other
+        .batch_execute("CREATE TABLE IF NOT EXISTS stalled_copy (v text)")
+        .await
+        .expect("table");
+
+    // A: a 10 MB Query of which 2 MB arrive (past the 1 MiB request buffer: it has a server).
+    let (mut big, _, _) = Raw::login(sluice.local_addr, false, USER, PASSWORD, DB).await;
+    let total = 10 << 20;
+    let mut b = BytesMut::new();
+    b.put_u8(b'Q');
+    b.put_i32(total + 4);
+    b.put_slice(b"SELECT '");
+    b.put_bytes(b'x', 2 << 20);
+    big.send(&b).await;
+    // B: a COPY FROM STDIN with one row sent.
+    let (mut copy, _, _) = Raw::login(sluice.local_addr, false, USER, PASSWORD, DB).await;
+    b.clear();
+    postgres_protocol::message::frontend::query("COPY stalled_copy FROM STDIN", &mut b)
+        .expect("encode");
+    copy.send(&b).await;
+    assert_eq!(copy.recv().await.0, b'G', "CopyInResponse");
+    b.clear();
+    b.put_u8(b'd');
+    b.put_i32(4 + 4);
+    b.put_slice(b"row\n");
+    copy.send(&b).await;
+
+    // Both servers are taken; once the stalled clients are cut off the others are served.
+    let served = tokio::time::timeout(Duration::from_secs(20), other.simple_query("SELECT 1"))
+        .await
+        .expect("served after the stalled clients are cut off");
+    served.expect("served");
+    ends_with_one_fatal(&mut big, "57014").await;
+    ends_with_one_fatal(&mut copy, "57014").await;
+    let rows = other
+        .query_one("SELECT count(*) FROM stalled_copy", &[])
+        .await
+        .expect("count");
+    assert_eq!(rows.get::<_, i64>(0), 0, "the stalled COPY was rolled back");
+    let body = crate::admin::http_get(sluice.admin_addr, "/metrics").1;
+    let stalls = crate::admin::metric(
+        &body,
+        r#"sluice_client_timeouts_total{reason="client_stall_timeout"}"#,
+    );
+    assert!(stalls >= 2.0, "{body}");
+}

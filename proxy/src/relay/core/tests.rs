@@ -12,6 +12,7 @@ use bytes::{Buf, BytesMut};
 use super::*;
 use crate::prepared::{ClientStatements, ServerStatements};
 use crate::protocol::frontend::tag as fe;
+use crate::sql::Pin;
 
 /// One captured session.
 struct Fixture {
