@@ -77,6 +77,7 @@ async fn relay_once(result: &[u8]) {
         server: &mut server_proxy,
         server_buf: &mut sbuf,
         on_server: &mut on_server,
+        cancel: None,
     };
     let server = async {
         let mut q = [0u8; 64];

@@ -260,6 +260,11 @@ pub struct Config {
     /// server connection closed (rolling back); 0 disables.
     #[serde(with = "duration")]
     pub client_stall_timeout: Duration,
+    /// A request the server has not answered within this long is cancelled (a CancelRequest;
+    /// the client gets the server's `57014` error); a server that does not answer the cancel
+    /// either is closed. 0 disables. Keep it above the server's `statement_timeout`.
+    #[serde(with = "duration")]
+    pub query_timeout: Duration,
     /// Time a client has to finish startup and authentication.
     #[serde(with = "duration")]
     pub client_login_timeout: Duration,
@@ -363,6 +368,7 @@ impl Default for Config {
             client_login_timeout: Duration::from_secs(15),
             idle_transaction_timeout: Duration::from_secs(60),
             client_stall_timeout: Duration::from_secs(10),
+            query_timeout: Duration::ZERO,
             shutdown_grace: Duration::from_secs(5),
             max_message_bytes: 64 << 20,
             max_prepared_statements: 200,

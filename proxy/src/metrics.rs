@@ -25,6 +25,7 @@ pub const SERVER_CONNECT_TIME: &str = "sluice_server_connect_seconds";
 pub const SERVER_CLOSED: &str = "sluice_server_connections_closed_total";
 pub const SERVER_UNAVAILABLE: &str = "sluice_server_unavailable";
 pub const CLIENT_TIMEOUTS: &str = "sluice_client_timeouts_total";
+pub const QUERIES_CANCELLED: &str = "sluice_queries_cancelled_total";
 pub const TRANSACTIONS: &str = "sluice_transactions_total";
 pub const TRANSACTION_TIME: &str = "sluice_transaction_seconds";
 pub const BYTES: &str = "sluice_bytes_total";
@@ -75,6 +76,10 @@ pub fn describe() {
     describe_counter!(
         CLIENT_TIMEOUTS,
         "Clients disconnected by a timeout, by reason (idle_transaction_timeout, client_stall_timeout)"
+    );
+    describe_counter!(
+        QUERIES_CANCELLED,
+        "Requests Sluice cancelled on their server, by reason (query_timeout)"
     );
     describe_counter!(
         TRANSACTIONS,
@@ -208,6 +213,10 @@ pub fn server_connect(result: &'static str) {
 
 pub fn client_timed_out(reason: &'static str) {
     counter!(CLIENT_TIMEOUTS, "reason" => reason).increment(1);
+}
+
+pub fn query_cancelled(reason: &'static str) {
+    counter!(QUERIES_CANCELLED, "reason" => reason).increment(1);
 }
 
 pub fn server_closed(reason: &'static str) {

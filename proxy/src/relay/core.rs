@@ -72,7 +72,14 @@ pub enum End {
     /// The client sent nothing for `client_stall_timeout` in the middle of a message or a COPY
     /// FROM STDIN.
     ClientStalled,
+    /// The server answered a request neither within `query_timeout` nor within
+    /// [`CANCEL_GRACE`] of the CancelRequest Sluice then sent.
+    QueryTimeout,
 }
+
+/// After `query_timeout` Sluice cancels the request; a server that has not answered this long
+/// after the cancel is given up on.
+pub const CANCEL_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How the server connection failed while relaying (logged; the client is told the connection
 /// was lost).

@@ -17,10 +17,10 @@ use std::task::{ready, Context, Poll};
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-pub use self::core::{Core, End, Flow, Reported, ServerFault, Statements, Walked};
+pub use self::core::{Core, End, Flow, Reported, ServerFault, Statements, Walked, CANCEL_GRACE};
 use crate::client_conn::ClientConn;
 use crate::prepared::ServerStatements;
-use crate::server::{ServerConn, READ_BUFFER};
+use crate::server::{CancelKey, ServerConn, READ_BUFFER};
 use crate::settings::Settings;
 
 /// Relays until one of the [`End`]s. With `flow.release` false (session pooling, pinned
@@ -37,12 +37,14 @@ pub async fn relay(
     startup: &Settings,
 ) -> End {
     let (client, client_buf) = client.relay_parts();
+    let cancel = Some(server.cancel_key());
     let ends = Ends {
         client,
         client_buf,
         server: &mut server.stream,
         server_buf: &mut server.buf,
         on_server: &mut server.prepared,
+        cancel,
     };
     relay_streams(ends, flow, max_message, statements, prefix, startup).await
 }
@@ -55,6 +57,9 @@ pub struct Ends<'a, C, S> {
     pub server: &'a mut S,
     pub server_buf: &'a mut BytesMut,
     pub on_server: &'a mut ServerStatements,
+    /// How to cancel the server's request (`query_timeout`); none, and the timeout ends the
+    /// relay at once.
+    pub cancel: Option<CancelKey>,
 }
 
 /// [`relay`] over any streams (benchmarks drive it over in-memory pipes).
@@ -88,6 +93,9 @@ where
         up,
         down: Direction::walking(),
         client_timer: None,
+        query_timer: None,
+        cancel: ends.cancel,
+        cancelled: false,
     };
     poll_fn(|cx| shell.poll(cx)).await
 }
@@ -198,6 +206,12 @@ struct Shell<'a, C, S> {
     /// Running while the server waits for the client: idle inside a transaction
     /// (`idle_transaction_timeout`) or stalled mid-request (`client_stall_timeout`).
     client_timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Running while the server owes an answer (`query_timeout`), from the request sent or the
+    /// last ReadyForQuery; after the cancel, for [`CANCEL_GRACE`].
+    query_timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    cancel: Option<CancelKey>,
+    /// A CancelRequest went out for the request in flight.
+    cancelled: bool,
 }
 
 /// What one poll of a direction did: `Ready(Ok)` made progress (poll again), `Pending` waits
@@ -248,12 +262,47 @@ where
             // The server half may have just left the server waiting for the client (idle
             // inside a transaction, or in a COPY FROM STDIN): the client half arms its timer
             // when it next waits, so let it wait once more.
+            if let Poll::Ready(end) = self.poll_query_timer(cx) {
+                return Poll::Ready(end);
+            }
             let arm = self.client_timer.is_none()
                 && matches!(self.up.step, Step::Read)
                 && self.client_deadline().is_some();
             if !arm {
                 return Poll::Pending;
             }
+        }
+    }
+
+    /// `query_timeout`: while the server owes an answer, a timer; when it fires, a CancelRequest
+    /// (the server answers it with its own `57014` error, and the session goes on), and when
+    /// even that is not answered within [`CANCEL_GRACE`], the end of the relay.
+    fn poll_query_timer(&mut self, cx: &mut Context<'_>) -> Poll<End> {
+        let timeout = self.core.flow().query_timeout;
+        if timeout.is_zero() || self.core.flow().pending() == 0 {
+            self.query_timer = None;
+            self.cancelled = false;
+            return Poll::Pending;
+        }
+        loop {
+            let timer = self
+                .query_timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let Some(key) = self.cancel.filter(|_| !self.cancelled) else {
+                return Poll::Ready(End::QueryTimeout);
+            };
+            self.cancelled = true;
+            tracing::info!(timeout = ?timeout, "request not answered within query_timeout: cancelling it");
+            crate::metrics::query_cancelled("query_timeout");
+            tokio::spawn(async move {
+                if let Err(e) = key.send(CANCEL_GRACE).await {
+                    tracing::warn!(error = %e, "sending a cancel request (query_timeout) failed");
+                }
+            });
+            self.query_timer = Some(Box::pin(tokio::time::sleep(CANCEL_GRACE)));
         }
     }
 
@@ -341,6 +390,11 @@ where
         match &mut self.down.step {
             Step::Walk => {
                 let w = self.core.server(self.sbuf)?;
+                if w.ready {
+                    // One request answered: the next one's time starts now.
+                    self.query_timer = None;
+                    self.cancelled = false;
+                }
                 let staged = self.core.staged_for_client().len();
                 self.down.walked(w, staged, self.sbuf);
                 Poll::Ready(Ok(()))

@@ -69,6 +69,26 @@ fn lost_server(flow: &Flow) -> Exit {
         .into()
 }
 
+/// How a client is told that its server answered neither within `query_timeout` nor after
+/// Sluice's cancel, and was closed.
+fn timed_out_server(flow: &Flow) -> Exit {
+    if flow.commit_in_flight {
+        return PgError::fatal(
+            sqlstate::TRANSACTION_RESOLUTION_UNKNOWN,
+            "the server did not answer within query_timeout, nor after a cancel, while a statement that may commit was in flight: whether its transaction committed is unknown",
+        )
+        .with_side(Side::Server)
+        .with_hint("Check whether the transaction's effects are there before retrying it.")
+        .into();
+    }
+    PgError::fatal(
+        sqlstate::QUERY_CANCELED,
+        "terminating connection: the server did not answer within query_timeout, nor after a cancel; the current transaction was rolled back",
+    )
+    .with_side(Side::Server)
+    .into()
+}
+
 /// Serves one client connection to the end. Never panics on client or server input.
 pub async fn serve(ctx: Arc<Context>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
@@ -604,6 +624,7 @@ impl<'a> Session<'a> {
         flow.reported = std::mem::take(&mut self.reported);
         flow.idle_transaction_timeout = self.config.idle_transaction_timeout;
         flow.client_stall_timeout = self.config.client_stall_timeout;
+        flow.query_timeout = self.config.query_timeout;
         let pooling = self.mode == PoolMode::Transaction;
         flow.release = pooling && self.pinned.is_none();
         // Bring the server's settings to the client's, in the same write as its request.
@@ -714,6 +735,17 @@ impl<'a> Session<'a> {
                     .with_side(Side::Client)
                     .into(),
                 );
+            }
+            End::QueryTimeout => {
+                g.clients_idle.increment(1.0);
+                tracing::warn!(
+                    timeout = ?self.config.query_timeout,
+                    "the server answered neither within query_timeout nor after a cancel: server connection closed, client disconnected"
+                );
+                crate::metrics::client_timed_out("query_timeout");
+                crate::metrics::server_closed("query_timeout");
+                lease.discard();
+                return Step::Exit(timed_out_server(&flow));
             }
             End::ServerGone(fault) => {
                 g.clients_idle.increment(1.0);

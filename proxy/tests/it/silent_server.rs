@@ -19,6 +19,13 @@ const DB: &str = "silent_db";
 /// PostgreSQL, a black hole in front of it, and Sluice (default settings: they are what is
 /// tested) connecting through the hole.
 async fn through_black_hole() -> (crate::pg::PgServer, BlackHole, sluice::Handle) {
+    through_black_hole_with(|_| {}).await
+}
+
+/// [`through_black_hole`], with `tweak` applied to the configuration.
+async fn through_black_hole_with(
+    tweak: impl FnOnce(&mut Config),
+) -> (crate::pg::PgServer, BlackHole, sluice::Handle) {
     let pg = start_pg_with_user(Default::default(), USER, PASSWORD, DB).await;
     let target: SocketAddr = format!("{}:{}", pg.host(), pg.port())
         .parse()
@@ -30,7 +37,8 @@ async fn through_black_hole() -> (crate::pg::PgServer, BlackHole, sluice::Handle
         hole.addr.ip(),
         hole.addr.port()
     ));
-    let cfg = Config::load(None, &o).expect("config");
+    let mut cfg = Config::load(None, &o).expect("config");
+    tweak(&mut cfg);
     let sluice = sluice::start(cfg).await.expect("sluice starts");
     (pg, hole, sluice)
 }
@@ -320,4 +328,63 @@ async fn clients_that_stall_mid_request_are_cut_off_and_free_their_servers() {
         r#"sluice_client_timeouts_total{reason="client_stall_timeout"}"#,
     );
     assert!(stalls >= 2.0, "{body}");
+}
+
+/// `query_timeout`: a request the server has not answered in time is cancelled — the client
+/// gets the server's own 57014 and keeps its connection, and the server connection is reused —
+/// and a server that answers neither the request nor the cancel (silent) is closed, the client
+/// told with one FATAL (08007: an autocommit statement was in flight).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_timeout_cancels_and_gives_up_on_a_silent_server() {
+    let (_pg, hole, sluice) = through_black_hole_with(|c| {
+        c.query_timeout = Duration::from_millis(500);
+        // Only query_timeout may notice the silent server here.
+        c.server_tcp_keepalive = Duration::ZERO;
+        c.server_tcp_user_timeout = Duration::ZERO;
+    })
+    .await;
+    let c = connect(&sluice, USER, PASSWORD, DB).await.expect("client");
+    let e = c
+        .simple_query("SELECT pg_sleep(30)")
+        .await
+        .expect_err("cancelled");
+    let db = e
+        .as_db_error()
+        .unwrap_or_else(|| panic!("{}", describe(&e)));
+    assert_eq!(db.code().code(), "57014", "{}", describe(&e));
+    assert_eq!(db.severity(), "ERROR");
+    c.simple_query("SELECT 1")
+        .await
+        .expect("the connection goes on");
+    let body = crate::admin::http_get(sluice.admin_addr, "/metrics").1;
+    let cancelled = crate::admin::metric(
+        &body,
+        r#"sluice_queries_cancelled_total{reason="query_timeout"}"#,
+    );
+    assert!(cancelled >= 1.0, "{body}");
+
+    // Silent: neither the query nor the cancel is answered.
+    let (mut raw, _, _) =
+        crate::support::raw::Raw::login(sluice.local_addr, false, USER, PASSWORD, DB).await;
+    raw.query("SELECT 1").await;
+    let mut b = bytes::BytesMut::new();
+    postgres_protocol::message::frontend::query("SELECT 2", &mut b).expect("encode");
+    hole.cut();
+    raw.send(&b).await;
+    let seen = tokio::time::timeout(Duration::from_secs(30), raw.until_eof())
+        .await
+        .expect("the client is told, not left hanging");
+    let errors: Vec<_> = seen
+        .iter()
+        .filter(|(t, _)| *t == b'E')
+        .map(|(_, b)| crate::support::raw::fields(b))
+        .collect();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(
+        errors[0].get(&'C').map(String::as_str),
+        Some("08007"),
+        "{errors:?}"
+    );
+    assert_eq!(errors[0].get(&'V').map(String::as_str), Some("FATAL"));
+    assert!(errors[0][&'M'].contains("query_timeout"), "{errors:?}");
 }

@@ -48,6 +48,9 @@ pub struct Flow {
     /// A client that stops sending for this long in the middle of a message or of a COPY
     /// FROM STDIN, while its server waits for the rest, is disconnected (zero: never).
     pub client_stall_timeout: std::time::Duration,
+    /// A request the server has not answered (ReadyForQuery) within this long is cancelled
+    /// (zero: never).
+    pub query_timeout: std::time::Duration,
     /// How the client's text is encoded (its `client_encoding`, as the server last reported
     /// it): the scanners step over its multibyte characters.
     pub encoding: Encoding,
@@ -83,6 +86,7 @@ impl Flow {
             reported: Vec::new(),
             idle_transaction_timeout: std::time::Duration::ZERO,
             client_stall_timeout: std::time::Duration::ZERO,
+            query_timeout: std::time::Duration::ZERO,
             server_fatal: false,
             commit_in_flight: false,
             commits_seen: false,
@@ -132,6 +136,11 @@ impl Flow {
             return Some((self.client_stall_timeout, super::End::ClientStalled));
         }
         None
+    }
+
+    /// Requests sent that the server has yet to answer with a ReadyForQuery.
+    pub fn pending(&self) -> u32 {
+        self.pending
     }
 
     /// Inside a transaction block with nothing in flight: waiting for the client alone.
