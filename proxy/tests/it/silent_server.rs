@@ -12,9 +12,9 @@ use crate::proxy::{connect, overrides};
 use crate::support::blackhole::BlackHole;
 use crate::support::{describe, start_pg_with_user};
 
-const USER: &str = "silent_app";
-const PASSWORD: &str = "silent-pw";
-const DB: &str = "silent_db";
+pub const USER: &str = "silent_app";
+pub const PASSWORD: &str = "silent-pw";
+pub const DB: &str = "silent_db";
 
 /// PostgreSQL, a black hole in front of it, and Sluice (default settings: they are what is
 /// tested) connecting through the hole.
@@ -23,7 +23,7 @@ async fn through_black_hole() -> (crate::pg::PgServer, BlackHole, sluice::Handle
 }
 
 /// [`through_black_hole`], with `tweak` applied to the configuration.
-async fn through_black_hole_with(
+pub async fn through_black_hole_with(
     tweak: impl FnOnce(&mut Config),
 ) -> (crate::pg::PgServer, BlackHole, sluice::Handle) {
     let pg = start_pg_with_user(Default::default(), USER, PASSWORD, DB).await;
