@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::context::Context;
 use crate::metrics;
+use crate::pool::Lease;
 use crate::server::{self, ServerConn, Target};
 
 /// Once a second: probes the server for readiness, closes idle and aged server connections,
@@ -58,49 +59,59 @@ pub async fn run(ctx: Arc<Context>) {
             cfg.server_lifetime,
         );
         drop(dead);
-        for mut slot in ctx.pools.warm_slots() {
+        for slot in ctx.pools.warm_slots() {
             let Some(stats) = ctx.pools.pool_stats().into_iter().nth(slot.pool().0) else {
                 continue;
             };
-            let password = ctx.server_password(&stats.user);
-            let target = Target::new(&cfg, &connector, password, &stats.database, &stats.user);
-            let database = stats.database.clone();
             let ctx = ctx.clone();
-            tokio::spawn(async move {
-                match ServerConn::connect(&target, &database, &ctx.servers).await {
-                    Ok(conn) => {
-                        ctx.record_login(&database, &stats.user, Ok(()));
-                        ctx.server_params
-                            .lock()
-                            .insert(slot.pool(), Arc::new(conn.params.clone()));
-                        slot.fill(Box::new(conn));
-                        slot.release();
-                    }
-                    Err(e) => {
-                        ctx.record_login(&database, &stats.user, Err(&e));
-                        tracing::warn!(error = %e, "warm-up connect failed");
-                    }
-                }
-            });
+            tokio::spawn(
+                async move { fill(&ctx, slot, &stats.database, &stats.user, "warm-up").await },
+            );
         }
         server_gauges(&ctx);
     }
 }
 
-/// Logs in to the server as `user` to `database` and out again, for readiness: nothing else has
-/// shown lately whether logins succeed.
+/// Logs in to the server as `user` to `database` for readiness: nothing else has shown lately
+/// whether logins succeed. The login takes a spare slot of the pool, inside the budget and
+/// `max_connecting`, and its connection stays in the pool; with no slot spare, sessions are
+/// busy logging in or holding every connection, and nothing is done.
 async fn login(ctx: &Context, database: &str, user: &str) {
+    let cfg = ctx.config();
+    let pool = ctx.pools.pool(
+        database,
+        user,
+        cfg.pool_size_for(database),
+        cfg.min_pool_size_for(database),
+    );
+    if let Some(slot) = ctx.pools.spare_slot(pool) {
+        fill(ctx, slot, database, user, "readiness login").await;
+    }
+}
+
+/// Connects a slot of the pool for (`database`, `user`) and puts the connection in the pool.
+async fn fill(
+    ctx: &Context,
+    mut slot: Lease<Box<ServerConn>>,
+    database: &str,
+    user: &str,
+    what: &str,
+) {
     let cfg = ctx.config();
     let connector = ctx.tls().connector;
     let target = Target::new(&cfg, &connector, ctx.server_password(user), database, user);
     match ServerConn::connect(&target, database, &ctx.servers).await {
         Ok(conn) => {
             ctx.record_login(database, user, Ok(()));
-            drop(conn);
+            ctx.server_params
+                .lock()
+                .insert(slot.pool(), Arc::new(conn.params.clone()));
+            slot.fill(Box::new(conn));
+            slot.release();
         }
         Err(e) => {
             ctx.record_login(database, user, Err(&e));
-            tracing::warn!(error = %e, %database, %user, "readiness login failed");
+            tracing::warn!(error = %e, %database, %user, "{what} failed");
         }
     }
 }

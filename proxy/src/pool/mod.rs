@@ -286,6 +286,12 @@ impl<C: Send + 'static> Pools<C> {
         self.shared.state.lock().warm_slots(&self.shared)
     }
 
+    /// A connect slot for `pool` if one is free without taking from anyone (see
+    /// `State::spare_slot`); filled and released, its connection is pooled like any other.
+    pub fn spare_slot(&self, pool: PoolId) -> Option<Lease<C>> {
+        self.shared.state.lock().spare_slot(&self.shared, pool)
+    }
+
     /// Refuses every waiter and every later request (shutdown).
     pub fn close(&self) {
         let waiters = self.shared.state.lock().close();

@@ -560,6 +560,25 @@ impl<C: Send + 'static> State<C> {
         out
     }
 
+    /// A connect slot for `pool` that takes nothing from anyone: within the budget, the
+    /// connect limit and the pool's size, and only while nobody waits.
+    pub fn spare_slot(&mut self, shared: &Arc<Shared<C>>, pool: PoolId) -> Option<Lease<C>> {
+        let p = pool.0;
+        let spare = !self.closed
+            && self.waiting == 0
+            && self.pools[p].total < self.pools[p].size
+            && self.total < self.limits.budget
+            && self.connecting < self.limits.max_connecting;
+        if !spare {
+            return None;
+        }
+        self.total += 1;
+        self.connecting += 1;
+        self.pools[p].total += 1;
+        self.pools[p].connecting += 1;
+        Some(Lease::new(shared.clone(), pool, None, None, Instant::now()))
+    }
+
     pub fn close(&mut self) -> Vec<Waiter<C>> {
         self.closed = true;
         self.rr.clear();

@@ -599,8 +599,8 @@ pub(crate) fn rss_kib() -> i64 {
 /// Set in the child process [`bad_tls_input_leaves_sluice_up_and_memory_flat`] runs itself in.
 const ALONE: &str = "TLS_TEST_RSS_ALONE";
 
-/// Memory rule: two rounds of the same [`ROUND`] bad clients; the second may grow the RSS by at
-/// most 10 % of what the first grew, plus 256 KiB of slack. Memory reached once and then reused
+/// Memory rule: three rounds of the same [`ROUND`] bad clients; the second or the third may grow
+/// the RSS by at most 10 % of what the first grew, plus 256 KiB of slack. Memory reached once and then reused
 /// (allocator arenas, buffers, lazily built state) grows during the first round only; a leak
 /// per connection grows the second round about as much as the first.
 ///
@@ -676,23 +676,29 @@ async fn bad_tls_input_leaves_sluice_up_and_memory_flat() {
     );
     settle().await;
     let after_first = rss_kib();
-    let errors = bad_round(h.local_addr, ROUND, &hello).await;
-    assert!(
-        errors.is_empty(),
-        "round 2: {} failures: {errors:?}",
-        errors.len()
-    );
-    settle().await;
-    let after_second = rss_kib();
+    let mut after = vec![after_first];
+    for round in 2..=3 {
+        let errors = bad_round(h.local_addr, ROUND, &hello).await;
+        assert!(
+            errors.is_empty(),
+            "round {round}: {} failures: {errors:?}",
+            errors.len()
+        );
+        settle().await;
+        after.push(rss_kib());
+    }
 
     good("TLS client after").await;
     let first = after_first - before;
-    let second = after_second - after_first;
-    eprintln!("RSS KiB: {before} -> {after_first} (+{first}) -> {after_second} (+{second})");
+    let later: Vec<i64> = after.windows(2).map(|w| w[1] - w[0]).collect();
+    eprintln!("RSS KiB: {before}, then after each round {after:?}: +{first}, then {later:?}");
+    // A leak grows every round; a one-off (an allocator arena, a table doubling, another
+    // process's load shifting timings) grows one of them.
+    let least = later.iter().copied().min().unwrap_or(0);
     assert!(
-        second <= first.max(0) / 10 + SLACK_KIB,
-        "the second round of {ROUND} bad TLS clients grew the RSS by {second} KiB, the first by \
-         {first} KiB: more than 10 % of the first + {SLACK_KIB} KiB looks like a leak"
+        least <= first.max(0) / 10 + SLACK_KIB,
+        "rounds 2 and 3 of {ROUND} bad TLS clients each grew the RSS by {later:?} KiB, the first \
+         by {first} KiB: more than 10 % of the first + {SLACK_KIB} KiB each looks like a leak"
     );
     s.handle.stop().await;
 }
