@@ -8,7 +8,7 @@
 #
 # Starts a throwaway PostgreSQL (max_connections 50, fsync off) and, for each scenario, a fresh
 # Sluice in front of it with a budget of 20 (--max-server-connections 20 --pool-size 20; the
-# default wait_timeout 5s, shed_target 500ms, shed_interval 2s), then drives it with
+# default wait_timeout 5s, shed_target 500ms, shed_interval 1s), then drives it with
 # sluice-loadtest, warm function containers, workload `slow` (BEGIN; SELECT pg_sleep(0.05);
 # COMMIT: each transaction holds a server connection for about 50 ms, so the budget serves at most
 # ~400 transactions/s):
@@ -489,7 +489,7 @@ report() {
     echo "## Sluice under sustained overload: backpressure and shedding"
     echo
     echo "- $(date -u '+%Y-%m-%d %H:%M UTC'); \`$CMDLINE\`; ${DURATION} s of load per scenario"
-    echo "- PostgreSQL $PG_VERSION (max_connections $PG_MAX_CONNECTIONS, fsync off); Sluice $SLUICE_VERSION at $SLUICE_COMMIT ($SL_BUILD_DESC): \`--pool-size $BUDGET --max-server-connections $BUDGET\`, wait_timeout ${SLUICE_WAIT_TIMEOUT:-5s}, shed_target ${SLUICE_SHED_TARGET:-500ms}, shed_interval ${SLUICE_SHED_INTERVAL:-2s}$([[ -z ${SLUICE_WAIT_TIMEOUT:-}${SLUICE_SHED_TARGET:-}${SLUICE_SHED_INTERVAL:-} ]] && echo ' (the defaults)' || echo ' (set through SLUICE_* variables)')"
+    echo "- PostgreSQL $PG_VERSION (max_connections $PG_MAX_CONNECTIONS, fsync off); Sluice $SLUICE_VERSION at $SLUICE_COMMIT ($SL_BUILD_DESC): \`--pool-size $BUDGET --max-server-connections $BUDGET\`, wait_timeout ${SLUICE_WAIT_TIMEOUT:-5s}, shed_target ${SLUICE_SHED_TARGET:-500ms}, shed_interval ${SLUICE_SHED_INTERVAL:-1s}$([[ -z ${SLUICE_WAIT_TIMEOUT:-}${SLUICE_SHED_TARGET:-}${SLUICE_SHED_INTERVAL:-} ]] && echo ' (the defaults)' || echo ' (set through SLUICE_* variables)')"
     echo "- workload \`slow\`: BEGIN; SELECT pg_sleep(0.05); COMMIT — about 50 ms of server time each, so the budget of $BUDGET serves at most ~$((BUDGET * 1000 / 50)) transactions/s"
     echo "- $(nproc) CPUs, ${MEM_GIB} GiB memory, shared by the load generators, Sluice and PostgreSQL over 127.0.0.1; load average before $LOAD_BEFORE, after $LOAD_AFTER; $OTHERS other database/build processes were running when it started"
     echo

@@ -213,7 +213,9 @@ pub struct Config {
     pub max_waiting: u32,
     #[serde(with = "duration")]
     pub wait_timeout: Duration,
-    /// Queueing delay that, sustained for `shed_interval`, counts as overload.
+    /// Overload: once requests have queued for `shed_interval` without the queue emptying,
+    /// arrivals predicted to wait longer than `shed_target` are shed, and so are requests that
+    /// have waited 1.5 × `shed_target` when their turn comes (see `pool::shed`).
     #[serde(with = "duration")]
     pub shed_target: Duration,
     #[serde(with = "duration")]
@@ -351,7 +353,7 @@ impl Default for Config {
             max_waiting: 5_000,
             wait_timeout: Duration::from_secs(5),
             shed_target: Duration::from_millis(500),
-            shed_interval: Duration::from_secs(2),
+            shed_interval: Duration::from_secs(1),
             server_connect_timeout: Duration::from_secs(5),
             server_unavailable_timeout: None,
             target_session_attrs: TargetSessionAttrs::ReadWrite,

@@ -48,7 +48,8 @@ pub struct Limits {
     pub max_connecting: u32,
     pub max_waiting: u32,
     pub wait_timeout: Duration,
-    /// Queueing delay above which, sustained for `shed_interval`, new arrivals are shed.
+    /// Overload (see [`shed`]): a queue that has not emptied for `shed_interval` keeps its
+    /// requests' waits within `shed_target` (arrivals) and 1.5 × `shed_target` (the served).
     pub shed_target: Duration,
     pub shed_interval: Duration,
     /// While the server cannot be reached, how long a request may wait from its arrival.
@@ -240,10 +241,12 @@ impl<C: Send + 'static> Pools<C> {
         };
         guard.id = None;
         // Senders are dropped without a grant only on shutdown.
-        received.map_err(|_| Rejected {
-            reason: Reason::Closed,
-            detail: "Sluice is shutting down".into(),
-            retry_after: Duration::from_secs(1),
+        received.unwrap_or_else(|_| {
+            Err(Rejected {
+                reason: Reason::Closed,
+                detail: "Sluice is shutting down".into(),
+                retry_after: Duration::from_secs(1),
+            })
         })
     }
 

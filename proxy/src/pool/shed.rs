@@ -4,10 +4,14 @@
 //! - the **predicted wait**: the requests ahead of it divided by the recent rate at which server
 //!   connections are released; a request that would wait past its timeout is refused at once
 //!   (`predicted_timeout`) instead of timing out later, having held a queue slot for nothing;
-//! - **overload**, in the spirit of CoDel: when the queueing delay of every request served has
-//!   stayed above `target` for a whole `interval`, the queue is a standing one. While that lasts
-//!   new arrivals may only queue if their predicted wait is within `target`, so those admitted keep
-//!   a bounded wait (`overload`). An empty queue ends the state.
+//! - **overload**, as that article's adaptation of CoDel puts it: when the queue has not been
+//!   empty for a whole `interval`, and has not drained in it either, it is a standing queue, not
+//!   a burst being worked off. While that lasts (until the queue empties), new
+//!   arrivals may only queue if their predicted wait is within `target`, and a request whose turn
+//!   comes after it has waited more than 1.5 × `target` is refused rather than served (`overload`):
+//!   the requests admitted keep a wait close to `target` however long the overload lasts, where
+//!   queueing them all would make every one of them wait about `wait_timeout`. A burst that
+//!   drains within `interval` is served whole. An empty queue ends the state.
 
 use std::time::Duration;
 
@@ -30,16 +34,16 @@ pub struct Shedder {
     last_release: Option<Instant>,
     /// Since when requests have been queueing (none while capacity is free).
     saturated_since: Option<Instant>,
+    /// While requests queue: when the current interval began, and the longest the queue has
+    /// been since.
+    mark: Option<(Instant, u32)>,
+    /// The queue stood for an interval without draining (see the module's documentation).
+    overloaded: bool,
     /// Smoothed releases per second; `None` until a first window closes.
     rate: Option<f64>,
     /// The last window's rate: predictions use the higher of the two, so a rate that is
     /// rising is believed at once and shedding errs towards admitting.
     last_rate: f64,
-    /// When a run of served requests that waited above target began.
-    above_since: Option<Instant>,
-    /// While overloaded: when served requests started waiting less than target again.
-    below_since: Option<Instant>,
-    overloaded: bool,
 }
 
 impl Shedder {
@@ -51,11 +55,10 @@ impl Shedder {
             window_count: 0,
             last_release: None,
             saturated_since: None,
+            mark: None,
+            overloaded: false,
             rate: None,
             last_rate: 0.0,
-            above_since: None,
-            below_since: None,
-            overloaded: false,
         }
     }
 
@@ -111,31 +114,9 @@ impl Shedder {
         self.interval = interval;
     }
 
-    /// A waiter was served after `waited`.
-    pub fn on_dequeue(&mut self, now: Instant, waited: Duration) {
-        if waited < self.target {
-            self.above_since = None;
-            // Hysteresis: overload ends only once waits have stayed below target for a whole
-            // interval, else admitting everything again rebuilds the standing queue at once.
-            if self.overloaded {
-                let since = *self.below_since.get_or_insert(now);
-                if now.saturating_duration_since(since) >= self.interval {
-                    self.overloaded = false;
-                    self.below_since = None;
-                }
-            }
-            return;
-        }
-        self.below_since = None;
-        let since = *self.above_since.get_or_insert(now);
-        if now.saturating_duration_since(since) >= self.interval {
-            self.overloaded = true;
-        }
-    }
-
-    /// Forgets the release rate measured so far (it measured an outage, not the capacity) and
-    /// starts measuring anew.
-    pub fn restart_rate(&mut self, now: Instant) {
+    /// The server came back from an outage: the release rate measured the outage, not the
+    /// capacity, and is measured anew.
+    pub fn outage_over(&mut self, now: Instant) {
         self.rate = None;
         self.last_rate = 0.0;
         self.last_release = None;
@@ -143,10 +124,21 @@ impl Shedder {
         self.window_count = 0;
     }
 
+    /// The requests held through an outage have all been served: a queue that stands from now
+    /// on stands for the load.
+    pub fn restart_spell(&mut self, now: Instant) {
+        if self.saturated_since.is_some() {
+            self.saturated_since = Some(now);
+            self.mark = Some((now, 0));
+        }
+        self.overloaded = false;
+    }
+
     /// The first request of a busy spell started queueing.
     pub fn queue_started(&mut self, now: Instant) {
         if self.saturated_since.is_none() {
             self.saturated_since = Some(now);
+            self.mark = Some((now, 0));
             // A window spanning an unsaturated spell would understate the rate.
             self.window_start = Some(now);
             self.window_count = 0;
@@ -154,14 +146,40 @@ impl Shedder {
     }
 
     pub fn queue_empty(&mut self) {
-        self.above_since = None;
-        self.below_since = None;
-        self.overloaded = false;
         self.saturated_since = None;
+        self.mark = None;
+        self.overloaded = false;
+    }
+
+    /// Takes note of the queue's length (`waiting`). A queue that has not emptied for an
+    /// interval and is about as long at its end as it was at its longest (it did not drain by a
+    /// tenth) stands: overload, until it empties. One that drains — a burst being worked off —
+    /// starts another interval.
+    pub fn observe(&mut self, now: Instant, waiting: u32) {
+        if self.overloaded {
+            return;
+        }
+        let Some((since, peak)) = &mut self.mark else {
+            return;
+        };
+        *peak = (*peak).max(waiting);
+        if now.saturating_duration_since(*since) >= self.interval {
+            if u64::from(waiting) * 10 >= u64::from(*peak) * 9 {
+                self.overloaded = true;
+            } else {
+                self.mark = Some((now, waiting));
+            }
+        }
     }
 
     pub fn is_overloaded(&self) -> bool {
         self.overloaded
+    }
+
+    /// While overloaded, the longest a request may have waited when its turn comes and still
+    /// be served: 1.5 × `target`.
+    pub fn max_wait(&self) -> Option<Duration> {
+        self.overloaded.then(|| self.target.mul_f64(1.5))
     }
 
     /// Predicted wait for a request with `ahead` requests to be served before it (itself included).
@@ -191,13 +209,13 @@ impl Shedder {
                 ));
             }
         }
-        if self.overloaded && predicted.is_none_or(|p| p > self.target) {
+        if self.overloaded && predicted.is_some_and(|p| p > self.target) {
             return Some((
                 Reason::Overload,
                 format!(
-                    "queueing delay has stayed above {} ms for {} ms",
-                    self.target.as_millis(),
-                    self.interval.as_millis()
+                    "requests have been queueing for over {} ms (shed_interval) and this one would wait more than {} ms (shed_target)",
+                    self.interval.as_millis(),
+                    self.target.as_millis()
                 ),
             ));
         }
@@ -221,7 +239,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn predicts_from_release_rate() {
-        let mut s = Shedder::new(Duration::from_millis(50), Duration::from_millis(200));
+        // Overload aside (a target past every prediction here).
+        let mut s = Shedder::new(Duration::from_secs(1), Duration::from_millis(200));
         assert_eq!(s.predict(Instant::now(), 10), None);
         s.on_release(Instant::now(), true);
         assert_eq!(
@@ -262,39 +281,50 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn overload_needs_a_sustained_standing_queue() {
+    async fn overload_is_a_queue_that_stands_for_an_interval_without_draining() {
         let mut s = Shedder::new(Duration::from_millis(50), Duration::from_millis(200));
-        let slow = Duration::from_millis(80);
-        s.on_dequeue(Instant::now(), slow);
-        assert!(!s.is_overloaded());
-        tokio::time::advance(Duration::from_millis(100)).await;
-        s.on_dequeue(Instant::now(), Duration::from_millis(10));
-        tokio::time::advance(Duration::from_millis(150)).await;
-        s.on_dequeue(Instant::now(), slow);
+        s.queue_started(Instant::now());
+        // 100 releases per second while the queue grows by one every 10 ms.
+        for waiting in 1..=30 {
+            tokio::time::advance(Duration::from_millis(10)).await;
+            s.on_release(Instant::now(), true);
+            s.observe(Instant::now(), waiting);
+        }
+        let now = Instant::now();
         assert!(
-            !s.is_overloaded(),
-            "a fast dequeue in between resets the run"
+            s.is_overloaded(),
+            "queued for 300 ms, growing, interval 200 ms"
         );
-        tokio::time::advance(Duration::from_millis(250)).await;
-        s.on_dequeue(Instant::now(), slow);
-        assert!(s.is_overloaded());
-        assert_eq!(
-            s.check(Instant::now(), 1, Duration::from_secs(5))
-                .unwrap()
-                .0,
-            Reason::Overload
-        );
-        // One fast request does not end overload; waits below target for an interval do.
-        s.on_dequeue(Instant::now(), Duration::from_millis(10));
-        assert!(s.is_overloaded());
-        tokio::time::advance(Duration::from_millis(250)).await;
-        s.on_dequeue(Instant::now(), Duration::from_millis(10));
-        assert!(!s.is_overloaded());
-        s.on_dequeue(Instant::now(), slow);
-        tokio::time::advance(Duration::from_millis(250)).await;
-        s.on_dequeue(Instant::now(), slow);
+        assert_eq!(s.max_wait(), Some(Duration::from_millis(75)));
+        // Within target (4 ahead, 40 ms): admitted; past it: shed.
+        assert!(s.check(now, 4, Duration::from_secs(5)).is_none());
+        let (reason, detail) = s.check(now, 20, Duration::from_secs(5)).unwrap();
+        assert_eq!(reason, Reason::Overload, "{detail}");
+        // Only an empty queue ends it.
+        s.observe(now, 1);
         assert!(s.is_overloaded());
         s.queue_empty();
+        assert!(!s.is_overloaded());
+        assert_eq!(s.max_wait(), None);
+        // A burst being worked off is no overload, however long it takes to drain.
+        s.queue_started(Instant::now());
+        for waiting in (1..=40).rev() {
+            s.observe(Instant::now(), waiting);
+            tokio::time::advance(Duration::from_millis(10)).await;
+        }
+        assert!(!s.is_overloaded(), "draining for 400 ms");
+        assert!(s
+            .check(Instant::now(), 20, Duration::from_secs(5))
+            .is_none());
+        // One that stands, at any length, is.
+        for _ in 0..21 {
+            s.observe(Instant::now(), 5);
+            tokio::time::advance(Duration::from_millis(10)).await;
+        }
+        s.observe(Instant::now(), 5);
+        assert!(s.is_overloaded());
+        // After an outage's backlog the spell starts over.
+        s.restart_spell(Instant::now());
         assert!(!s.is_overloaded());
     }
 }

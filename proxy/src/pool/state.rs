@@ -24,7 +24,9 @@ use super::{
 };
 use crate::metrics::GroupMetrics;
 
-pub(crate) type Grant<C> = Lease<C>;
+/// What a waiter is sent: a lease, or the refusal of a request that waited too long while
+/// overloaded.
+pub(crate) type Grant<C> = Result<Lease<C>, Rejected>;
 
 pub(crate) struct Waiter<C: Send + 'static> {
     pub id: u64,
@@ -102,9 +104,11 @@ pub(crate) struct State<C: Send + 'static> {
     shedder: Shedder,
     /// Since when the server has been unreachable (see [`State::set_outage`]).
     outage: Option<Instant>,
-    /// When the last outage ended: requests queued before then waited on the outage, not on
-    /// the load, and say nothing to the shedder.
+    /// When the last outage ended, and whether requests held through it are still queued:
+    /// until they are served, the queue stands because of the outage, not the load, and nothing
+    /// is shed.
     recovered: Option<Instant>,
+    backlog: bool,
     closed: bool,
     paused: bool,
     dead: Vec<C>,
@@ -125,6 +129,7 @@ impl<C: Send + 'static> State<C> {
             shedder,
             outage: None,
             recovered: None,
+            backlog: false,
             closed: false,
             paused: false,
             dead: Vec::new(),
@@ -292,11 +297,10 @@ impl<C: Send + 'static> State<C> {
         let ahead = gs.waiters.len() as u32 + 1;
         let groups_waiting = (self.rr.len() as u32 + u32::from(gs.waiters.is_empty())).max(1);
         let ahead = (ahead * groups_waiting).min(self.waiting + 1);
-        // Predictions need a steady pool: while connections are opening, requests wait on the
-        // connect limit, not on releases.
-        // Nor is a wait during an outage a sign of overload: the queue holds until the server
-        // is back or server_unavailable_timeout ends it.
-        let steady = self.connecting == 0 && self.outage.is_none();
+        let steady = self.steady();
+        if steady {
+            self.shedder.observe(now, self.waiting);
+        }
         if let Some((reason, detail)) = steady
             .then(|| self.shedder.check(now, ahead, self.limits.wait_timeout))
             .flatten()
@@ -306,6 +310,13 @@ impl<C: Send + 'static> State<C> {
         Ok(Admit::Queue)
     }
 
+    /// Whether queueing says anything about load: not while connections are being opened
+    /// (requests wait on the connect limit, not on releases), during an outage, or while the
+    /// requests held through one are still queued.
+    fn steady(&self) -> bool {
+        self.connecting == 0 && self.outage.is_none() && !self.backlog
+    }
+
     /// See [`super::Pools::set_outage`].
     pub fn set_outage(&mut self, down: bool, now: Instant) -> bool {
         match (down, self.outage) {
@@ -313,8 +324,8 @@ impl<C: Send + 'static> State<C> {
             (false, Some(_)) => {
                 self.outage = None;
                 self.recovered = Some(now);
-                // Releases were rare while the server was away: that was no measure of the rate.
-                self.shedder.restart_rate(now);
+                self.backlog = self.waiting > 0;
+                self.shedder.outage_over(now);
             }
             _ => return false,
         }
@@ -377,6 +388,13 @@ impl<C: Send + 'static> State<C> {
     /// others round robin.
     pub fn dispatch(&mut self, shared: &Arc<Shared<C>>, now: Instant) -> Aftermath<C> {
         let mut grants = Vec::new();
+        // As for arrivals (`try_admit`): only a steady pool, and no outage, says anything about
+        // load.
+        let steady = self.steady();
+        if steady {
+            self.shedder.observe(now, self.waiting);
+        }
+        let max_wait = steady.then(|| self.shedder.max_wait()).flatten();
         loop {
             let mut progressed = false;
             for reserved_pass in [true, false] {
@@ -404,17 +422,28 @@ impl<C: Send + 'static> State<C> {
                         continue;
                     };
                     self.waiting -= 1;
-                    let gs = &self.groups[g];
-                    gs.metrics.waiting.decrement(1.0);
+                    self.groups[g].metrics.waiting.decrement(1.0);
                     let waited = now.saturating_duration_since(w.since);
-                    gs.metrics.wait.record(waited.as_secs_f64());
-                    self.groups[g].wait_time += waited;
-                    if self.outage.is_none() && self.recovered.is_none_or(|r| w.since >= r) {
-                        self.shedder.on_dequeue(now, waited);
-                    }
-                    let lease = self.grant(shared, g, pool, src, now);
-                    grants.push((w.tx, lease));
                     progressed = true;
+                    // Overloaded: served now, it would have waited too long (see `shed`).
+                    if max_wait.is_some_and(|max| waited > max) {
+                        let detail = format!(
+                            "requests have been queueing for over {} ms (shed_interval), and this one waited {} ms, more than 1.5 × shed_target",
+                            self.limits.shed_interval.as_millis(),
+                            waited.as_millis()
+                        );
+                        let r = self.reject(GroupId(g), Reason::Overload, detail);
+                        grants.push((w.tx, Err(r)));
+                        if !self.groups[g].waiters.is_empty() {
+                            served.push(g);
+                        }
+                        continue;
+                    }
+                    let gs = &mut self.groups[g];
+                    gs.metrics.wait.record(waited.as_secs_f64());
+                    gs.wait_time += waited;
+                    let lease = self.grant(shared, g, pool, src, now);
+                    grants.push((w.tx, Ok(lease)));
                     if !self.groups[g].waiters.is_empty() {
                         served.push(g);
                     }
@@ -428,6 +457,14 @@ impl<C: Send + 'static> State<C> {
         }
         if self.rr.is_empty() {
             self.shedder.queue_empty();
+        }
+        if self.backlog {
+            let r = self.recovered.unwrap_or(now);
+            let held = |g: &GroupState<C>| g.waiters.front().is_some_and(|w| w.since < r);
+            if !self.groups.iter().any(held) {
+                self.backlog = false;
+                self.shedder.restart_spell(now);
+            }
         }
         Aftermath {
             grants,

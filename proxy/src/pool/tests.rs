@@ -190,6 +190,56 @@ async fn waits_through_an_outage_are_not_taken_for_overload() {
     check(&pools);
 }
 
+/// Open-loop overload: arrivals at twice the capacity, for 3 s. Once the queue has stood for
+/// `shed_interval`, every request served waited at most 1.5 × `shed_target` (the others are
+/// refused as `overload`, at arrival or when their turn comes), and the connection is kept
+/// busy: overload costs no throughput.
+#[tokio::test(start_paused = true)]
+async fn sustained_overload_keeps_admitted_waits_within_one_and_a_half_targets() {
+    let mut l = limits(1);
+    (l.shed_target, l.shed_interval) = (Duration::from_millis(50), Duration::from_millis(200));
+    let pools = Pools::new(l);
+    let p = pools.pool("db", "u", 1, 0);
+    let g = pools.group("g", GroupLimits::default());
+    let next = Arc::new(AtomicU32::new(0));
+    let t0 = Instant::now();
+    let mut requests = Vec::new();
+    // 200 arrivals/s, each holding the one connection for 10 ms (a capacity of 100/s).
+    while t0.elapsed() < Duration::from_secs(3) {
+        let (pools, next) = (pools.clone(), next.clone());
+        requests.push(tokio::spawn(async move {
+            let arrived = Instant::now();
+            let lease = ready(pools.acquire(p, g).await?, &next);
+            let served = (arrived.duration_since(t0), arrived.elapsed());
+            sleep(Duration::from_millis(10)).await;
+            lease.release();
+            Ok::<_, Rejected>(served)
+        }));
+        sleep(Duration::from_millis(5)).await;
+    }
+    let (mut served, mut refused) = (Vec::new(), 0);
+    for r in requests {
+        match r.await.unwrap() {
+            Ok(s) => served.push(s),
+            Err(r) => {
+                assert_eq!(r.reason, Reason::Overload, "{}", r.detail);
+                refused += 1;
+            }
+        }
+    }
+    let late: Vec<_> = served
+        .iter()
+        .filter(|(arrived, waited)| {
+            *arrived + *waited > Duration::from_millis(250) && *waited > Duration::from_millis(75)
+        })
+        .collect();
+    assert!(late.is_empty(), "served after waiting too long: {late:?}");
+    assert!(refused > 0);
+    // 3 s at 100/s, less the last requests' drain.
+    assert!(served.len() >= 280, "{} served", served.len());
+    check(&pools);
+}
+
 #[tokio::test(start_paused = true)]
 async fn dropped_lease_discards_and_frees_budget() {
     let pools = Pools::new(limits(1));
