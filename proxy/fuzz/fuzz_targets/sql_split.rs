@@ -11,13 +11,7 @@
 use libfuzzer_sys::fuzz_target;
 use sluice::sql::{statements, trim_start, Encoding};
 
-const LAYOUTS: [Encoding; 5] = [
-    Encoding::AsciiSafe,
-    Encoding::Sjis,
-    Encoding::TwoByte,
-    Encoding::Gb18030,
-    Encoding::Johab,
-];
+const LAYOUTS: [Encoding; 5] = Encoding::ALL;
 
 fuzz_target!(|sql: &[u8]| {
     for enc in LAYOUTS {

@@ -29,12 +29,12 @@ use crate::config::{Config, GroupBy, PoolMode};
 use crate::console;
 use crate::context::{group_limits, Context, ServerParams, ADMIN_DATABASE};
 use crate::error::{sqlstate, PgError, Severity, Side};
-use crate::pool::PoolId;
+use crate::pool::{Lease, PoolId};
 use crate::protocol::backend::{Out, TxStatus};
 use crate::protocol::frontend::tag;
 use crate::protocol::ProtocolError;
 use crate::relay::{self, End, Flow};
-use crate::server::{self, ServerState};
+use crate::server::{self, ServerConn, ServerState};
 use crate::sql as state;
 use crate::stream::Stream;
 
@@ -697,55 +697,27 @@ impl<'a> Session<'a> {
                 return Step::Exit(error.into());
             }
             End::IdleInTransaction => {
-                g.clients_idle.increment(1.0);
-                tracing::info!(
-                    timeout = ?self.config.idle_transaction_timeout,
-                    "client idle inside a transaction: disconnected, its transaction rolled back"
-                );
-                crate::metrics::client_timed_out("idle_transaction_timeout");
-                crate::metrics::server_closed("idle_transaction_timeout");
                 // Closing the server connection rolls the transaction back and frees its locks
                 // at once, whatever state the server is in.
-                lease.discard();
-                return Step::Exit(
-                    PgError::fatal(
-                        sqlstate::IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
-                        "terminating connection due to idle-in-transaction timeout (idle_transaction_timeout)",
-                    )
-                    .with_side(Side::Client)
-                    .into(),
-                );
+                let error = PgError::fatal(
+                    sqlstate::IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
+                    "terminating connection due to idle-in-transaction timeout (idle_transaction_timeout)",
+                )
+                .with_side(Side::Client);
+                return self.timed_out(lease, "idle_transaction_timeout", error.into());
             }
             End::ClientStalled => {
-                g.clients_idle.increment(1.0);
-                tracing::info!(
-                    timeout = ?self.config.client_stall_timeout,
-                    "client stopped sending in the middle of a request: disconnected, its server connection closed"
-                );
-                crate::metrics::client_timed_out("client_stall_timeout");
-                crate::metrics::server_closed("client_stall_timeout");
                 // The server is mid-message or mid-COPY: only closing it ends the request, and
                 // rolls back its transaction.
-                lease.discard();
-                return Step::Exit(
-                    PgError::fatal(
-                        sqlstate::QUERY_CANCELED,
-                        "terminating connection: the client sent nothing in the middle of a request for client_stall_timeout; the request was not completed and its transaction was rolled back",
-                    )
-                    .with_side(Side::Client)
-                    .into(),
-                );
+                let error = PgError::fatal(
+                    sqlstate::QUERY_CANCELED,
+                    "terminating connection: the client sent nothing in the middle of a request for client_stall_timeout; the request was not completed and its transaction was rolled back",
+                )
+                .with_side(Side::Client);
+                return self.timed_out(lease, "client_stall_timeout", error.into());
             }
             End::QueryTimeout => {
-                g.clients_idle.increment(1.0);
-                tracing::warn!(
-                    timeout = ?self.config.query_timeout,
-                    "the server answered neither within query_timeout nor after a cancel: server connection closed, client disconnected"
-                );
-                crate::metrics::client_timed_out("query_timeout");
-                crate::metrics::server_closed("query_timeout");
-                lease.discard();
-                return Step::Exit(timed_out_server(&flow));
+                return self.timed_out(lease, "query_timeout", timed_out_server(&flow));
             }
             End::ServerGone(fault) => {
                 g.clients_idle.increment(1.0);
@@ -756,5 +728,20 @@ impl<'a> Session<'a> {
             }
         }
         Step::Next
+    }
+
+    /// Ends a session whose client or server kept the other waiting past `timeout` (a key of
+    /// the configuration, also the metric's reason): the server connection is closed and the
+    /// client told `error`.
+    fn timed_out(&self, lease: Lease<Box<ServerConn>>, timeout: &'static str, error: Exit) -> Step {
+        crate::metrics::global().clients_idle.increment(1.0);
+        tracing::info!(
+            timeout,
+            "timed out: server connection closed, client disconnected"
+        );
+        crate::metrics::client_timed_out(timeout);
+        crate::metrics::server_closed(timeout);
+        lease.discard();
+        Step::Exit(error)
     }
 }

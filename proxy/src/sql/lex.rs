@@ -31,6 +31,15 @@ pub enum Encoding {
 }
 
 impl Encoding {
+    /// Every layout (for the tests and the fuzz targets, which try each).
+    pub const ALL: [Encoding; 5] = [
+        Encoding::AsciiSafe,
+        Encoding::Sjis,
+        Encoding::TwoByte,
+        Encoding::Gb18030,
+        Encoding::Johab,
+    ];
+
     /// The layout of a `client_encoding` value (any spelling PostgreSQL accepts: case, `-` and
     /// `_` do not matter, and Windows code page aliases count).
     pub fn from_name(name: &str) -> Encoding {
@@ -356,13 +365,7 @@ mod tests {
     /// piece of the text.
     #[test]
     fn any_bytes_scan_without_panicking() {
-        let layouts = [
-            Encoding::AsciiSafe,
-            Encoding::Sjis,
-            Encoding::TwoByte,
-            Encoding::Gb18030,
-            Encoding::Johab,
-        ];
+        let layouts = Encoding::ALL;
         let alphabet = b"';\"$-*/\\eEaS \n\x80\x8f\x81\xa1\xff09";
         let mut state = 0x9e37_79b9_7f4a_7c15_u64;
         for _ in 0..20_000 {
