@@ -55,14 +55,24 @@ impl Context {
         self.tls.read().clone()
     }
 
-    /// Records how a login to the server as `user` to `database` went: the connect metric,
-    /// readiness, and whether the server is in an outage. The first failure of an outage
-    /// closes the idle server connections, which it has most likely broken too, so none is
-    /// handed to a client.
-    pub fn record_login(&self, database: &str, user: &str, outcome: Result<(), &ServerError>) {
+    /// Records how a login to the server as `user` to `database`, for `pool`, went: the
+    /// connect metric, readiness, whether the server is in an outage, and the parameters a new
+    /// connection reported (what the pool's clients are told at start-up). The first failure
+    /// of an outage closes the idle server connections, which it has most likely broken too,
+    /// so none is handed to a client.
+    pub fn record_login(
+        &self,
+        pool: PoolId,
+        database: &str,
+        user: &str,
+        outcome: Result<&ServerConn, &ServerError>,
+    ) {
         let g = crate::metrics::global();
         match outcome {
-            Ok(()) => {
+            Ok(conn) => {
+                self.server_params
+                    .lock()
+                    .insert(pool, Arc::new(conn.params.clone()));
                 crate::metrics::server_connect("ok");
                 self.ready.login(database, user, true);
                 if self.pools.set_outage(false) {

@@ -102,15 +102,12 @@ async fn fill(
     let target = Target::new(&cfg, &connector, ctx.server_password(user), database, user);
     match ServerConn::connect(&target, database, &ctx.servers).await {
         Ok(conn) => {
-            ctx.record_login(database, user, Ok(()));
-            ctx.server_params
-                .lock()
-                .insert(slot.pool(), Arc::new(conn.params.clone()));
+            ctx.record_login(slot.pool(), database, user, Ok(&conn));
             slot.fill(Box::new(conn));
             slot.release();
         }
         Err(e) => {
-            ctx.record_login(database, user, Err(&e));
+            ctx.record_login(slot.pool(), database, user, Err(&e));
             tracing::warn!(error = %e, %database, %user, "{what} failed");
         }
     }

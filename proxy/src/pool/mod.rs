@@ -256,11 +256,6 @@ impl<C: Send + 'static> Pools<C> {
         self.shared.state.lock().set_outage(down, Instant::now())
     }
 
-    /// Since when the server has been unreachable, if it is.
-    pub fn outage(&self) -> Option<Instant> {
-        self.shared.state.lock().outage()
-    }
-
     /// Takes idle connections that have idled past `idle_timeout` or lived past `lifetime`
     /// (keeping each pool's minimum), for the caller to close outside the lock.
     pub fn reap(&self, now: Instant, idle_timeout: Duration, lifetime: Duration) -> Vec<C> {

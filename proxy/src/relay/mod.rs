@@ -17,7 +17,8 @@ use std::task::{ready, Context, Poll};
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-pub use self::core::{Core, End, Flow, Reported, ServerFault, Statements, Walked, CANCEL_GRACE};
+use self::core::CANCEL_GRACE;
+pub use self::core::{Core, End, Flow, Reported, ServerFault, Statements, Walked};
 use crate::client_conn::ClientConn;
 use crate::prepared::ServerStatements;
 use crate::server::{CancelKey, ServerConn, READ_BUFFER};

@@ -1,7 +1,6 @@
 //! Borrowing a server connection for a request: from the pool, or a new one, held through an
 //! outage while Sluice reconnects with backoff.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -77,17 +76,15 @@ impl Session<'_> {
             let e = match ServerConn::connect(&target, &self.database, &self.ctx.servers).await {
                 Ok(conn) => {
                     g.connect_time.record(started.elapsed().as_secs_f64());
-                    self.ctx.record_login(&self.database, &self.user, Ok(()));
                     self.ctx
-                        .server_params
-                        .lock()
-                        .insert(self.pool, Arc::new(conn.params.clone()));
+                        .record_login(self.pool, &self.database, &self.user, Ok(&conn));
                     lease.fill(Box::new(conn));
                     return Ok(());
                 }
                 Err(e) => e,
             };
-            self.ctx.record_login(&self.database, &self.user, Err(&e));
+            self.ctx
+                .record_login(self.pool, &self.database, &self.user, Err(&e));
             let delay = backoff.next();
             if e.is_outage() && Instant::now() + delay < hold {
                 tracing::debug!(error = %e, ?delay, "server connect failed; trying again");
