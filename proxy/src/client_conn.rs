@@ -16,12 +16,13 @@ use std::future::poll_fn;
 use std::io;
 use std::net::SocketAddr;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::error::PgError;
+use crate::error::{sqlstate, PgError, Side};
 use crate::protocol::frontend::Startup;
 use crate::protocol::{Header, ProtocolError, HEADER_LEN};
 use crate::stream::Stream;
@@ -44,6 +45,10 @@ pub enum ClientError {
     /// The TLS handshake with the client failed.
     #[error("client TLS handshake failed: {}", .0.reason())]
     Tls(HandshakeError),
+    /// The client sent part of a message and then nothing for the stall timeout
+    /// ([`ClientConn::set_stall_timeout`]).
+    #[error("the client sent nothing in the middle of a message for {0:?}")]
+    Stalled(Duration),
 }
 
 /// The first packet of a connection, as [`ClientConn::read_startup`] found it.
@@ -76,6 +81,9 @@ pub struct Message {
 pub struct ClientConn<S = Stream> {
     stream: S,
     buf: BytesMut,
+    /// How long [`ClientConn::read_frame`] waits for the rest of a message it holds part of;
+    /// zero waits for ever.
+    stall: Duration,
 }
 
 impl<S> ClientConn<S> {
@@ -83,7 +91,17 @@ impl<S> ClientConn<S> {
         ClientConn {
             stream,
             buf: BytesMut::new(),
+            stall: Duration::ZERO,
         }
+    }
+
+    /// From now on a client that stops for `stall` in the middle of a message is
+    /// [`ClientError::Stalled`] (`client_stall_timeout`, set once the client has logged in:
+    /// `client_login_timeout` bounds the login as a whole). Partial messages are what a
+    /// client can make Sluice keep for it before any server is involved, so this bounds how
+    /// long each byte of them is kept.
+    pub fn set_stall_timeout(&mut self, stall: Duration) {
+        self.stall = stall;
     }
 
     /// How many bytes are buffered, read and not yet consumed.
@@ -179,8 +197,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ClientConn<S> {
             if self.buf.len() >= limit {
                 return Ok(Framed::Partial(header));
             }
-            self.read_more().await?;
+            self.read_rest().await?;
         }
+    }
+
+    /// [`ClientConn::read_more`], for the rest of a message: with part of one buffered, the
+    /// client has the stall timeout to send more. A timer is made only here, so a request that
+    /// arrives in one read costs none.
+    async fn read_rest(&mut self) -> Result<(), ClientError> {
+        if self.stall.is_zero() || self.buf.is_empty() {
+            return self.read_more().await;
+        }
+        let stall = self.stall;
+        tokio::time::timeout(stall, self.read_more())
+            .await
+            .map_err(|_| ClientError::Stalled(stall))?
     }
 
     /// Reads one whole message of at most `max` bytes (tag and length included) and cuts it
@@ -280,6 +311,12 @@ impl From<ClientError> for Exit {
     fn from(e: ClientError) -> Exit {
         match e {
             ClientError::Protocol(e) => PgError::protocol_violation(e.to_string()).into(),
+            ClientError::Stalled(_) => PgError::fatal(
+                sqlstate::QUERY_CANCELED,
+                "terminating connection: the client sent nothing in the middle of a request for client_stall_timeout; the request was not completed",
+            )
+            .with_side(Side::Client)
+            .into(),
             ClientError::Closed | ClientError::Io(_) | ClientError::Tls(_) => Exit::Quiet,
         }
     }
@@ -385,6 +422,35 @@ mod tests {
         client.write_all(&m[4..]).await.unwrap();
         let got = conn.read_message(100).await.unwrap();
         assert_eq!(&got.body[..], b"select 1\0");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_message_left_half_sent_is_a_stall_and_an_idle_client_is_not() {
+        let (mut conn, mut client) = pair(1 << 16);
+        conn.set_stall_timeout(Duration::from_secs(10));
+        // Nothing sent: an idle client waits for ever (an hour here).
+        let idle = tokio::time::timeout(Duration::from_secs(3600), conn.read_frame(0, 100, 1000));
+        assert!(idle.await.is_err(), "no stall without a message begun");
+        // Part of a message, and then nothing: the stall timeout.
+        let m = msg(b'Q', b"select 1\0");
+        client.write_all(&m[..3]).await.unwrap();
+        let started = tokio::time::Instant::now();
+        let r = conn.read_frame(0, 100, 1000).await;
+        assert!(matches!(r, Err(ClientError::Stalled(_))), "{r:?}");
+        assert_eq!(started.elapsed(), Duration::from_secs(10));
+        // Each byte that arrives starts the wait anew: a slow client is not a stalled one.
+        let (mut conn, mut client) = pair(1 << 16);
+        conn.set_stall_timeout(Duration::from_secs(10));
+        let sender = tokio::spawn(async move {
+            for b in m.iter() {
+                client.write_all(&[*b]).await.unwrap();
+                tokio::time::sleep(Duration::from_secs(9)).await;
+            }
+            client
+        });
+        let r = conn.read_frame(0, 100, 1000).await;
+        assert!(matches!(r, Ok(Framed::Whole(h)) if h.tag == b'Q'), "{r:?}");
+        drop(sender.await.unwrap());
     }
 
     #[tokio::test]

@@ -257,9 +257,10 @@ pub struct Config {
     /// (FATAL 25P03) and its transaction rolled back; 0 disables.
     #[serde(with = "duration")]
     pub idle_transaction_timeout: Duration,
-    /// A client that sends nothing for this long in the middle of a message (one too large to
-    /// buffer whole, streamed to its server) or of a COPY FROM STDIN is disconnected and its
-    /// server connection closed (rolling back); 0 disables.
+    /// A client that sends nothing for this long in the middle of a message or of a COPY FROM
+    /// STDIN is disconnected, and its server connection, if the request holds one already (a
+    /// message too large to buffer whole, streamed to its server; a COPY), closed (rolling
+    /// back); 0 disables.
     #[serde(with = "duration")]
     pub client_stall_timeout: Duration,
     /// A request the server has not answered within this long is cancelled (a CancelRequest;

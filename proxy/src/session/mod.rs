@@ -271,10 +271,7 @@ async fn next_request(
                 return Ok(Request::Terminate)
             }
             Ok(Framed::Partial(_)) => return Ok(Request::Streamed),
-            Err(ClientError::Protocol(e @ ProtocolError::TooLong { .. })) => {
-                return Err(PgError::protocol_violation(format!("{e} (max_message_bytes)")).into())
-            }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(client_failed(e)),
         };
         if h.tag == tag::TERMINATE {
             return Ok(Request::Terminate);
@@ -286,6 +283,45 @@ async fn next_request(
         ) {
             return Ok(Request::Complete { end, last: h.tag });
         }
+    }
+}
+
+/// Drops the client's messages up to and including a Sync, each as soon as it is whole, so a
+/// batch being discarded holds at most one message (`max_message_bytes`) however long it runs.
+async fn discard_until_sync(conn: &mut ClientConn, max_message: usize) -> Result<(), Exit> {
+    loop {
+        let h = match conn.read_frame(0, max_message, usize::MAX).await {
+            Ok(Framed::Whole(h)) => h,
+            // Unreachable without a limit; the client's error rather than a panic.
+            Ok(Framed::Partial(_)) => {
+                return Err(PgError::protocol_violation("malformed message").into())
+            }
+            Err(e) => return Err(client_failed(e)),
+        };
+        conn.consume(h.total());
+        match h.tag {
+            tag::SYNC => return Ok(()),
+            tag::TERMINATE => return Err(Exit::Quiet),
+            _ => {}
+        }
+    }
+}
+
+/// What the client is told when reading its request failed.
+fn client_failed(e: ClientError) -> Exit {
+    match e {
+        ClientError::Protocol(e @ ProtocolError::TooLong { .. }) => {
+            PgError::protocol_violation(format!("{e} (max_message_bytes)")).into()
+        }
+        ClientError::Stalled(_) => {
+            tracing::info!(
+                timeout = "client_stall_timeout",
+                "timed out: client disconnected in the middle of a request"
+            );
+            crate::metrics::client_timed_out("client_stall_timeout");
+            e.into()
+        }
+        e => e.into(),
     }
 }
 
@@ -510,42 +546,30 @@ impl<'a> Session<'a> {
     /// The loop of a logged-in client: wait for a request, borrow a server, relay, give it back.
     async fn serve_requests(&mut self, conn: &mut ClientConn, slot: &clients::ClientSlot) -> Exit {
         let max_message = self.config.max_message_bytes as usize;
-        let mut discard_until_sync = false;
+        conn.set_stall_timeout(self.config.client_stall_timeout);
         loop {
-            // 1. A whole request (or a large one's head). A batch being discarded is read
-            // whole, however large, up to its Sync.
-            let limit = if discard_until_sync {
-                usize::MAX
-            } else {
-                REQUEST_BUFFER_LIMIT
-            };
-            let request = match next_request(conn, slot, max_message, limit).await {
+            // 1. A whole request (or a large one's head).
+            let request = match next_request(conn, slot, max_message, REQUEST_BUFFER_LIMIT).await {
                 Ok(Request::Terminate) => return Exit::Quiet,
                 Ok(Request::Streamed) => None,
                 Ok(Request::Complete { end, last }) => Some((end, last)),
                 Err(exit) => return exit,
             };
-            if discard_until_sync {
-                // After a refused Flush the client's batch runs on to a Sync; drop it, answer
-                // that Sync.
-                if let Some((end, last)) = request {
-                    conn.consume(end);
-                    if last == tag::SYNC {
-                        discard_until_sync = false;
-                        let mut out = BytesMut::new();
-                        Out::ready_for_query(&mut out, TxStatus::Idle);
-                        if conn.send(&out).await.is_err() {
-                            return Exit::Quiet;
-                        }
-                    }
-                }
-                continue;
-            }
-
             // 2 and 3, in a boxed future: its state exists only while a request is served.
             match Box::pin(self.transaction(conn, slot, request)).await {
                 Step::Next => {}
-                Step::DiscardUntilSync => discard_until_sync = true,
+                Step::DiscardUntilSync => {
+                    // After a refused Flush the client's batch runs on to a Sync; drop it,
+                    // answer that Sync.
+                    if let Err(exit) = discard_until_sync(conn, max_message).await {
+                        return exit;
+                    }
+                    let mut out = BytesMut::new();
+                    Out::ready_for_query(&mut out, TxStatus::Idle);
+                    if conn.send(&out).await.is_err() {
+                        return Exit::Quiet;
+                    }
+                }
                 Step::Exit(exit) => return exit,
             }
         }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use crate::pg::{PgOptions, PgServer};
 use crate::proxy::{connect, start_sluice};
 use crate::support::pg_with_user;
+use crate::support::process::SluiceProcess;
 
 /// A plain HTTP/1.0 GET: (status, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
@@ -395,66 +396,15 @@ fn which(cmd: &str) -> Option<std::path::PathBuf> {
 /// rotation) while clients are still served; then Sluice stops accepting, drains and exits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_turns_readyz_off_before_clients_are_refused() {
-    use std::io::BufRead;
     let pg = server("grace_u");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env(
-            "SLUICE_UPSTREAM",
-            format!("postgres://grace_u:pw@{}:{}/obs", pg.host(), pg.port()),
-        )
-        .env("SLUICE_LISTEN", "127.0.0.1:0")
-        .env("SLUICE_ADMIN_LISTEN", "127.0.0.1:0")
-        .env("SLUICE_MAX_SERVER_CONNECTIONS", "4")
-        .env("SLUICE_SHUTDOWN_GRACE", "3s")
-        .env("NO_COLOR", "1")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("sluice runs");
-    // The addresses, from the start-up log line (colour codes dropped).
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
-    let clean = |l: &str| {
-        let mut out = String::new();
-        let mut esc = false;
-        for c in l.chars() {
-            match c {
-                '\u{1b}' => esc = true,
-                'm' if esc => esc = false,
-                c if !esc => out.push(c),
-                _ => {}
-            }
-        }
-        out
-    };
-    let field = |l: &str, key: &str| -> Option<SocketAddr> {
-        l.split_whitespace()
-            .find_map(|w| w.strip_prefix(key))
-            .and_then(|v| v.parse().ok())
-    };
-    let (local, admin) = loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .map(|l| clean(&l))
-            .expect("sluice logs that it listens");
-        if line.contains("sluice listening") {
-            let local = field(&line, "local_addr=").expect("local_addr");
-            let admin = field(&line, "admin_addr=").expect("admin_addr");
-            break (local, admin);
-        }
-    };
-    let url = format!("postgres://grace_u:pw@{}:{}/obs", local.ip(), local.port());
+    let upstream = format!("postgres://grace_u:pw@{}:{}/obs", pg.host(), pg.port());
+    let mut sluice = SluiceProcess::spawn(&[
+        ("SLUICE_UPSTREAM", &upstream),
+        ("SLUICE_MAX_SERVER_CONNECTIONS", "4"),
+        ("SLUICE_SHUTDOWN_GRACE", "3s"),
+    ]);
+    let admin = sluice.admin;
+    let url = sluice.url("grace_u", "pw", "obs");
     let query = |url: String| async move {
         let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
         tokio::spawn(conn);
@@ -467,7 +417,7 @@ async fn sigterm_turns_readyz_off_before_clients_are_refused() {
     }
     query(url.clone()).await.expect("served before SIGTERM");
 
-    let pid = child.id().to_string();
+    let pid = sluice.child.id().to_string();
     assert!(Command::new("kill")
         .args(["-TERM", &pid])
         .status()
@@ -482,7 +432,7 @@ async fn sigterm_turns_readyz_off_before_clients_are_refused() {
         .expect("a new client is still served during shutdown_grace");
     // After the grace the port closes and the process ends.
     let exited = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
+        if let Some(status) = sluice.child.try_wait().expect("wait") {
             break status;
         }
         assert!(

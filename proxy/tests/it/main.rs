@@ -13,6 +13,7 @@ mod environment;
 mod fidelity;
 mod harness_selftest;
 mod harness_tls;
+mod hostile;
 mod iam;
 mod loadgen;
 mod outage;

@@ -6,6 +6,7 @@
 
 pub mod blackhole;
 pub mod hosts;
+pub mod process;
 pub mod raw;
 
 use std::future::Future;
