@@ -9,8 +9,9 @@
 //! own, which its resets bring back), then reads, each a byte (even: the client's,
 //! odd: the server's), a big-endian `u16` length and that many bytes.
 //!
-//! Checks: a walk consumes only what is buffered; without statement tracking it forwards the
-//! bytes as they came; both output streams are well framed; and a server goes back to the pool
+//! Checks: a walk consumes only what is buffered; without statement tracking or startup values
+//! to bring back it forwards the client's bytes as they came and the server's with at most
+//! repeated ParameterStatus messages left out; both output streams are well framed; and a server goes back to the pool
 //! only between whole messages in both directions. A client walk that holds the rest for a
 //! Query of Sluice's own is not walked again until the core lets it go, and that Query goes to
 //! the server first, as the shell does it.
@@ -74,6 +75,27 @@ fn framed(stream: &[u8], whole: bool) {
     }
 }
 
+/// The messages of a well-framed `stream` (its last one possibly partial), split into
+/// ParameterStatus messages and the others.
+fn split_parameter_status(stream: &[u8]) -> (Vec<&[u8]>, Vec<&[u8]>) {
+    let (mut reports, mut others) = (Vec::new(), Vec::new());
+    let mut pos = 0;
+    while pos < stream.len() {
+        let end = match Header::peek(&stream[pos..]) {
+            Ok(Some(h)) => (pos + h.total()).min(stream.len()),
+            _ => stream.len(),
+        };
+        let msg = &stream[pos..end];
+        if msg[0] == b'S' {
+            reports.push(msg);
+        } else {
+            others.push(msg);
+        }
+        pos = end;
+    }
+    (reports, others)
+}
+
 fuzz_target!(|data: &[u8]| {
     let Some((&config, data)) = data.split_first() else {
         return;
@@ -94,6 +116,8 @@ fuzz_target!(|data: &[u8]| {
     let mut reads = Reads { data };
     let (mut cbuf, mut sbuf) = (BytesMut::new(), BytesMut::new());
     let (mut to_server, mut to_client) = (Vec::new(), Vec::new());
+    // What the server walks consumed, to compare with what reached the client.
+    let mut from_server = Vec::new();
     let mut encoding = Encoding::AsciiSafe;
     let mut pinned = None;
 
@@ -162,14 +186,13 @@ fuzz_target!(|data: &[u8]| {
             };
             assert!(w.used <= sbuf.len());
             if w.staged {
-                assert!(
-                    pooling || !startup.is_empty(),
-                    "staged with nothing to rewrite"
-                );
+                // Checked below when there is nothing to rewrite: only repeated
+                // ParameterStatus messages are left out.
                 to_client.extend_from_slice(core.staged_for_client());
             } else {
                 to_client.extend_from_slice(&sbuf[..w.used]);
             }
+            from_server.extend_from_slice(&sbuf[..w.used]);
             sbuf.advance(w.used);
             if let Some(own) = core.take_for_server() {
                 assert!(
@@ -201,4 +224,16 @@ fuzz_target!(|data: &[u8]| {
     }
     framed(&to_server, false);
     framed(&to_client, false);
+    if !pooling && startup.is_empty() {
+        let (reports_in, others_in) = split_parameter_status(&from_server);
+        let (reports_out, others_out) = split_parameter_status(&to_client);
+        assert_eq!(
+            others_in, others_out,
+            "the server's messages reach the client unchanged"
+        );
+        assert!(
+            reports_out.iter().all(|r| reports_in.contains(r)),
+            "a ParameterStatus the server did not send"
+        );
+    }
 });

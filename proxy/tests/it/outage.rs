@@ -235,6 +235,110 @@ async fn after_a_failover_the_name_is_resolved_again_and_a_read_only_host_is_not
     drop(name);
 }
 
+/// A real standby: a base backup of the primary, streaming from it, commits synchronous. The
+/// primary stops and the name moves to the standby while it is still in recovery
+/// (`in_hot_standby`): Sluice does not use it, and keeps trying until it is promoted; then the
+/// held write lands there, on the same client connection, with every write acknowledged before
+/// the failover (replicated synchronously, so none is lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_standby_is_not_used_until_promoted_and_no_acknowledged_write_is_lost() {
+    const USER: &str = "outage_standby";
+    const WRITES: i32 = 100;
+    let port = pick_port();
+    let (primary, standby) = tokio::task::spawn_blocking(move || {
+        let opts = PgOptions {
+            listen: Some(("127.0.0.2", port)),
+            extra_conf: vec![("synchronous_commit".into(), "on".into())],
+            ..Default::default()
+        };
+        let primary = pg_with_user(opts, USER, PASSWORD, DB);
+        primary.psql_db(
+            DB,
+            &format!("CREATE TABLE t (id int PRIMARY KEY); ALTER TABLE t OWNER TO {USER}"),
+        );
+        let standby = PgServer::standby_of(&primary, ("127.0.0.3", port));
+        primary.psql("ALTER SYSTEM SET synchronous_standby_names = 'standby'");
+        primary.psql("SELECT pg_reload_conf()");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while primary.psql("SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'")
+            != "1"
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the standby never became synchronous"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        (primary, standby)
+    })
+    .await
+    .expect("servers start");
+    assert_eq!(standby.psql("SELECT pg_is_in_recovery()"), "t");
+    let name = HostsEntry::add("sluice-standby", "127.0.0.2");
+    let sluice = start_sluice(&primary, USER, PASSWORD, DB, 4, 2, |c| {
+        c.server_host = name.name.clone();
+        c.server_unavailable_timeout = Some(Duration::from_secs(60));
+    })
+    .await;
+    let client = connect(&sluice, USER, PASSWORD, DB).await.expect("connect");
+    for id in 1..=WRITES {
+        client
+            .simple_query(&format!("INSERT INTO t VALUES ({id})"))
+            .await
+            .unwrap_or_else(|e| panic!("written on the primary: {}", describe(&e)));
+    }
+
+    // The primary goes; the name moves to the standby, still in recovery.
+    let primary = std::sync::Arc::new(primary);
+    let gone = primary.clone();
+    off_runtime(move || gone.stop()).await;
+    name.point_at("127.0.0.3");
+    let write = tokio::spawn(async move {
+        let r = client
+            .simple_query(&format!("INSERT INTO t VALUES ({})", WRITES + 1))
+            .await;
+        (client, r.map(|_| ()))
+    });
+    let read_only =
+        |body: &str| metric(body, r#"sluice_server_connects_total{result="read_only"}"#);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while read_only(&http_get(sluice.admin_addr, "/metrics").1) == 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "Sluice never reached the standby"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !write.is_finished(),
+        "the write was not held while the standby is in recovery"
+    );
+
+    // Promoted: the held write lands there, and nothing acknowledged before is missing.
+    let standby = std::sync::Arc::new(standby);
+    let promoted = standby.clone();
+    off_runtime(move || promoted.promote()).await;
+    let (client, r) = tokio::time::timeout(Duration::from_secs(30), write)
+        .await
+        .expect("the held write ends once the standby is promoted")
+        .expect("task");
+    r.unwrap_or_else(|e| panic!("held through the failover: {}", describe(&e)));
+    client
+        .simple_query("SELECT 1")
+        .await
+        .expect("connection kept");
+    assert_eq!(
+        standby.psql_db(
+            DB,
+            "SELECT count(*), count(DISTINCT id), min(id), max(id) FROM t"
+        ),
+        format!("{0}|{0}|1|{0}", WRITES + 1),
+        "every acknowledged write, once"
+    );
+    drop(name);
+}
+
 /// How a client's write ended.
 enum Outcome {
     /// Refused as not executed (08006, 53300): the row must not be there.

@@ -175,6 +175,62 @@ impl PgServer {
         );
     }
 
+    /// A hot standby of `primary`, on `listen` (a loopback address and port): a base backup of
+    /// it (`pg_basebackup`) streaming its WAL from it, read-only (`in_hot_standby`) until
+    /// [`PgServer::promote`]. Its `application_name` toward the primary is `standby`.
+    pub fn standby_of(primary: &PgServer, listen: (&'static str, u16)) -> PgServer {
+        let dir = new_owned_tempdir("standby-");
+        let data = dir.path().join("data");
+        let mut cmd = Command::new(bin("pg_basebackup"));
+        cmd.args(["-h", primary.host, "-p", &primary.port.to_string()])
+            .args(["-U", SUPERUSER, "-D"])
+            .arg(&data)
+            .args(["-X", "stream", "-c", "fast", "--no-sync"])
+            .env("PGPASSWORD", SUPERUSER_PASSWORD)
+            .env("PGSSLMODE", "prefer")
+            .stdin(Stdio::null());
+        as_pg_user(&mut cmd, dir.path());
+        run_checked(&mut cmd, "pg_basebackup");
+        let (host, port) = listen;
+        append(
+            &data.join("postgresql.conf"),
+            &format!(
+                "\n# --- standby (sluice test harness) ---\n\
+                 port = {port}\n\
+                 listen_addresses = '{host}'\n\
+                 unix_socket_directories = '{}'\n\
+                 primary_conninfo = 'host={} port={} user={SUPERUSER} password={SUPERUSER_PASSWORD} application_name=standby'\n",
+                dir.path().display(),
+                primary.host,
+                primary.port
+            ),
+        );
+        let signal = data.join("standby.signal");
+        fs::write(&signal, "").expect("write standby.signal");
+        chown_to_pg_user(&signal);
+        let server = PgServer {
+            host,
+            port,
+            tls: primary.tls,
+            log: dir.path().join("postgres.log"),
+            data,
+            dir,
+            child: Mutex::new(None),
+        };
+        match server.spawn_and_wait() {
+            Ok(()) => server,
+            Err(StartError::AddrInUse(log) | StartError::Other(log)) => {
+                panic!("the standby did not start: {log}")
+            }
+        }
+    }
+
+    /// Promotes a standby to primary, waiting until it is writable.
+    pub fn promote(&self) {
+        let out = self.psql("SELECT pg_promote(true, 60)");
+        assert_eq!(out, "t", "pg_promote");
+    }
+
     pub fn port(&self) -> u16 {
         self.port
     }
@@ -503,7 +559,8 @@ fn template() -> &'static Template {
             data.join("pg_hba.conf"),
             "# sluice test harness\n\
              local all all scram-sha-256\n\
-             host all all 127.0.0.1/32 scram-sha-256\n",
+             host all all 127.0.0.1/32 scram-sha-256\n\
+             host replication all 127.0.0.1/32 scram-sha-256\n",
         )
         .expect("write pg_hba.conf");
         append(
