@@ -385,3 +385,59 @@ async fn query_timeout_cancels_and_gives_up_on_a_silent_server() {
     let error = ends_with_one_fatal(&mut raw, "08007").await;
     assert!(error[&'M'].contains("query_timeout"), "{error:?}");
 }
+
+/// The relay between Sluice and PostgreSQL delays every read by 300 ms (a slow or congested
+/// link): everything works, only slower. Then it resets every connection through it (RST both
+/// ways): a client inside a transaction gets one FATAL `08006` (rolled back), a client between
+/// transactions whose pooled server connection was reset is served on a new one, without an
+/// error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_link_works_and_reset_connections_are_reported_or_replaced() {
+    use crate::support::raw::Raw;
+    let (_pg, hole, sluice) = through_black_hole().await;
+    let between = connect(&sluice, USER, PASSWORD, DB).await.expect("client");
+    between
+        .batch_execute("CREATE TABLE IF NOT EXISTS reset_t (v int)")
+        .await
+        .expect("table");
+
+    hole.delay(Duration::from_millis(300));
+    let started = Instant::now();
+    between
+        .batch_execute("BEGIN; INSERT INTO reset_t VALUES (1); COMMIT")
+        .await
+        .unwrap_or_else(|e| panic!("through a slow link: {}", describe(&e)));
+    let rows = between
+        .query_one("SELECT count(*) FROM reset_t", &[])
+        .await
+        .expect("count");
+    assert_eq!(rows.get::<_, i64>(0), 1);
+    assert!(
+        started.elapsed() >= Duration::from_millis(600),
+        "the delay was applied"
+    );
+    hole.delay(Duration::ZERO);
+
+    // A client inside a transaction, and the other one's server back in the pool.
+    let (mut inside, _, _) = Raw::login(sluice.local_addr, false, USER, PASSWORD, DB).await;
+    let m = inside.query("BEGIN; INSERT INTO reset_t VALUES (2)").await;
+    assert_eq!(crate::support::raw::error_code(&m), None, "{m:?}");
+    hole.reset();
+    let fatal = ends_with_one_fatal(&mut inside, "08006").await;
+    assert!(
+        fatal.get(&'M').is_some_and(|m| m.contains("rolled back")),
+        "{fatal:?}"
+    );
+    let rows = tokio::time::timeout(
+        Duration::from_secs(20),
+        between.query_one("SELECT count(*) FROM reset_t", &[]),
+    )
+    .await
+    .expect("an answer")
+    .unwrap_or_else(|e| panic!("served on a new server connection: {}", describe(&e)));
+    assert_eq!(
+        rows.get::<_, i64>(0),
+        1,
+        "the reset transaction was rolled back"
+    );
+}

@@ -2,13 +2,20 @@
 //! the test's own, reached over a veth pair, that relays to a target on the host's loopback.
 //! `cut()` sets the namespace's end of the link down: from then on packets to the endpoint are
 //! dropped without a reply (no RST, no FIN), as when a failed-over database host vanishes.
-//! `mend()` sets it up again. Needs root (CI runs as root) and `ip`.
+//! `mend()` sets it up again. The relay itself can also delay what it forwards (`delay`), reset
+//! every connection through it (`reset`: RST both ways), and forget connections idle for a while
+//! as an AWS NLB does after its idle timeout (`forget_idle`: the next bytes from either side get
+//! a RST). Needs root (CI runs as root) and `ip`.
 #![allow(dead_code)]
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::AsRawFd;
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -20,6 +27,18 @@ pub struct BlackHole {
     /// Where clients connect: an address inside the namespace.
     pub addr: SocketAddr,
     relay: JoinHandle<()>,
+    faults: Arc<Faults>,
+}
+
+/// What the relay does to its connections, set on command.
+#[derive(Default)]
+struct Faults {
+    /// Milliseconds each read is held before it is forwarded.
+    delay_ms: AtomicU64,
+    /// Bumped by `reset`: connections made before are reset.
+    generation: AtomicU64,
+    /// Connections idle this long (milliseconds) are forgotten; 0: never.
+    forget_ms: AtomicU64,
 }
 
 fn ip(args: &[&str]) {
@@ -92,16 +111,19 @@ impl BlackHole {
         .expect("namespace thread");
         let addr = listener.local_addr().expect("addr");
         let listener = TcpListener::from_std(listener).expect("tokio listener");
+        let faults = Arc::new(Faults::default());
+        let shared = faults.clone();
         let relay = tokio::spawn(async move {
             loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
+                let Ok((inbound, _)) = listener.accept().await else {
                     return;
                 };
+                let faults = shared.clone();
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(target).await else {
+                    let Ok(outbound) = TcpStream::connect(target).await else {
                         return;
                     };
-                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    relay(inbound, outbound, &faults).await;
                 });
             }
         });
@@ -111,7 +133,28 @@ impl BlackHole {
             ns_if,
             addr,
             relay,
+            faults,
         }
+    }
+
+    /// Holds everything forwarded from now on for `d` (zero: no delay).
+    pub fn delay(&self, d: Duration) {
+        self.faults
+            .delay_ms
+            .store(d.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Resets every connection through the relay now (RST to both ends); new ones pass.
+    pub fn reset(&self) {
+        self.faults.generation.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// From now on connections idle for `after` are forgotten, as an NLB forgets a flow after
+    /// its idle timeout: the next bytes either end sends are answered with a RST (to both).
+    pub fn forget_idle(&self, after: Duration) {
+        self.faults
+            .forget_ms
+            .store(after.as_millis() as u64, Ordering::Relaxed);
     }
 
     /// From now on, packets to the endpoint vanish.
@@ -134,6 +177,54 @@ impl BlackHole {
             &self.ns_if,
             state,
         ]);
+    }
+}
+
+/// Relays between `a` (the client's end) and `b` until either closes, applying `faults`.
+async fn relay(mut a: TcpStream, mut b: TcpStream, faults: &Faults) {
+    let generation = faults.generation.load(Ordering::Relaxed);
+    let (mut from_a, mut from_b) = (vec![0u8; 64 << 10], vec![0u8; 64 << 10]);
+    let mut last = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    let reset = |a: &TcpStream, b: &TcpStream| {
+        let _ = a.set_zero_linger();
+        let _ = b.set_zero_linger();
+    };
+    loop {
+        let (read, to_a) = tokio::select! {
+            r = a.read(&mut from_a) => (r, false),
+            r = b.read(&mut from_b) => (r, true),
+            _ = tick.tick() => {
+                if faults.generation.load(Ordering::Relaxed) != generation {
+                    reset(&a, &b);
+                    return;
+                }
+                continue;
+            }
+        };
+        let n = match read {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let forget = faults.forget_ms.load(Ordering::Relaxed);
+        if forget > 0 && last.elapsed() >= Duration::from_millis(forget) {
+            // A forgotten flow: the bytes are not forwarded, both ends get a RST.
+            reset(&a, &b);
+            return;
+        }
+        last = Instant::now();
+        let delay = faults.delay_ms.load(Ordering::Relaxed);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
+        let written = if to_a {
+            a.write_all(&from_b[..n]).await
+        } else {
+            b.write_all(&from_a[..n]).await
+        };
+        if written.is_err() {
+            return;
+        }
     }
 }
 
