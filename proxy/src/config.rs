@@ -246,6 +246,10 @@ pub struct Config {
     #[serde(with = "duration")]
     pub client_tcp_keepalive_interval: Duration,
     pub client_tcp_keepalive_count: u32,
+    /// A pooled server connection idle this long is checked (an empty query) before it is handed
+    /// to a client; 0 checks every one.
+    #[serde(with = "duration")]
+    pub server_check_delay: Duration,
     #[serde(with = "duration")]
     pub server_idle_timeout: Duration,
     #[serde(with = "duration")]
@@ -365,6 +369,7 @@ impl Default for Config {
             client_tcp_keepalive: Duration::from_secs(60),
             client_tcp_keepalive_interval: Duration::from_secs(10),
             client_tcp_keepalive_count: 6,
+            server_check_delay: Duration::from_secs(30),
             server_idle_timeout: Duration::from_secs(600),
             server_lifetime: Duration::from_secs(3600),
             client_idle_timeout: Duration::from_secs(900),

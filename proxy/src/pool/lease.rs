@@ -60,6 +60,14 @@ impl<C: Send + 'static> Lease<C> {
             .unwrap_or_default()
     }
 
+    /// How long the connection lay idle in the pool before this lease took it (zero for a new one).
+    pub fn idle_for(&self) -> std::time::Duration {
+        self.entry
+            .as_ref()
+            .map(|e| self.granted.saturating_duration_since(e.since))
+            .unwrap_or_default()
+    }
+
     /// Puts a freshly opened connection in an empty lease.
     pub fn fill(&mut self, conn: C) {
         let now = Instant::now();
@@ -78,15 +86,15 @@ impl<C: Send + 'static> Lease<C> {
     }
 
     /// Drops a connection found dead before use and makes the lease a connect slot again,
-    /// keeping its place in the budget.
-    pub fn reconnect(&mut self) {
+    /// keeping its place in the budget; `reason` labels the closed-connections metric.
+    pub fn reconnect(&mut self, reason: &'static str) {
         if let Some(e) = self.entry.take() {
             let dead = {
                 let mut st = self.shared.state.lock();
                 st.refill(self.pool, e.conn);
                 st.take_dead()
             };
-            crate::metrics::server_closed("dead_on_checkout");
+            crate::metrics::server_closed(reason);
             drop(dead);
         }
     }

@@ -241,6 +241,27 @@ async fn sustained_overload_keeps_admitted_waits_within_one_and_a_half_targets()
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_lease_knows_how_long_its_connection_lay_idle() {
+    let pools = Pools::new(limits(1));
+    let p = pools.pool("db", "u", 1, 0);
+    let g = pools.group("g", GroupLimits::default());
+    let next = AtomicU32::new(1);
+    let lease = ready(pools.acquire(p, g).await.unwrap(), &next);
+    assert_eq!(lease.idle_for(), Duration::ZERO, "a new connection");
+    sleep(Duration::from_secs(3)).await;
+    lease.release();
+    sleep(Duration::from_secs(7)).await;
+    let mut lease = pools.acquire(p, g).await.unwrap();
+    assert_eq!(lease.idle_for(), Duration::from_secs(7));
+    // Found dead: the slot connects anew, and the new connection has not idled.
+    lease.reconnect("dead_on_checkout");
+    let lease = ready(lease, &next);
+    assert_eq!(lease.idle_for(), Duration::ZERO);
+    lease.release();
+    check(&pools);
+}
+
+#[tokio::test(start_paused = true)]
 async fn dropped_lease_discards_and_frees_budget() {
     let pools = Pools::new(limits(1));
     let p = pools.pool("db", "u", 1, 0);

@@ -32,6 +32,28 @@ impl Backoff {
     }
 }
 
+/// Whether a connection that lay idle for `server_check_delay` still answers: an empty query
+/// (EmptyQueryResponse and ReadyForQuery, one round trip, nothing run) within `timeout`. A flow
+/// a load balancer forgot, a server that went away without a word: found here, not by the
+/// client's request.
+async fn check(conn: &mut ServerConn, timeout: Duration) -> bool {
+    match tokio::time::timeout(timeout, conn.simple_query("")).await {
+        Ok(Ok(crate::protocol::backend::TxStatus::Idle)) => true,
+        Ok(Ok(status)) => {
+            tracing::warn!(?status, "idle server connection not idle; closing it");
+            false
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "idle server connection failed its check");
+            false
+        }
+        Err(_) => {
+            tracing::debug!(?timeout, "idle server connection did not answer its check");
+            false
+        }
+    }
+}
+
 impl Session<'_> {
     /// Borrows a usable server connection, connecting when the lease brings none, and
     /// replacing an idle one that died while pooled. Errors are what the client is told.
@@ -43,11 +65,21 @@ impl Session<'_> {
             .acquire(self.pool, self.group)
             .await
             .map_err(rejection)?;
+        let idle_for = lease.idle_for();
         if let Some(conn) = lease.conn() {
-            if conn.is_reusable() {
-                return Ok(lease);
+            let dead = if !conn.is_reusable() {
+                Some("dead_on_checkout")
+            } else if idle_for < self.config.server_check_delay
+                || check(conn, self.config.server_connect_timeout).await
+            {
+                None
+            } else {
+                Some("failed_check")
+            };
+            match dead {
+                None => return Ok(lease),
+                Some(reason) => lease.reconnect(reason),
             }
-            lease.reconnect();
         }
         self.connect(&mut lease, arrived).await?;
         Ok(lease)

@@ -441,3 +441,51 @@ async fn a_slow_link_works_and_reset_connections_are_reported_or_replaced() {
         "the reset transaction was rolled back"
     );
 }
+
+/// A load balancer between Sluice and the server forgets idle flows (as an NLB does after its
+/// idle timeout): the next bytes on a forgotten flow are answered with a RST. Pooled server
+/// connections idle past `server_check_delay` are checked (an empty query) before they are
+/// handed out, so the ones it forgot are found dead and replaced: no client sees an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_connections_a_load_balancer_forgot_are_checked_and_replaced_before_use() {
+    let (_pg, hole, sluice) = through_black_hole_with(|c| {
+        c.server_check_delay = Duration::from_millis(500);
+    })
+    .await;
+    let a = connect(&sluice, USER, PASSWORD, DB).await.expect("a");
+    let b = connect(&sluice, USER, PASSWORD, DB).await.expect("b");
+    // Two server connections at once, both back in the pool.
+    a.batch_execute("BEGIN").await.expect("a begins");
+    b.batch_execute("BEGIN").await.expect("b begins");
+    a.batch_execute("COMMIT").await.expect("a commits");
+    b.batch_execute("COMMIT").await.expect("b commits");
+    let failed = || {
+        crate::tls::metric(
+            sluice.admin_addr,
+            "sluice_server_connections_closed_total",
+            &[("reason", "failed_check")],
+        )
+    };
+    let before = failed().await;
+
+    hole.forget_idle(Duration::from_secs(1));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // One after the other, then both at once: each is served.
+    for (name, c) in [("a", &a), ("b", &b)] {
+        c.batch_execute("SELECT 1")
+            .await
+            .unwrap_or_else(|e| panic!("{name} after the flows were forgotten: {}", describe(&e)));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (ra, rb) = tokio::join!(
+        a.batch_execute("BEGIN; SELECT pg_sleep(0.2); COMMIT"),
+        b.batch_execute("BEGIN; SELECT pg_sleep(0.2); COMMIT"),
+    );
+    for (name, r) in [("a", ra), ("b", rb)] {
+        r.unwrap_or_else(|e| panic!("{name} together: {}", describe(&e)));
+    }
+    assert!(
+        failed().await - before >= 2.0,
+        "the forgotten connections were found by the check"
+    );
+}
