@@ -111,9 +111,7 @@ cleanup() {
     [[ -n $WORK ]] && rm -rf "$WORK"
     exit "$rc"
 }
-trap cleanup EXIT
-trap 'echo "interrupted" >&2; exit 130' INT
-trap 'exit 143' TERM
+sl_traps cleanup
 
 sl_header "Setup"
 sl_need_pkg '/usr/lib/postgresql/*/bin/initdb' postgresql

@@ -105,21 +105,10 @@ cleanup() {
     sl_sluice_stop
     sl_pg_stop
     # Nothing this script started may outlive it.
-    local pid left=()
-    for pid in "${STARTED_PIDS[@]}"; do sl_alive "$pid" && left+=("$pid"); done
-    if [[ -n $WORK ]]; then
-        while read -r pid; do [[ -n $pid ]] && left+=("$pid"); done < <(pgrep -f "$WORK" || true)
-        rm -rf "$WORK"
-    fi
-    if ((${#left[@]} > 0)); then
-        echo "error: processes left behind: ${left[*]}" >&2
-        [[ $rc -ne 0 ]] || rc=1
-    fi
+    sl_left_behind "$WORK" "${STARTED_PIDS[@]}" || { [[ $rc -ne 0 ]] || rc=1; }
     exit "$rc"
 }
-trap cleanup EXIT
-trap 'echo "interrupted" >&2; exit 130' INT
-trap 'exit 143' TERM
+sl_traps cleanup
 
 sl_header "Setup"
 sl_need_pkg '/usr/lib/postgresql/*/bin/initdb' postgresql

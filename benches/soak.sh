@@ -81,21 +81,10 @@ cleanup() {
     for pid in "${LOAD_PIDS[@]}"; do sl_stop_pid "$pid" TERM 2; done
     sl_sluice_stop
     sl_pg_stop
-    local left=()
-    for pid in "${STARTED_PIDS[@]}"; do sl_alive "$pid" && left+=("$pid"); done
-    if [[ -n $WORK ]]; then
-        while read -r pid; do [[ -n $pid ]] && left+=("$pid"); done < <(pgrep -f "$WORK" || true)
-        rm -rf "$WORK"
-    fi
-    if ((${#left[@]} > 0)); then
-        echo "error: processes left behind: ${left[*]}" >&2
-        [[ $rc -ne 0 ]] || rc=1
-    fi
+    sl_left_behind "$WORK" "${STARTED_PIDS[@]}" || { [[ $rc -ne 0 ]] || rc=1; }
     exit "$rc"
 }
-trap cleanup EXIT
-trap 'echo "interrupted" >&2; exit 130' INT
-trap 'exit 143' TERM
+sl_traps cleanup
 
 sl_header "Setup"
 sl_need_pkg '/usr/lib/postgresql/*/bin/initdb' postgresql
@@ -130,12 +119,6 @@ sl_info "PostgreSQL on 127.0.0.1:$SL_PG_PORT, Sluice on 127.0.0.1:$SL_SLUICE_POR
 
 rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$SL_SLUICE_PID/status"; }
 fds() { find "/proc/$SL_SLUICE_PID/fd" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l; }
-# metric NAME [LABEL=VALUE]: a series of /metrics, summed (0 when absent).
-metric() {
-    curl -fsS --max-time 2 "http://127.0.0.1:$SL_ADMIN_PORT/metrics" 2>/dev/null |
-        awk -v n="$1" -v l="${2:-}" '$1 ~ "^" n "([{]|$)" && (l == "" || index($1, l)) { s += $NF }
-            END { print s + 0 }'
-}
 # pg_states: the benchmark role's server connections, as "total idle_in_tx active".
 pg_states() {
     sl_psql postgres "SELECT count(*), count(*) FILTER (WHERE state LIKE 'idle in transaction%'),
@@ -169,10 +152,10 @@ while :; do
     read -r pg_total pg_itx pg_act < <(pg_states)
     ((pg_total > max_pg)) && max_pg=$pg_total
     printf '%s %s %s %s %s %s %s %s %s %s\n' $(($(date +%s) - T0)) "$(rss_kib)" "$(fds)" \
-        "$(metric sluice_client_connections 'state="idle"')" \
-        "$(metric sluice_client_connections 'state="active"')" \
-        "$(metric sluice_client_connections 'state="waiting"')" \
-        "$(metric sluice_server_connections)" "$pg_total" "$pg_itx" "$pg_act" >>"$WORK/samples"
+        "$(sl_metric sluice_client_connections 'state="idle"')" \
+        "$(sl_metric sluice_client_connections 'state="active"')" \
+        "$(sl_metric sluice_client_connections 'state="waiting"')" \
+        "$(sl_metric sluice_server_connections)" "$pg_total" "$pg_itx" "$pg_act" >>"$WORK/samples"
     ((alive)) || break
     sleep "$SAMPLE"
 done
@@ -183,7 +166,7 @@ done
 LOAD_PIDS=()
 sleep 5
 read -r end_total end_itx end_act < <(pg_states)
-end_clients=$(metric sluice_client_connections)
+end_clients=$(sl_metric sluice_client_connections)
 end_rss=$(rss_kib)
 
 # The first sample with every hold connected (at least CLIENTS clients), and the last sample

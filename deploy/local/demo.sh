@@ -82,9 +82,7 @@ cleanup() {
     fi
     exit "$rc"
 }
-trap cleanup EXIT
-trap 'echo; echo "interrupted" >&2; exit 130' INT
-trap 'exit 143' TERM
+sl_traps cleanup
 
 # ----------------------------------------------------------------------------------------------
 sl_header "1. Packages"

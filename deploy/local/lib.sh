@@ -1,5 +1,5 @@
 # shellcheck shell=bash disable=SC2034 # SL_* variables are for the scripts that source this file
-# Helpers shared by deploy/local/demo.sh and benches/compare.sh. Sourced, not run.
+# Helpers shared by deploy/local/demo.sh and the benchmark scripts in benches/. Sourced, not run.
 #
 # They install Debian packages when missing, build the binaries, pick free loopback ports and
 # run a throwaway PostgreSQL (initdb into a temporary directory, SCRAM authentication, listening
@@ -292,4 +292,37 @@ SL_CLK_TCK=$(getconf CLK_TCK 2>/dev/null || echo 100)
 sl_cpu_seconds() {
     awk -v tck="$SL_CLK_TCK" '{ sub(/^.*\) /, ""); printf "%.3f\n", ($12 + $13) / tck }' \
         "/proc/$1/stat"
+}
+
+# sl_traps CLEANUP: runs the function CLEANUP when the script exits, also on Ctrl-C (exit status
+# 130) and SIGTERM (143). CLEANUP starts with `local rc=$?; trap - EXIT INT TERM`.
+sl_traps() {
+    trap "$1" EXIT
+    trap 'echo "interrupted" >&2; exit 130' INT
+    trap 'exit 143' TERM
+}
+
+# sl_left_behind WORK PID...: removes the directory WORK; fails, naming them, if any PID or any
+# process whose command line mentions WORK is still running (nothing a script started may
+# outlive it).
+sl_left_behind() {
+    local work=$1 pid left=()
+    shift
+    for pid in "$@"; do sl_alive "$pid" && left+=("$pid"); done
+    if [[ -n $work ]]; then
+        while read -r pid; do [[ -n $pid ]] && left+=("$pid"); done < <(pgrep -f "$work" || true)
+        rm -rf "$work"
+    fi
+    if ((${#left[@]} > 0)); then
+        echo "error: processes left behind: ${left[*]}" >&2
+        return 1
+    fi
+}
+
+# sl_metric NAME [LABEL=VALUE]: the samples of series NAME on Sluice's /metrics (SL_ADMIN_PORT)
+# whose labels include LABEL=VALUE, summed; 0 when there are none or the scrape fails.
+sl_metric() {
+    curl -fsS --max-time 2 "http://127.0.0.1:$SL_ADMIN_PORT/metrics" 2>/dev/null |
+        awk -v n="$1" -v l="${2:-}" '$1 ~ "^" n "([{]|$)" && (l == "" || index($1, l)) { s += $NF }
+            END { print s + 0 }'
 }

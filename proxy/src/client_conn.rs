@@ -22,7 +22,7 @@ use bytes::{Buf, BytesMut};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::error::{sqlstate, PgError, Side};
+use crate::error::PgError;
 use crate::protocol::frontend::Startup;
 use crate::protocol::{Header, ProtocolError, HEADER_LEN};
 use crate::stream::Stream;
@@ -311,12 +311,7 @@ impl From<ClientError> for Exit {
     fn from(e: ClientError) -> Exit {
         match e {
             ClientError::Protocol(e) => PgError::protocol_violation(e.to_string()).into(),
-            ClientError::Stalled(_) => PgError::fatal(
-                sqlstate::QUERY_CANCELED,
-                "terminating connection: the client sent nothing in the middle of a request for client_stall_timeout; the request was not completed",
-            )
-            .with_side(Side::Client)
-            .into(),
+            ClientError::Stalled(_) => PgError::client_stalled(false).into(),
             ClientError::Closed | ClientError::Io(_) | ClientError::Tls(_) => Exit::Quiet,
         }
     }

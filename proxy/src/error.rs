@@ -97,6 +97,22 @@ impl PgError {
         Self::fatal(sqlstate::PROTOCOL_VIOLATION, message).with_side(Side::Client)
     }
 
+    /// The client sent nothing for `client_stall_timeout` in the middle of a request (FATAL
+    /// 57014); `held_server`: a server connection was taken for it and closed, which rolled back
+    /// its transaction.
+    pub fn client_stalled(held_server: bool) -> Self {
+        let after = if held_server {
+            " and its transaction was rolled back"
+        } else {
+            ""
+        };
+        Self::fatal(
+            sqlstate::QUERY_CANCELED,
+            format!("terminating connection: the client sent nothing in the middle of a request for client_stall_timeout; the request was not completed{after}"),
+        )
+        .with_side(Side::Client)
+    }
+
     /// A server's ErrorResponse, passed on with the server's code, message, detail and hint.
     /// A code that is not a SQLSTATE (no PostgreSQL sends one) becomes `XX000`.
     pub fn from_server(fields: ErrorFields) -> Self {

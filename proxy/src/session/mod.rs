@@ -290,16 +290,12 @@ async fn next_request(
 /// batch being discarded holds at most one message (`max_message_bytes`) however long it runs.
 async fn discard_until_sync(conn: &mut ClientConn, max_message: usize) -> Result<(), Exit> {
     loop {
-        let h = match conn.read_frame(0, max_message, usize::MAX).await {
-            Ok(Framed::Whole(h)) => h,
-            // Unreachable without a limit; the client's error rather than a panic.
-            Ok(Framed::Partial(_)) => {
-                return Err(PgError::protocol_violation("malformed message").into())
-            }
-            Err(e) => return Err(client_failed(e)),
-        };
-        conn.consume(h.total());
-        match h.tag {
+        match conn
+            .read_message(max_message)
+            .await
+            .map_err(client_failed)?
+            .tag
+        {
             tag::SYNC => return Ok(()),
             tag::TERMINATE => return Err(Exit::Quiet),
             _ => {}
@@ -733,11 +729,7 @@ impl<'a> Session<'a> {
             End::ClientStalled => {
                 // The server is mid-message or mid-COPY: only closing it ends the request, and
                 // rolls back its transaction.
-                let error = PgError::fatal(
-                    sqlstate::QUERY_CANCELED,
-                    "terminating connection: the client sent nothing in the middle of a request for client_stall_timeout; the request was not completed and its transaction was rolled back",
-                )
-                .with_side(Side::Client);
+                let error = PgError::client_stalled(true);
                 return self.timed_out(lease, "client_stall_timeout", error.into());
             }
             End::QueryTimeout => {

@@ -372,19 +372,13 @@ async fn slow_readers_of_huge_results_hold_bounded_memory() {
     steady.served("slow readers that read nothing").await;
     // Then they read, slowly: 16 KiB at a time with a pause, while the RSS is sampled.
     let rss_peak = Arc::new(AtomicU64::new(peak as u64));
-    let pid = sluice.child.id();
+    let pid = sluice.child.id().to_string();
     let sampler = {
         let rss_peak = rss_peak.clone();
         tokio::spawn(async move {
             loop {
-                if let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
-                    if let Some(kib) = s
-                        .lines()
-                        .find_map(|l| l.strip_prefix("VmRSS:"))
-                        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-                    {
-                        rss_peak.fetch_max(kib, Ordering::Relaxed);
-                    }
+                if let Some(kib) = crate::support::process::rss_kib_of(&pid) {
+                    rss_peak.fetch_max(kib as u64, Ordering::Relaxed);
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -504,21 +498,8 @@ async fn a_refused_batch_is_dropped_as_it_arrives() {
         ("SLUICE_MAX_SERVER_CONNECTIONS", "1"),
         ("SLUICE_MAX_WAITING", "0"),
     ]);
-    // The only server connection, held (retrying while the readiness login has the slot).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let hold = loop {
-        match tokio_postgres::connect(&sluice.url(USER, PASSWORD, DB), tokio_postgres::NoTls).await
-        {
-            Ok((c, conn)) => {
-                tokio::spawn(conn);
-                if c.batch_execute("BEGIN; SELECT 1").await.is_ok() {
-                    break c;
-                }
-            }
-            Err(e) => assert!(Instant::now() < deadline, "the holder logs in: {e:?}"),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let hold =
+        crate::support::hold_the_only_connection(sluice.local.port(), USER, PASSWORD, DB).await;
     let mut c = raw_login(&sluice).await;
     // Parse + Flush finds no server and no queue: refused, and the batch runs on to a Sync
     // that Sluice drops it up to.

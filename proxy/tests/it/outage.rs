@@ -198,22 +198,14 @@ async fn after_a_failover_the_name_is_resolved_again_and_a_read_only_host_is_not
     // The old host goes; the name moves to the new one, still read-only.
     let old = std::sync::Arc::new(old);
     let gone = old.clone();
+    let refused = read_only_refusals(&sluice);
     off_runtime(move || gone.stop()).await;
     name.point_at("127.0.0.3");
     let write = tokio::spawn(async move {
         let r = client.simple_query("INSERT INTO t VALUES (2)").await;
         (client, r.map(|_| ()))
     });
-    let read_only =
-        |body: &str| metric(body, r#"sluice_server_connects_total{result="read_only"}"#);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while read_only(&http_get(sluice.admin_addr, "/metrics").1) == 0.0 {
-        assert!(
-            Instant::now() < deadline,
-            "Sluice never reached the new host"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    refuses_a_read_only_server(&sluice, refused, "the new host").await;
     assert!(
         !write.is_finished(),
         "the write was not held while the new host is read-only"
@@ -291,6 +283,7 @@ async fn a_real_standby_is_not_used_until_promoted_and_no_acknowledged_write_is_
     // The primary goes; the name moves to the standby, still in recovery.
     let primary = std::sync::Arc::new(primary);
     let gone = primary.clone();
+    let refused = read_only_refusals(&sluice);
     off_runtime(move || gone.stop()).await;
     name.point_at("127.0.0.3");
     let write = tokio::spawn(async move {
@@ -299,16 +292,7 @@ async fn a_real_standby_is_not_used_until_promoted_and_no_acknowledged_write_is_
             .await;
         (client, r.map(|_| ()))
     });
-    let read_only =
-        |body: &str| metric(body, r#"sluice_server_connects_total{result="read_only"}"#);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while read_only(&http_get(sluice.admin_addr, "/metrics").1) == 0.0 {
-        assert!(
-            Instant::now() < deadline,
-            "Sluice never reached the standby"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    refuses_a_read_only_server(&sluice, refused, "the standby").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
         !write.is_finished(),
@@ -554,4 +538,23 @@ async fn acknowledged_writes_survive_restarts_outages_stalls_and_dead_backends_e
         unacked.is_empty(),
         "rows written although the client was told they were not: {unacked:?}"
     );
+}
+
+/// Read-only servers Sluice has refused so far (`sluice_server_connects_total{result="read_only"}`).
+/// The recorder is shared by every test in the process: compare with an earlier reading.
+fn read_only_refusals(sluice: &sluice::Handle) -> f64 {
+    metric(
+        &http_get(sluice.admin_addr, "/metrics").1,
+        r#"sluice_server_connects_total{result="read_only"}"#,
+    )
+}
+
+/// Waits (up to 30 s) until Sluice has refused a read-only server since there were `before`
+/// refusals: it reached `what`, and did not use it.
+async fn refuses_a_read_only_server(sluice: &sluice::Handle, before: f64, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while read_only_refusals(sluice) <= before {
+        assert!(Instant::now() < deadline, "Sluice never reached {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -588,12 +588,7 @@ pub(crate) async fn bad_round(addr: SocketAddr, round: usize, hello: &[u8]) -> V
 
 /// Resident set size of this process, in KiB.
 pub(crate) fn rss_kib() -> i64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/self/status")
+    crate::support::process::rss_kib_of("self").expect("VmRSS in /proc/self/status")
 }
 
 /// Set in the child process [`bad_tls_input_leaves_sluice_up_and_memory_flat`] runs itself in.

@@ -170,21 +170,8 @@ async fn extended_protocol_rejection_keeps_the_connection_usable() {
         c.max_waiting = 0;
     })
     .await;
-    // The once-a-second readiness login may hold the only slot for a moment at start-up;
-    // with no queue, a login then is refused (53300), and a client retries.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let hold = loop {
-        match connect(&h, USER, PASSWORD, DB).await {
-            Ok(c) => break c,
-            Err(e) if is_rejection(&e) && std::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => panic!("holder logs in: {}", describe(&e)),
-        }
-    };
-    within_secs(10, "BEGIN; SELECT 1", hold.batch_execute("BEGIN; SELECT 1"))
-        .await
-        .expect("holder begins");
+    let hold =
+        crate::support::hold_the_only_connection(h.local_addr.port(), USER, PASSWORD, DB).await;
     let client = through(&h).await;
 
     // Parse/Bind/Describe/Execute/Sync with an unnamed statement, in one request.

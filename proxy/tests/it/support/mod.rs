@@ -53,6 +53,32 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
     }
 }
 
+/// Takes the only server connection of a Sluice that lets nobody queue (`max_waiting = 0`)
+/// listening on `port`, and holds it: a client inside a transaction. Sluice's once-a-second
+/// readiness login may have that connection for a moment, and with no queue a login or a
+/// request then is refused (`53300`); so refusals are retried for up to 10 s.
+pub async fn hold_the_only_connection(port: u16, user: &str, password: &str, db: &str) -> Client {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let e = match crate::proxy::connect_port(port, user, password, db).await {
+            Ok(c) => {
+                match within_secs(10, "BEGIN; SELECT 1", c.batch_execute("BEGIN; SELECT 1")).await {
+                    Ok(()) => return c,
+                    Err(e) => e,
+                }
+            }
+            Err(e) => e,
+        };
+        let refused = e.code() == Some(&tokio_postgres::error::SqlState::TOO_MANY_CONNECTIONS);
+        assert!(
+            refused && std::time::Instant::now() < deadline,
+            "the holder takes the only server connection: {}",
+            describe(&e)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A tokio-postgres client straight to PostgreSQL (not through Sluice); its connection task
 /// runs in the background.
 pub async fn direct(url: &str) -> Client {

@@ -76,13 +76,7 @@ impl SluiceProcess {
 
     /// Its resident set size, in KiB.
     pub fn rss_kib(&self) -> i64 {
-        let path = format!("/proc/{}/status", self.child.id());
-        let status = std::fs::read_to_string(&path).expect("/proc/PID/status of sluice");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmRSS")
+        rss_kib_of(&self.child.id().to_string()).expect("VmRSS of sluice")
     }
 
     /// Its open file descriptors (sockets included).
@@ -122,4 +116,13 @@ fn strip_colour(line: &str) -> String {
         }
     }
     out
+}
+
+/// The resident set size of process `pid` (`self` for this one) in KiB, from `/proc/PID/status`.
+pub fn rss_kib_of(pid: &str) -> Option<i64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
