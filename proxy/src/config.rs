@@ -9,6 +9,7 @@
 //! no error quotes a secret.
 
 mod duration;
+mod expand;
 mod secret;
 
 pub use secret::read_secret_file;
@@ -449,13 +450,16 @@ impl Config {
             }
             let text = std::fs::read_to_string(path)
                 .map_err(|e| invalid("--config", format!("{}: {e}", path.display())))?;
-            // `${NAME}` anywhere in the file is the environment variable NAME.
-            let text = text
-                .lines()
-                .enumerate()
-                .map(|(i, line)| expand(line, &format!("{} line {}", path.display(), i + 1)))
-                .collect::<Result<Vec<_>, _>>()?
-                .join("\n");
+            // TOML's own message quotes the offending line, which may hold a password.
+            if let Err(e) = text.parse::<toml::Table>() {
+                let line = e.span().map(|r| text[..r.start].matches('\n').count() + 1);
+                let at = line.map(|l| format!(" line {l}")).unwrap_or_default();
+                return Err(ConfigError::Parse(format!(
+                    "{}{at}: {}",
+                    path.display(),
+                    e.message()
+                )));
+            }
             fig = fig.merge(Toml::string(&text));
         }
         // `SLUICE_CONFIG` names the file, it is not a key; `SLUICE_LOADTEST_*` belong to the
@@ -478,33 +482,28 @@ impl Config {
                 let k = k.as_str();
                 !k.to_ascii_lowercase().starts_with("loadtest_") && !is_service_link(k)
             });
-        fig = fig.merge(env);
+        for (key, value) in env.iter() {
+            let value = expand::env_value(key.as_str(), value);
+            fig = fig.merge(Serialized::defaults(figment::util::nest(
+                key.as_str(),
+                value,
+            )));
+        }
         fig = fig.merge(Serialized::defaults(flags));
-        let mut cfg: Config = fig
-            .extract()
-            .map_err(|e| ConfigError::Parse(e.to_string()))?;
-        cfg.expand_env()?;
-        cfg.apply_upstream()?;
-        cfg.read_secret_files()?;
-        cfg.validate()?;
-        Ok(cfg)
-    }
-
-    fn expand_env(&mut self) -> Result<(), ConfigError> {
-        if let Some(u) = &mut self.upstream {
-            *u = expand(u, "upstream")?;
-        }
-        for (name, user) in &mut self.users {
-            for (field, value) in [
-                ("password", &mut user.password),
-                ("server_password", &mut user.server_password),
-            ] {
-                if let Some(v) = value {
-                    *v = expand(v, &format!("users.{name}.{field}"))?;
-                }
-            }
-        }
-        Ok(())
+        // `${NAME}` references, in every string value of every source, once.
+        let mut secrets = expand::Secrets::default();
+        let mut tree: figment::value::Value = fig.extract().map_err(parse_error)?;
+        let expanded = expand::expand_tree(&mut tree, &mut Vec::new(), &mut secrets);
+        let loaded = expanded.and_then(|()| {
+            let mut cfg: Config = Figment::from(Serialized::defaults(tree))
+                .extract()
+                .map_err(parse_error)?;
+            cfg.apply_upstream()?;
+            cfg.read_secret_files()?;
+            cfg.validate()?;
+            Ok(cfg)
+        });
+        loaded.map_err(|e| secrets.scrub_error(e))
     }
 
     /// Folds the `upstream` URL into host, port, users and databases.
@@ -515,7 +514,12 @@ impl Config {
             }
             return Ok(());
         };
-        let url = url::Url::parse(&raw).map_err(|e| invalid("upstream", e.to_string()))?;
+        let url = url::Url::parse(&raw).map_err(|e| {
+            invalid(
+                "upstream",
+                format!("not a URL ({e}); in the user name and password, characters such as @ : / # ? % must be percent-encoded (@ as %40, # as %23, % as %25), or give the password as ${{NAME}} (substituted encoded) or in upstream_password_file"),
+            )
+        })?;
         if !matches!(url.scheme(), "postgres" | "postgresql") {
             return Err(invalid(
                 "upstream",
@@ -651,24 +655,26 @@ impl Config {
     }
 }
 
-/// Expands `${NAME}` references; a missing variable is an error naming the key.
-fn expand(s: &str, key: &str) -> Result<String, ConfigError> {
-    let mut out = String::with_capacity(s.len());
-    let mut rest = s;
-    while let Some(start) = rest.find("${") {
-        out.push_str(&rest[..start]);
-        let after = &rest[start + 2..];
-        let end = after
-            .find('}')
-            .ok_or_else(|| invalid(key, "unterminated ${...} reference"))?;
-        let name = &after[..end];
-        let value = std::env::var(name)
-            .map_err(|_| invalid(key, format!("environment variable {name} is not set")))?;
-        out.push_str(&value);
-        rest = &after[end + 1..];
-    }
-    out.push_str(rest);
-    Ok(out)
+/// A figment error as `key: what is wrong`, each error of a chain (the sources are Sluice's own
+/// and say nothing to an operator).
+fn parse_error(e: figment::Error) -> ConfigError {
+    let text = e
+        .into_iter()
+        .map(|e| {
+            let key = e.path.join(".");
+            let secret = e.path.last().is_some_and(|k| expand::is_secret_key(k));
+            match e.kind {
+                _ if key.is_empty() => e.kind.to_string(),
+                // Never the value a secret key was given, whatever its type.
+                figment::error::Kind::InvalidType(_, expected) if secret => {
+                    format!("`{key}`: invalid type, expected {expected}")
+                }
+                kind => format!("`{key}`: {kind}"),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    ConfigError::Parse(text)
 }
 
 /// Whether `url` (an `upstream` as given, before `${NAME}` references are expanded) carries a
@@ -681,11 +687,11 @@ pub fn literal_password(url: &str) -> bool {
             .unwrap_or(false)
 }
 
+/// A percent-encoded URL component, decoded (`+` stays `+`: this is not a form).
 fn decode(s: &str) -> String {
-    url::form_urlencoded::parse(format!("x={s}").as_bytes())
-        .next()
-        .map(|(_, v)| v.into_owned())
-        .unwrap_or_default()
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 #[cfg(test)]

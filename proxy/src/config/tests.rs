@@ -107,7 +107,7 @@ fn errors_name_the_key() {
     assert!(err(&format!("wait_timeout = \"soon\"\n{base}")).contains("wait_timeout"));
     let unset = err("[databases.d]\n[users.u]\npassword = \"${CFGTEST_UNSET_X}\"\n");
     assert!(
-        unset.contains("line 3") && unset.contains("CFGTEST_UNSET_X is not set"),
+        unset.contains("`users.u.password`") && unset.contains("CFGTEST_UNSET_X is not set"),
         "{unset}"
     );
     assert!(
@@ -222,4 +222,139 @@ fn outage_hold_and_target_session_attrs() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("is not one of read-write, any"), "{err}");
+}
+
+/// The configurations shipped for operators load as they are: `deploy/systemd/sluice.toml` with
+/// the variables of `deploy/systemd/env.example` (whose comments mention `${NAME}` too), and
+/// the README's example `sluice.toml`.
+#[test]
+fn shipped_example_configurations_load() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let env = std::fs::read_to_string(root.join("deploy/systemd/env.example")).unwrap();
+    for line in env.lines().map(str::trim) {
+        if let Some((k, v)) = line.split_once('=').filter(|_| !line.starts_with('#')) {
+            if !k.starts_with("SLUICE_") {
+                std::env::set_var(k, v.trim_matches('\''));
+            }
+        }
+    }
+    let shipped = root.join("deploy/systemd/sluice.toml");
+    let cfg = Config::load(Some(&shipped), &Overrides::default())
+        .unwrap_or_else(|e| panic!("{}: {e}", shipped.display()));
+    assert_eq!(cfg.users["app"].password.as_deref(), Some("change-me"));
+
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let example = readme
+        .split_once("Example `sluice.toml`:\n\n```toml\n")
+        .and_then(|(_, rest)| rest.split_once("```"))
+        .map(|(block, _)| block)
+        .expect("the README's example sluice.toml");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sluice.toml");
+    std::fs::write(&path, example).unwrap();
+    let cfg = Config::load(Some(&path), &Overrides::default())
+        .unwrap_or_else(|e| panic!("the README's example: {e}"));
+    assert_eq!(cfg.users["app"].password.as_deref(), Some("change-me"));
+}
+
+/// `${NAME}` is expanded in parsed values, not in the text: comments may mention references,
+/// and a value is used exactly as the variable holds it, characters TOML would read as quotes
+/// or escapes included.
+#[test]
+fn references_are_expanded_in_values_and_used_verbatim() {
+    let secret = r#"a"b\tc\nd\u0041e'f${g}"#;
+    std::env::set_var("CFGTEST_VERBATIM_PW", secret);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.toml");
+    std::fs::write(
+        &path,
+        "# The password comes from ${CFGTEST_NEVER_SET}, see below.\n\
+         [databases.d]\n[users.u]\npassword = \"${CFGTEST_VERBATIM_PW}\" # ${CFGTEST_NEVER_SET_2}\n",
+    )
+    .unwrap();
+    let cfg = Config::load(Some(&path), &Overrides::default()).unwrap();
+    assert_eq!(cfg.users["u"].password.as_deref(), Some(secret));
+}
+
+/// A password substituted into `upstream`'s user information is percent-encoded, so it may hold
+/// any character; a `+` written out in the URL is a `+` (this is not a form).
+#[test]
+fn a_referenced_upstream_password_may_hold_any_character() {
+    let secret = "p@ss:w/o#r?d%2B+ é";
+    std::env::set_var("CFGTEST_UPSTREAM_PW", secret);
+    let cfg = Config::load(
+        None,
+        &flags("postgres://app:${CFGTEST_UPSTREAM_PW}@db.internal:5433/appdb"),
+    )
+    .unwrap();
+    assert_eq!(cfg.server_host, "db.internal");
+    assert_eq!(cfg.server_port, 5433);
+    assert_eq!(cfg.users["app"].password.as_deref(), Some(secret));
+    let cfg = Config::load(None, &flags("postgres://app:a+b%2Bc@db/appdb")).unwrap();
+    assert_eq!(cfg.users["app"].password.as_deref(), Some("a+b+c"));
+    let err = Config::load(None, &flags("postgres://app:pa#ss@db/appdb"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("percent-encoded") && err.contains("%23"),
+        "{err}"
+    );
+    assert!(!err.contains("pa#ss"), "the password is not quoted: {err}");
+}
+
+/// No configuration error quotes a secret: not TOML's (which quotes the offending line), not
+/// one about a value brought in by a reference, not one about a password.
+#[test]
+fn errors_never_quote_a_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.toml");
+    let load = |text: &str| {
+        std::fs::write(&path, text).unwrap();
+        Config::load(Some(&path), &Overrides::default())
+            .unwrap_err()
+            .to_string()
+    };
+    let err = load("[databases.d]\n[users.u]\npassword = \"hunter2-in-the-file\n");
+    assert!(err.contains("line 3") && !err.contains("hunter2"), "{err}");
+
+    std::env::set_var("CFGTEST_MISPLACED_SECRET", "hunter2-from-env");
+    let err = load("max_waiting = \"${CFGTEST_MISPLACED_SECRET}\"\n[databases.d]\n[users.u]\npassword = \"x\"\n");
+    assert!(
+        err.contains("max_waiting") && !err.contains("hunter2"),
+        "{err}"
+    );
+    let err = load("client_auth = \"${CFGTEST_MISPLACED_SECRET}\"\n[databases.d]\n[users.u]\npassword = \"x\"\n");
+    assert!(
+        err.contains("client_auth") && !err.contains("hunter2"),
+        "{err}"
+    );
+    let err = load("[databases.d]\n[users.u]\npassword = [\"hunter2-in-an-array\"]\n");
+    assert!(!err.contains("hunter2"), "{err}");
+}
+
+/// A reference in a value other than a secret is read as a `SLUICE_*` variable is (`"${N}"`
+/// may be a number); a secret is a string whatever it looks like, from the file, a reference or
+/// the environment (`expand::tests`).
+#[test]
+fn references_give_numbers_and_secrets_stay_strings() {
+    std::env::set_var("CFGTEST_NUMERIC", "123");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.toml");
+    std::fs::write(
+        &path,
+        "max_waiting = \"${CFGTEST_NUMERIC}\"\n[databases.d]\n[users.u]\npassword = \"${CFGTEST_NUMERIC}\"\n",
+    )
+    .unwrap();
+    let cfg = Config::load(Some(&path), &Overrides::default()).unwrap();
+    assert_eq!(cfg.max_waiting, 123);
+    assert_eq!(cfg.users["u"].password.as_deref(), Some("123"));
+
+    std::fs::write(&path, "[databases.d]\n[users.u]\npassword = 987654321\n").unwrap();
+    let err = Config::load(Some(&path), &Overrides::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("users.u.password") && !err.contains("987654321"),
+        "{err}"
+    );
 }
