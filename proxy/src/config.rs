@@ -63,6 +63,16 @@ pub enum OnSessionState {
     Reject,
 }
 
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// One line of text per event; coloured only when stderr is a terminal.
+    Text,
+    /// One JSON object per line (CloudWatch Logs Insights, Loki, jq).
+    Json,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum GroupBy {
@@ -293,6 +303,8 @@ pub struct Config {
     /// Threads that run sessions: 0 for one per CPU; 1 runs everything on one thread.
     /// Read at start-up only.
     pub worker_threads: u32,
+    /// Read at start-up only.
+    pub log_format: LogFormat,
     pub databases: BTreeMap<String, DatabaseConfig>,
     pub users: BTreeMap<String, UserConfig>,
     pub groups: BTreeMap<String, GroupConfig>,
@@ -386,6 +398,7 @@ impl Default for Config {
             group_by: GroupBy::User,
             max_group_labels: 100,
             worker_threads: 0,
+            log_format: LogFormat::Text,
             databases: BTreeMap::new(),
             users: BTreeMap::new(),
             groups: BTreeMap::new(),
@@ -406,6 +419,20 @@ pub struct Overrides {
     pub pool_size: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_server_connections: Option<u32>,
+}
+
+/// Logs the `SLUICE_*` variables that [`Config::load`] ignores as Kubernetes service links.
+pub fn log_ignored_variables() {
+    for (name, _) in std::env::vars_os() {
+        if let Some(key) = name.to_str().and_then(|n| n.strip_prefix("SLUICE_")) {
+            if is_service_link(key) {
+                tracing::info!(
+                    variable = %name.to_string_lossy(),
+                    "ignoring a Kubernetes service-link variable"
+                );
+            }
+        }
+    }
 }
 
 /// Whether `key` (a `SLUICE_` variable's name without the prefix, any case) has the shape of
@@ -464,17 +491,8 @@ impl Config {
         }
         // `SLUICE_CONFIG` names the file, it is not a key; `SLUICE_LOADTEST_*` belong to the
         // load generator, which may share the environment; Kubernetes service links for a
-        // Service named `sluice` are not Sluice's (any other unknown key still stops start-up).
-        for (name, _) in std::env::vars_os() {
-            if let Some(key) = name.to_str().and_then(|n| n.strip_prefix("SLUICE_")) {
-                if is_service_link(key) {
-                    tracing::info!(
-                        variable = %name.to_string_lossy(),
-                        "ignoring a Kubernetes service-link variable"
-                    );
-                }
-            }
-        }
+        // Service named `sluice` are not Sluice's (any other unknown key still stops start-up;
+        // [`log_ignored_variables`] names the ignored ones).
         let env = Env::prefixed("SLUICE_")
             .split("__")
             .ignore(&["config"])

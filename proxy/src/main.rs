@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use sluice::config::{Config, Overrides};
+use sluice::config::{Config, LogFormat, Overrides};
 
 /// Sluice: a PostgreSQL connection pooler for serverless fan-out.
 #[derive(Parser, Debug)]
@@ -34,13 +34,18 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let args = Args::parse();
+    let overrides = Overrides {
+        listen: args.listen,
+        admin_listen: args.admin_listen,
+        upstream: args.upstream.clone(),
+        pool_size: args.pool_size,
+        max_server_connections: args.max_server_connections,
+    };
+    // A configuration error is printed by `main`'s return: the log format is in it.
+    let config = Config::load(args.config.as_deref(), &overrides)?;
+    init_logging(config.log_format);
+    sluice::config::log_ignored_variables();
     let in_argv = |u: &str| std::env::args().any(|a| a.contains(u));
     if let Some(u) = args.upstream.as_deref() {
         if sluice::config::literal_password(u) && in_argv(u) {
@@ -51,14 +56,6 @@ fn main() -> anyhow::Result<()> {
             );
         }
     }
-    let overrides = Overrides {
-        listen: args.listen,
-        admin_listen: args.admin_listen,
-        upstream: args.upstream,
-        pool_size: args.pool_size,
-        max_server_connections: args.max_server_connections,
-    };
-    let config = Config::load(args.config.as_deref(), &overrides)?;
     let path = args.config.clone();
     let mut builder = match config.worker_threads {
         // One thread, like a single-process pooler: no cross-thread wakeups or work stealing.
@@ -74,7 +71,9 @@ fn main() -> anyhow::Result<()> {
         .context("starting the runtime")?;
     runtime.block_on(async move {
         // Handlers first, so a signal sent as soon as the port answers is not lost.
-        let signals = Signals::install()?;
+        let mut signals = Signals::install()?;
+        #[cfg(unix)]
+        let hup = signals.hup.take();
         let handle = sluice::start_from(config, path, overrides).await?;
         let shutdown = handle.shutdown.clone();
         let ctx = handle.context.clone();
@@ -100,20 +99,46 @@ fn main() -> anyhow::Result<()> {
             tracing::info!("shutting down: draining sessions");
             shutdown.cancel();
         });
-        reload_on_hangup(handle.context.clone());
+        #[cfg(unix)]
+        if let Some(hup) = hup {
+            reload_on_hangup(handle.context.clone(), hup);
+        }
         handle.wait().await;
         anyhow::Ok(())
     })
 }
 
+/// Logs go to stderr, coloured only on a terminal (not under systemd, Docker or CloudWatch)
+/// unless `NO_COLOR` is set. A failed write (the reader of stderr has gone) loses the line and
+/// nothing else: tracing-subscriber would otherwise report it with `eprintln!`, which panics
+/// when stderr is gone.
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal as _;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let colour = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false);
+    match format {
+        LogFormat::Text => builder.with_ansi(colour).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
+    }
+}
+
 /// SIGHUP reloads the configuration, like the admin console's RELOAD.
-fn reload_on_hangup(ctx: std::sync::Arc<sluice::context::Context>) {
-    #[cfg(unix)]
+#[cfg(unix)]
+fn reload_on_hangup(
+    ctx: std::sync::Arc<sluice::context::Context>,
+    mut hup: tokio::signal::unix::Signal,
+) {
     tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            return;
-        };
         while hup.recv().await.is_some() {
             if let Err(e) = ctx.reload().await {
                 tracing::error!(error = %e, "reload failed; keeping the running configuration");
@@ -128,6 +153,10 @@ struct Signals {
     term: tokio::signal::unix::Signal,
     #[cfg(unix)]
     int: tokio::signal::unix::Signal,
+    /// Taken by [`reload_on_hangup`]; installed with the others, before the ports open, so a
+    /// SIGHUP sent as soon as they answer reloads rather than ends the process.
+    #[cfg(unix)]
+    hup: Option<tokio::signal::unix::Signal>,
 }
 
 impl Signals {
@@ -138,6 +167,7 @@ impl Signals {
             Ok(Signals {
                 term: signal(SignalKind::terminate()).context("installing a SIGTERM handler")?,
                 int: signal(SignalKind::interrupt()).context("installing a SIGINT handler")?,
+                hup: Some(signal(SignalKind::hangup()).context("installing a SIGHUP handler")?),
             })
         }
         #[cfg(not(unix))]

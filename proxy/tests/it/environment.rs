@@ -1,7 +1,9 @@
 //! The binary's environment: unknown `SLUICE_*` variables stop start-up, except the ones
-//! Kubernetes injects for a Service named `sluice`.
+//! Kubernetes injects for a Service named `sluice`; logs that suit whatever reads stderr.
 
-use std::process::{Command, Stdio};
+use std::io::{BufRead, BufReader, Lines, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, ChildStderr, Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn sluice() -> Command {
@@ -59,4 +61,117 @@ fn a_misspelt_key_stops_start_up_and_service_links_do_not() {
         log.contains("service-link"),
         "the ignored variables are logged: {log}"
     );
+}
+
+/// Starts `cmd` and reads its stderr up to the start-up line; returns the child, the lines read
+/// and the reader (still open), and the client port.
+fn start(
+    mut cmd: Command,
+) -> (
+    Child,
+    Vec<String>,
+    Lines<BufReader<ChildStderr>>,
+    SocketAddr,
+) {
+    let mut child = cmd.spawn().expect("sluice runs");
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let mut seen = Vec::new();
+    loop {
+        let line = match lines.next() {
+            Some(Ok(line)) => line,
+            _ => panic!("sluice exited at start-up: {seen:?} {:?}", child.wait()),
+        };
+        seen.push(line.clone());
+        if line.contains("sluice listening") {
+            let local = match serde_json::from_str::<serde_json::Value>(&line) {
+                Ok(v) => v["local_addr"].as_str().map(str::to_string),
+                Err(_) => line
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("local_addr="))
+                    .map(str::to_string),
+            };
+            let local = local
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("local_addr in {line}"));
+            return (child, seen, lines, local);
+        }
+    }
+}
+
+/// Off a terminal (systemd, Docker, CloudWatch) log lines carry no colour codes; with
+/// `log_format = "json"` every line is one JSON object.
+#[test]
+fn logs_are_plain_off_a_terminal_and_json_on_request() {
+    let (mut child, text, _, _) = start(sluice());
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        text.iter().all(|l| !l.contains('\u{1b}')),
+        "no ANSI codes: {text:?}"
+    );
+
+    let mut json = sluice();
+    json.env("SLUICE_LOG_FORMAT", "json");
+    let (mut child, lines, _, _) = start(json);
+    let _ = child.kill();
+    let _ = child.wait();
+    for line in &lines {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(
+            v["level"].is_string() && v["timestamp"].is_string(),
+            "{line}"
+        );
+    }
+    let started: serde_json::Value =
+        serde_json::from_str(lines.last().expect("a line")).expect("JSON");
+    assert_eq!(started["message"], "sluice listening", "{started}");
+}
+
+/// When whatever reads stderr goes away (a log shipper restarts, a terminal closes), Sluice
+/// goes on serving and still shuts down on SIGTERM: a failed log write loses the line only.
+#[test]
+fn a_vanished_log_reader_takes_nothing_down() {
+    let mut cmd = sluice();
+    cmd.env("SLUICE_SHUTDOWN_GRACE", "0");
+    let (mut child, _, lines, local) = start(cmd);
+    drop(lines);
+    // Log-worthy events: a reload, and clients that send garbage.
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .expect("kill")
+        .success());
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(local).expect("still accepting");
+        let _ = s.write_all(b"\0\0\0\x08garbage!");
+        let _ = s.read(&mut [0u8; 256]);
+    }
+    // Still serving: an SSLRequest is answered.
+    let mut s = TcpStream::connect(local).expect("still accepting");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(&[0, 0, 0, 8, 4, 0xd2, 0x16, 0x2f]).unwrap();
+    let mut answer = [0u8; 1];
+    s.read_exact(&mut answer).expect("an answer to SSLRequest");
+    assert!(matches!(&answer, b"N" | b"S"), "{answer:?}");
+    drop(s);
+
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill")
+        .success());
+    let signalled = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if signalled.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            panic!("sluice ignored SIGTERM once its log reader was gone");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
 }
