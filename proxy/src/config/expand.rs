@@ -104,6 +104,7 @@ pub(super) fn expand_tree(
         Value::String(_, s) => {
             let key = path.join(".");
             let last = path.last().map(String::as_str).unwrap_or_default();
+            let secret = is_secret_key(last);
             if s.contains("${") {
                 let userinfo = if key == "upstream" {
                     userinfo_end(s)
@@ -111,14 +112,14 @@ pub(super) fn expand_tree(
                     0
                 };
                 *s = expand(s, &key, userinfo, secrets)?;
-                if !is_secret_key(last) && key != "upstream" {
+                if !secret && key != "upstream" {
                     // Read as a `SLUICE_*` variable is: `"${WORKERS}"` may be a number.
                     let parsed = read_as_data(s);
                     *value = parsed;
                     return Ok(());
                 }
             }
-            if is_secret_key(last) {
+            if secret {
                 secrets.add(s);
             }
             if key == "upstream" {

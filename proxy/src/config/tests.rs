@@ -58,6 +58,14 @@ fn tls_keys_and_upstream_sslmode() {
     assert_eq!(c.client_tls_mode(), ClientTls::Allow);
 }
 
+/// Loads `text` as the configuration file, with `flags`.
+fn load_text(text: &str, flags: &Overrides) -> Result<Config, ConfigError> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sluice.toml");
+    std::fs::write(&path, text).unwrap();
+    Config::load(Some(&path), flags)
+}
+
 #[test]
 fn load_generator_variables_are_not_keys() {
     std::env::set_var("SLUICE_LOADTEST_URL", "postgres://x@y/z");
@@ -153,22 +161,21 @@ fn kubernetes_service_links_are_not_keys() {
 
 #[test]
 fn durations_are_text_or_seconds() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("d.toml");
-    std::fs::write(
-        &path,
+    let c = load_text(
         "client_idle_timeout = 0\nidle_transaction_timeout = \"0\"\nwait_timeout = \"250ms\"\nserver_lifetime = 90\n",
+        &flags("postgres://app:pw@db/appdb"),
     )
     .unwrap();
-    let c = Config::load(Some(&path), &flags("postgres://app:pw@db/appdb")).unwrap();
     assert_eq!(c.client_idle_timeout, Duration::ZERO);
     assert_eq!(c.idle_transaction_timeout, Duration::ZERO);
     assert_eq!(c.wait_timeout, Duration::from_millis(250));
     assert_eq!(c.server_lifetime, Duration::from_secs(90));
-    std::fs::write(&path, "wait_timeout = \"soon\"\n").unwrap();
-    let err = Config::load(Some(&path), &flags("postgres://app:pw@db/appdb"))
-        .unwrap_err()
-        .to_string();
+    let err = load_text(
+        "wait_timeout = \"soon\"\n",
+        &flags("postgres://app:pw@db/appdb"),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("\"soon\" is not a duration"), "{err}");
 }
 
@@ -264,15 +271,12 @@ fn shipped_example_configurations_load() {
 fn references_are_expanded_in_values_and_used_verbatim() {
     let secret = r#"a"b\tc\nd\u0041e'f${g}"#;
     std::env::set_var("CFGTEST_VERBATIM_PW", secret);
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("s.toml");
-    std::fs::write(
-        &path,
+    let cfg = load_text(
         "# The password comes from ${CFGTEST_NEVER_SET}, see below.\n\
          [databases.d]\n[users.u]\npassword = \"${CFGTEST_VERBATIM_PW}\" # ${CFGTEST_NEVER_SET_2}\n",
+        &Overrides::default(),
     )
     .unwrap();
-    let cfg = Config::load(Some(&path), &Overrides::default()).unwrap();
     assert_eq!(cfg.users["u"].password.as_deref(), Some(secret));
 }
 
@@ -306,11 +310,8 @@ fn a_referenced_upstream_password_may_hold_any_character() {
 /// one about a value brought in by a reference, not one about a password.
 #[test]
 fn errors_never_quote_a_secret() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("s.toml");
     let load = |text: &str| {
-        std::fs::write(&path, text).unwrap();
-        Config::load(Some(&path), &Overrides::default())
+        load_text(text, &Overrides::default())
             .unwrap_err()
             .to_string()
     };
@@ -338,21 +339,20 @@ fn errors_never_quote_a_secret() {
 #[test]
 fn references_give_numbers_and_secrets_stay_strings() {
     std::env::set_var("CFGTEST_NUMERIC", "123");
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("s.toml");
-    std::fs::write(
-        &path,
+    let cfg = load_text(
         "max_waiting = \"${CFGTEST_NUMERIC}\"\n[databases.d]\n[users.u]\npassword = \"${CFGTEST_NUMERIC}\"\n",
+        &Overrides::default(),
     )
     .unwrap();
-    let cfg = Config::load(Some(&path), &Overrides::default()).unwrap();
     assert_eq!(cfg.max_waiting, 123);
     assert_eq!(cfg.users["u"].password.as_deref(), Some("123"));
 
-    std::fs::write(&path, "[databases.d]\n[users.u]\npassword = 987654321\n").unwrap();
-    let err = Config::load(Some(&path), &Overrides::default())
-        .unwrap_err()
-        .to_string();
+    let err = load_text(
+        "[databases.d]\n[users.u]\npassword = 987654321\n",
+        &Overrides::default(),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(
         err.contains("users.u.password") && !err.contains("987654321"),
         "{err}"

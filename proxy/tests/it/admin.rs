@@ -427,12 +427,7 @@ async fn sigterm_turns_readyz_off_before_clients_are_refused() {
     }
     query(url.clone()).await.expect("served before SIGTERM");
 
-    let pid = sluice.child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill")
-        .success());
+    crate::support::process::signal(sluice.child.id(), "TERM");
     let signalled = Instant::now();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (status, body) = http_get(admin, "/readyz");

@@ -6,6 +6,8 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, ChildStderr, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::support::process::signal;
+
 fn sluice() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_sluice"));
     c.env_clear()
@@ -137,12 +139,7 @@ fn a_vanished_log_reader_takes_nothing_down() {
     let (mut child, _, lines, local) = start(cmd);
     drop(lines);
     // Log-worthy events: a reload, and clients that send garbage.
-    let pid = child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-HUP", &pid])
-        .status()
-        .expect("kill")
-        .success());
+    signal(child.id(), "HUP");
     for _ in 0..3 {
         let mut s = TcpStream::connect(local).expect("still accepting");
         let _ = s.write_all(b"\0\0\0\x08garbage!");
@@ -157,11 +154,7 @@ fn a_vanished_log_reader_takes_nothing_down() {
     assert!(matches!(&answer, b"N" | b"S"), "{answer:?}");
     drop(s);
 
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill")
-        .success());
+    signal(child.id(), "TERM");
     let signalled = Instant::now();
     let status = loop {
         if let Some(status) = child.try_wait().expect("wait") {

@@ -118,6 +118,15 @@ fn strip_colour(line: &str) -> String {
     out
 }
 
+/// Sends `signal` (`TERM`, `HUP`, ...) to process `pid`.
+pub fn signal(pid: u32, signal: &str) {
+    let sent = Command::new("kill")
+        .args([format!("-{signal}"), pid.to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(sent.success(), "kill -{signal} {pid}: {sent}");
+}
+
 /// The resident set size of process `pid` (`self` for this one) in KiB, from `/proc/PID/status`.
 pub fn rss_kib_of(pid: &str) -> Option<i64> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
