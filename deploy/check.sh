@@ -7,6 +7,15 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 ok() { printf '  ok  %s\n' "$*"; }
 
+# Say what is missing and how to get it, rather than "command not found" half-way through.
+need() {
+    command -v "$1" >/dev/null 2>&1 && return
+    echo "deploy/check.sh needs $1: $2" >&2
+    exit 1
+}
+need promtool "apt-get install -y prometheus (Debian/Ubuntu), or put the promtool of a Prometheus release on PATH"
+need python3 "apt-get install -y python3 python3-yaml"
+
 # Prometheus: configuration, rules and the rules' unit tests.
 promtool check config deploy/prometheus/prometheus.yml >/dev/null
 ok "promtool check config deploy/prometheus/prometheus.yml"

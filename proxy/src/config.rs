@@ -435,6 +435,68 @@ pub fn log_ignored_variables() {
     }
 }
 
+/// Logs every key the file sets that the environment or a flag overrides, so that an override
+/// (a container image's `ENV`, a forgotten export) is never silent. Values are not logged: they
+/// may be secrets. Call after logging is set up; a file that does not load is reported by
+/// [`Config::load`] instead.
+pub fn log_overridden_keys(file: Option<&Path>, flags: &Overrides) {
+    let Some(table) = file
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .and_then(|t| t.parse::<toml::Table>().ok())
+    else {
+        return;
+    };
+    let in_file = |key: &str| {
+        let mut parts = key.split('.');
+        let Some(mut value) = parts.next().and_then(|k| table.get(k)) else {
+            return false;
+        };
+        for part in parts {
+            match value.get(part) {
+                Some(inner) => value = inner,
+                None => return false,
+            }
+        }
+        true
+    };
+    let mut by = Vec::new();
+    for (name, _) in std::env::vars_os() {
+        let Some(key) = name.to_str().and_then(|n| n.strip_prefix("SLUICE_")) else {
+            continue;
+        };
+        let k = key.to_ascii_lowercase();
+        if k == "config" || k.starts_with("loadtest_") || is_service_link(key) {
+            continue;
+        }
+        by.push((k.replace("__", "."), format!("SLUICE_{key}")));
+    }
+    let flag_keys = [
+        ("listen", flags.listen.is_some()),
+        ("admin_listen", flags.admin_listen.is_some()),
+        ("upstream", flags.upstream.is_some()),
+        ("pool_size", flags.pool_size.is_some()),
+        (
+            "max_server_connections",
+            flags.max_server_connections.is_some(),
+        ),
+    ];
+    for (key, set) in flag_keys {
+        if set && !by.iter().any(|(k, _)| k == key) {
+            by.push((key.to_string(), format!("--{}", key.replace('_', "-"))));
+        }
+    }
+    by.sort();
+    for (key, source) in by {
+        if in_file(&key) {
+            tracing::warn!(
+                key = %key,
+                by = %source,
+                "the configuration file's value is overridden"
+            );
+        }
+    }
+}
+
 /// Whether `key` (a `SLUICE_` variable's name without the prefix, any case) has the shape of
 /// the variables Kubernetes injects for a Service named `sluice`: `SLUICE_PORT`,
 /// `SLUICE_PORT_5432_TCP[_PROTO|_PORT|_ADDR]`, `SLUICE_SERVICE_HOST`, `SLUICE_SERVICE_PORT[_*]`.

@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime};
 use bytes::BytesMut;
 
 use crate::client_conn::{ClientConn, Exit};
+use crate::clients::ClientState;
 use crate::config::{Config, PoolMode};
 use crate::context::Context;
 use crate::error::{sqlstate, PgError, Side};
@@ -164,6 +165,18 @@ fn time(t: SystemTime) -> Option<String> {
 
 fn pools(ctx: &Context) -> Table {
     let cfg = ctx.config();
+    // Client counts by pool: [active, waiting, idle], from each client's own state.
+    let mut by_pool: std::collections::HashMap<(String, String), [u32; 3]> = Default::default();
+    for (_, c) in ctx.clients.snapshot() {
+        let counts = by_pool
+            .entry((c.database.clone(), c.user.clone()))
+            .or_default();
+        match c.state() {
+            ClientState::Active => counts[0] += 1,
+            ClientState::Waiting => counts[1] += 1,
+            ClientState::Idle => counts[2] += 1,
+        }
+    }
     let rows = ctx
         .pools
         .pool_stats()
@@ -173,11 +186,14 @@ fn pools(ctx: &Context) -> Table {
                 PoolMode::Transaction => "transaction",
                 PoolMode::Session => "session",
             };
+            let key = (p.database.clone(), p.user.clone());
+            let [cl_active, cl_waiting, cl_idle] = by_pool.get(&key).copied().unwrap_or_default();
             vec![
                 s(&p.database),
                 s(&p.user),
-                s(p.active),
-                s(p.waiting),
+                s(cl_active),
+                s(cl_waiting),
+                s(cl_idle),
                 s(p.active),
                 s(p.idle),
                 s(p.connecting),
@@ -191,6 +207,7 @@ fn pools(ctx: &Context) -> Table {
         ("user", false),
         ("cl_active", true),
         ("cl_waiting", true),
+        ("cl_idle", true),
         ("sv_active", true),
         ("sv_idle", true),
         ("sv_login", true),

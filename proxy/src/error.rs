@@ -190,8 +190,8 @@ impl PgError {
     /// | client | class 0A               | `not_supported`      |
     /// | client | 57P05                  | `idle_timeout`       |
     /// | client | any other              | `client_error`       |
+    /// | server | class 28, 08004        | `server_auth_failed` |
     /// | server | class 08, 53 or 57     | `server_unavailable` |
-    /// | server | class 28               | `server_auth_failed` |
     /// | server | any other              | `server_error`       |
     /// | sluice | class 53               | `too_many_clients`   |
     /// | sluice | class 57               | `shutting_down`      |
@@ -209,8 +209,11 @@ impl PgError {
             (Side::Client, "0A") => "not_supported",
             (Side::Client, _) if self.code == sqlstate::IDLE_SESSION_TIMEOUT => "idle_timeout",
             (Side::Client, _) => "client_error",
-            (Side::Server, "08" | "53" | "57") => "server_unavailable",
             (Side::Server, "28") => "server_auth_failed",
+            (Side::Server, _) if self.code == sqlstate::SERVER_REJECTED_CONNECTION => {
+                "server_auth_failed"
+            }
+            (Side::Server, "08" | "53" | "57") => "server_unavailable",
             (Side::Server, _) => "server_error",
             (Side::Sluice, "53") => "too_many_clients",
             (Side::Sluice, "57") => "shutting_down",
@@ -354,6 +357,10 @@ mod tests {
         assert_eq!(server(sqlstate::TOO_MANY_CONNECTIONS), "server_unavailable");
         assert_eq!(server(sqlstate::CANNOT_CONNECT_NOW), "server_unavailable");
         assert_eq!(server(sqlstate::INVALID_PASSWORD), "server_auth_failed");
+        assert_eq!(
+            server(sqlstate::SERVER_REJECTED_CONNECTION),
+            "server_auth_failed"
+        );
         assert_eq!(server(sqlstate::INVALID_CATALOG_NAME), "server_error");
         assert_eq!(server(code("22023")), "server_error");
         assert_eq!(sluice(sqlstate::TOO_MANY_CONNECTIONS), "too_many_clients");

@@ -46,6 +46,7 @@ fn main() -> anyhow::Result<()> {
     let config = Config::load(args.config.as_deref(), &overrides)?;
     init_logging(config.log_format);
     sluice::config::log_ignored_variables();
+    sluice::config::log_overridden_keys(args.config.as_deref(), &overrides);
     let in_argv = |u: &str| std::env::args().any(|a| a.contains(u));
     if let Some(u) = args.upstream.as_deref() {
         if sluice::config::literal_password(u) && in_argv(u) {

@@ -54,6 +54,7 @@ impl fmt::Debug for SqlState {
 }
 
 pub const CONNECTION_EXCEPTION: SqlState = SqlState(*b"08000");
+pub const SERVER_REJECTED_CONNECTION: SqlState = SqlState(*b"08004");
 pub const CONNECTION_FAILURE: SqlState = SqlState(*b"08006");
 pub const TRANSACTION_RESOLUTION_UNKNOWN: SqlState = SqlState(*b"08007");
 pub const PROTOCOL_VIOLATION: SqlState = SqlState(*b"08P01");
@@ -83,6 +84,7 @@ mod tests {
     fn constants_spell_postgresql_codes() {
         for (code, text) in [
             (CONNECTION_EXCEPTION, "08000"),
+            (SERVER_REJECTED_CONNECTION, "08004"),
             (CONNECTION_FAILURE, "08006"),
             (TRANSACTION_RESOLUTION_UNKNOWN, "08007"),
             (PROTOCOL_VIOLATION, "08P01"),

@@ -150,7 +150,11 @@ async fn start<'a>(ctx: &'a Arc<Context>, conn: &mut ClientConn) -> Started<'a> 
             .with_side(Side::Client)
             .into());
         }
+        let authenticated = startup::authenticate(ctx, conn, &login).await?;
+        // After authentication, as PostgreSQL does, so that only a client that may log in
+        // learns which databases exist.
         if login.database != ADMIN_DATABASE && !config.databases.contains_key(&login.database) {
+            let _ = conn.send(&authenticated).await;
             return Err(PgError::fatal(
                 sqlstate::INVALID_CATALOG_NAME,
                 format!("database \"{}\" does not exist", login.database),
@@ -158,7 +162,6 @@ async fn start<'a>(ctx: &'a Arc<Context>, conn: &mut ClientConn) -> Started<'a> 
             .with_side(Side::Client)
             .into());
         }
-        let authenticated = startup::authenticate(ctx, conn, &login).await?;
         Ok(Some((login, authenticated)))
     })
     .await

@@ -260,7 +260,7 @@ async fn admin_console_answers_psql_and_refuses_others() {
     let admin = |sql: &str| tokio::task::block_in_place(|| psql(&pg, port, "ops", "ops-pw", sql));
 
     for (cmd, header) in [
-        ("SHOW POOLS", "database|user|cl_active|cl_waiting|sv_active|sv_idle|sv_login|pool_size|pool_mode"),
+        ("SHOW POOLS", "database|user|cl_active|cl_waiting|cl_idle|sv_active|sv_idle|sv_login|pool_size|pool_mode"),
         ("SHOW CLIENTS", "type|user|database|state|addr|port|connect_time|pid|application_name|server_pid|tls"),
         ("SHOW SERVERS", "type|user|database|state|addr|port|connect_time|remote_pid|tls"),
         ("SHOW STATS", "group|total_xact_count|total_xact_time|total_wait_time|total_rejected|avg_xact_time|avg_wait_time"),
@@ -275,10 +275,20 @@ async fn admin_console_answers_psql_and_refuses_others() {
     // One idle server, or two when Sluice's own readiness login at start-up (which keeps its
     // connection in the pool) ran beside the client's.
     assert!(
-        pools.contains("obs|console_u|0|0|0|1|0|3|transaction")
-            || pools.contains("obs|console_u|0|0|0|2|0|3|transaction"),
+        pools.contains("obs|console_u|0|0|1|0|1|0|3|transaction")
+            || pools.contains("obs|console_u|0|0|1|0|2|0|3|transaction"),
         "{pools}"
     );
+    // A client inside a transaction is cl_active and holds the one active server; the other
+    // client is idle and holds none.
+    let busy = connect(&h, "console_u", "pw", "obs")
+        .await
+        .expect("second client");
+    busy.simple_query("BEGIN").await.expect("BEGIN");
+    let (_, pools) = admin("SHOW POOLS");
+    assert!(pools.contains("obs|console_u|1|0|1|1|"), "{pools}");
+    busy.simple_query("COMMIT").await.expect("COMMIT");
+    drop(busy);
     let (_, clients) = admin("show clients;");
     assert!(
         clients.contains("C|console_u|obs|idle|127.0.0.1|"),

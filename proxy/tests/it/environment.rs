@@ -168,3 +168,80 @@ fn a_vanished_log_reader_takes_nothing_down() {
     };
     assert!(status.success(), "{status}");
 }
+
+/// A key the file sets and the environment or a flag overrides is named in a warning, never
+/// with its value: the container image's `SLUICE_ADMIN_LISTEN` used to replace a file's
+/// `admin_listen` without a word.
+#[test]
+fn an_override_of_the_file_is_logged_without_its_value() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("sluice.toml");
+    std::fs::write(
+        &path,
+        "admin_listen = \"127.0.0.1:1\"\npool_size = 3\nclient_login_timeout = \"5s\"\n\
+         [users.app]\npassword = \"file-secret\"\n",
+    )
+    .expect("write config");
+    let mut cmd = sluice();
+    cmd.env("SLUICE_CONFIG", &path)
+        .env("SLUICE_POOL_SIZE", "5")
+        .env("SLUICE_USERS__APP__PASSWORD", "env-secret")
+        .arg("--max-server-connections")
+        .arg("4");
+    let (mut child, lines, _, _) = start(cmd);
+    let _ = child.kill();
+    let _ = child.wait();
+    let warned = |key: &str, by: &str| {
+        lines.iter().any(|l| {
+            l.contains("WARN")
+                && l.contains("overridden")
+                && l.contains(&format!("key={key} "))
+                && l.contains(&format!("by={by}"))
+        })
+    };
+    assert!(warned("admin_listen", "SLUICE_ADMIN_LISTEN"), "{lines:#?}");
+    assert!(warned("pool_size", "SLUICE_POOL_SIZE"), "{lines:#?}");
+    assert!(
+        warned("users.app.password", "SLUICE_USERS__APP__PASSWORD"),
+        "{lines:#?}"
+    );
+    // Set in one place only: no warning.
+    for key in ["listen", "client_login_timeout", "max_server_connections"] {
+        assert!(
+            !lines.iter().any(|l| l.contains(&format!("key={key} "))),
+            "{key}: {lines:#?}"
+        );
+    }
+    let text = lines.join("\n");
+    assert!(
+        !text.contains("file-secret") && !text.contains("env-secret"),
+        "{text}"
+    );
+}
+
+/// `deploy/check.sh` says which tool is missing and how to install it, instead of failing
+/// half-way with `promtool: command not found`.
+#[test]
+fn the_deploy_checks_name_a_missing_tool() {
+    let bin = tempfile::tempdir().expect("tmp");
+    // Only what the script needs before its first check (dirname); no promtool.
+    let dirname = ["/usr/bin/dirname", "/bin/dirname"]
+        .iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("dirname");
+    std::os::unix::fs::symlink(dirname, bin.path().join("dirname")).expect("link");
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let out = Command::new("/bin/bash")
+        .arg(format!("{root}/deploy/check.sh"))
+        .env_clear()
+        .env("PATH", bin.path())
+        .output()
+        .expect("bash runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("needs promtool") && err.contains("apt-get install -y prometheus"),
+        "{err}"
+    );
+    assert!(!err.contains("command not found"), "{err}");
+}

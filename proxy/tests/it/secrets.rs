@@ -196,7 +196,8 @@ async fn a_refused_login_reads_the_password_file_again() {
     assert_eq!(r.password_in_force(), "new-pw");
 
     // A wrong password in the file: one read and one more refused login per attempt, and
-    // within a second of the last read, not even that. The client gets the server's 28P01.
+    // within a second of the last read, not even that. The client is told that the server
+    // refused Sluice's login (08004, naming the server), not that its own password is wrong.
     within("BEGIN", a.simple_query("BEGIN"))
         .await
         .expect("BEGIN");
@@ -209,13 +210,25 @@ async fn a_refused_login_reads_the_password_file_again() {
     r.alter_password("newer-pw");
     replace_file(&r.password_file, "wrong-pw\n");
     tokio::time::sleep(sluice::server::password::REREAD_INTERVAL).await;
+    let server = format!("{}:{}", r.pg.host(), r.pg.port());
     let refused = |e: tokio_postgres::Error| {
-        assert_eq!(
-            e.as_db_error().map(|d| d.code().code()),
-            Some("28P01"),
+        let db = e
+            .as_db_error()
+            .unwrap_or_else(|| panic!("an error from Sluice: {}", describe(&e)));
+        assert_eq!(db.code().code(), "08004", "{}", describe(&e));
+        assert!(
+            db.message().contains(&format!(
+                "the database server {server} refused Sluice's login as \"{}\"",
+                r.user
+            )) && db.message().contains("password authentication failed"),
             "{}",
             describe(&e)
-        )
+        );
+        assert!(
+            db.hint().is_some_and(|h| h.contains("server_password")),
+            "{}",
+            describe(&e)
+        );
     };
     refused(r.query(&b).await.expect_err("the file's password is wrong"));
     assert_eq!(

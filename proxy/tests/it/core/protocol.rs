@@ -113,6 +113,16 @@ async fn login_failures_and_malformed_startup() {
     );
     let (_, code_db, _) = try_login(USER, PASSWORD, "no_such_db").await;
     assert_eq!(code_db, "3D000");
+    // Which databases exist is told only to a client that authenticates: without the
+    // password, an unknown database fails like a wrong password, as in PostgreSQL.
+    for (user, password) in [(USER, "wrong-password"), ("nobody", "whatever")] {
+        let (severity, code, _) = try_login(user, password, "no_such_db").await;
+        assert_eq!(
+            (severity.as_str(), code.as_str()),
+            ("FATAL", "28P01"),
+            "{user}"
+        );
+    }
 
     // Malformed start-up packets: FATAL 08P01, connection closed.
     let mut v2 = BytesMut::new();
