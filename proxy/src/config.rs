@@ -216,6 +216,8 @@ pub struct Config {
     /// Total server connections Sluice may hold; 0 derives it from the server's
     /// `max_connections` minus reserved and headroom at start-up.
     pub max_server_connections: u32,
+    /// Start even when `max_server_connections` does not fit below the server's limit.
+    pub allow_budget_over_server_limit: bool,
     /// Concurrent client connections accepted.
     pub max_client_connections: u32,
     /// Server connection attempts in flight at once (protects the server from connect storms).
@@ -366,6 +368,7 @@ impl Default for Config {
             pool_size: 20,
             min_pool_size: 0,
             max_server_connections: 0,
+            allow_budget_over_server_limit: false,
             max_client_connections: 10_000,
             max_connecting: 8,
             max_waiting: 5_000,

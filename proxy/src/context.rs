@@ -150,6 +150,18 @@ pub enum ReloadError {
 }
 
 impl Context {
+    /// Sets the global budget (derived from the server once it answered), as a RELOAD would.
+    pub fn set_budget(&self, budget: u32) {
+        let mut cfg = (*self.config()).clone();
+        cfg.max_server_connections = budget;
+        let cfg = Arc::new(cfg);
+        let pool_size = |db: &str, _user: &str| (cfg.pool_size_for(db), cfg.min_pool_size_for(db));
+        let group = |name: &str| group_limits(&cfg, name);
+        self.pools.reconfigure(limits(&cfg), &pool_size, &group);
+        crate::metrics::global().budget.set(f64::from(budget));
+        *self.config.write() = cfg;
+    }
+
     /// Re-reads the configuration file (and environment) and the password files, and applies
     /// them: users and passwords, pool sizes, limits and group settings take effect at once;
     /// addresses need a restart. Sessions and server connections already open stay open.

@@ -10,7 +10,8 @@
 //!    requests: each buffered, a server borrowed from the pool, relayed, given back.
 //! 3. [`console`] (the admin console over the wire protocol), [`relay`] (client ⇄ server
 //!    bytes while a client holds a server: a sans-I/O core that decides, a short shell that
-//!    moves the bytes) and [`maintenance`] (once-a-second housekeeping).
+//!    moves the bytes), [`maintenance`] (once-a-second housekeeping) and [`check`] (the
+//!    server's connection limit, the budget against it; `sluice check`).
 //! 4. [`context`]: what every session shares, and RELOAD.
 //! 5. [`clients`] (the client registry, cancel keys), [`pool`] (budget, admission, fair queue,
 //!    shedding) and [`server`] (authenticated server connections).
@@ -30,6 +31,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod check;
 pub mod client_conn;
 pub mod clients;
 pub mod config;
@@ -52,6 +54,7 @@ pub mod tls;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -65,12 +68,12 @@ use auth::Credentials;
 use config::Config;
 use context::Context;
 use pool::Pools;
-use server::{ServerConn, Target};
 
 /// How long running sessions get to finish after shutdown begins.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
-/// Server connections kept back from the derived budget for admins and migrations.
-const BUDGET_HEADROOM_FRACTION: f64 = 0.1;
+/// The budget while it cannot be derived yet (`max_server_connections = 0` and the server has
+/// not answered): one connection, which no server's limit is below.
+const PROVISIONAL_BUDGET: u32 = 1;
 
 #[derive(Debug, Error)]
 pub enum StartError {
@@ -79,9 +82,7 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error(
-        "cannot derive max_server_connections from the server ({0}); set max_server_connections"
-    )]
+    #[error("invalid configuration: `max_server_connections`: {0}")]
     Budget(String),
     #[error("invalid configuration: `users.{user}.password`: {why}")]
     Secret { user: String, why: String },
@@ -125,19 +126,13 @@ pub async fn start_from(
     let mut config = config;
     let tls = tls::TlsState::load(&config)?;
     let server_passwords = server::ServerPassword::all(&config);
-    if config.max_server_connections == 0 {
-        config.max_server_connections =
-            derive_budget(&config, &tls.connector, &server_passwords).await?;
-        tracing::info!(
-            max_server_connections = config.max_server_connections,
-            "derived the server connection budget from the server's max_connections"
-        );
-    }
+    let limits_due = budget_from_server(&mut config, &tls.connector, &server_passwords).await?;
     let credentials = derive_credentials(&config).await?;
     let config = Arc::new(config);
     admin::recorder();
     metrics::set_group_label_cap(config.max_group_labels as usize);
     metrics::describe();
+    metrics::zero_initialise();
     metrics::global()
         .budget
         .set(f64::from(config.max_server_connections));
@@ -180,6 +175,16 @@ pub async fn start_from(
             );
         }
     }
+    // The groups known in advance exist from the start, so their series are exported at 0
+    // before their first client.
+    let known_groups: Vec<&String> = match config.group_by {
+        config::GroupBy::User => config.users.keys().collect(),
+        config::GroupBy::Database => config.databases.keys().collect(),
+        config::GroupBy::ApplicationName => Vec::new(),
+    };
+    for name in known_groups.into_iter().chain(config.groups.keys()) {
+        pools.group(name, context::group_limits(&config, name));
+    }
     let shutdown = CancellationToken::new();
     let context = Arc::new(Context {
         config: RwLock::new(config.clone()),
@@ -198,6 +203,14 @@ pub async fn start_from(
         validated_settings: Default::default(),
         ready: Default::default(),
     });
+    match limits_due {
+        LimitsDue::None => {}
+        LimitsDue::Derive => context.ready.budget_pending.store(true, Ordering::Relaxed),
+        LimitsDue::Check => context
+            .ready
+            .budget_unchecked
+            .store(true, Ordering::Relaxed),
+    }
     tracing::info!(%local_addr, %admin_addr, budget = config.max_server_connections, "sluice listening");
     let ctx = context.clone();
     let task = tokio::spawn(async move {
@@ -245,37 +258,79 @@ pub(crate) async fn derive_credentials(
         })
 }
 
-/// `max_connections` minus the server's reserved slots, minus 10% (at least 2) headroom.
-async fn derive_budget(
-    cfg: &Config,
+/// What is left to learn from the server once it answers.
+enum LimitsDue {
+    None,
+    /// `max_server_connections = 0` and the server has not told its limit: Sluice serves with
+    /// [`PROVISIONAL_BUDGET`] and is not ready until the housekeeping derives the budget.
+    Derive,
+    /// The configured budget has not been checked against the server's limit.
+    Check,
+}
+
+/// Derives the budget from the server's limit (`max_server_connections = 0`) or checks the
+/// configured one against it, and logs what it found. A budget that does not fit stops
+/// start-up (unless `allow_budget_over_server_limit`); a server that cannot be reached or
+/// refuses the login does not: Sluice starts, the log says why and what to fix, and the
+/// housekeeping tries again.
+async fn budget_from_server(
+    cfg: &mut Config,
     tls: &Arc<tls::Connector>,
     passwords: &HashMap<String, Arc<server::ServerPassword>>,
-) -> Result<u32, StartError> {
-    let (db, user) = match (cfg.databases.keys().next(), cfg.users.keys().next()) {
-        (Some(d), Some(u)) => (d.clone(), u.clone()),
-        _ => return Err(StartError::Budget("no database or user configured".into())),
+) -> Result<LimitsDue, StartError> {
+    let derive = cfg.max_server_connections == 0;
+    let Some((db, user)) = cfg
+        .databases
+        .keys()
+        .next()
+        .cloned()
+        .zip(cfg.users.keys().next().cloned())
+    else {
+        if derive {
+            return Err(StartError::Budget(
+                "0 derives it from the server, which needs a database and a user to log in with"
+                    .into(),
+            ));
+        }
+        return Ok(LimitsDue::None);
     };
-    let t = Target::new(cfg, tls, passwords.get(&user).cloned(), &db, &user);
-    let mut conn = ServerConn::connect(&t, &db, &server::ServerRegistry::default())
-        .await
-        .map_err(|e| StartError::Budget(e.to_string()))?;
-    let row = conn
-        .read_row(
-            "SELECT current_setting('max_connections'), \
-             current_setting('superuser_reserved_connections'), \
-             coalesce(current_setting('reserved_connections', true), '0')",
-        )
-        .await
-        .map_err(|e| StartError::Budget(e.to_string()))?;
-    let num = |i: usize| -> i64 { row.get(i).and_then(|v| v.parse().ok()).unwrap_or(0) };
-    let (max, reserved) = (num(0), num(1) + num(2));
-    let usable = max - reserved;
-    let headroom = ((usable as f64 * BUDGET_HEADROOM_FRACTION).ceil() as i64).max(2);
-    let budget = usable - headroom;
-    if budget < 1 {
-        return Err(StartError::Budget(format!(
-            "max_connections {max} leaves no room"
-        )));
+    let server = format!("{}:{}", cfg.server_host, cfg.server_port);
+    let limits = match check::read_limits(cfg, tls, passwords.get(&user).cloned(), &db, &user).await
+    {
+        Ok((_, limits)) => limits,
+        Err(e) => {
+            let fix = check::advice(&e, cfg, &db, &user);
+            if derive {
+                cfg.max_server_connections = PROVISIONAL_BUDGET;
+                tracing::error!(%server, error = %e, %fix, "cannot read the server's max_connections to derive max_server_connections: starting not ready, with a budget of {PROVISIONAL_BUDGET} until the server answers (or set max_server_connections)");
+                return Ok(LimitsDue::Derive);
+            }
+            tracing::warn!(%server, error = %e, %fix, "cannot check max_server_connections against the server's max_connections: starting, and checking once the server answers");
+            return Ok(LimitsDue::Check);
+        }
+    };
+    if derive {
+        cfg.max_server_connections = limits.derived_budget().ok_or_else(|| {
+            StartError::Budget(format!(
+                "the server leaves no room for a budget ({}): raise its max_connections",
+                limits.describe()
+            ))
+        })?;
+        tracing::info!(%server, limits = %limits.describe(), max_server_connections = cfg.max_server_connections, "derived the server connection budget from the server's max_connections");
+        return Ok(LimitsDue::None);
     }
-    Ok(budget as u32)
+    match limits.budget_problem(cfg.max_server_connections) {
+        None => {
+            tracing::info!(%server, limits = %limits.describe(), max_server_connections = cfg.max_server_connections, "the budget fits below the server's limit");
+        }
+        Some(problem) if cfg.allow_budget_over_server_limit => {
+            tracing::warn!(%server, %problem, "starting anyway (allow_budget_over_server_limit)");
+        }
+        Some(problem) => {
+            return Err(StartError::Budget(format!(
+                "{problem} (server {server}; to start anyway, as when the server's limit is about to be raised, set allow_budget_over_server_limit = true)"
+            )))
+        }
+    }
+    Ok(LimitsDue::None)
 }

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 use sluice::config::{Config, LogFormat, Overrides};
@@ -31,6 +31,16 @@ struct Args {
     /// Total server connections Sluice may hold [default: derived from the server].
     #[arg(long, env = "SLUICE_MAX_SERVER_CONNECTIONS")]
     max_server_connections: Option<u32>,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Checks the configuration against the server and exits: logs in to every database as
+    /// every user, reads the server's max_connections, says whether the budget fits and what
+    /// to fix. Exit status 0 when all is well, 1 on any problem.
+    Check,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -47,6 +57,9 @@ fn main() -> anyhow::Result<()> {
     init_logging(config.log_format);
     sluice::config::log_ignored_variables();
     sluice::config::log_overridden_keys(args.config.as_deref(), &overrides);
+    if let Some(Cmd::Check) = args.command {
+        return check(&config);
+    }
     let in_argv = |u: &str| std::env::args().any(|a| a.contains(u));
     if let Some(u) = args.upstream.as_deref() {
         if sluice::config::literal_password(u) && in_argv(u) {
@@ -107,6 +120,20 @@ fn main() -> anyhow::Result<()> {
         handle.wait().await;
         anyhow::Ok(())
     })
+}
+
+/// `sluice check`: the report on stdout, exit status 1 on any problem.
+fn check(config: &Config) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let report = runtime.block_on(sluice::check::run(config))?;
+    print!("{}", report.text);
+    if report.problems > 0 {
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 /// Logs go to stderr, coloured only on a terminal (not under systemd, Docker or CloudWatch)

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use crate::check;
 use crate::context::Context;
 use crate::metrics;
 use crate::pool::Lease;
@@ -17,10 +18,13 @@ use crate::server::{self, ServerConn, Target};
 pub async fn run(ctx: Arc<Context>) {
     let ready = ctx.ready.clone();
     let logging_in = Arc::new(AtomicBool::new(false));
+    let reading_limits = Arc::new(AtomicBool::new(false));
+    let mut ticks: u64 = 0;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        ticks += 1;
         let cfg = ctx.config();
         let connector = ctx.tls().connector;
         let up = server::probe(
@@ -46,6 +50,19 @@ pub async fn run(ctx: Arc<Context>) {
                 });
             }
         }
+        let limits_due = ready.budget_pending.load(Ordering::Relaxed)
+            || ready.budget_unchecked.load(Ordering::Relaxed);
+        if limits_due
+            && up
+            && ticks % LIMITS_RETRY_TICKS == 0
+            && !reading_limits.swap(true, Ordering::AcqRel)
+        {
+            let (ctx, reading_limits) = (ctx.clone(), reading_limits.clone());
+            tokio::spawn(async move {
+                server_limits(&ctx).await;
+                reading_limits.store(false, Ordering::Release);
+            });
+        }
         let kicked = ctx.clients.sweep();
         if kicked > 0 {
             tracing::debug!(
@@ -69,6 +86,56 @@ pub async fn run(ctx: Arc<Context>) {
             );
         }
         server_gauges(&ctx);
+    }
+}
+
+/// Seconds between attempts to read the server's limit while it is due.
+const LIMITS_RETRY_TICKS: u64 = 3;
+
+/// Reads the server's limit that start-up could not: derives the budget from it
+/// (`max_server_connections = 0`) or checks the configured one against it.
+async fn server_limits(ctx: &Context) {
+    let cfg = ctx.config();
+    let Some((database, user)) = cfg
+        .databases
+        .keys()
+        .next()
+        .cloned()
+        .zip(cfg.users.keys().next().cloned())
+    else {
+        return;
+    };
+    let connector = ctx.tls().connector;
+    let password = ctx.server_password(&user);
+    let server = format!("{}:{}", cfg.server_host, cfg.server_port);
+    let limits = match check::read_limits(&cfg, &connector, password, &database, &user).await {
+        Ok((_, limits)) => limits,
+        Err(e) => {
+            let fix = check::advice(&e, &cfg, &database, &user);
+            tracing::debug!(%server, error = %e, %fix, "cannot read the server's max_connections yet");
+            return;
+        }
+    };
+    if ctx.ready.budget_pending.load(Ordering::Relaxed) {
+        match limits.derived_budget() {
+            Some(budget) => {
+                ctx.set_budget(budget);
+                ctx.ready.budget_pending.store(false, Ordering::Relaxed);
+                tracing::info!(%server, limits = %limits.describe(), max_server_connections = budget, "derived the server connection budget from the server's max_connections");
+            }
+            None => {
+                tracing::error!(%server, limits = %limits.describe(), "the server leaves no room for a budget: raise its max_connections or set max_server_connections");
+            }
+        }
+    } else if ctx.ready.budget_unchecked.swap(false, Ordering::Relaxed) {
+        match limits.budget_problem(cfg.max_server_connections) {
+            None => {
+                tracing::info!(%server, limits = %limits.describe(), max_server_connections = cfg.max_server_connections, "the budget fits below the server's limit")
+            }
+            Some(problem) => {
+                tracing::error!(%server, %problem, "max_server_connections does not fit below the server's limit: lower it and RELOAD")
+            }
+        }
     }
 }
 

@@ -5,8 +5,10 @@
 //! a registry lookup. Label sets are fixed; group labels are capped by
 //! [`group_label`] so a flood of application names cannot grow the series without bound.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::BTreeSet;
 use std::sync::OnceLock;
+
+use parking_lot::Mutex;
 
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 use metrics::{Counter, Gauge, Histogram, Unit};
@@ -34,6 +36,101 @@ pub const SESSION_PINS: &str = "sluice_session_pins_total";
 pub const CLIENT_TLS: &str = "sluice_client_connections_tls_total";
 pub const SERVER_TLS: &str = "sluice_server_connections_tls";
 pub const TLS_HANDSHAKE_FAILURES: &str = "sluice_tls_handshake_failures_total";
+
+/// The label values each labelled counter can take. Every one is exported at 0 from start-up
+/// ([`zero_initialise`]), so `rate()` and alert rules work from the first scrape; recording a
+/// value missing here is a bug (checked in debug builds).
+pub const CLIENT_REJECT_REASONS: &[&str] = &["max_client_connections", "tls_required"];
+pub const CLIENT_TIMEOUT_REASONS: &[&str] = &[
+    "idle_transaction_timeout",
+    "client_stall_timeout",
+    "query_timeout",
+];
+pub const CANCEL_REASONS: &[&str] = &["query_timeout"];
+pub const QUERY_REJECT_REASONS: &[&str] = &[
+    "queue_full",
+    "predicted_timeout",
+    "overload",
+    "wait_timeout",
+    "server_unavailable",
+    "shutting_down",
+];
+pub const CONNECT_RESULTS: &[&str] = &[
+    "ok",
+    "refused",
+    "timeout",
+    "tls",
+    "auth_failed",
+    "rejected",
+    "read_only",
+    "error",
+];
+pub const CLOSE_REASONS: &[&str] = &[
+    "idle_timeout",
+    "lifetime",
+    "evicted",
+    "error",
+    "client_gone",
+    "dead_on_checkout",
+    "failed_check",
+    "outage",
+    "idle_transaction_timeout",
+    "client_stall_timeout",
+    "query_timeout",
+];
+pub const PIN_REASONS: &[&str] = &[
+    "set",
+    "listen",
+    "advisory_lock",
+    "temp_table",
+    "with_hold_cursor",
+    "sql_prepare",
+    "load",
+];
+pub const TLS_FAILURE_REASONS: &[&str] = &[
+    "unknown_issuer",
+    "expired",
+    "not_yet_valid",
+    "wrong_host",
+    "revoked",
+    "bad_certificate",
+    "protocol",
+    "io",
+    "unsupported",
+    "no_alpn",
+];
+
+/// Registers every counter whose label values are known in advance, at 0 (group counters are
+/// registered with their group, [`GroupMetrics::new`]).
+pub fn zero_initialise() {
+    let g = global();
+    for c in [
+        &g.accepted,
+        &g.auth_failures,
+        &g.clients_tls,
+        &g.clients_plain,
+    ] {
+        c.increment(0);
+    }
+    let sets: [(&'static str, &'static str, &[&'static str]); 6] = [
+        (CLIENT_REJECTED, "reason", CLIENT_REJECT_REASONS),
+        (CLIENT_TIMEOUTS, "reason", CLIENT_TIMEOUT_REASONS),
+        (QUERIES_CANCELLED, "reason", CANCEL_REASONS),
+        (SERVER_CONNECTS, "result", CONNECT_RESULTS),
+        (SERVER_CLOSED, "reason", CLOSE_REASONS),
+        (SESSION_PINS, "reason", PIN_REASONS),
+    ];
+    for (name, label, values) in sets {
+        for value in values.iter().copied() {
+            counter!(name, label => value).increment(0);
+        }
+    }
+    for side in ["client", "server"] {
+        for reason in TLS_FAILURE_REASONS.iter().copied() {
+            counter!(TLS_HANDSHAKE_FAILURES, "side" => side, "reason" => reason).increment(0);
+        }
+    }
+}
 
 /// Describes every metric once, so the exposition carries HELP and unit lines.
 pub fn describe() {
@@ -110,7 +207,8 @@ pub fn describe() {
     );
 }
 
-static GROUP_LABELS: AtomicUsize = AtomicUsize::new(0);
+/// The group names exported under their own label so far.
+static GROUP_LABELS: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
 static GROUP_LABEL_CAP: OnceLock<usize> = OnceLock::new();
 
 /// Sets how many distinct group labels are exported before the rest become `other`.
@@ -118,14 +216,19 @@ pub fn set_group_label_cap(cap: usize) {
     let _ = GROUP_LABEL_CAP.set(cap);
 }
 
-/// The label under which a new group is exported: its name while under the cap, else `other`.
+/// The label under which a new group is exported: its name while fewer than the cap have
+/// theirs (a name seen before keeps its label), else `other`.
 pub fn group_label(name: &str) -> String {
     let cap = *GROUP_LABEL_CAP.get().unwrap_or(&100);
-    if GROUP_LABELS.fetch_add(1, Ordering::Relaxed) < cap {
-        name.to_string()
-    } else {
-        "other".to_string()
+    let mut seen = GROUP_LABELS.lock();
+    if seen.contains(name) {
+        return name.to_string();
     }
+    if seen.len() < cap {
+        seen.insert(name.to_string());
+        return name.to_string();
+    }
+    "other".to_string()
 }
 
 /// Handles for one group, registered when the group is first seen.
@@ -141,6 +244,9 @@ pub struct GroupMetrics {
 impl GroupMetrics {
     pub fn new(name: &str) -> Self {
         let label = group_label(name);
+        for reason in QUERY_REJECT_REASONS.iter().copied() {
+            counter!(QUERIES_REJECTED, "reason" => reason, "group" => label.clone()).increment(0);
+        }
         GroupMetrics {
             wait: histogram!(POOL_WAIT, "group" => label.clone()),
             waiting: gauge!(POOL_WAITING, "group" => label.clone()),
@@ -152,6 +258,7 @@ impl GroupMetrics {
 
     /// Counts a shed request; reasons are few and fixed, so the lookup is rare and bounded.
     pub fn rejected(&self, reason: &'static str) {
+        debug_assert!(QUERY_REJECT_REASONS.contains(&reason), "{reason}");
         counter!(QUERIES_REJECTED, "reason" => reason, "group" => self.label.clone()).increment(1);
     }
 }
@@ -204,30 +311,37 @@ pub fn global() -> &'static Global {
 }
 
 pub fn client_rejected(reason: &'static str) {
+    debug_assert!(CLIENT_REJECT_REASONS.contains(&reason), "{reason}");
     counter!(CLIENT_REJECTED, "reason" => reason).increment(1);
 }
 
 pub fn server_connect(result: &'static str) {
+    debug_assert!(CONNECT_RESULTS.contains(&result), "{result}");
     counter!(SERVER_CONNECTS, "result" => result).increment(1);
 }
 
 pub fn client_timed_out(reason: &'static str) {
+    debug_assert!(CLIENT_TIMEOUT_REASONS.contains(&reason), "{reason}");
     counter!(CLIENT_TIMEOUTS, "reason" => reason).increment(1);
 }
 
 pub fn query_cancelled(reason: &'static str) {
+    debug_assert!(CANCEL_REASONS.contains(&reason), "{reason}");
     counter!(QUERIES_CANCELLED, "reason" => reason).increment(1);
 }
 
 pub fn server_closed(reason: &'static str) {
+    debug_assert!(CLOSE_REASONS.contains(&reason), "{reason}");
     counter!(SERVER_CLOSED, "reason" => reason).increment(1);
 }
 
 pub fn session_pinned(reason: &'static str) {
+    debug_assert!(PIN_REASONS.contains(&reason), "{reason}");
     counter!(SESSION_PINS, "reason" => reason).increment(1);
 }
 
 /// Counts a failed TLS handshake; `side` is `client` or `server`, reasons are a fixed set.
 pub fn tls_handshake_failed(side: &'static str, reason: &'static str) {
+    debug_assert!(TLS_FAILURE_REASONS.contains(&reason), "{reason}");
     counter!(TLS_HANDSHAKE_FAILURES, "side" => side, "reason" => reason).increment(1);
 }

@@ -47,6 +47,12 @@ pub struct Readiness {
     pub upstream_ok: AtomicBool,
     /// Shutting down: still serving, for `shutdown_grace`, but out of rotation.
     pub draining: AtomicBool,
+    /// `max_server_connections = 0` and the server has not yet told its limit: serving with a
+    /// provisional budget of one connection, out of rotation.
+    pub budget_pending: AtomicBool,
+    /// The configured budget is yet to be checked against the server's limit (no effect on
+    /// readiness).
+    pub budget_unchecked: AtomicBool,
     /// The latest login outcome of each pool, by (database, user), and when it was.
     logins: Mutex<HashMap<(String, String), (bool, Instant)>>,
 }
@@ -87,7 +93,9 @@ impl Readiness {
     }
 
     fn ready(&self) -> bool {
-        self.upstream_ok.load(Ordering::Relaxed) && self.logins_ok()
+        self.upstream_ok.load(Ordering::Relaxed)
+            && self.logins_ok()
+            && !self.budget_pending.load(Ordering::Relaxed)
     }
 }
 
@@ -151,10 +159,15 @@ async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
             StatusCode::SERVICE_UNAVAILABLE,
             "database unreachable, or its TLS certificate not accepted (server_tls)\n",
         )
-    } else if !s.ready.ready() {
+    } else if !s.ready.logins_ok() {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             "logins to the database fail (see the log and sluice_server_connects_total)\n",
+        )
+    } else if !s.ready.ready() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "max_server_connections is not derived yet: the server's max_connections could not be read (see the log)\n",
         )
     } else {
         (StatusCode::OK, "ready\n")

@@ -404,7 +404,7 @@ async fn real_prometheus_scrapes_rejections() {
     h.stop().await;
 }
 
-fn which(cmd: &str) -> Option<std::path::PathBuf> {
+pub fn which(cmd: &str) -> Option<std::path::PathBuf> {
     std::env::var_os("PATH")?
         .to_str()?
         .split(':')

@@ -24,6 +24,7 @@ mod reset;
 mod secrets;
 mod session_state;
 mod silent_server;
+mod startup;
 mod support;
 mod tls;
 mod tls_clients;
