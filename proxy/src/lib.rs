@@ -11,7 +11,8 @@
 //! 3. [`console`] (the admin console over the wire protocol), [`relay`] (client ⇄ server
 //!    bytes while a client holds a server: a sans-I/O core that decides, a short shell that
 //!    moves the bytes), [`maintenance`] (once-a-second housekeeping) and [`check`] (the
-//!    server's connection limit, the budget against it; `sluice check`).
+//!    server's connection limit, the budget against it; `sluice check`) and [`status`] (the
+//!    live status page's data).
 //! 4. [`context`]: what every session shares, and RELOAD.
 //! 5. [`clients`] (the client registry, cancel keys), [`pool`] (budget, admission, fair queue,
 //!    shedding) and [`server`] (authenticated server connections).
@@ -49,6 +50,7 @@ pub mod server;
 pub mod session;
 pub mod settings;
 pub mod sql;
+pub mod status;
 pub mod stream;
 pub mod tls;
 
@@ -215,16 +217,22 @@ pub async fn start_from(
     let ctx = context.clone();
     let task = tokio::spawn(async move {
         let ready = ctx.ready.clone();
-        let maintenance = tokio::spawn(maintenance::run(ctx.clone()));
+        let status = Arc::new(status::Status::default());
+        let maintenance = tokio::spawn(maintenance::run(ctx.clone(), status.clone()));
         let refresh: admin::Refresh = {
             let ctx = ctx.clone();
             Arc::new(move || maintenance::server_gauges(&ctx))
+        };
+        let report: admin::StatusReport = {
+            let ctx = ctx.clone();
+            Arc::new(move || serde_json::to_string(&status.report(&ctx)).unwrap_or_default())
         };
         let admin = tokio::spawn(admin::serve(
             admin_listener,
             ready,
             ctx.shutdown.clone(),
             refresh,
+            report,
         ));
         net::serve(ctx.clone(), listener, DRAIN_TIMEOUT).await;
         ctx.pools.close();

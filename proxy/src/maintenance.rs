@@ -15,7 +15,7 @@ use crate::server::{self, ServerConn, Target};
 
 /// Once a second: probes the server for readiness, closes idle and aged server connections,
 /// and keeps `min_pool_size` warm ones.
-pub async fn run(ctx: Arc<Context>) {
+pub async fn run(ctx: Arc<Context>, status: Arc<crate::status::Status>) {
     let ready = ctx.ready.clone();
     let logging_in = Arc::new(AtomicBool::new(false));
     let reading_limits = Arc::new(AtomicBool::new(false));
@@ -86,6 +86,7 @@ pub async fn run(ctx: Arc<Context>) {
             );
         }
         server_gauges(&ctx);
+        status.sample(&ctx);
     }
 }
 

@@ -6,6 +6,7 @@
 //! [`group_label`] so a flood of application names cannot grow the series without bound.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::OnceLock;
 
 use parking_lot::Mutex;
@@ -317,6 +318,7 @@ pub fn client_rejected(reason: &'static str) {
 
 pub fn server_connect(result: &'static str) {
     debug_assert!(CONNECT_RESULTS.contains(&result), "{result}");
+    tally(&TALLIES.connects, CONNECT_RESULTS, result, 1);
     counter!(SERVER_CONNECTS, "result" => result).increment(1);
 }
 
@@ -335,9 +337,48 @@ pub fn server_closed(reason: &'static str) {
     counter!(SERVER_CLOSED, "reason" => reason).increment(1);
 }
 
+/// Counts a session pinned to its server connection for `reason`, until [`session_unpinned`].
 pub fn session_pinned(reason: &'static str) {
     debug_assert!(PIN_REASONS.contains(&reason), "{reason}");
     counter!(SESSION_PINS, "reason" => reason).increment(1);
+    global().pinned.increment(1.0);
+    tally(&TALLIES.pins, PIN_REASONS, reason, 1);
+    tally(&TALLIES.pinned_now, PIN_REASONS, reason, 1);
+}
+
+/// A pinned session ended.
+pub fn session_unpinned(reason: &'static str) {
+    global().pinned.decrement(1.0);
+    tally(&TALLIES.pinned_now, PIN_REASONS, reason, -1);
+}
+
+/// Counts beside the exported series that Sluice itself reads back (the status page): the
+/// `metrics` facade's handles are write-only. Indexed like the label lists above.
+pub struct Tallies {
+    pub connects: [AtomicI64; CONNECT_RESULTS.len()],
+    pub pins: [AtomicI64; PIN_REASONS.len()],
+    pub pinned_now: [AtomicI64; PIN_REASONS.len()],
+}
+
+pub static TALLIES: Tallies = Tallies {
+    connects: [const { AtomicI64::new(0) }; CONNECT_RESULTS.len()],
+    pins: [const { AtomicI64::new(0) }; PIN_REASONS.len()],
+    pinned_now: [const { AtomicI64::new(0) }; PIN_REASONS.len()],
+};
+
+fn tally(counts: &[AtomicI64], labels: &[&str], label: &str, delta: i64) {
+    if let Some(i) = labels.iter().position(|l| *l == label) {
+        counts[i].fetch_add(delta, Ordering::Relaxed);
+    }
+}
+
+/// The tallies as (label, value) pairs.
+pub fn read_tally(counts: &[AtomicI64], labels: &[&'static str]) -> Vec<(&'static str, i64)> {
+    labels
+        .iter()
+        .zip(counts)
+        .map(|(l, c)| (*l, c.load(Ordering::Relaxed)))
+        .collect()
 }
 
 /// Counts a failed TLS handshake; `side` is `client` or `server`, reasons are a fixed set.

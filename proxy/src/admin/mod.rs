@@ -92,6 +92,11 @@ impl Readiness {
         }
     }
 
+    /// Whether `/readyz` answers 200 (draining aside).
+    pub fn is_ready(&self) -> bool {
+        self.ready()
+    }
+
     fn ready(&self) -> bool {
         self.upstream_ok.load(Ordering::Relaxed)
             && self.logins_ok()
@@ -102,11 +107,19 @@ impl Readiness {
 /// Brings gauges that are cheaper to read than to maintain up to date before a scrape.
 pub type Refresh = Arc<dyn Fn() + Send + Sync>;
 
+/// The status page's data, as JSON (`GET /status`).
+pub type StatusReport = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// The status page: one self-contained HTML file (no external assets: it works on a host with
+/// no internet), which reads `/status` every second.
+const STATUS_PAGE: &str = include_str!("status.html");
+
 #[derive(Clone)]
 struct AppState {
     ready: Arc<Readiness>,
     shutdown: CancellationToken,
     refresh: Refresh,
+    report: StatusReport,
 }
 
 /// Serves the admin endpoint until `shutdown`.
@@ -115,13 +128,17 @@ pub async fn serve(
     ready: Arc<Readiness>,
     shutdown: CancellationToken,
     refresh: Refresh,
+    report: StatusReport,
 ) {
     let state = AppState {
         ready,
         shutdown: shutdown.clone(),
         refresh,
+        report,
     };
     let app = Router::new()
+        .route("/", get(page))
+        .route("/status", get(status))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -148,6 +165,30 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         recorder().render(),
+    )
+}
+
+async fn page() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            // Everything is inline; nothing may be fetched from elsewhere.
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src data:",
+            ),
+        ],
+        STATUS_PAGE,
+    )
+}
+
+async fn status(State(s): State<AppState>) -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        (s.report)(),
     )
 }
 

@@ -77,6 +77,16 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// Every reason, in the order of their indexes (`reason as usize`).
+    pub const ALL: [Reason; 6] = [
+        Reason::QueueFull,
+        Reason::PredictedTimeout,
+        Reason::Overload,
+        Reason::WaitTimeout,
+        Reason::ServerUnavailable,
+        Reason::Closed,
+    ];
+
     /// The metric label and the word used in messages.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -124,6 +134,31 @@ pub struct GroupStats {
     pub transaction_time: Duration,
     pub wait_time: Duration,
     pub rejected: u64,
+    /// Rejections by reason, indexed like [`Reason::ALL`].
+    pub rejected_by: [u64; Reason::ALL.len()],
+    /// Waits for a connection by bucket ([`wait_bucket`]).
+    pub waits: [u64; WAIT_BUCKETS],
+}
+
+/// Wait buckets: index 0 counts grants with no wait, index `i` waits up to
+/// `WAIT_BUCKETS_MS[i - 1]`, the last one longer waits.
+pub const WAIT_BUCKETS: usize = WAIT_BUCKETS_MS.len() + 2;
+
+/// Upper bounds (milliseconds) of the wait buckets after the first (no wait at all).
+pub const WAIT_BUCKETS_MS: [u64; 14] = [
+    1, 2, 5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 30_000,
+];
+
+/// The bucket of a wait of `waited`: 0 only for no wait, else the first bound it is within.
+pub fn wait_bucket(waited: Duration) -> usize {
+    if waited.is_zero() {
+        return 0;
+    }
+    let ms = waited.as_micros().div_ceil(1000) as u64;
+    1 + WAIT_BUCKETS_MS
+        .iter()
+        .position(|b| ms <= *b)
+        .unwrap_or(WAIT_BUCKETS_MS.len())
 }
 
 pub(crate) struct Shared<C: Send + 'static> {
@@ -252,6 +287,10 @@ impl<C: Send + 'static> Pools<C> {
 
     /// Marks the server unreachable (`down`: a connect attempt failed as in an outage) or
     /// reachable again (a login succeeded). Returns whether that changed.
+    pub fn outage_since(&self) -> Option<Instant> {
+        self.shared.state.lock().outage()
+    }
+
     pub fn set_outage(&self, down: bool) -> bool {
         self.shared.state.lock().set_outage(down, Instant::now())
     }

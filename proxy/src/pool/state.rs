@@ -20,7 +20,8 @@ use tokio::time::Instant;
 use super::lease::Lease;
 use super::shed::Shedder;
 use super::{
-    GroupId, GroupLimits, GroupStats, Limits, PoolId, PoolStats, Reason, Rejected, Shared,
+    wait_bucket, GroupId, GroupLimits, GroupStats, Limits, PoolId, PoolStats, Reason, Rejected,
+    Shared, WAIT_BUCKETS,
 };
 use crate::metrics::GroupMetrics;
 
@@ -62,6 +63,10 @@ struct GroupState<C: Send + 'static> {
     transaction_time: Duration,
     wait_time: Duration,
     rejected: u64,
+    /// Rejections by [`Reason`] (its index).
+    rejected_by: [u64; Reason::ALL.len()],
+    /// Waits for a connection, counted by [`WAIT_BUCKETS_MS`].
+    waits: [u64; WAIT_BUCKETS],
     waiters: VecDeque<Waiter<C>>,
     metrics: GroupMetrics,
 }
@@ -170,6 +175,8 @@ impl<C: Send + 'static> State<C> {
             transaction_time: Duration::ZERO,
             wait_time: Duration::ZERO,
             rejected: 0,
+            rejected_by: Default::default(),
+            waits: Default::default(),
             waiters: VecDeque::new(),
             metrics,
         });
@@ -274,6 +281,7 @@ impl<C: Send + 'static> State<C> {
             if let Some(src) = self.source(g, p) {
                 let lease = self.grant(shared, g, p, src, now);
                 self.groups[g].metrics.wait.record(0.0);
+                self.groups[g].waits[0] += 1;
                 return Ok(Admit::Granted(lease));
             }
         }
@@ -339,6 +347,7 @@ impl<C: Send + 'static> State<C> {
     pub fn reject(&mut self, group: GroupId, reason: Reason, detail: String) -> Rejected {
         self.groups[group.0].metrics.rejected(reason.as_str());
         self.groups[group.0].rejected += 1;
+        self.groups[group.0].rejected_by[reason as usize] += 1;
         tracing::debug!(group = %self.groups[group.0].name, reason = reason.as_str(), %detail, "request shed");
         let retry_after = self
             .shedder
@@ -442,6 +451,7 @@ impl<C: Send + 'static> State<C> {
                     let gs = &mut self.groups[g];
                     gs.metrics.wait.record(waited.as_secs_f64());
                     gs.wait_time += waited;
+                    gs.waits[wait_bucket(waited)] += 1;
                     let lease = self.grant(shared, g, pool, src, now);
                     grants.push((w.tx, Ok(lease)));
                     if !self.groups[g].waiters.is_empty() {
@@ -661,6 +671,8 @@ impl<C: Send + 'static> State<C> {
                 transaction_time: g.transaction_time,
                 wait_time: g.wait_time,
                 rejected: g.rejected,
+                rejected_by: g.rejected_by,
+                waits: g.waits,
             })
             .collect()
     }

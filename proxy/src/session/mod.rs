@@ -394,8 +394,8 @@ impl<'a> Session<'a> {
         g.clients_idle.increment(1.0);
         let exit = self.serve_requests(conn, &registration.slot).await;
         g.clients_idle.decrement(1.0);
-        if self.pinned.is_some() {
-            g.pinned.decrement(1.0);
+        if let Some(p) = self.pinned {
+            crate::metrics::session_unpinned(p.as_str());
         }
         exit
     }

@@ -25,6 +25,7 @@ mod secrets;
 mod session_state;
 mod silent_server;
 mod startup;
+mod status_page;
 mod support;
 mod tls;
 mod tls_clients;

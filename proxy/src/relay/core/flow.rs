@@ -103,7 +103,6 @@ impl Flow {
         if self.pin.is_none() && self.release {
             self.pin = Some(p);
             crate::metrics::session_pinned(p.as_str());
-            crate::metrics::global().pinned.increment(1.0);
             tracing::info!(
                 reason = p.as_str(),
                 "session pinned to its server connection"
