@@ -41,6 +41,8 @@ impl ClientState {
 pub enum Kick {
     IdleTimeout = 1,
     Shutdown = 2,
+    /// `KILL db` from the admin console.
+    Killed = 3,
 }
 
 /// Milliseconds since the first call: a cheap clock for idle times.
@@ -95,6 +97,7 @@ impl ClientSlot {
         match self.kicked.load(Ordering::Acquire) {
             1 => Some(Kick::IdleTimeout),
             2 => Some(Kick::Shutdown),
+            3 => Some(Kick::Killed),
             _ => None,
         }
     }
@@ -238,6 +241,20 @@ impl ClientRegistry {
                     >= slot.idle_timeout_ms
             {
                 slot.kick(Kick::IdleTimeout);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Tells every session of `database` to end as soon as it waits for its client (`KILL`);
+    /// returns how many were told.
+    pub fn kick_database(&self, database: &str) -> usize {
+        let clients = self.clients.lock();
+        let mut n = 0;
+        for (_, slot) in clients.values() {
+            if slot.database == database && slot.kick_reason().is_none() {
+                slot.kick(Kick::Killed);
                 n += 1;
             }
         }

@@ -1,7 +1,8 @@
 //! The admin console: the virtual database `sluice`, for users listed in `admin_users`.
 //!
-//! Speaks the simple query protocol: `SHOW POOLS|CLIENTS|SERVERS|STATS|CONFIG|GROUPS|HELP`,
-//! `PAUSE`, `RESUME`, `RELOAD`. Column names follow PgBouncer's where the concept is the same,
+//! Speaks the simple query protocol: `SHOW POOLS|CLIENTS|SERVERS|STATS|GROUP_STATS|DATABASES|
+//! USERS|LISTS|CONFIG|GROUPS|VERSION|HELP`, `PAUSE [db]`, `RESUME [db]`, `KILL db`,
+//! `RECONNECT [db]`, `WAIT_CLOSE [db]`, `RELOAD`, `SHUTDOWN`. Column names follow PgBouncer's where the concept is the same,
 //! so habits and scripts carry over.
 
 use std::sync::Arc;
@@ -95,13 +96,15 @@ pub async fn serve(
 }
 
 async fn run_command(ctx: &Arc<Context>, sql: &str, out: &mut BytesMut) {
-    let words: Vec<String> = sql
+    let raw: Vec<&str> = sql
         .trim()
         .trim_end_matches(';')
         .split_whitespace()
-        .map(str::to_ascii_uppercase)
         .collect();
+    let words: Vec<String> = raw.iter().map(|w| w.to_ascii_uppercase()).collect();
     let words: Vec<&str> = words.iter().map(String::as_str).collect();
+    // A database argument, as written (names are case-sensitive), quotes dropped.
+    let db = raw.get(1).map(|d| d.trim_matches('"'));
     let table = match words.as_slice() {
         [] => {
             Out::empty_query_response(out);
@@ -110,24 +113,29 @@ async fn run_command(ctx: &Arc<Context>, sql: &str, out: &mut BytesMut) {
         ["SHOW", "POOLS"] => pools(ctx),
         ["SHOW", "CLIENTS"] => clients(ctx),
         ["SHOW", "SERVERS"] => servers(ctx),
-        ["SHOW", "STATS"] => stats(ctx),
+        ["SHOW", "STATS"] => database_stats(ctx),
+        ["SHOW", "GROUP_STATS"] => stats(ctx),
         ["SHOW", "CONFIG"] => config(&ctx.config()),
         ["SHOW", "GROUPS"] => groups(ctx),
+        ["SHOW", "DATABASES"] => databases(ctx),
+        ["SHOW", "USERS"] => users(ctx),
+        ["SHOW", "LISTS"] => lists(ctx),
+        ["SHOW", "VERSION"] => (
+            vec![("version", false)],
+            vec![vec![s(concat!("Sluice ", env!("CARGO_PKG_VERSION")))]],
+        ),
         ["SHOW", "HELP"] | ["HELP"] => help(),
-        ["PAUSE"] => {
-            ctx.pools.set_paused(true);
-            let deadline = tokio::time::Instant::now() + PAUSE_WAIT;
-            while ctx.pools.active() > 0 && tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(20)).await;
+        ["PAUSE" | "RESUME" | "KILL" | "RECONNECT" | "WAIT_CLOSE", ..] if words.len() <= 2 => {
+            if let Err(e) = control(ctx, words[0], db).await {
+                e.with_side(Side::Client).encode(out);
+            } else {
+                Out::command_complete(out, words[0]);
             }
-            tracing::info!("pools paused from the admin console");
-            Out::command_complete(out, "PAUSE");
             return;
         }
-        ["RESUME"] => {
-            ctx.pools.set_paused(false);
-            tracing::info!("pools resumed from the admin console");
-            Out::command_complete(out, "RESUME");
+        ["SHUTDOWN"] => {
+            shutdown(ctx);
+            Out::command_complete(out, "SHUTDOWN");
             return;
         }
         ["RELOAD"] => {
@@ -153,6 +161,233 @@ async fn run_command(ctx: &Arc<Context>, sql: &str, out: &mut BytesMut) {
         Out::data_row(out, &values);
     }
     Out::command_complete(out, &format!("SHOW {}", rows.len()));
+}
+
+/// `PAUSE`, `RESUME`, `KILL`, `RECONNECT` and `WAIT_CLOSE`, for one database or (without one,
+/// where allowed) all.
+async fn control(ctx: &Arc<Context>, command: &str, db: Option<&str>) -> Result<(), PgError> {
+    if let Some(db) = db {
+        if !ctx.config().databases.contains_key(db) && !ctx.pools.has_database(db) {
+            return Err(PgError::error(
+                sqlstate::INVALID_CATALOG_NAME,
+                format!("{command}: no database \"{db}\""),
+            ));
+        }
+    }
+    let wait_idle = |deadline: Option<tokio::time::Instant>,
+                     what: fn(&Context, Option<&str>) -> u32| {
+        let ctx = ctx.clone();
+        let db = db.map(str::to_string);
+        async move {
+            while what(&ctx, db.as_deref()) > 0 {
+                if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                    return false;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            true
+        }
+    };
+    match (command, db) {
+        ("PAUSE", None) => {
+            ctx.pools.set_paused(true);
+            let done = wait_idle(Some(tokio::time::Instant::now() + PAUSE_WAIT), |c, _| {
+                c.pools.active()
+            })
+            .await;
+            tracing::info!(done, "pools paused from the admin console");
+        }
+        ("PAUSE", Some(d)) => {
+            ctx.pools.set_database_paused(Some(d), true);
+            let done = wait_idle(Some(tokio::time::Instant::now() + PAUSE_WAIT), |c, d| {
+                c.pools.active_in(d)
+            })
+            .await;
+            tracing::info!(database = d, done, "database paused from the admin console");
+        }
+        ("RESUME", None) => {
+            ctx.pools.set_paused(false);
+            ctx.pools.set_database_paused(None, false);
+            tracing::info!("pools resumed from the admin console");
+        }
+        ("RESUME", Some(d)) => {
+            ctx.pools.set_database_paused(Some(d), false);
+            tracing::info!(database = d, "database resumed from the admin console");
+        }
+        ("KILL", Some(d)) => {
+            ctx.pools.set_database_paused(Some(d), true);
+            let clients = ctx.clients.kick_database(d);
+            let servers = ctx.pools.reconnect(Some(d));
+            tracing::warn!(
+                database = d,
+                clients,
+                idle_servers_closed = servers,
+                "KILL from the admin console: its clients are disconnected and it is paused until RESUME"
+            );
+        }
+        ("KILL", None) => {
+            return Err(PgError::error(
+                sqlstate::SYNTAX_ERROR,
+                "KILL needs a database: KILL name",
+            ))
+        }
+        ("RECONNECT", d) => {
+            let closed = ctx.pools.reconnect(d);
+            tracing::info!(
+                database = d.unwrap_or("*"),
+                idle_servers_closed = closed,
+                "RECONNECT from the admin console: the others close as they come back"
+            );
+        }
+        ("WAIT_CLOSE", _) => {
+            wait_idle(None, |c, d| c.pools.close_needed(d)).await;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// `SHUTDOWN`: what SIGTERM does, `/readyz` 503 for `shutdown_grace`, then stop accepting and
+/// drain.
+fn shutdown(ctx: &Arc<Context>) {
+    let ctx = ctx.clone();
+    tracing::info!("SHUTDOWN from the admin console");
+    tokio::spawn(async move {
+        let grace = ctx.config().shutdown_grace;
+        ctx.ready
+            .draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        tokio::time::sleep(grace).await;
+        ctx.shutdown.cancel();
+    });
+}
+
+fn database_stats(ctx: &Context) -> Table {
+    let us = |d: Duration| d.as_micros().to_string();
+    let rows = ctx
+        .pools
+        .database_stats()
+        .into_iter()
+        .map(|d| {
+            let n = d.transactions.max(1) as u32;
+            vec![
+                s(&d.database),
+                s(d.transactions),
+                Some(us(d.transaction_time)),
+                Some(us(d.wait_time)),
+                Some(us(d.transaction_time / n)),
+                Some(us(d.wait_time / n)),
+            ]
+        })
+        .collect();
+    let cols = vec![
+        ("database", false),
+        ("total_xact_count", true),
+        ("total_xact_time", true),
+        ("total_wait_time", true),
+        ("avg_xact_time", true),
+        ("avg_wait_time", true),
+    ];
+    (cols, rows)
+}
+
+fn databases(ctx: &Context) -> Table {
+    let cfg = ctx.config();
+    let stats = ctx.pools.database_stats();
+    let rows = cfg
+        .databases
+        .keys()
+        .map(|name| {
+            let d = stats.iter().find(|d| d.database == *name);
+            let mode = match cfg.pool_mode_for(name) {
+                PoolMode::Transaction => "transaction",
+                PoolMode::Session => "session",
+            };
+            vec![
+                s(name),
+                s(&cfg.server_host),
+                s(cfg.server_port),
+                s(cfg.server_dbname(name)),
+                s(cfg.pool_size_for(name)),
+                s(cfg.min_pool_size_for(name)),
+                s(mode),
+                s(d.map_or(0, |d| d.connections)),
+                s(u8::from(d.is_some_and(|d| d.paused))),
+                s(0),
+            ]
+        })
+        .collect();
+    let cols = vec![
+        ("name", false),
+        ("host", false),
+        ("port", true),
+        ("database", false),
+        ("pool_size", true),
+        ("min_pool_size", true),
+        ("pool_mode", false),
+        ("current_connections", true),
+        ("paused", true),
+        ("disabled", true),
+    ];
+    (cols, rows)
+}
+
+fn users(ctx: &Context) -> Table {
+    let cfg = ctx.config();
+    let servers = ctx.servers.snapshot();
+    let clients = ctx.clients.snapshot();
+    let rows = cfg
+        .users
+        .keys()
+        .map(|name| {
+            vec![
+                s(name),
+                s(servers.iter().filter(|i| i.user == *name).count()),
+                s(clients.iter().filter(|(_, c)| c.user == *name).count()),
+                s(if cfg.admin_users.contains(name) {
+                    "yes"
+                } else {
+                    "no"
+                }),
+            ]
+        })
+        .collect();
+    let cols = vec![
+        ("name", false),
+        ("current_connections", true),
+        ("current_client_connections", true),
+        ("admin", false),
+    ];
+    (cols, rows)
+}
+
+fn lists(ctx: &Context) -> Table {
+    let cfg = ctx.config();
+    let pools = ctx.pools.pool_stats();
+    let clients = ctx.clients.snapshot();
+    let sum = |f: fn(&crate::pool::PoolStats) -> u32| pools.iter().map(f).sum::<u32>();
+    let waiting = clients
+        .iter()
+        .filter(|(_, c)| c.state() == ClientState::Waiting)
+        .count();
+    let rows = [
+        ("databases", cfg.databases.len()),
+        ("users", cfg.users.len()),
+        ("pools", pools.len()),
+        ("groups", ctx.pools.group_stats().len()),
+        ("used_clients", clients.len()),
+        ("waiting_clients", waiting),
+        ("free_servers", sum(|p| p.idle) as usize),
+        (
+            "used_servers",
+            sum(|p| p.active.saturating_sub(p.connecting)) as usize,
+        ),
+        ("login_servers", sum(|p| p.connecting) as usize),
+    ]
+    .iter()
+    .map(|(k, v)| vec![s(k), s(v)])
+    .collect();
+    (vec![("list", false), ("items", true)], rows)
 }
 
 fn s(v: impl ToString) -> Option<String> {
@@ -380,11 +615,20 @@ fn help() -> Table {
         "SHOW CLIENTS",
         "SHOW SERVERS",
         "SHOW STATS",
+        "SHOW GROUP_STATS",
+        "SHOW DATABASES",
+        "SHOW USERS",
+        "SHOW LISTS",
         "SHOW CONFIG",
         "SHOW GROUPS",
-        "PAUSE",
-        "RESUME",
+        "SHOW VERSION",
+        "PAUSE [db]",
+        "RESUME [db]",
+        "KILL db",
+        "RECONNECT [db]",
+        "WAIT_CLOSE [db]",
         "RELOAD",
+        "SHUTDOWN",
     ]
     .iter()
     .map(|c| vec![s(c)])

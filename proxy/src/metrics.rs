@@ -75,6 +75,7 @@ pub const CLOSE_REASONS: &[&str] = &[
     "dead_on_checkout",
     "failed_check",
     "outage",
+    "reconnect",
     "idle_transaction_timeout",
     "client_stall_timeout",
     "query_timeout",

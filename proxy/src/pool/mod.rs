@@ -29,6 +29,7 @@ use tokio::time::Instant;
 
 pub use lease::Lease;
 use shed::Shedder;
+pub use state::DatabaseStats;
 use state::{Admit, Grant, State, Waiter};
 
 use crate::metrics::GroupMetrics;
@@ -351,6 +352,49 @@ impl<C: Send + 'static> Pools<C> {
             st.dispatch(&self.shared, Instant::now())
         };
         after.run();
+    }
+
+    /// Pauses or resumes the pools of `database` (all with `None`); returns how many.
+    pub fn set_database_paused(&self, database: Option<&str>, paused: bool) -> usize {
+        let (n, after) = {
+            let mut st = self.shared.state.lock();
+            let n = st.set_database_paused(database, paused);
+            (n, st.dispatch(&self.shared, Instant::now()))
+        };
+        after.run();
+        n
+    }
+
+    /// Closes the idle server connections of `database` (all with `None`) now and the lent ones
+    /// as they come back (`RECONNECT`); returns how many were closed now.
+    pub fn reconnect(&self, database: Option<&str>) -> usize {
+        let (n, dead, after) = {
+            let mut st = self.shared.state.lock();
+            let n = st.reconnect(database, Instant::now());
+            let dead = st.take_dead();
+            (n, dead, st.dispatch(&self.shared, Instant::now()))
+        };
+        drop(dead);
+        after.run();
+        n
+    }
+
+    /// Lent connections a `RECONNECT` of `database` (all with `None`) still waits for.
+    pub fn close_needed(&self, database: Option<&str>) -> u32 {
+        self.shared.state.lock().close_needed(database)
+    }
+
+    /// Server connections of `database` (all with `None`) lent to clients now.
+    pub fn active_in(&self, database: Option<&str>) -> u32 {
+        self.shared.state.lock().active_in(database)
+    }
+
+    pub fn has_database(&self, database: &str) -> bool {
+        self.shared.state.lock().has_database(database)
+    }
+
+    pub fn database_stats(&self) -> Vec<DatabaseStats> {
+        self.shared.state.lock().database_stats()
     }
 
     /// Server connections currently lent to clients.

@@ -29,6 +29,9 @@ use crate::metrics::GroupMetrics;
 /// overloaded.
 pub(crate) type Grant<C> = Result<Lease<C>, Rejected>;
 
+mod control;
+pub use control::DatabaseStats;
+
 pub(crate) struct Waiter<C: Send + 'static> {
     pub id: u64,
     pub pool: PoolId,
@@ -53,6 +56,8 @@ struct PoolState<C> {
     connecting: u32,
     /// Most recently used last: checkout pops the warmest connection.
     idle: Vec<Entry<C>>,
+    /// Per-database controls and counts of the admin console ([`control`]).
+    control: control::PoolControl,
 }
 
 struct GroupState<C: Send + 'static> {
@@ -158,6 +163,7 @@ impl<C: Send + 'static> State<C> {
             active: 0,
             connecting: 0,
             idle: Vec::new(),
+            control: Default::default(),
         });
         PoolId(self.pools.len() - 1)
     }
@@ -209,7 +215,7 @@ impl<C: Send + 'static> State<C> {
         {
             return None;
         }
-        if self.paused || self.active >= self.limits.budget {
+        if self.paused || ps.control.paused || self.active >= self.limits.budget {
             return None;
         }
         let within_reservation = gs.active < gs.limits.reserved;
@@ -452,6 +458,7 @@ impl<C: Send + 'static> State<C> {
                     gs.metrics.wait.record(waited.as_secs_f64());
                     gs.wait_time += waited;
                     gs.waits[wait_bucket(waited)] += 1;
+                    self.pools[pool].control.wait_time += waited;
                     let lease = self.grant(shared, g, pool, src, now);
                     grants.push((w.tx, Ok(lease)));
                     if !self.groups[g].waiters.is_empty() {
@@ -513,10 +520,25 @@ impl<C: Send + 'static> State<C> {
             gs.transaction_time += held;
             self.active -= 1;
             self.pools[p].active -= 1;
+            self.pools[p].control.transactions += 1;
+            self.pools[p].control.transaction_time += held;
             // While connections are being opened capacity is still growing: the release rate
             // would understate it.
             self.shedder.on_release(now, self.connecting == 0);
         }
+        let entry = match entry {
+            // Opened before a RECONNECT: closed rather than pooled again.
+            Some(e) if self.pools[p].control.opened_before_reconnect(&e) => {
+                let c = &mut self.pools[p].control;
+                c.old_lent = c.old_lent.saturating_sub(1);
+                crate::metrics::server_closed("reconnect");
+                self.dead.push(e.conn);
+                self.total -= 1;
+                self.pools[p].total -= 1;
+                return;
+            }
+            other => other,
+        };
         match entry {
             // Over budget after a RELOAD lowered it: close instead of keeping it.
             Some(mut e) if reuse && !self.closed && self.total <= self.limits.budget => {

@@ -346,6 +346,11 @@ async fn wait_idle(conn: &mut ClientConn, slot: &clients::ClientSlot) -> Result<
             "terminating connection because Sluice is shutting down",
         )
         .into()),
+        Some(clients::Kick::Killed) => Err(PgError::fatal(
+            sqlstate::ADMIN_SHUTDOWN,
+            "terminating connection due to administrator command (KILL of its database on Sluice's admin console)",
+        )
+        .into()),
     }
 }
 

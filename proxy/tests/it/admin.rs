@@ -203,7 +203,13 @@ async fn readyz_follows_real_logins() {
     h.stop().await;
 }
 
-fn psql(pg: &PgServer, port: u16, user: &str, password: &str, sql: &str) -> (bool, String) {
+pub(crate) fn psql(
+    pg: &PgServer,
+    port: u16,
+    user: &str,
+    password: &str,
+    sql: &str,
+) -> (bool, String) {
     let out = Command::new(pg.bin("psql"))
         .args([
             "-h",
@@ -263,7 +269,12 @@ async fn admin_console_answers_psql_and_refuses_others() {
         ("SHOW POOLS", "database|user|cl_active|cl_waiting|cl_idle|sv_active|sv_idle|sv_login|pool_size|pool_mode"),
         ("SHOW CLIENTS", "type|user|database|state|addr|port|connect_time|pid|application_name|server_pid|tls"),
         ("SHOW SERVERS", "type|user|database|state|addr|port|connect_time|remote_pid|tls"),
-        ("SHOW STATS", "group|total_xact_count|total_xact_time|total_wait_time|total_rejected|avg_xact_time|avg_wait_time"),
+        ("SHOW STATS", "database|total_xact_count|total_xact_time|total_wait_time|avg_xact_time|avg_wait_time"),
+        ("SHOW GROUP_STATS", "group|total_xact_count|total_xact_time|total_wait_time|total_rejected|avg_xact_time|avg_wait_time"),
+        ("SHOW DATABASES", "name|host|port|database|pool_size|min_pool_size|pool_mode|current_connections|paused|disabled"),
+        ("SHOW USERS", "name|current_connections|current_client_connections|admin"),
+        ("SHOW LISTS", "list|items"),
+        ("SHOW VERSION", "version"),
         ("SHOW CONFIG", "key|value"),
         ("SHOW GROUPS", "group|active|waiting|max_connections|reserved_connections"),
     ] {

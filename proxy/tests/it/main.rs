@@ -6,6 +6,7 @@
 mod admin;
 mod backpressure;
 mod certs;
+mod console;
 mod core;
 mod drivers;
 mod encodings;
