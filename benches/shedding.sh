@@ -53,7 +53,7 @@ EOF
 }
 
 CMDLINE="bash benches/shedding.sh${*:+ $*}"
-for v in SLUICE_SHED_INTERVAL SLUICE_SHED_TARGET SLUICE_WAIT_TIMEOUT; do
+for v in SLUICE_SHED_INTERVAL SLUICE_SHED_TARGET SLUICE_WAIT_TIMEOUT SLUICE_LOADTEST_IGNORE_RETRY_HINT; do
     [[ -z ${!v:-} ]] || CMDLINE="$v=${!v} $CMDLINE"
 done
 DURATION=30 WORKERS=200 RATE=800 SCENARIOS=closed,open OUT='' BIN_DIR=''
@@ -451,7 +451,7 @@ run_scenario() {
             jq -r --arg run "$label" '
                 def kv: to_entries | map("\(.key): \(.value)") | join(", ") | if . == "" then "0" else . end;
                 def ms: if . >= 100 then (. | round | tostring) else ((. * 10 | round) / 10 | tostring) end;
-                "| \($run) | \(.counts.invocations // 0) | \(.counts.succeeded // 0) | \(.counts.failed // 0)\(if (.counts.failed // 0) > 0 then " (" + (.counts.by_error | kv) + ")" else "" end) | \(.counts.retries // 0)\(if (.counts.retries // 0) > 0 then " (" + (.counts.retries_by_error | kv) + ")" else "" end) | \((.throughput // 0) | round) | \(.latency_ms.p50 // 0 | ms) / \(.latency_ms.p90 // 0 | ms) / \(.latency_ms.p99 // 0 | ms) / \(.latency_ms.max // 0 | ms) | \(if .verification then "\(.verification.lost) / \(.verification.duplicated) of \(.verification.checked)" else "not checked (no writes)" end) |"' "$f"
+                "| \($run) | \(.counts.invocations // 0) | \(.counts.succeeded // 0) | \(.counts.failed // 0)\(if (.counts.failed // 0) > 0 then " (" + (.counts.by_error | kv) + ")" else "" end) | \(.counts.retries // 0)\(if (.counts.retries // 0) > 0 then " (" + (.counts.retries_by_error | kv) + "; \(.counts.retries_hinted // 0) waited the hinted delay)" else "" end) | \((.throughput // 0) | round) | \(.latency_ms.p50 // 0 | ms) / \(.latency_ms.p90 // 0 | ms) / \(.latency_ms.p99 // 0 | ms) / \(.latency_ms.max // 0 | ms) | \(if .verification then "\(.verification.lost) / \(.verification.duplicated) of \(.verification.checked)" else "not checked (no writes)" end) |"' "$f"
         done
         echo
         local ex

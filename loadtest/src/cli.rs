@@ -183,6 +183,14 @@ pub struct Cli {
     /// Retry tokens refilled per second [default: budget / 10]
     #[arg(long, env = "SLUICE_LOADTEST_RETRY_REFILL", help_heading = "Functions")]
     pub retry_refill: Option<f64>,
+    /// Retry after the backoff only, ignoring the retry delay in an error's HINT (by default a
+    /// retry waits at least that long, plus jitter)
+    #[arg(
+        long,
+        env = "SLUICE_LOADTEST_IGNORE_RETRY_HINT",
+        help_heading = "Functions"
+    )]
+    pub ignore_retry_hint: bool,
 
     /// What each invocation runs
     #[arg(
@@ -350,6 +358,7 @@ impl Cli {
                 base: self.backoff_base,
                 cap: self.backoff_cap,
                 budget,
+                honour_hint: !self.ignore_retry_hint,
             },
             invocation_timeout: self.timeout,
             max_concurrency: self.max_concurrency,

@@ -154,6 +154,8 @@ pub struct RetryPolicy {
     pub cap: Duration,
     /// Optional shared token bucket; each retry takes one token.
     pub budget: Option<RetryBudget>,
+    /// Whether a retry waits at least the delay the error's HINT suggests (Sluice's).
+    pub honour_hint: bool,
 }
 
 impl Default for RetryPolicy {
@@ -163,6 +165,7 @@ impl Default for RetryPolicy {
             base: Duration::from_millis(50),
             cap: Duration::from_secs(2),
             budget: None,
+            honour_hint: true,
         }
     }
 }

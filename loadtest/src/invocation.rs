@@ -20,7 +20,7 @@ use tokio_postgres::{Client, Config};
 use crate::config::{Model, RetryPolicy};
 use crate::db::connect;
 use crate::recorder::{Outcome, Recorder};
-use crate::retry::{backoff, classify, ErrorClass, TokenBucket};
+use crate::retry::{backoff, classify, retry_wait, ErrorClass, TokenBucket};
 use crate::workload::{self, AttemptError, Op, WorkContext};
 
 /// A simulated function container.
@@ -216,12 +216,15 @@ async fn attempts(
             }
         }
         shared.recorder.retried(&class.key, &class.detail);
-        let wait = backoff(
-            attempt,
-            shared.retry.base,
-            shared.retry.cap,
-            &mut rand::rng(),
-        );
+        let hinted = class.retry_after.filter(|_| shared.retry.honour_hint);
+        if hinted.is_some() {
+            shared.recorder.retry_hinted();
+        }
+        let wait = {
+            let mut rng = rand::rng();
+            let wait = backoff(attempt, shared.retry.base, shared.retry.cap, &mut rng);
+            retry_wait(wait, hinted, &mut rng)
+        };
         tokio::time::sleep(wait).await;
         attempt += 1;
     }

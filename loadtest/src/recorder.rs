@@ -105,6 +105,10 @@ impl Recorder {
         self.lock().counts.retries_denied += 1;
     }
 
+    pub fn retry_hinted(&self) {
+        self.lock().counts.retries_hinted += 1;
+    }
+
     /// Record the end of an invocation that was intended to start at
     /// `intended`; `write_seq` is set for write invocations.
     pub fn finished(&self, intended: Instant, outcome: Outcome, write_seq: Option<u64>) {

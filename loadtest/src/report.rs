@@ -80,6 +80,9 @@ pub struct Counts {
     pub retries: u64,
     /// Retries wanted but refused by the retry token bucket.
     pub retries_denied: u64,
+    /// Retries that waited for the delay the error's HINT suggested.
+    #[serde(default)]
+    pub retries_hinted: u64,
     /// Final failure reason (SQLSTATE or reason) -> invocations.
     pub by_error: BTreeMap<String, u64>,
     /// Error that caused a retry -> retries.

@@ -27,6 +27,9 @@ pub struct ErrorClass {
     pub retryable: bool,
     /// Human-readable detail (first seen is kept for the report).
     pub detail: String,
+    /// The delay the server's HINT asks a retry to wait at least (Sluice's `Retry after about
+    /// N ms`).
+    pub retry_after: Option<Duration>,
 }
 
 impl ErrorClass {
@@ -35,7 +38,28 @@ impl ErrorClass {
             key: key.to_string(),
             retryable,
             detail: detail.into(),
+            retry_after: None,
         }
+    }
+}
+
+/// The retry delay in a HINT like Sluice's `Retry after about 250 ms, with backoff.`.
+pub fn hinted_delay(hint: &str) -> Option<Duration> {
+    let rest = hint.split("etry after about ").nth(1)?;
+    let ms: u64 = rest.split(" ms").next()?.trim().parse().ok()?;
+    Some(Duration::from_millis(ms))
+}
+
+/// The wait before a retry: the exponential backoff, and when the server hinted a delay, at
+/// least that delay plus up to as much again (full jitter above the floor, so the functions
+/// that were refused together do not come back together).
+pub fn retry_wait(backoff: Duration, hinted: Option<Duration>, rng: &mut impl Rng) -> Duration {
+    match hinted {
+        Some(h) if !h.is_zero() => {
+            let nanos = h.as_nanos().min(u128::from(u64::MAX)) as u64;
+            backoff.max(h + Duration::from_nanos(rng.random_range(0..=nanos)))
+        }
+        _ => backoff,
     }
 }
 
@@ -52,7 +76,9 @@ pub fn sqlstate_retryable(code: &str) -> bool {
 pub fn classify(err: &tokio_postgres::Error) -> ErrorClass {
     if let Some(db) = err.as_db_error() {
         let code = db.code().code();
-        return ErrorClass::new(code, sqlstate_retryable(code), db.message());
+        let mut class = ErrorClass::new(code, sqlstate_retryable(code), db.message());
+        class.retry_after = db.hint().and_then(hinted_delay);
+        return class;
     }
     if err.is_closed() {
         return ErrorClass::new("connection_closed", true, err.to_string());
@@ -175,6 +201,33 @@ impl TokenBucket {
 mod tests {
     use super::*;
     use rand::SeedableRng;
+
+    #[test]
+    fn a_hinted_delay_is_waited_at_least_with_jitter_above_it() {
+        assert_eq!(
+            hinted_delay("Retry after about 250 ms, with backoff."),
+            Some(Duration::from_millis(250))
+        );
+        assert_eq!(hinted_delay("Retry after about soon"), None);
+        assert_eq!(hinted_delay("check the connection"), None);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let hint = Duration::from_millis(250);
+        let (mut min, mut max) = (Duration::MAX, Duration::ZERO);
+        for _ in 0..2000 {
+            let w = retry_wait(Duration::from_millis(10), Some(hint), &mut rng);
+            min = min.min(w);
+            max = max.max(w);
+        }
+        assert!(min >= hint && max <= hint * 2, "{min:?}..{max:?}");
+        assert!(
+            max > hint.mul_f64(1.9) && min < hint.mul_f64(1.1),
+            "spread: {min:?}..{max:?}"
+        );
+        // A longer backoff wins; no hint: the backoff alone.
+        let long = Duration::from_secs(3);
+        assert_eq!(retry_wait(long, Some(hint), &mut rng), long);
+        assert_eq!(retry_wait(hint, None, &mut rng), hint);
+    }
 
     #[test]
     fn backoff_stays_within_full_jitter_bounds() {

@@ -26,6 +26,13 @@ pub fn render(r: &Report) -> String {
         r.error_rate() * 100.0
     );
     let _ = writeln!(s, "  retries     {:>10}", c.retries);
+    if c.retries_hinted > 0 {
+        let _ = writeln!(
+            s,
+            "  hinted      {:>10}  (retries that waited the delay the error's HINT asked for)",
+            c.retries_hinted
+        );
+    }
     if c.retries_denied > 0 {
         let _ = writeln!(
             s,

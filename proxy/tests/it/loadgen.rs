@@ -144,3 +144,47 @@ async fn cold_burst_direct_and_through_sluice() {
         "every invocation through Sluice succeeds"
     );
 }
+
+/// Shed requests carry a retry delay in their HINT; the load generator's retries wait at least
+/// that long (counted as hinted), unless told to ignore it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_honour_the_hinted_delay() {
+    let (pg, _) = server();
+    // One connection and room for one waiter: a burst is mostly shed with queue_full.
+    let sluice = start_sluice(&pg, "lt", "lt-pw", "ltdb", 1, 1, |c| c.max_waiting = 1).await;
+    let burst = |honour_hint: bool| {
+        let mut opts = RunOptions::new(proxy_url(&sluice))
+            .with_profile(Profile::Burst {
+                size: 40,
+                window: Duration::from_millis(50),
+                bursts: 1,
+                interval: Duration::from_millis(100),
+            })
+            .with_model(Model::Warm {
+                prewarm: 40,
+                max_uses: 0,
+            })
+            .with_workload(Workload::Slow {
+                sleep: Duration::from_millis(20),
+            });
+        opts.retry.max_attempts = 3;
+        opts.retry.honour_hint = honour_hint;
+        opts.progress = false;
+        opts
+    };
+    let honoured = run(&burst(true)).await.expect("run");
+    let c = &honoured.counts;
+    assert!(
+        c.retries > 0,
+        "a burst of 40 on one connection is shed: {c:?}"
+    );
+    assert!(c.by_error.keys().all(|k| k == "53300"), "{c:?}");
+    assert_eq!(
+        c.retries_hinted, c.retries,
+        "every shed request had a hint: {c:?}"
+    );
+    let ignored = run(&burst(false)).await.expect("run");
+    let c = &ignored.counts;
+    assert!(c.retries > 0, "{c:?}");
+    assert_eq!(c.retries_hinted, 0, "{c:?}");
+}
