@@ -193,6 +193,7 @@ pub fn server_gauges(ctx: &Context) {
     g.servers_active.set(f64::from(active));
     g.servers_idle.set(f64::from(idle));
     g.servers_connecting.set(f64::from(connecting));
+    ctx.pools.set_oldest_wait_gauges();
     let (tls, plain) = ctx.servers.tls_counts();
     g.servers_tls.set(tls as f64);
     g.servers_plain.set(plain as f64);

@@ -21,6 +21,7 @@ pub const CLIENT_AUTH_FAILURES: &str = "sluice_client_auth_failures_total";
 pub const QUERIES_REJECTED: &str = "sluice_queries_rejected_total";
 pub const POOL_WAIT: &str = "sluice_pool_wait_seconds";
 pub const POOL_WAITING: &str = "sluice_pool_waiting_clients";
+pub const POOL_OLDEST_WAIT: &str = "sluice_pool_oldest_wait_seconds";
 pub const SERVER_CONNECTIONS: &str = "sluice_server_connections";
 pub const SERVER_BUDGET: &str = "sluice_server_connections_budget";
 pub const SERVER_CONNECTS: &str = "sluice_server_connects_total";
@@ -157,6 +158,11 @@ pub fn describe() {
         "Clients waiting for a server connection, by group"
     );
     describe_gauge!(
+        POOL_OLDEST_WAIT,
+        Unit::Seconds,
+        "How long the longest-waiting client of the group has waited so far (0: none waits)"
+    );
+    describe_gauge!(
         SERVER_CONNECTIONS,
         "Server connections by state (active, idle, connecting)"
     );
@@ -238,6 +244,7 @@ pub fn group_label(name: &str) -> String {
 pub struct GroupMetrics {
     pub wait: Histogram,
     pub waiting: Gauge,
+    pub oldest_wait: Gauge,
     pub transactions: Counter,
     pub transaction_time: Histogram,
     label: String,
@@ -252,6 +259,7 @@ impl GroupMetrics {
         GroupMetrics {
             wait: histogram!(POOL_WAIT, "group" => label.clone()),
             waiting: gauge!(POOL_WAITING, "group" => label.clone()),
+            oldest_wait: gauge!(POOL_OLDEST_WAIT, "group" => label.clone()),
             transactions: counter!(TRANSACTIONS, "group" => label.clone()),
             transaction_time: histogram!(TRANSACTION_TIME, "group" => label.clone()),
             label,

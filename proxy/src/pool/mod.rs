@@ -393,6 +393,14 @@ impl<C: Send + 'static> Pools<C> {
         self.shared.state.lock().has_database(database)
     }
 
+    /// Brings each group's `sluice_pool_oldest_wait_seconds` up to date.
+    pub fn set_oldest_wait_gauges(&self) {
+        self.shared
+            .state
+            .lock()
+            .set_oldest_wait_gauges(Instant::now());
+    }
+
     pub fn database_stats(&self) -> Vec<DatabaseStats> {
         self.shared.state.lock().database_stats()
     }

@@ -475,3 +475,25 @@ async fn sigterm_turns_readyz_off_before_clients_are_refused() {
     );
     assert!(query(url).await.is_err(), "refused once stopped");
 }
+
+/// `sluice_pool_oldest_wait_seconds`: how long the group's longest-waiting client has waited so
+/// far (RDS Proxy's largest queueing delay), read at the scrape; 0 once nobody waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_oldest_wait_is_exported_while_it_lasts() {
+    let pg = server("oldw_u");
+    let h = start_sluice(&pg, "oldw_u", "pw", "obs", 1, 1, |_| {}).await;
+    let holder = connect(&h, "oldw_u", "pw", "obs").await.expect("holder");
+    holder.simple_query("BEGIN").await.expect("BEGIN");
+    let waiter = connect(&h, "oldw_u", "pw", "obs").await.expect("waiter");
+    let waiting = tokio::spawn(async move { waiter.simple_query("SELECT 1").await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let series = r#"sluice_pool_oldest_wait_seconds{group="oldw_u"}"#;
+    let (_, body) = tokio::task::block_in_place(|| http_get(h.admin_addr, "/metrics"));
+    let oldest = metric(&body, series);
+    assert!(oldest >= 0.6, "{series} = {oldest}: {body}");
+    holder.simple_query("COMMIT").await.expect("COMMIT");
+    waiting.await.expect("join").expect("served");
+    let (_, body) = tokio::task::block_in_place(|| http_get(h.admin_addr, "/metrics"));
+    assert!(body.contains(&format!("{series} 0\n")), "{body}");
+    h.stop().await;
+}

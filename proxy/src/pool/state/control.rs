@@ -96,6 +96,17 @@ impl<C: Send + 'static> State<C> {
             .sum()
     }
 
+    /// Sets each group's gauge of its longest wait so far (a scrape, the housekeeping).
+    pub fn set_oldest_wait_gauges(&self, now: Instant) {
+        for g in &self.groups {
+            let oldest = g
+                .waiters
+                .front()
+                .map_or(Duration::ZERO, |w| now.saturating_duration_since(w.since));
+            g.metrics.oldest_wait.set(oldest.as_secs_f64());
+        }
+    }
+
     pub fn database_stats(&self) -> Vec<DatabaseStats> {
         let mut out: Vec<DatabaseStats> = Vec::new();
         for ps in &self.pools {
