@@ -729,6 +729,16 @@ impl Config {
             .unwrap_or(self.min_pool_size)
     }
 
+    /// The (database, user) Sluice logs in as for its own purposes (the server's limit,
+    /// readiness): the first configured of each.
+    pub fn first_login(&self) -> Option<(String, String)> {
+        self.databases
+            .keys()
+            .next()
+            .cloned()
+            .zip(self.users.keys().next().cloned())
+    }
+
     /// The database name on the server for a client-facing name.
     pub fn server_dbname<'a>(&'a self, db: &'a str) -> &'a str {
         self.databases

@@ -287,13 +287,7 @@ async fn budget_from_server(
     passwords: &HashMap<String, Arc<server::ServerPassword>>,
 ) -> Result<LimitsDue, StartError> {
     let derive = cfg.max_server_connections == 0;
-    let Some((db, user)) = cfg
-        .databases
-        .keys()
-        .next()
-        .cloned()
-        .zip(cfg.users.keys().next().cloned())
-    else {
+    let Some((db, user)) = cfg.first_login() else {
         if derive {
             return Err(StartError::Budget(
                 "0 derives it from the server, which needs a database and a user to log in with"

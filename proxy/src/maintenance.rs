@@ -35,13 +35,7 @@ pub async fn run(ctx: Arc<Context>, status: Arc<crate::status::Status>) {
         )
         .await;
         ready.upstream_ok.store(up, Ordering::Relaxed);
-        let first = cfg
-            .databases
-            .keys()
-            .next()
-            .cloned()
-            .zip(cfg.users.keys().next().cloned());
-        if let Some((database, user)) = ready.stale(first) {
+        if let Some((database, user)) = ready.stale(cfg.first_login()) {
             if !logging_in.swap(true, Ordering::AcqRel) {
                 let (ctx, logging_in) = (ctx.clone(), logging_in.clone());
                 tokio::spawn(async move {
@@ -97,13 +91,7 @@ const LIMITS_RETRY_TICKS: u64 = 3;
 /// (`max_server_connections = 0`) or checks the configured one against it.
 async fn server_limits(ctx: &Context) {
     let cfg = ctx.config();
-    let Some((database, user)) = cfg
-        .databases
-        .keys()
-        .next()
-        .cloned()
-        .zip(cfg.users.keys().next().cloned())
-    else {
+    let Some((database, user)) = cfg.first_login() else {
         return;
     };
     let connector = ctx.tls().connector;

@@ -249,15 +249,7 @@ async fn admin_console_answers_psql_and_refuses_others() {
         std::fs::write(&path, toml).expect("write config");
     };
     write_config(3);
-    let flags = sluice::config::Overrides {
-        listen: Some("127.0.0.1:0".parse().expect("addr")),
-        admin_listen: Some("127.0.0.1:0".parse().expect("addr")),
-        ..Default::default()
-    };
-    let cfg = sluice::config::Config::load(Some(&path), &flags).expect("config");
-    let h = sluice::start_from(cfg, Some(path.clone()), flags)
-        .await
-        .expect("start");
+    let h = crate::proxy::start_from_file(&path).await;
     let port = h.local_addr.port();
     let app = connect(&h, "console_u", "pw", "obs")
         .await

@@ -9,7 +9,7 @@ use tokio_postgres::Client;
 
 use crate::admin::psql;
 use crate::pg::PgOptions;
-use crate::proxy::connect;
+use crate::proxy::{connect, start_from_file};
 use crate::support::{pg_with_user, within};
 
 async fn backend_pid(c: &Client) -> i32 {
@@ -47,15 +47,7 @@ async fn console_commands_work_as_in_pgbouncer() {
         ),
     )
     .expect("write config");
-    let flags = sluice::config::Overrides {
-        listen: Some("127.0.0.1:0".parse().expect("addr")),
-        admin_listen: Some("127.0.0.1:0".parse().expect("addr")),
-        ..Default::default()
-    };
-    let cfg = sluice::config::Config::load(Some(&path), &flags).expect("config");
-    let h = sluice::start_from(cfg, Some(path.clone()), flags)
-        .await
-        .expect("start");
+    let h = start_from_file(&path).await;
     let port = h.local_addr.port();
     let admin = |sql: &str| tokio::task::block_in_place(|| psql(&pg, port, "ops", "ops-pw", sql));
     let must = |sql: &str| {

@@ -9,14 +9,9 @@ use std::time::{Duration, Instant};
 use crate::support::process::signal;
 
 fn sluice() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_sluice"));
-    c.env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("SLUICE_UPSTREAM", "postgres://app:pw@127.0.0.1:9/appdb")
-        .env("SLUICE_LISTEN", "127.0.0.1:0")
-        .env("SLUICE_ADMIN_LISTEN", "127.0.0.1:0")
+    let mut c = crate::support::process::command();
+    c.env("SLUICE_UPSTREAM", "postgres://app:pw@127.0.0.1:9/appdb")
         .env("SLUICE_MAX_SERVER_CONNECTIONS", "4")
-        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     c

@@ -44,6 +44,20 @@ pub async fn start_sluice(
     sluice::start(cfg).await.expect("sluice starts")
 }
 
+/// Sluice started from the configuration file `path` (as `--config` would), both ports on
+/// loopback; RELOAD and SIGHUP re-read the file.
+pub async fn start_from_file(path: &std::path::Path) -> sluice::Handle {
+    let flags = sluice::config::Overrides {
+        listen: Some("127.0.0.1:0".parse().expect("addr")),
+        admin_listen: Some("127.0.0.1:0".parse().expect("addr")),
+        ..Default::default()
+    };
+    let cfg = Config::load(Some(path), &flags).expect("config");
+    sluice::start_from(cfg, Some(path.to_path_buf()), flags)
+        .await
+        .expect("sluice starts")
+}
+
 /// A tokio-postgres client connected through Sluice; its connection task runs in the background.
 pub async fn connect(
     handle: &sluice::Handle,

@@ -16,22 +16,29 @@ pub struct SluiceProcess {
     pub log: Receiver<String>,
 }
 
+/// The `sluice` binary with a clean environment (PATH only), both ports on loopback (any free
+/// port) and no stdin.
+pub fn command() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("SLUICE_LISTEN", "127.0.0.1:0")
+        .env("SLUICE_ADMIN_LISTEN", "127.0.0.1:0")
+        .stdin(Stdio::null());
+    cmd
+}
+
 impl SluiceProcess {
     /// Starts the binary with a clean environment, `SLUICE_*` settings from `env`, both ports on
     /// loopback (any free port), and waits for it to listen.
     pub fn spawn(env: &[(&str, &str)]) -> SluiceProcess {
         use std::io::BufRead;
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
-        cmd.env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("SLUICE_LISTEN", "127.0.0.1:0")
-            .env("SLUICE_ADMIN_LISTEN", "127.0.0.1:0")
-            .env("NO_COLOR", "1");
+        let mut cmd = command();
+        cmd.env("NO_COLOR", "1");
         for (k, v) in env {
             cmd.env(k, v);
         }
         let mut child = cmd
-            .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
