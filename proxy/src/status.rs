@@ -24,6 +24,9 @@ const HISTORY: usize = 300;
 const WINDOW: usize = 10;
 /// Groups shown, busiest first (the rest are summed into `other`).
 const MAX_GROUPS: usize = 50;
+/// Groups whose counts a sample keeps, busiest first, so that a flood of application names
+/// cannot make the samples large.
+const MAX_SAMPLED_GROUPS: usize = 500;
 
 /// One second of budget use.
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -45,8 +48,9 @@ pub struct Status {
 #[derive(Default)]
 struct Samples {
     history: VecDeque<Sample>,
-    /// Each group's cumulative counts, one entry a second, oldest first.
-    groups: VecDeque<(Instant, Vec<GroupStats>)>,
+    /// Each group's cumulative counts, one entry a second, oldest first; whether groups were
+    /// left out of it ([`MAX_SAMPLED_GROUPS`]).
+    groups: VecDeque<(Instant, Vec<GroupStats>, bool)>,
 }
 
 impl Default for Status {
@@ -69,7 +73,12 @@ impl Status {
             connecting,
             budget: ctx.config().max_server_connections,
         };
-        let groups = ctx.pools.group_stats();
+        let mut groups = ctx.pools.group_stats();
+        let truncated = groups.len() > MAX_SAMPLED_GROUPS;
+        if truncated {
+            groups.sort_by_key(|g| std::cmp::Reverse(g.transactions + g.rejected));
+            groups.truncate(MAX_SAMPLED_GROUPS);
+        }
         let mut inner = self.inner.lock();
         if inner.history.len() == HISTORY {
             inner.history.pop_front();
@@ -78,7 +87,7 @@ impl Status {
         if inner.groups.len() > WINDOW {
             inner.groups.pop_front();
         }
-        inner.groups.push_back((Instant::now(), groups));
+        inner.groups.push_back((Instant::now(), groups, truncated));
     }
 
     /// The document `GET /status` answers.
@@ -89,12 +98,20 @@ impl Status {
         let inner = self.inner.lock();
         let history: Vec<Sample> = inner.history.iter().copied().collect();
         let then = inner.groups.front();
-        let seconds = then.map(|(at, _)| at.elapsed().as_secs_f64());
+        let seconds = then.map(|(at, _, _)| at.elapsed().as_secs_f64());
         let mut groups: Vec<GroupReport> = now
             .iter()
             .map(|g| {
-                let before = then.and_then(|(_, gs)| gs.iter().find(|b| b.name == g.name));
-                group_report(g, before, seconds)
+                let before = then.map(|(_, gs, truncated)| {
+                    match gs.iter().find(|b| b.name == g.name) {
+                        Some(b) => Before::Sampled(b),
+                        // Left out of a full sample: its rate is unknown.
+                        None if *truncated => Before::Unknown,
+                        // Created since.
+                        None => Before::New,
+                    }
+                });
+                group_report(g, before.unwrap_or(Before::Unknown), seconds)
             })
             .collect();
         drop(inner);
@@ -173,7 +190,21 @@ fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn group_report(g: &GroupStats, before: Option<&GroupStats>, seconds: Option<f64>) -> GroupReport {
+/// A group's counts at the start of the window.
+enum Before<'a> {
+    Sampled(&'a GroupStats),
+    /// The group did not exist yet: its counts started at 0.
+    New,
+    Unknown,
+}
+
+fn group_report(g: &GroupStats, before: Before<'_>, seconds: Option<f64>) -> GroupReport {
+    let known = !matches!(before, Before::Unknown);
+    let seconds = seconds.filter(|_| known);
+    let before = match before {
+        Before::Sampled(b) => Some(b),
+        Before::New | Before::Unknown => None,
+    };
     let rate = |now: u64, then: u64| {
         seconds
             .filter(|s| *s >= 0.5)
@@ -196,8 +227,9 @@ fn group_report(g: &GroupStats, before: Option<&GroupStats>, seconds: Option<f64
         transactions: g.transactions,
         tps: rate(g.transactions, before.map_or(0, |b| b.transactions)),
         rejections_per_second: rate(g.rejected, before.map_or(0, |b| b.rejected)),
-        wait_p50_ms: quantile(&recent, 0.5),
-        wait_p99_ms: quantile(&recent, 0.99),
+        oldest_wait_ms: g.oldest_wait.as_millis() as u64,
+        wait_p50_ms: quantile(&recent, 0.5).filter(|_| known),
+        wait_p99_ms: quantile(&recent, 0.99).filter(|_| known),
         rejected: Reason::ALL
             .iter()
             .zip(g.rejected_by)
@@ -237,6 +269,7 @@ fn sum_groups(rest: Vec<GroupReport>) -> GroupReport {
         transactions: 0,
         tps: None,
         rejections_per_second: None,
+        oldest_wait_ms: 0,
         wait_p50_ms: None,
         wait_p99_ms: None,
         rejected: Reason::ALL.iter().map(|r| (r.as_str(), 0)).collect(),
@@ -244,6 +277,7 @@ fn sum_groups(rest: Vec<GroupReport>) -> GroupReport {
     for g in rest {
         other.active += g.active;
         other.waiting += g.waiting;
+        other.oldest_wait_ms = other.oldest_wait_ms.max(g.oldest_wait_ms);
         other.transactions += g.transactions;
         other.tps = add(other.tps, g.tps);
         other.rejections_per_second = add(other.rejections_per_second, g.rejections_per_second);
@@ -307,6 +341,8 @@ pub struct GroupReport {
     pub transactions: u64,
     pub tps: Option<f64>,
     pub rejections_per_second: Option<f64>,
+    /// How long the longest-waiting client has waited so far.
+    pub oldest_wait_ms: u64,
     pub wait_p50_ms: Option<u64>,
     pub wait_p99_ms: Option<u64>,
     /// Since start-up, by reason.
@@ -331,6 +367,36 @@ pub struct ServerConnects {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn stats(name: &str, transactions: u64) -> GroupStats {
+        GroupStats {
+            name: name.into(),
+            active: 0,
+            waiting: 0,
+            max_connections: None,
+            reserved: 0,
+            transactions,
+            transaction_time: std::time::Duration::ZERO,
+            wait_time: std::time::Duration::ZERO,
+            rejected: 0,
+            rejected_by: Default::default(),
+            waits: Default::default(),
+            oldest_wait: std::time::Duration::ZERO,
+        }
+    }
+
+    #[test]
+    fn a_rate_needs_the_group_at_the_start_of_the_window() {
+        let now = stats("g", 150);
+        let then = stats("g", 50);
+        let sampled = group_report(&now, Before::Sampled(&then), Some(10.0));
+        assert_eq!(sampled.tps, Some(10.0));
+        // Created within the window: counted from 0.
+        assert_eq!(group_report(&now, Before::New, Some(10.0)).tps, Some(15.0));
+        // Left out of a full sample: unknown, not "everything since start-up in 10 s".
+        let unknown = group_report(&now, Before::Unknown, Some(10.0));
+        assert_eq!((unknown.tps, unknown.wait_p50_ms), (None, None));
+    }
 
     #[test]
     fn quantiles_are_bucket_bounds() {

@@ -139,6 +139,8 @@ pub struct GroupStats {
     pub rejected_by: [u64; Reason::ALL.len()],
     /// Waits for a connection by bucket ([`wait_bucket`]).
     pub waits: [u64; WAIT_BUCKETS],
+    /// How long the longest-waiting client has waited so far (zero when none waits).
+    pub oldest_wait: Duration,
 }
 
 /// Wait buckets: index 0 counts grants with no wait, index `i` waits up to

@@ -681,6 +681,7 @@ impl<C: Send + 'static> State<C> {
     }
 
     pub fn group_stats(&self) -> Vec<GroupStats> {
+        let now = Instant::now();
         self.groups
             .iter()
             .map(|g| GroupStats {
@@ -695,6 +696,10 @@ impl<C: Send + 'static> State<C> {
                 rejected: g.rejected,
                 rejected_by: g.rejected_by,
                 waits: g.waits,
+                oldest_wait: g
+                    .waiters
+                    .front()
+                    .map_or(Duration::ZERO, |w| now.saturating_duration_since(w.since)),
             })
             .collect()
     }

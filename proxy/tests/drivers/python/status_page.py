@@ -97,6 +97,7 @@ def check_shown(seen):
         for field, value in [
             ("active", num(g["active"])),
             ("waiting", num(g["waiting"])),
+            ("oldest", f"{g['oldest_wait_ms']} ms"),
             ("p50", wait(g["wait_p50_ms"])),
             ("p99", wait(g["wait_p99_ms"])),
         ]:
