@@ -270,6 +270,15 @@ impl ClientRegistry {
         }
     }
 
+    /// Clients by state, indexed by [`ClientState`] (`state as usize`).
+    pub fn state_counts(&self) -> [usize; 3] {
+        let mut counts = [0; 3];
+        for (_, slot) in self.clients.lock().values() {
+            counts[slot.state() as usize] += 1;
+        }
+        counts
+    }
+
     /// A snapshot of every client: (process id, slot).
     pub fn snapshot(&self) -> Vec<(i32, Arc<ClientSlot>)> {
         let mut v: Vec<_> = self

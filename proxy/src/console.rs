@@ -252,14 +252,7 @@ async fn control(ctx: &Arc<Context>, command: &str, db: Option<&str>) -> Result<
 fn shutdown(ctx: &Arc<Context>) {
     let ctx = ctx.clone();
     tracing::info!("SHUTDOWN from the admin console");
-    tokio::spawn(async move {
-        let grace = ctx.config().shutdown_grace;
-        ctx.ready
-            .draining
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-        tokio::time::sleep(grace).await;
-        ctx.shutdown.cancel();
-    });
+    tokio::spawn(async move { ctx.shut_down(std::future::pending()).await });
 }
 
 fn database_stats(ctx: &Context) -> Table {
@@ -364,25 +357,18 @@ fn users(ctx: &Context) -> Table {
 fn lists(ctx: &Context) -> Table {
     let cfg = ctx.config();
     let pools = ctx.pools.pool_stats();
-    let clients = ctx.clients.snapshot();
-    let sum = |f: fn(&crate::pool::PoolStats) -> u32| pools.iter().map(f).sum::<u32>();
-    let waiting = clients
-        .iter()
-        .filter(|(_, c)| c.state() == ClientState::Waiting)
-        .count();
+    let clients = ctx.clients.state_counts();
+    let (used, free, login) = ctx.pools.server_counts();
     let rows = [
         ("databases", cfg.databases.len()),
         ("users", cfg.users.len()),
         ("pools", pools.len()),
         ("groups", ctx.pools.group_stats().len()),
-        ("used_clients", clients.len()),
-        ("waiting_clients", waiting),
-        ("free_servers", sum(|p| p.idle) as usize),
-        (
-            "used_servers",
-            sum(|p| p.active.saturating_sub(p.connecting)) as usize,
-        ),
-        ("login_servers", sum(|p| p.connecting) as usize),
+        ("used_clients", clients.iter().sum()),
+        ("waiting_clients", clients[ClientState::Waiting as usize]),
+        ("free_servers", free as usize),
+        ("used_servers", used as usize),
+        ("login_servers", login as usize),
     ]
     .iter()
     .map(|(k, v)| vec![s(k), s(v)])

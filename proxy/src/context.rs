@@ -154,12 +154,40 @@ impl Context {
     pub fn set_budget(&self, budget: u32) {
         let mut cfg = (*self.config()).clone();
         cfg.max_server_connections = budget;
-        let cfg = Arc::new(cfg);
+        self.apply_limits(&cfg);
+        *self.config.write() = Arc::new(cfg);
+    }
+
+    /// Gives the pools `cfg`'s budget, limits, pool sizes and group settings.
+    fn apply_limits(&self, cfg: &Config) {
         let pool_size = |db: &str, _user: &str| (cfg.pool_size_for(db), cfg.min_pool_size_for(db));
-        let group = |name: &str| group_limits(&cfg, name);
-        self.pools.reconfigure(limits(&cfg), &pool_size, &group);
-        crate::metrics::global().budget.set(f64::from(budget));
-        *self.config.write() = cfg;
+        let group = |name: &str| group_limits(cfg, name);
+        self.pools.reconfigure(limits(cfg), &pool_size, &group);
+        crate::metrics::global()
+            .budget
+            .set(f64::from(cfg.max_server_connections));
+    }
+
+    /// Shuts down as SIGTERM asks: `/readyz` answers 503 for `shutdown_grace` while clients are
+    /// still served (cut short when `cut_short` completes), then Sluice stops accepting and
+    /// drains.
+    pub async fn shut_down(&self, cut_short: impl std::future::Future<Output = ()>) {
+        let grace = self.config().shutdown_grace;
+        if !grace.is_zero() {
+            tracing::info!(
+                grace_ms = grace.as_millis() as u64,
+                "shutting down: /readyz answers 503 for shutdown_grace, clients still served"
+            );
+            self.ready
+                .draining
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            tokio::select! {
+                _ = tokio::time::sleep(grace) => {}
+                _ = cut_short => {}
+            }
+        }
+        tracing::info!("shutting down: draining sessions");
+        self.shutdown.cancel();
     }
 
     /// Re-reads the configuration file (and environment) and the password files, and applies
@@ -182,13 +210,8 @@ impl Context {
         // Certificates are read again: the next client gets the new one, sessions keep theirs.
         let tls = crate::tls::TlsState::load(&cfg)?;
         let server_passwords = ServerPassword::all(&cfg);
+        self.apply_limits(&cfg);
         let cfg = Arc::new(cfg);
-        let pool_size = |db: &str, _user: &str| (cfg.pool_size_for(db), cfg.min_pool_size_for(db));
-        let group = |name: &str| group_limits(&cfg, name);
-        self.pools.reconfigure(limits(&cfg), &pool_size, &group);
-        crate::metrics::global()
-            .budget
-            .set(f64::from(cfg.max_server_connections));
         *self.credentials.write() = Arc::new(credentials);
         *self.server_passwords.write() = server_passwords;
         *self.tls.write() = tls;

@@ -89,29 +89,13 @@ fn main() -> anyhow::Result<()> {
         #[cfg(unix)]
         let hup = signals.hup.take();
         let handle = sluice::start_from(config, path, overrides).await?;
-        let shutdown = handle.shutdown.clone();
         let ctx = handle.context.clone();
         tokio::spawn(async move {
             let mut signals = signals;
             signals.wait().await;
-            let grace = ctx.config().shutdown_grace;
-            if !grace.is_zero() {
-                // Out of the load balancer's rotation first, still serving; a second signal
-                // cuts this short.
-                tracing::info!(
-                    grace_ms = grace.as_millis() as u64,
-                    "shutting down: /readyz answers 503 for shutdown_grace, clients still served"
-                );
-                ctx.ready
-                    .draining
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
-                tokio::select! {
-                    _ = tokio::time::sleep(grace) => {}
-                    _ = signals.wait() => {}
-                }
-            }
-            tracing::info!("shutting down: draining sessions");
-            shutdown.cancel();
+            // Out of the load balancer's rotation first, still serving; a second signal cuts
+            // this short.
+            ctx.shut_down(signals.wait()).await;
         });
         #[cfg(unix)]
         if let Some(hup) = hup {

@@ -171,12 +171,7 @@ async fn fill(
 
 /// Sets the server connection gauges from the pools' state.
 pub fn server_gauges(ctx: &Context) {
-    let (mut active, mut idle, mut connecting) = (0, 0, 0);
-    for p in ctx.pools.pool_stats() {
-        active += p.active.saturating_sub(p.connecting);
-        idle += p.idle;
-        connecting += p.connecting;
-    }
+    let (active, idle, connecting) = ctx.pools.server_counts();
     let g = metrics::global();
     g.servers_active.set(f64::from(active));
     g.servers_idle.set(f64::from(idle));

@@ -14,6 +14,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use parking_lot::Mutex;
 use serde::Serialize;
 
+use crate::clients::ClientState;
 use crate::context::Context;
 use crate::metrics::{self, TALLIES};
 use crate::pool::{GroupStats, Reason, WAIT_BUCKETS, WAIT_BUCKETS_MS};
@@ -65,7 +66,7 @@ impl Default for Status {
 impl Status {
     /// Records this second's budget use and group counts.
     pub fn sample(&self, ctx: &Context) {
-        let (active, idle, connecting) = server_counts(ctx);
+        let (active, idle, connecting) = ctx.pools.server_counts();
         let sample = Sample {
             t: unix_ms(),
             active,
@@ -93,7 +94,7 @@ impl Status {
     /// The document `GET /status` answers.
     pub fn report(&self, ctx: &Context) -> Report {
         let cfg = ctx.config();
-        let (active, idle, connecting) = server_counts(ctx);
+        let (active, idle, connecting) = ctx.pools.server_counts();
         let now = ctx.pools.group_stats();
         let inner = self.inner.lock();
         let history: Vec<Sample> = inner.history.iter().copied().collect();
@@ -125,15 +126,12 @@ impl Status {
             let rest = groups.split_off(MAX_GROUPS - 1);
             groups.push(sum_groups(rest));
         }
-        let clients = ctx.clients.snapshot();
-        let mut client_states = ClientCounts::default();
-        for (_, c) in &clients {
-            match c.state() {
-                crate::clients::ClientState::Active => client_states.active += 1,
-                crate::clients::ClientState::Waiting => client_states.waiting += 1,
-                crate::clients::ClientState::Idle => client_states.idle += 1,
-            }
-        }
+        let counts = ctx.clients.state_counts();
+        let client_states = ClientCounts {
+            active: counts[ClientState::Active as usize] as u32,
+            waiting: counts[ClientState::Waiting as usize] as u32,
+            idle: counts[ClientState::Idle as usize] as u32,
+        };
         let connects = metrics::read_tally(&TALLIES.connects, metrics::CONNECT_RESULTS);
         let pinned_by: Vec<(&str, i64)> =
             metrics::read_tally(&TALLIES.pinned_now, metrics::PIN_REASONS);
@@ -141,7 +139,7 @@ impl Status {
             version: env!("CARGO_PKG_VERSION"),
             uptime_seconds: self.started.elapsed().as_secs(),
             now_ms: unix_ms(),
-            ready: ctx.ready.is_ready(),
+            ready: ctx.ready.ready(),
             draining: ctx.ready.draining.load(Ordering::Relaxed) || ctx.shutdown.is_cancelled(),
             server: format!("{}:{}", cfg.server_host, cfg.server_port),
             budget: Budget {
@@ -171,16 +169,6 @@ impl Status {
             fleet: None,
         }
     }
-}
-
-fn server_counts(ctx: &Context) -> (u32, u32, u32) {
-    let (mut active, mut idle, mut connecting) = (0, 0, 0);
-    for p in ctx.pools.pool_stats() {
-        active += p.active.saturating_sub(p.connecting);
-        idle += p.idle;
-        connecting += p.connecting;
-    }
-    (active, idle, connecting)
 }
 
 fn unix_ms() -> u64 {
@@ -324,7 +312,7 @@ pub struct Budget {
     pub connecting: u32,
 }
 
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Serialize)]
 pub struct ClientCounts {
     pub active: u32,
     pub waiting: u32,

@@ -93,11 +93,7 @@ impl Readiness {
     }
 
     /// Whether `/readyz` answers 200 (draining aside).
-    pub fn is_ready(&self) -> bool {
-        self.ready()
-    }
-
-    fn ready(&self) -> bool {
+    pub fn ready(&self) -> bool {
         self.upstream_ok.load(Ordering::Relaxed)
             && self.logins_ok()
             && !self.budget_pending.load(Ordering::Relaxed)

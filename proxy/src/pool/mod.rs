@@ -427,6 +427,12 @@ impl<C: Send + 'static> Pools<C> {
         after.run();
     }
 
+    /// Server connections now: (lent and connected, idle, connecting).
+    pub fn server_counts(&self) -> (u32, u32, u32) {
+        let st = self.shared.state.lock();
+        st.server_counts()
+    }
+
     /// (total connections, budget).
     pub fn totals(&self) -> (u32, u32) {
         let st = self.shared.state.lock();

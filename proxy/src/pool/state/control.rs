@@ -83,6 +83,17 @@ impl<C: Send + 'static> State<C> {
             .sum()
     }
 
+    /// Server connections now: (lent and connected, idle, connecting).
+    pub fn server_counts(&self) -> (u32, u32, u32) {
+        self.pools.iter().fold((0, 0, 0), |(a, i, c), p| {
+            (
+                a + p.active.saturating_sub(p.connecting),
+                i + p.idle.len() as u32,
+                c + p.connecting,
+            )
+        })
+    }
+
     /// Whether any pool of `database` exists.
     pub fn has_database(&self, database: &str) -> bool {
         self.pools.iter().any(|p| p.database == database)
