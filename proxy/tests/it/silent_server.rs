@@ -422,7 +422,7 @@ async fn a_slow_link_works_and_reset_connections_are_reported_or_replaced() {
     let (mut inside, _, _) = Raw::login(sluice.local_addr, false, USER, PASSWORD, DB).await;
     let m = inside.query("BEGIN; INSERT INTO reset_t VALUES (2)").await;
     assert_eq!(crate::support::raw::error_code(&m), None, "{m:?}");
-    hole.reset();
+    hole.reset().await;
     let fatal = ends_with_one_fatal(&mut inside, "08006").await;
     assert!(
         fatal.get(&'M').is_some_and(|m| m.contains("rolled back")),

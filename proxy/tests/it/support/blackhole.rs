@@ -37,6 +37,9 @@ struct Faults {
     delay_ms: AtomicU64,
     /// Bumped by `reset`: connections made before are reset.
     generation: AtomicU64,
+    /// Held by every connection of the current generation (taken with it, under this lock),
+    /// so `reset` can wait until the older ones are gone.
+    current: std::sync::Mutex<Arc<()>>,
     /// Connections idle this long (milliseconds) are forgotten; 0: never.
     forget_ms: AtomicU64,
 }
@@ -123,7 +126,13 @@ impl BlackHole {
                     let Ok(outbound) = TcpStream::connect(target).await else {
                         return;
                     };
-                    relay(inbound, outbound, &faults).await;
+                    let (generation, alive) = {
+                        let current = faults.current.lock().expect("faults");
+                        (faults.generation.load(Ordering::Relaxed), current.clone())
+                    };
+                    relay(inbound, outbound, &faults, generation).await;
+                    // After the sockets, which the relay has closed.
+                    drop(alive);
                 });
             }
         });
@@ -144,9 +153,20 @@ impl BlackHole {
             .store(d.as_millis() as u64, Ordering::Relaxed);
     }
 
-    /// Resets every connection through the relay now (RST to both ends); new ones pass.
-    pub fn reset(&self) {
-        self.faults.generation.fetch_add(1, Ordering::Relaxed);
+    /// Resets every connection through the relay (RST to both ends) and returns once all of
+    /// them are reset; new ones pass.
+    pub async fn reset(&self) {
+        let older = {
+            let mut current = self.faults.current.lock().expect("faults");
+            self.faults.generation.fetch_add(1, Ordering::Relaxed);
+            Arc::downgrade(&std::mem::replace(&mut *current, Arc::new(())))
+        };
+        crate::support::within("the relay's connections to be reset", async {
+            while older.strong_count() > 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
     }
 
     /// From now on connections idle for `after` are forgotten, as an NLB forgets a flow after
@@ -180,9 +200,9 @@ impl BlackHole {
     }
 }
 
-/// Relays between `a` (the client's end) and `b` until either closes, applying `faults`.
-async fn relay(mut a: TcpStream, mut b: TcpStream, faults: &Faults) {
-    let generation = faults.generation.load(Ordering::Relaxed);
+/// Relays between `a` (the client's end) and `b` until either closes, applying `faults`;
+/// `generation` is the one it was made in (a `reset` since ends it).
+async fn relay(mut a: TcpStream, mut b: TcpStream, faults: &Faults, generation: u64) {
     let (mut from_a, mut from_b) = (vec![0u8; 64 << 10], vec![0u8; 64 << 10]);
     let mut last = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(50));
