@@ -124,6 +124,13 @@ pub fn advice(e: &ServerError, cfg: &Config, database: &str, user: &str) -> Stri
              \"verify-full\" with the RDS certificate bundle)"
                 .to_string()
         }
+        ServerError::LoginRefused { rds_iam: true, .. } => format!(
+            "the server refused Sluice's RDS IAM token for \"{user}\": the role needs GRANT \
+             rds_iam TO \"{user}\", Sluice's AWS identity a policy allowing rds-db:connect on \
+             dbuser:<resource id>/{user}, and server_host ({}) must be the database's endpoint \
+             name, which the token is signed for",
+            cfg.server_host
+        ),
         ServerError::LoginRefused { error, .. }
             if error.code() == crate::protocol::sqlstate::INVALID_PASSWORD =>
         {
@@ -168,10 +175,18 @@ pub struct Report {
 /// server's limits and checks the budget against them.
 pub async fn run(cfg: &Config) -> Result<Report, crate::tls::TlsError> {
     let tls = crate::tls::TlsState::load(cfg)?;
-    let passwords: HashMap<String, Arc<ServerPassword>> = ServerPassword::all(cfg);
     let server = format!("{}:{}", cfg.server_host, cfg.server_port);
     let mut text = String::new();
     let mut problems = 0;
+    let iam = match server::rds_iam_tokens(cfg, None).await {
+        Ok(tokens) => tokens,
+        Err(e) => {
+            problems += 1;
+            let _ = writeln!(text, "  FAIL  server_auth = \"rds_iam\": {e}");
+            None
+        }
+    };
+    let passwords: HashMap<String, Arc<ServerPassword>> = ServerPassword::all(cfg, iam.as_ref());
     let _ = writeln!(
         text,
         "server {server} (server_tls = {})",

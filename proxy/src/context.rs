@@ -29,6 +29,9 @@ pub struct Context {
     /// login may renew one from its file. Sessions use the one in force, not the one of the
     /// configuration they started with.
     pub server_passwords: RwLock<HashMap<String, Arc<ServerPassword>>>,
+    /// With `server_auth = "rds_iam"`: the tokens server logins present; kept across RELOAD
+    /// while the region stays.
+    pub iam_tokens: RwLock<Option<Arc<crate::auth::iam::IamTokens>>>,
     pub servers: ServerRegistry,
     /// TLS toward clients and servers; RELOAD swaps it (certificate rotation).
     pub tls: RwLock<crate::tls::TlsState>,
@@ -147,6 +150,8 @@ pub enum ReloadError {
     Derive(tokio::task::JoinError),
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    #[error("invalid configuration: `server_auth`: {0}")]
+    Iam(#[from] crate::auth::iam::IamError),
 }
 
 impl Context {
@@ -209,11 +214,14 @@ impl Context {
             .map_err(|(user, source)| ReloadError::Secret { user, source })?;
         // Certificates are read again: the next client gets the new one, sessions keep theirs.
         let tls = crate::tls::TlsState::load(&cfg)?;
-        let server_passwords = ServerPassword::all(&cfg);
+        let current = self.iam_tokens.read().clone();
+        let iam_tokens = crate::server::rds_iam_tokens(&cfg, current.as_ref()).await?;
+        let server_passwords = ServerPassword::all(&cfg, iam_tokens.as_ref());
         self.apply_limits(&cfg);
         let cfg = Arc::new(cfg);
         *self.credentials.write() = Arc::new(credentials);
         *self.server_passwords.write() = server_passwords;
+        *self.iam_tokens.write() = iam_tokens;
         *self.tls.write() = tls;
         *self.config.write() = cfg;
         tracing::info!("configuration reloaded");

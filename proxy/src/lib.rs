@@ -90,6 +90,20 @@ pub enum StartError {
     Secret { user: String, why: String },
     #[error("invalid configuration: {0}")]
     Tls(#[from] tls::TlsError),
+    #[error("invalid configuration: `server_auth`: {0}")]
+    Iam(#[from] auth::iam::IamError),
+}
+
+/// What [`start_with`] may be given besides the configuration.
+#[derive(Default)]
+pub struct StartOptions {
+    /// The file the configuration came from (for RELOAD and SIGHUP).
+    pub config_path: Option<std::path::PathBuf>,
+    /// The command-line flags over the file, applied again at RELOAD.
+    pub flags: config::Overrides,
+    /// With `server_auth = "rds_iam"`: the token source, in place of one on the AWS SDK's
+    /// default credential chain (for a fixed clock or credentials).
+    pub iam_tokens: Option<Arc<auth::iam::IamTokens>>,
 }
 
 /// A running Sluice.
@@ -125,9 +139,28 @@ pub async fn start_from(
     config_path: Option<std::path::PathBuf>,
     flags: config::Overrides,
 ) -> Result<Handle, StartError> {
+    start_with(
+        config,
+        StartOptions {
+            config_path,
+            flags,
+            iam_tokens: None,
+        },
+    )
+    .await
+}
+
+/// Like [`start`], with the extras in `options`.
+pub async fn start_with(config: Config, options: StartOptions) -> Result<Handle, StartError> {
+    let StartOptions {
+        config_path,
+        flags,
+        iam_tokens,
+    } = options;
     let mut config = config;
     let tls = tls::TlsState::load(&config)?;
-    let server_passwords = server::ServerPassword::all(&config);
+    let iam_tokens = server::rds_iam_tokens(&config, iam_tokens.as_ref()).await?;
+    let server_passwords = server::ServerPassword::all(&config, iam_tokens.as_ref());
     let limits_due = budget_from_server(&mut config, &tls.connector, &server_passwords).await?;
     let credentials = derive_credentials(&config).await?;
     let config = Arc::new(config);
@@ -195,6 +228,7 @@ pub async fn start_from(
         pools: pools.clone(),
         credentials: RwLock::new(Arc::new(credentials)),
         server_passwords: RwLock::new(server_passwords),
+        iam_tokens: RwLock::new(iam_tokens),
         servers: Default::default(),
         tls: RwLock::new(tls),
         mock_secret: rand::random(),

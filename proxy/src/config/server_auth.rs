@@ -65,12 +65,7 @@ impl Config {
                 "aws_region",
                 format!("\"{region}\" (from the environment) is not an AWS region name"),
             )),
-            // Validated and documented, but server logins do not present IAM tokens yet:
-            // refused (at start-up and RELOAD) rather than silently logging in with passwords.
-            Some(_) => Err(invalid(
-                "server_auth",
-                "\"rds_iam\" is not supported by server logins yet; use \"password\"",
-            )),
+            Some(_) => Ok(()),
         }
     }
 }
@@ -101,28 +96,13 @@ mod tests {
 
     #[test]
     fn rds_iam_needs_verify_full_and_no_server_password() {
-        // A valid rds_iam configuration (no server_password needed) is refused only because
-        // server logins do not use tokens yet.
-        let e = load(&format!(
+        let cfg = load(&format!(
             "server_auth = \"rds_iam\"\naws_region = \"eu-west-2\"\n{VERIFIED}{BASE}"
         ))
-        .unwrap_err();
-        assert!(
-            e.contains("`server_auth`") && e.contains("not supported"),
-            "{e}"
-        );
-        let mut cfg = load(&format!(
-            "aws_region = \"eu-west-2\"\n{VERIFIED}{BASE}server_password = \"pw\"\n"
-        ))
         .unwrap();
-        cfg.server_auth = ServerAuth::RdsIam;
-        cfg.users.get_mut("u").unwrap().server_password = None;
+        assert_eq!(cfg.server_auth, ServerAuth::RdsIam);
         assert_eq!(cfg.resolved_aws_region().as_deref(), Some("eu-west-2"));
-        assert!(cfg
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("not supported"));
+        assert_eq!(cfg.server_password("u"), None);
         for tls in ["require", "verify-ca", "prefer", "disable"] {
             let e = load(&format!(
                 "server_auth = \"rds_iam\"\naws_region = \"eu-west-2\"\nserver_tls = \"{tls}\"\nserver_tls_ca_file = \"/ca.pem\"\n{BASE}"

@@ -41,6 +41,8 @@ pub enum ServerError {
         addr: String,
         user: String,
         error: Box<PgError>,
+        /// Whether Sluice presented an RDS IAM token (`server_auth = "rds_iam"`).
+        rds_iam: bool,
     },
     /// A login that succeeded on a server that does not accept writes, with
     /// `target_session_attrs = read-write`: the setting that says so (`in_hot_standby`).
@@ -118,7 +120,12 @@ pub fn client_error(e: &ServerError) -> PgError {
         ServerError::Rejected(e) => e.clone(),
         // Not the client's password: the client has authenticated to Sluice. Passing the
         // server's 28P01 on would tell it that its own password is wrong.
-        ServerError::LoginRefused { addr, user, error } => PgError::error(
+        ServerError::LoginRefused {
+            addr,
+            user,
+            error,
+            rds_iam,
+        } => PgError::error(
             sqlstate::SERVER_REJECTED_CONNECTION,
             format!(
                 "the database server {addr} refused Sluice's login as \"{user}\": {}",
@@ -129,7 +136,9 @@ pub fn client_error(e: &ServerError) -> PgError {
         .with_detail(
             "Your own password was accepted by Sluice; the server refused the credentials Sluice logs in with.",
         )
-        .with_hint(if error.code() == sqlstate::INVALID_PASSWORD {
+        .with_hint(if *rds_iam {
+            format!("Sluice logs in with an RDS IAM token (server_auth = rds_iam), signed for {addr}: the role needs GRANT rds_iam TO \"{user}\", Sluice's AWS identity an IAM policy allowing rds-db:connect on dbuser:<resource id>/{user}, and server_host must be the database's endpoint name (the host the token is signed for), not an alias.")
+        } else if error.code() == sqlstate::INVALID_PASSWORD {
             format!("Sluice's operator must fix the server password of \"{user}\" (users.{user}.server_password, server_password_file or upstream); a password file is read again after a refused login.")
         } else {
             "Sluice's operator must fix the server's pg_hba.conf for Sluice's address, or the server_tls setting it requires.".to_string()

@@ -36,7 +36,7 @@ use crate::stream::Stream;
 use crate::tls::Connector;
 
 pub use error::{client_error, ServerError};
-pub use password::ServerPassword;
+pub use password::{rds_iam_tokens, ServerPassword};
 
 /// Largest message accepted from a server during Sluice's own exchanges (startup, resets).
 const MAX_CONTROL_MESSAGE: usize = 1 << 20;
@@ -189,7 +189,13 @@ impl ServerConn {
         let Some(source) = &t.password else {
             return Self::connect_as(t, None, pool_database, registry).await;
         };
-        let password = source.current();
+        let addr = || format!("{}:{}", t.host, t.port);
+        let password = tokio::time::timeout(
+            t.connect_timeout,
+            source.for_login(&t.host, t.port, &t.user),
+        )
+        .await
+        .map_err(|_| ServerError::ConnectTimeout(addr()))??;
         match Self::connect_as(t, Some(&password), pool_database, registry).await {
             Err(e) if e.is_login_refused() => match source.after_refused_login(&password).await {
                 Some(newer) => Self::connect_as(t, Some(&newer), pool_database, registry).await,
@@ -368,6 +374,7 @@ impl ServerConn {
                                 addr: format!("{}:{}", t.host, t.port),
                                 user: t.user.clone(),
                                 error: Box::new(error),
+                                rds_iam: t.password.as_ref().is_some_and(|p| p.is_rds_iam()),
                             }
                         }
                         other => other,

@@ -7,6 +7,11 @@
 //! (at most once per [`REREAD_INTERVAL`] per user) and, only when its content differs from the
 //! password just refused, returns it for one more login. A wrong password in the file therefore
 //! costs one read and one failed login per connection attempt, never a loop.
+//!
+//! With `server_auth = "rds_iam"` there is no password: every login presents an RDS IAM
+//! token for its host, port and user ([`ServerPassword::rds_iam`]), which [`IamTokens`] signs
+//! and renews before it expires; a refused token is not retried (a new one would be refused
+//! for the same reason: a missing grant or policy).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -17,7 +22,9 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
-use crate::config::{read_secret_file, Config};
+use super::ServerError;
+use crate::auth::iam::{IamError, IamTokens};
+use crate::config::{read_secret_file, Config, ServerAuth};
 
 /// Shortest time between two reads of a user's password file after refused logins, so a burst
 /// of refused logins (every pool connecting at once) reads it once.
@@ -28,6 +35,8 @@ pub struct ServerPassword {
     /// The configuration key naming the file, and the file, when the password comes from one.
     file: Option<(String, PathBuf)>,
     state: Mutex<State>,
+    /// With `server_auth = "rds_iam"`: the tokens presented in place of a password.
+    iam: Option<Arc<IamTokens>>,
 }
 
 struct State {
@@ -46,7 +55,20 @@ impl ServerPassword {
                 value: value.into(),
                 reread_at: None,
             }),
+            iam: None,
         }
+    }
+
+    /// RDS IAM tokens from `tokens` in place of a password.
+    pub fn rds_iam(tokens: Arc<IamTokens>) -> ServerPassword {
+        let mut password = ServerPassword::fixed(String::new());
+        password.iam = Some(tokens);
+        password
+    }
+
+    /// Whether logins present RDS IAM tokens.
+    pub fn is_rds_iam(&self) -> bool {
+        self.iam.is_some()
     }
 
     /// `user`'s password as configured, with the file it was read from; `None` when none is
@@ -59,12 +81,47 @@ impl ServerPassword {
         Some(password)
     }
 
-    /// [`ServerPassword::for_user`] for every configured user.
-    pub fn all(cfg: &Config) -> HashMap<String, Arc<ServerPassword>> {
+    /// [`ServerPassword::for_user`] for every configured user; with `server_auth =
+    /// "rds_iam"`, tokens from `iam` for every one of them.
+    pub fn all(cfg: &Config, iam: Option<&Arc<IamTokens>>) -> HashMap<String, Arc<ServerPassword>> {
+        if cfg.server_auth == ServerAuth::RdsIam {
+            // No tokens (none could be had): no credential at all, never a password.
+            let Some(tokens) = iam else {
+                return HashMap::new();
+            };
+            let password = Arc::new(ServerPassword::rds_iam(tokens.clone()));
+            return cfg
+                .users
+                .keys()
+                .map(|user| (user.clone(), password.clone()))
+                .collect();
+        }
         cfg.users
             .keys()
             .filter_map(|user| Some((user.clone(), Arc::new(Self::for_user(cfg, user)?))))
             .collect()
+    }
+
+    /// What to present at a login as `user` on `host:port`: the password, or a fresh RDS
+    /// IAM token (signed or renewed here when the cached one is due).
+    pub async fn for_login(
+        &self,
+        host: &str,
+        port: u16,
+        user: &str,
+    ) -> Result<String, ServerError> {
+        match &self.iam {
+            None => Ok(self.current()),
+            Some(tokens) => match tokens.token(host, port, user).await {
+                Ok(token) => Ok(token.as_str().to_string()),
+                Err(e) => {
+                    tracing::warn!(server = %format!("{host}:{port}"), %user, error = %e, kind = e.kind(), "no RDS IAM token for a server login");
+                    Err(ServerError::Auth(format!(
+                        "no RDS IAM token for \"{user}\": {e}"
+                    )))
+                }
+            },
+        }
     }
 
     /// The password to log in with now.
@@ -77,6 +134,9 @@ impl ServerPassword {
     /// read again, unless it was read less than [`REREAD_INTERVAL`] ago, and its content is
     /// returned when it differs from `refused`.
     pub async fn after_refused_login(&self, refused: &str) -> Option<String> {
+        if self.iam.is_some() {
+            return None;
+        }
         let (key, path) = {
             let mut state = self.state.lock();
             if state.value != refused {
@@ -118,8 +178,42 @@ impl ServerPassword {
     }
 }
 
+/// The RDS IAM token source `cfg` asks for (`server_auth = "rds_iam"`, else `None`): `current`
+/// when it signs for the same region, else a new one on the AWS SDK's default credential chain
+/// (which fetches nothing until the first token).
+pub async fn rds_iam_tokens(
+    cfg: &Config,
+    current: Option<&Arc<IamTokens>>,
+) -> Result<Option<Arc<IamTokens>>, IamError> {
+    if cfg.server_auth != ServerAuth::RdsIam {
+        return Ok(None);
+    }
+    let region = cfg.resolved_aws_region().ok_or(IamError::NoRegion)?;
+    if let Some(tokens) = current.filter(|t| t.region() == region) {
+        return Ok(Some(tokens.clone()));
+    }
+    // Boxed: building the SDK's credential chain is a future of several KiB, and RELOAD (this
+    // function's caller) can run inside any client's session future, which every connected
+    // client keeps, idle or not.
+    #[cfg(feature = "aws-sdk")]
+    {
+        let chain = Box::pin(IamTokens::from_environment(Some(&region)));
+        Ok(Some(Arc::new(chain.await?)))
+    }
+    #[cfg(not(feature = "aws-sdk"))]
+    {
+        Err(IamError::Credentials {
+            what: "not built in",
+            detail: "this build of Sluice has no AWS credential chain (feature aws-sdk)".into(),
+        })
+    }
+}
+
 impl fmt::Debug for ServerPassword {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.iam.is_some() {
+            return f.write_str("ServerPassword(rds_iam)");
+        }
         match &self.file {
             Some((key, path)) => write!(f, "ServerPassword({key} = {})", path.display()),
             None => f.write_str("ServerPassword(********)"),
@@ -157,6 +251,34 @@ mod tests {
         tokio::time::advance(REREAD_INTERVAL).await;
         assert_eq!(p.after_refused_login("new").await, None);
         assert_eq!(p.current(), "new");
+    }
+
+    struct At(std::time::SystemTime);
+    impl crate::auth::iam::Clock for At {
+        fn now(&self) -> std::time::SystemTime {
+            self.0
+        }
+    }
+
+    #[tokio::test]
+    async fn rds_iam_presents_a_token_and_never_retries_it() {
+        use crate::auth::iam::{self, AwsCredentials};
+        let at = std::time::UNIX_EPOCH + Duration::from_secs(1_724_709_600);
+        let creds = AwsCredentials::new("AKIDEXAMPLE", "secret", None, None, "test");
+        let tokens = IamTokens::with_provider("eu-west-2", creds.clone(), Arc::new(At(at)));
+        let p = ServerPassword::rds_iam(Arc::new(tokens));
+        assert!(p.is_rds_iam());
+        let token = p.for_login("db.example.com", 5432, "app").await.unwrap();
+        let expected = iam::generate(&creds, "eu-west-2", "db.example.com", 5432, "app", at);
+        assert_eq!(Some(token.clone()), expected.ok());
+        assert_eq!(p.after_refused_login(&token).await, None);
+        assert_eq!(format!("{p:?}"), "ServerPassword(rds_iam)");
+        // A host no token can be signed for is an authentication error naming the user.
+        let e = p.for_login("bad host", 5432, "app").await.unwrap_err();
+        assert!(
+            matches!(&e, ServerError::Auth(why) if why.contains("\"app\"")),
+            "{e}"
+        );
     }
 
     #[tokio::test]

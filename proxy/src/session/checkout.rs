@@ -105,7 +105,15 @@ impl Session<'_> {
                 &self.database,
                 &self.user,
             );
-            let e = match ServerConn::connect(&target, &self.database, &self.ctx.servers).await {
+            // Boxed: a login's future (TLS, SCRAM, an IAM token's credentials) is large, and
+            // the first one runs inside every client's start-up future, which idle sockets
+            // that have not sent their startup packet keep too.
+            let connecting = Box::pin(ServerConn::connect(
+                &target,
+                &self.database,
+                &self.ctx.servers,
+            ));
+            let e = match connecting.await {
                 Ok(conn) => {
                     g.connect_time.record(started.elapsed().as_secs_f64());
                     self.ctx

@@ -35,11 +35,11 @@ use crate::support::within;
 /// 2024-08-26T22:00:00Z, and a second instant that crosses a day.
 const TIMES: [u64; 2] = [1_724_709_600, 1_735_689_599];
 
-const KEY: &str = "AKIDEXAMPLE";
-const SECRET: &str = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY";
+pub(crate) const KEY: &str = "AKIDEXAMPLE";
+pub(crate) const SECRET: &str = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY";
 
 /// A session token shaped like STS's (base64 with `+`, `/` and `=`), about 1 KB.
-fn session_token() -> String {
+pub(crate) fn session_token() -> String {
     format!(
         "IQoJb3JpZ2luX2VjEHYaCXVzLWVhc3QtMSJHMEUCIQ+{}/Zm9v==",
         "AbCdEfGh+IjKl/MnOp".repeat(52)
@@ -78,7 +78,40 @@ async fn tokens_match_botocore() {
         })
         .collect();
 
-    let mut cmd = tokio::process::Command::new(&python);
+    let lines = botocore_tokens(&python, &input).await;
+    assert_eq!(lines.len(), cases.len(), "{lines:?}");
+
+    for ((region, host, port, user, session, time), expected) in cases.iter().zip(&lines) {
+        let creds = AwsCredentials::new(KEY, SECRET, session.map(str::to_string), None, "test");
+        let now = UNIX_EPOCH + Duration::from_secs(*time);
+        let ours = iam::generate(&creds, region, host, *port, user, now).unwrap();
+        assert_eq!(
+            &ours,
+            expected,
+            "region {region}, {host}:{port}, user {user:?}, session token {}, time {time}",
+            session.is_some()
+        );
+        // What Sluice reads back from botocore's token.
+        let read = iam::parse_client_token(expected).expect("botocore's token is recognised");
+        assert_eq!(
+            (
+                read.host.as_str(),
+                read.port,
+                read.user.as_str(),
+                read.region.as_str()
+            ),
+            (*host, *port, *user, *region)
+        );
+        assert_eq!(read.expires, now + iam::TOKEN_LIFETIME);
+    }
+    let with_session = lines.iter().map(|l| l.len()).max().unwrap();
+    assert!(with_session > 1400, "longest token: {with_session} bytes");
+}
+
+/// The tokens botocore's `generate_db_auth_token` makes for each JSON line of `input` (region,
+/// host, port, user, key, secret, token, time), one per line, run by `python`.
+pub(crate) async fn botocore_tokens(python: &std::path::Path, input: &str) -> Vec<String> {
+    let mut cmd = tokio::process::Command::new(python);
     cmd.arg(drivers_dir().join("python/botocore_iam_tokens.py"))
         .env("PYTHONDONTWRITEBYTECODE", "1");
     isolate_from_aws(&mut cmd, &tempfile::tempdir().unwrap().path().join("none"));
@@ -106,33 +139,10 @@ async fn tokens_match_botocore() {
         Some(true),
         "{stdout}"
     );
-    assert_eq!(lines.len(), cases.len() + 1, "{stdout}");
-
-    for ((region, host, port, user, session, time), expected) in cases.iter().zip(&lines) {
-        let creds = AwsCredentials::new(KEY, SECRET, session.map(str::to_string), None, "test");
-        let now = UNIX_EPOCH + Duration::from_secs(*time);
-        let ours = iam::generate(&creds, region, host, *port, user, now).unwrap();
-        assert_eq!(
-            &ours,
-            expected,
-            "region {region}, {host}:{port}, user {user:?}, session token {}, time {time}",
-            session.is_some()
-        );
-        // What Sluice reads back from botocore's token.
-        let read = iam::parse_client_token(expected).expect("botocore's token is recognised");
-        assert_eq!(
-            (
-                read.host.as_str(),
-                read.port,
-                read.user.as_str(),
-                read.region.as_str()
-            ),
-            (*host, *port, *user, *region)
-        );
-        assert_eq!(read.expires, now + iam::TOKEN_LIFETIME);
-    }
-    let with_session = lines.iter().map(|l| l.len()).max().unwrap();
-    assert!(with_session > 1400, "longest token: {with_session} bytes");
+    lines[..lines.len() - 1]
+        .iter()
+        .map(|l| l.to_string())
+        .collect()
 }
 
 /// Removes every `AWS_*` variable from `cmd` and points the shared config and credentials

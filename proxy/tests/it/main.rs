@@ -16,6 +16,7 @@ mod harness_selftest;
 mod harness_tls;
 mod hostile;
 mod iam;
+mod iam_login;
 mod loadgen;
 mod outage;
 mod pg;

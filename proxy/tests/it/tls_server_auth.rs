@@ -12,7 +12,7 @@ use crate::tls::{code_and_message, hostssl_only, plain, scalar, sluice, start_pg
 
 /// Rewrites the server's pg_hba.conf (TCP only over TLS, `rule` for the test user first) and
 /// reloads it.
-fn set_hba(pg: &PgServer, rule: &str) {
+pub(crate) fn set_hba(pg: &PgServer, rule: &str) {
     let hba = pg.data_dir().join("pg_hba.conf");
     std::fs::write(
         &hba,
