@@ -18,6 +18,8 @@ pub const CLIENT_CONNECTIONS: &str = "sluice_client_connections";
 pub const CLIENT_ACCEPTED: &str = "sluice_client_connections_accepted_total";
 pub const CLIENT_REJECTED: &str = "sluice_client_connections_rejected_total";
 pub const CLIENT_AUTH_FAILURES: &str = "sluice_client_auth_failures_total";
+pub const CLIENT_LOGINS: &str = "sluice_client_logins_total";
+pub const SERVER_LOGINS: &str = "sluice_server_logins_total";
 pub const QUERIES_REJECTED: &str = "sluice_queries_rejected_total";
 pub const POOL_WAIT: &str = "sluice_pool_wait_seconds";
 pub const POOL_WAITING: &str = "sluice_pool_waiting_clients";
@@ -57,6 +59,14 @@ pub const QUERY_REJECT_REASONS: &[&str] = &[
     "server_unavailable",
     "shutting_down",
 ];
+/// How clients authenticate to Sluice (`method` of [`CLIENT_LOGINS`]).
+pub const CLIENT_LOGIN_METHODS: &[&str] = &["scram-sha-256", "scram-sha-256-plus", "md5"];
+/// How Sluice authenticates to the server (`method` of [`SERVER_LOGINS`]): `server_auth`.
+pub const SERVER_LOGIN_METHODS: &[&str] = &["password", "rds_iam"];
+/// `result` of [`CLIENT_LOGINS`] and [`SERVER_LOGINS`]: accepted; refused (a wrong password
+/// or token); error (no credential could be had, or the exchange broke off).
+pub const LOGIN_RESULTS: &[&str] = &["ok", "refused", "error"];
+
 pub const CONNECT_RESULTS: &[&str] = &[
     "ok",
     "refused",
@@ -128,6 +138,16 @@ pub fn zero_initialise() {
             counter!(name, label => value).increment(0);
         }
     }
+    for (name, methods) in [
+        (CLIENT_LOGINS, CLIENT_LOGIN_METHODS),
+        (SERVER_LOGINS, SERVER_LOGIN_METHODS),
+    ] {
+        for method in methods.iter().copied() {
+            for result in LOGIN_RESULTS.iter().copied() {
+                counter!(name, "method" => method, "result" => result).increment(0);
+            }
+        }
+    }
     for side in ["client", "server"] {
         for reason in TLS_FAILURE_REASONS.iter().copied() {
             counter!(TLS_HANDSHAKE_FAILURES, "side" => side, "reason" => reason).increment(0);
@@ -144,6 +164,14 @@ pub fn describe() {
     describe_counter!(CLIENT_ACCEPTED, "Client connections accepted");
     describe_counter!(CLIENT_REJECTED, "Client connections refused, by reason");
     describe_counter!(CLIENT_AUTH_FAILURES, "Client authentication failures");
+    describe_counter!(
+        CLIENT_LOGINS,
+        "Client authentications by method (scram-sha-256, scram-sha-256-plus, md5) and result (ok, refused, error)"
+    );
+    describe_counter!(
+        SERVER_LOGINS,
+        "Sluice's logins to the server by method (password, rds_iam) and result (ok, refused, error)"
+    );
     describe_counter!(
         QUERIES_REJECTED,
         "Requests shed without being executed, by reason and group"
@@ -323,6 +351,22 @@ pub fn global() -> &'static Global {
 pub fn client_rejected(reason: &'static str) {
     debug_assert!(CLIENT_REJECT_REASONS.contains(&reason), "{reason}");
     counter!(CLIENT_REJECTED, "reason" => reason).increment(1);
+}
+
+/// A client's authentication ended: `method` of [`CLIENT_LOGIN_METHODS`], `result` of
+/// [`LOGIN_RESULTS`].
+pub fn client_login(method: &'static str, result: &'static str) {
+    debug_assert!(CLIENT_LOGIN_METHODS.contains(&method), "{method}");
+    debug_assert!(LOGIN_RESULTS.contains(&result), "{result}");
+    counter!(CLIENT_LOGINS, "method" => method, "result" => result).increment(1);
+}
+
+/// A login of Sluice's to the server ended: `method` of [`SERVER_LOGIN_METHODS`], `result`
+/// of [`LOGIN_RESULTS`].
+pub fn server_login(method: &'static str, result: &'static str) {
+    debug_assert!(SERVER_LOGIN_METHODS.contains(&method), "{method}");
+    debug_assert!(LOGIN_RESULTS.contains(&result), "{result}");
+    counter!(SERVER_LOGINS, "method" => method, "result" => result).increment(1);
 }
 
 pub fn server_connect(result: &'static str) {

@@ -189,6 +189,31 @@ impl ServerConn {
         let Some(source) = &t.password else {
             return Self::connect_as(t, None, pool_database, registry).await;
         };
+        let method = if source.is_rds_iam() {
+            "rds_iam"
+        } else {
+            "password"
+        };
+        let result = Self::connect_with(t, source, pool_database, registry).await;
+        match &result {
+            Ok(_) => crate::metrics::server_login(method, "ok"),
+            Err(ServerError::LoginRefused { .. }) => {
+                crate::metrics::server_login(method, "refused")
+            }
+            Err(ServerError::Auth(_)) => crate::metrics::server_login(method, "error"),
+            // Not a login's outcome: the connection failed first (sluice_server_connects_total).
+            Err(_) => {}
+        }
+        result
+    }
+
+    /// [`ServerConn::connect`] with the credential `source`.
+    async fn connect_with(
+        t: &Target,
+        source: &ServerPassword,
+        pool_database: &str,
+        registry: &ServerRegistry,
+    ) -> Result<ServerConn, ServerError> {
         let addr = || format!("{}:{}", t.host, t.port);
         let password = tokio::time::timeout(
             t.connect_timeout,

@@ -180,8 +180,9 @@ pub async fn authenticate(
         ClientAuth::ScramSha256 => scram.is_none() && md5.is_some(),
     };
     let mut out = BytesMut::with_capacity(1024);
-    let ok = if use_md5 {
-        md5_exchange(conn, md5).await?
+    let mut method = if use_md5 { "md5" } else { "scram-sha-256" };
+    let exchange = if use_md5 {
+        md5_exchange(conn, md5).await
     } else {
         let mock;
         let verifier = match scram {
@@ -191,8 +192,23 @@ pub async fn authenticate(
                 &mock
             }
         };
-        scram_exchange(conn, verifier, login.channel_binding.as_deref(), &mut out).await?
+        scram_exchange(
+            conn,
+            verifier,
+            login.channel_binding.as_deref(),
+            &mut out,
+            &mut method,
+        )
+        .await
     };
+    let ok = match exchange {
+        Ok(ok) => ok,
+        Err(e) => {
+            crate::metrics::client_login(method, "error");
+            return Err(e);
+        }
+    };
+    crate::metrics::client_login(method, if ok { "ok" } else { "refused" });
     if !ok {
         crate::metrics::global().auth_failures.increment(1);
         tracing::info!(user = %login.user, "client authentication failed");
@@ -234,11 +250,13 @@ fn auth_error(e: AuthError) -> PgError {
 
 /// SCRAM-SHA-256, and SCRAM-SHA-256-PLUS bound to `binding` (the certificate the client was
 /// served) when given; on success the server's final message is left in `last` for the caller.
+/// `method` becomes the mechanism's name in lower case once the client has chosen it.
 async fn scram_exchange(
     conn: &mut ClientConn,
     verifier: &ScramVerifier,
     binding: Option<&[u8]>,
     last: &mut BytesMut,
+    method: &mut &'static str,
 ) -> Result<bool, Exit> {
     let mut out = BytesMut::new();
     // PostgreSQL's order: -PLUS first when the connection can bind.
@@ -256,6 +274,9 @@ async fn scram_exchange(
             "client selected an invalid SASL authentication mechanism",
         )
         .into());
+    }
+    if mechanism == SCRAM_PLUS {
+        *method = "scram-sha-256-plus";
     }
     let channel = match mechanism {
         SCRAM_PLUS => Channel::Bound(binding.unwrap_or_default()),

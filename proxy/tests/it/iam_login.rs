@@ -170,5 +170,15 @@ async fn server_logins_present_rds_iam_tokens_and_renew_them() {
     query_until(&h, "-")
         .await
         .expect("a login with the renewed token");
+    // Only this test logs in with rds_iam in this process: its logins, counted.
+    let (_, body) = crate::admin::http_get(h.admin_addr, "/metrics");
+    let logins = |result: &str| {
+        crate::admin::metric(
+            &body,
+            &format!(r#"sluice_server_logins_total{{method="rds_iam",result="{result}"}}"#),
+        )
+    };
+    assert!(logins("ok") >= 2.0, "{body}");
+    assert!(logins("refused") >= 1.0, "{body}");
     h.stop().await;
 }

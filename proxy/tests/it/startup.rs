@@ -324,6 +324,19 @@ fn counters_exist_at_zero_before_trouble() {
         body.contains("\nsluice_client_auth_failures_total 0"),
         "{body}"
     );
+    for (name, methods) in [
+        (m::CLIENT_LOGINS, m::CLIENT_LOGIN_METHODS),
+        (m::SERVER_LOGINS, m::SERVER_LOGIN_METHODS),
+    ] {
+        for method in methods.iter() {
+            for result in m::LOGIN_RESULTS.iter() {
+                assert!(
+                    present(name, &[("method", method), ("result", result)]),
+                    "{name} {method} {result}: {body}"
+                );
+            }
+        }
+    }
 
     let promtool = crate::admin::which("promtool")
         .expect("promtool is not installed: apt-get install -y prometheus (bash .ci/run does)");
@@ -343,4 +356,82 @@ fn counters_exist_at_zero_before_trouble() {
         .expect("write");
     let out = check.wait_with_output().expect("promtool");
     assert!(out.status.success(), "{}", output_text(&out));
+}
+
+/// Logins are counted by method and result, on both sides: clients (a good password twice, a
+/// wrong one, an unknown user, one that breaks off) and Sluice's own logins to the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logins_are_counted_by_method_and_result() {
+    let pg = pg_with_user(PgOptions::default(), "cnt_app", "pw", "cnt");
+    let upstream = pg.url("cnt_app", "pw", "cnt");
+    let p = SluiceProcess::spawn(&[
+        ("SLUICE_UPSTREAM", upstream.as_str()),
+        ("SLUICE_MAX_SERVER_CONNECTIONS", "4"),
+    ]);
+    let login = |user: &'static str, password: &'static str| {
+        let url = p.url(user, password, "cnt");
+        async move {
+            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+            tokio::spawn(conn);
+            client.simple_query("SELECT 1").await.map(|_| ())
+        }
+    };
+    login("cnt_app", "pw").await.expect("a good password");
+    login("cnt_app", "pw").await.expect("a good password again");
+    for (user, password) in [("cnt_app", "wrong"), ("nobody", "pw")] {
+        let e = login(user, password).await.expect_err("refused");
+        assert_eq!(e.code().map(|c| c.code()), Some("28P01"), "{e}");
+    }
+    // A client that leaves in the middle of the exchange.
+    {
+        use std::io::{Read, Write};
+        let mut sock = std::net::TcpStream::connect(p.local).expect("connect");
+        let mut startup = bytes::BytesMut::new();
+        postgres_protocol::message::frontend::startup_message(
+            [("user", "cnt_app"), ("database", "cnt")].into_iter(),
+            &mut startup,
+        )
+        .expect("startup");
+        sock.write_all(&startup).expect("send");
+        let mut first = [0u8; 1];
+        sock.read_exact(&mut first).expect("the SASL request");
+        assert_eq!(first[0], b'R');
+    }
+    let client = |method: &str, result: &str| {
+        format!(
+            r#"{}{{method="{method}",result="{result}"}}"#,
+            sluice::metrics::CLIENT_LOGINS
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let body = loop {
+        let (_, body) = http_get(p.admin, "/metrics");
+        let done = metric(&body, &client("scram-sha-256", "error")) >= 1.0;
+        if done || Instant::now() > deadline {
+            break body;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(metric(&body, &client("scram-sha-256", "ok")), 2.0, "{body}");
+    assert_eq!(
+        metric(&body, &client("scram-sha-256", "refused")),
+        2.0,
+        "{body}"
+    );
+    assert_eq!(
+        metric(&body, &client("scram-sha-256", "error")),
+        1.0,
+        "{body}"
+    );
+    assert_eq!(metric(&body, &client("md5", "ok")), 0.0, "{body}");
+    let server = |result: &str| {
+        format!(
+            r#"{}{{method="password",result="{result}"}}"#,
+            sluice::metrics::SERVER_LOGINS
+        )
+    };
+    // The budget check at start-up, the pool's connection, readiness logins: at least two.
+    assert!(metric(&body, &server("ok")) >= 2.0, "{body}");
+    assert_eq!(metric(&body, &server("refused")), 0.0, "{body}");
+    assert_eq!(metric(&body, &server("error")), 0.0, "{body}");
 }
