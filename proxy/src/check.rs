@@ -132,6 +132,15 @@ pub fn advice(e: &ServerError, cfg: &Config, database: &str, user: &str) -> Stri
             cfg.server_host
         ),
         ServerError::LoginRefused { error, .. }
+            if error.code() == crate::protocol::sqlstate::INVALID_PASSWORD
+                && cfg.separate_control_user() == Some(user) =>
+        {
+            format!(
+                "the server refused the password Sluice has for its own login as \"{user}\": \
+                 fix control_password or control_password_file"
+            )
+        }
+        ServerError::LoginRefused { error, .. }
             if error.code() == crate::protocol::sqlstate::INVALID_PASSWORD =>
         {
             format!(
@@ -193,28 +202,43 @@ pub async fn run(cfg: &Config) -> Result<Report, crate::tls::TlsError> {
         cfg.server_tls.as_str()
     );
     let mut limits = None;
+    // Sluice's own login first (readiness and the budget depend on it), then every user on
+    // every database.
+    let mut logins: Vec<(String, String)> = cfg
+        .control_user
+        .as_ref()
+        .and(cfg.first_login())
+        .into_iter()
+        .collect();
     for database in cfg.databases.keys() {
         for user in cfg.users.keys() {
-            let password = passwords.get(user).cloned();
-            match read_limits(cfg, &tls.connector, password, database, user).await {
-                Ok((conn, l)) => {
-                    let how = if conn.info.tls {
-                        if conn.info.channel_binding {
-                            "TLS, channel binding"
-                        } else {
-                            "TLS"
-                        }
+            let login = (database.clone(), user.clone());
+            if !logins.contains(&login) {
+                logins.push(login);
+            }
+        }
+    }
+    for (database, user) in &logins {
+        let (database, user) = (database.as_str(), user.as_str());
+        let password = passwords.get(user).cloned();
+        match read_limits(cfg, &tls.connector, password, database, user).await {
+            Ok((conn, l)) => {
+                let how = if conn.info.tls {
+                    if conn.info.channel_binding {
+                        "TLS, channel binding"
                     } else {
-                        "no TLS"
-                    };
-                    let _ = writeln!(text, "  ok    {user}@{database}: logged in ({how})");
-                    limits.get_or_insert(l);
-                }
-                Err(e) => {
-                    problems += 1;
-                    let _ = writeln!(text, "  FAIL  {user}@{database}: {e}");
-                    let _ = writeln!(text, "        fix: {}", advice(&e, cfg, database, user));
-                }
+                        "TLS"
+                    }
+                } else {
+                    "no TLS"
+                };
+                let _ = writeln!(text, "  ok    {user}@{database}: logged in ({how})");
+                limits.get_or_insert(l);
+            }
+            Err(e) => {
+                problems += 1;
+                let _ = writeln!(text, "  FAIL  {user}@{database}: {e}");
+                let _ = writeln!(text, "        fix: {}", advice(&e, cfg, database, user));
             }
         }
     }

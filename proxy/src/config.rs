@@ -200,6 +200,16 @@ pub struct Config {
     pub server_tls_key_file: Option<PathBuf>,
     /// What Sluice presents to the server: passwords, or RDS IAM tokens.
     pub server_auth: ServerAuth,
+    /// The role Sluice logs in as for itself (readiness, the server's limit, `sluice check`),
+    /// in place of the first configured user; it need not be a user clients log in as.
+    pub control_user: Option<String>,
+    /// `control_user`'s password on the server (not needed with `server_auth = "rds_iam"`).
+    pub control_password: Option<String>,
+    /// File holding `control_password`; re-read on RELOAD and after a refused login.
+    pub control_password_file: Option<PathBuf>,
+    /// The database (its name on the server) `control_user` logs in to; unset, the first
+    /// configured database.
+    pub control_database: Option<String>,
     /// The region RDS IAM tokens are signed for (else `AWS_REGION`, `AWS_DEFAULT_REGION`).
     pub aws_region: Option<String>,
     /// TLS toward clients; unset means `allow` when a certificate is configured, else `disable`.
@@ -358,6 +368,10 @@ impl Default for Config {
             server_tls_ca_file: None,
             server_tls_cert_file: None,
             server_tls_key_file: None,
+            control_user: None,
+            control_password: None,
+            control_password_file: None,
+            control_database: None,
             server_auth: ServerAuth::Password,
             aws_region: None,
             client_tls: None,
@@ -694,20 +708,6 @@ impl Config {
             .collect()
     }
 
-    /// The password Sluice presents to the server for `user`.
-    pub fn server_password(&self, user: &str) -> Option<&str> {
-        let u = self.users.get(user)?;
-        if let Some(p) = &u.server_password {
-            return Some(p);
-        }
-        let p = u.password.as_deref()?;
-        let hashed = p.starts_with("SCRAM-SHA-256$")
-            || (p.len() == 35
-                && p.starts_with("md5")
-                && p[3..].bytes().all(|b| b.is_ascii_hexdigit()));
-        (!hashed).then_some(p)
-    }
-
     pub fn pool_mode_for(&self, db: &str) -> PoolMode {
         self.databases
             .get(db)
@@ -727,16 +727,6 @@ impl Config {
             .get(db)
             .and_then(|d| d.min_pool_size)
             .unwrap_or(self.min_pool_size)
-    }
-
-    /// The (database, user) Sluice logs in as for its own purposes (the server's limit,
-    /// readiness): the first configured of each.
-    pub fn first_login(&self) -> Option<(String, String)> {
-        self.databases
-            .keys()
-            .next()
-            .cloned()
-            .zip(self.users.keys().next().cloned())
     }
 
     /// The database name on the server for a client-facing name.

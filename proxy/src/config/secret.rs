@@ -30,6 +30,15 @@ impl Config {
     /// a value and a file for the same secret is an error. Runs once per load, after
     /// `apply_upstream` (which may hand `upstream_password_file` to a user).
     pub(super) fn read_secret_files(&mut self) -> Result<(), ConfigError> {
+        if let Some(path) = &self.control_password_file {
+            if self.control_password.is_some() {
+                return Err(invalid(
+                    "control_password_file",
+                    "`control_password` is set too: give one or the other",
+                ));
+            }
+            self.control_password = Some(read_secret_file("control_password_file", path)?);
+        }
         for (name, user) in &mut self.users {
             for (field, value, file) in [
                 ("password", &mut user.password, &user.password_file),
@@ -53,10 +62,31 @@ impl Config {
         Ok(())
     }
 
+    /// The password Sluice presents to the server for `user`.
+    pub fn server_password(&self, user: &str) -> Option<&str> {
+        if self.separate_control_user() == Some(user) {
+            return self.control_password.as_deref();
+        }
+        let u = self.users.get(user)?;
+        if let Some(p) = &u.server_password {
+            return Some(p);
+        }
+        let p = u.password.as_deref()?;
+        let hashed = p.starts_with("SCRAM-SHA-256$")
+            || (p.len() == 35
+                && p.starts_with("md5")
+                && p[3..].bytes().all(|b| b.is_ascii_hexdigit()));
+        (!hashed).then_some(p)
+    }
+
     /// The file the password Sluice presents to the server for `user` comes from, with its
     /// key: `server_password_file`, or `password_file` when the server password is the
     /// client-facing one.
     pub fn server_password_file(&self, user: &str) -> Option<(String, &Path)> {
+        if self.separate_control_user() == Some(user) {
+            let path = self.control_password_file.as_deref()?;
+            return Some(("control_password_file".to_string(), path));
+        }
         let u = self.users.get(user)?;
         if let Some(path) = &u.server_password_file {
             return Some((format!("users.{user}.server_password_file"), path));
@@ -254,5 +284,53 @@ mod tests {
             err.contains("`upstream_password_file`: needs `upstream`"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_control_user_has_a_password_of_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ctl"), "ctl-pw\n").unwrap();
+        // Top-level keys first, before the `[databases.d]` table `load` adds.
+        let load = |dir: &Path, text: &str| {
+            let (top, users) = text.split_once("[users").unwrap();
+            let path = dir.join("top.toml");
+            std::fs::write(&path, format!("{top}[databases.d]\n[users{users}")).unwrap();
+            Config::load(Some(&path), &Overrides::default()).map_err(|e| e.to_string())
+        };
+        let cfg = load(
+            dir.path(),
+            &format!(
+                "control_user = \"mon\"\ncontrol_password_file = \"{}\"\n[users.app]\npassword = \"app-pw\"\n",
+                dir.path().join("ctl").display()
+            ),
+        )
+        .unwrap();
+        assert_eq!(cfg.first_login(), Some(("d".into(), "mon".into())));
+        assert_eq!(cfg.server_password("mon"), Some("ctl-pw"));
+        assert_eq!(
+            cfg.server_password_file("mon")
+                .map(|(key, _)| key)
+                .as_deref(),
+            Some("control_password_file")
+        );
+        assert_eq!(cfg.server_password("app"), Some("app-pw"));
+        // A control user that is one of the users is that user, with its password.
+        let cfg = load(
+            dir.path(),
+            "control_user = \"app\"\ncontrol_database = \"postgres\"\n[users.app]\npassword = \"app-pw\"\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.first_login(), Some(("postgres".into(), "app".into())));
+        assert_eq!(cfg.server_password("app"), Some("app-pw"));
+        let e = load(
+            dir.path(),
+            "control_password = \"x\"\n[users.app]\npassword = \"p\"\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("`control_password`") && e.contains("needs control_user"),
+            "{e}"
+        );
+        assert!(!e.contains("\"x\""), "{e}");
     }
 }

@@ -1,5 +1,6 @@
 //! How Sluice authenticates to the server (`server_auth`, `aws_region`): with the users'
-//! passwords, or with RDS IAM tokens ([`crate::auth::iam`]).
+//! passwords, or with RDS IAM tokens ([`crate::auth::iam`]); and as whom it logs in for
+//! itself (`control_user`).
 
 use serde::{Deserialize, Serialize};
 
@@ -27,6 +28,27 @@ impl ServerAuth {
 }
 
 impl Config {
+    /// The (database, user) Sluice logs in as for its own purposes (the server's limit,
+    /// readiness): `control_user` on `control_database` (else the first database), or the
+    /// first configured of each.
+    pub fn first_login(&self) -> Option<(String, String)> {
+        let database = || self.databases.keys().next().cloned();
+        if let Some(user) = &self.control_user {
+            return Some((
+                self.control_database.clone().or_else(database)?,
+                user.clone(),
+            ));
+        }
+        database().zip(self.users.keys().next().cloned())
+    }
+
+    /// `control_user` when it is not one of `users` (its credential is `control_password`).
+    pub fn separate_control_user(&self) -> Option<&str> {
+        self.control_user
+            .as_deref()
+            .filter(|u| !self.users.contains_key(*u))
+    }
+
     /// The AWS region RDS IAM tokens are signed for: `aws_region`, else `AWS_REGION`, else
     /// `AWS_DEFAULT_REGION`.
     pub fn resolved_aws_region(&self) -> Option<String> {

@@ -19,6 +19,19 @@ impl Config {
                 "no user configured: give --upstream or [users.NAME]",
             ));
         }
+        if self.control_user.is_none() {
+            for (key, set) in [
+                ("control_password", self.control_password.is_some()),
+                ("control_database", self.control_database.is_some()),
+            ] {
+                if set {
+                    return Err(invalid(key, "needs control_user"));
+                }
+            }
+        }
+        if self.control_user.as_deref() == Some("") {
+            return Err(invalid("control_user", "must not be empty"));
+        }
         for (key, v) in [
             ("pool_size", self.pool_size),
             ("max_client_connections", self.max_client_connections),

@@ -90,16 +90,21 @@ impl ServerPassword {
                 return HashMap::new();
             };
             let password = Arc::new(ServerPassword::rds_iam(tokens.clone()));
-            return cfg
-                .users
-                .keys()
-                .map(|user| (user.clone(), password.clone()))
+            return Self::users(cfg)
+                .map(|user| (user.to_string(), password.clone()))
                 .collect();
         }
+        Self::users(cfg)
+            .filter_map(|user| Some((user.to_string(), Arc::new(Self::for_user(cfg, user)?))))
+            .collect()
+    }
+
+    /// Every user Sluice logs in as: the configured users and `control_user`.
+    fn users(cfg: &Config) -> impl Iterator<Item = &str> {
         cfg.users
             .keys()
-            .filter_map(|user| Some((user.clone(), Arc::new(Self::for_user(cfg, user)?))))
-            .collect()
+            .map(String::as_str)
+            .chain(cfg.separate_control_user())
     }
 
     /// What to present at a login as `user` on `host:port`: the password, or a fresh RDS

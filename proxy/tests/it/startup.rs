@@ -435,3 +435,68 @@ async fn logins_are_counted_by_method_and_result() {
     assert_eq!(metric(&body, &server("refused")), 0.0, "{body}");
     assert_eq!(metric(&body, &server("error")), 0.0, "{body}");
 }
+
+/// With `control_user`, Sluice's own logins (the server's limit at start-up, readiness,
+/// `sluice check`) are made as that role, with its password from its file, and never as the
+/// users clients log in as, whose server password may be wrong meanwhile.
+#[test]
+fn the_control_user_is_sluices_own_login() {
+    let pg = pg_with_user(
+        PgOptions {
+            log_connections: true,
+            ..Default::default()
+        },
+        "own_app",
+        "pw",
+        "own",
+    );
+    pg.create_user("own_monitor", "monitor-pw");
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("control-password");
+    std::fs::write(&file, "monitor-pw\n").expect("write");
+    let upstream = pg.url("own_app", "wrong-pw", "own");
+    let env = [
+        ("SLUICE_UPSTREAM", upstream.as_str()),
+        ("SLUICE_CONTROL_USER", "own_monitor"),
+        ("SLUICE_CONTROL_PASSWORD_FILE", file.to_str().expect("path")),
+    ];
+
+    let (status, text) = check(&env);
+    assert_eq!(
+        status,
+        Some(1),
+        "own_app's server password is wrong: {text}"
+    );
+    let own = text.find("ok    own_monitor@own: logged in").expect(&text);
+    let app = text.find("FAIL  own_app@own").expect(&text);
+    assert!(own < app, "Sluice's own login comes first: {text}");
+    assert!(text.contains("max_connections 30"), "{text}");
+
+    // The budget is derived (max_server_connections 0) and /readyz turns 200 with the
+    // control user's logins alone.
+    let p = SluiceProcess::spawn(&env);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, body) = http_get(p.admin, "/readyz");
+        if status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not ready: {body}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, metrics) = http_get(p.admin, "/metrics");
+    assert!(
+        metric(&metrics, "sluice_server_connections_budget") > 1.0,
+        "derived: {metrics}"
+    );
+    drop(p);
+    let log = pg.log_contents();
+    assert!(
+        log.contains("connection authorized: user=own_monitor"),
+        "{log}"
+    );
+    let app_failures = log
+        .matches("password authentication failed for user \"own_app\"")
+        .count();
+    assert_eq!(app_failures, 1, "one refused login, sluice check's: {log}");
+}
