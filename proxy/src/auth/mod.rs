@@ -18,9 +18,11 @@
 pub mod iam;
 mod md5;
 mod scram;
+mod scram_client;
 
 pub use self::md5::Md5Hash;
 pub use self::scram::{Channel, ScramServer, ScramVerifier};
+pub use self::scram_client::{Binding, ScramClient, ScramKeys};
 
 use crate::protocol::sqlstate::{self, SqlState};
 
@@ -64,6 +66,10 @@ pub enum AuthError {
     /// A configured secret is unusable (e.g. an empty password).
     #[error("invalid secret: {0}")]
     InvalidSecret(&'static str),
+    /// The server's final SCRAM message does not prove it knows the password (Sluice's own
+    /// logins to the server).
+    #[error("the server's SCRAM signature does not match: it does not know the password")]
+    ServerSignatureMismatch,
     /// The caller-supplied server nonce is empty or not SCRAM-printable.
     #[error("invalid SCRAM server nonce")]
     InvalidServerNonce,

@@ -20,13 +20,13 @@ use super::{constant_time_eq, AuthError};
 pub(crate) const VERIFIER_PREFIX: &str = "SCRAM-SHA-256$";
 const DEFAULT_ITERATIONS: u32 = 4096;
 const DEFAULT_SALT_LEN: usize = 16;
-const KEY_LEN: usize = 32;
+pub(super) const KEY_LEN: usize = 32;
 /// Real client messages are around 100 bytes; anything this large is abuse.
 const MAX_MESSAGE_LEN: usize = 2048;
 const MAX_NONCE_LEN: usize = 512;
 const MAX_SALT_LEN: usize = 1024;
 
-type Key = [u8; KEY_LEN];
+pub(super) type Key = [u8; KEY_LEN];
 
 /// A user's SCRAM-SHA-256 secret: enough to verify a client's proof and to
 /// prove the server knows the password, without holding the password.
@@ -49,11 +49,7 @@ impl ScramVerifier {
     /// Runs PBKDF2 (`iterations` HMAC rounds): keep it off async threads.
     pub fn derive(password: &str, salt: &[u8], iterations: u32) -> Self {
         let iterations = iterations.max(1);
-        let prepared = stringprep::saslprep(password)
-            .map(|p| p.into_owned().into_bytes())
-            .unwrap_or_else(|_| password.as_bytes().to_vec());
-        let mut salted = [0u8; KEY_LEN];
-        pbkdf2::pbkdf2_hmac::<Sha256>(&prepared, salt, iterations, &mut salted);
+        let salted = salted_password(password, salt, iterations);
         let client_key = hmac(&salted, &[b"Client Key"]);
         ScramVerifier {
             iterations,
@@ -348,7 +344,7 @@ impl fmt::Debug for ScramServer {
     }
 }
 
-fn hmac(key: &[u8], parts: &[&[u8]]) -> Key {
+pub(super) fn hmac(key: &[u8], parts: &[&[u8]]) -> Key {
     // Cannot fail: HMAC takes keys of any length (longer ones are hashed, shorter ones padded).
     #[allow(clippy::expect_used)]
     let mut mac =
@@ -359,33 +355,44 @@ fn hmac(key: &[u8], parts: &[&[u8]]) -> Key {
     mac.finalize().into_bytes().into()
 }
 
+/// SaltedPassword: PBKDF2 of the SASLprep'd password (its raw bytes when SASLprep rejects it,
+/// as PostgreSQL and libpq do).
+pub(super) fn salted_password(password: &str, salt: &[u8], iterations: u32) -> Key {
+    let prepared = stringprep::saslprep(password)
+        .map(|p| p.into_owned().into_bytes())
+        .unwrap_or_else(|_| password.as_bytes().to_vec());
+    let mut salted = [0u8; KEY_LEN];
+    pbkdf2::pbkdf2_hmac::<Sha256>(&prepared, salt, iterations, &mut salted);
+    salted
+}
+
 /// The value of a `<name>=<value>` SCRAM attribute.
-fn attr(part: &[u8], name: u8) -> Option<&[u8]> {
+pub(super) fn attr(part: &[u8], name: u8) -> Option<&[u8]> {
     part.strip_prefix(&[name, b'='])
 }
 
 /// A non-empty, bounded run of RFC 5802 `printable`: visible ASCII but ','.
-fn is_valid_nonce(s: &[u8]) -> bool {
+pub(super) fn is_valid_nonce(s: &[u8]) -> bool {
     !s.is_empty()
         && s.len() <= MAX_NONCE_LEN
         && s.iter().all(|&b| (0x21..=0x7e).contains(&b) && b != b',')
 }
 
 /// An optional attribute we ignore, as PostgreSQL does.
-fn is_extension(part: &[u8]) -> bool {
+pub(super) fn is_extension(part: &[u8]) -> bool {
     matches!(part, [name, b'=', ..] if name.is_ascii_alphabetic())
 }
 
 /// Decodes base64, refusing input that would decode to over `max` bytes
 /// before allocating for it.
-fn decode_b64(s: &[u8], max: usize) -> Option<Vec<u8>> {
+pub(super) fn decode_b64(s: &[u8], max: usize) -> Option<Vec<u8>> {
     if s.len() > max.div_ceil(3) * 4 {
         return None;
     }
     STANDARD.decode(s).ok().filter(|d| d.len() <= max)
 }
 
-fn decode_key(s: &[u8]) -> Option<Key> {
+pub(super) fn decode_key(s: &[u8]) -> Option<Key> {
     decode_b64(s, KEY_LEN)?.try_into().ok()
 }
 

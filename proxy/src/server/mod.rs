@@ -20,13 +20,12 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use parking_lot::Mutex;
-use postgres_protocol::authentication::sasl::{
-    ChannelBinding, ScramSha256, SCRAM_SHA_256, SCRAM_SHA_256_PLUS,
-};
+use postgres_protocol::authentication::sasl::{SCRAM_SHA_256, SCRAM_SHA_256_PLUS};
 use postgres_protocol::message::{backend::Message, frontend};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::auth::{Binding, ScramClient, ScramKeys};
 use crate::config::ServerTls;
 use crate::error::PgError;
 use crate::prepared::ServerStatements;
@@ -37,6 +36,33 @@ use crate::tls::Connector;
 
 pub use error::{client_error, ServerError};
 pub use password::{rds_iam_tokens, ServerPassword};
+
+/// The SCRAM keys of `password` for the server's `salt` and `iterations`: those `t`'s password
+/// keeps from an earlier login with the same salt, else derived (PBKDF2, on the blocking pool)
+/// and kept for the next login.
+async fn scram_keys(
+    t: &Target,
+    password: &str,
+    salt: Vec<u8>,
+    iterations: u32,
+) -> Result<Arc<ScramKeys>, ServerError> {
+    if let Some(keys) = t
+        .password
+        .as_ref()
+        .and_then(|p| p.scram_keys(password, &salt, iterations))
+    {
+        return Ok(keys);
+    }
+    let owned = password.to_string();
+    let keys = tokio::task::spawn_blocking(move || ScramKeys::derive(&owned, &salt, iterations))
+        .await
+        .map_err(|e| ServerError::Auth(e.to_string()))?;
+    let keys = Arc::new(keys);
+    if let Some(p) = &t.password {
+        p.keep_scram_keys(password, keys.clone());
+    }
+    Ok(keys)
+}
 
 /// Largest message accepted from a server during Sluice's own exchanges (startup, resets).
 const MAX_CONTROL_MESSAGE: usize = 1 << 20;
@@ -294,7 +320,7 @@ impl ServerConn {
         ];
         frontend::startup_message(params.iter().copied(), &mut out)?;
         self.stream.send(&out).await?;
-        let mut scram: Option<ScramSha256> = None;
+        let mut scram: Option<ScramClient> = None;
         let mut bound = false;
         let password = || {
             password.ok_or_else(|| {
@@ -340,41 +366,40 @@ impl ServerConn {
                     // but was not offered -PLUS says so ('y'), so a downgrade is detected.
                     let end_point = crate::tls::peer_end_point(&self.stream);
                     let (mechanism, binding) = match end_point {
-                        Some(data) if plus => (
-                            SCRAM_SHA_256_PLUS,
-                            ChannelBinding::tls_server_end_point(data),
-                        ),
-                        Some(_) if plain => (SCRAM_SHA_256, ChannelBinding::unrequested()),
-                        None if plain => (SCRAM_SHA_256, ChannelBinding::unsupported()),
+                        Some(data) if plus => {
+                            (SCRAM_SHA_256_PLUS, Binding::ServerEndPoint(data.to_vec()))
+                        }
+                        Some(_) if plain => (SCRAM_SHA_256, Binding::Unrequested),
+                        None if plain => (SCRAM_SHA_256, Binding::Unsupported),
                         _ => {
                             return Err(ServerError::Auth(
                                 "server offers no supported SASL mechanism".into(),
                             ))
                         }
                     };
+                    password()?;
                     bound = mechanism == SCRAM_SHA_256_PLUS;
-                    let s = ScramSha256::new(password()?.as_bytes(), binding);
-                    frontend::sasl_initial_response(mechanism, s.message(), &mut out)?;
-                    scram = Some(s);
+                    let (client, first) = ScramClient::start(binding);
+                    frontend::sasl_initial_response(mechanism, &first, &mut out)?;
+                    scram = Some(client);
                 }
                 Message::AuthenticationSaslContinue(body) => {
-                    let mut s = scram
+                    let mut client = scram
                         .take()
                         .ok_or_else(|| ServerError::Protocol("unexpected SASLContinue".into()))?;
-                    // The client proof costs a PBKDF2 run: keep it off the async workers.
-                    let data = body.data().to_vec();
-                    let s = tokio::task::spawn_blocking(move || s.update(&data).map(|()| s))
-                        .await
-                        .map_err(|e| ServerError::Auth(e.to_string()))?
+                    let (salt, iterations) = client
+                        .server_first(body.data())
                         .map_err(|e| ServerError::Auth(e.to_string()))?;
-                    frontend::sasl_response(s.message(), &mut out)?;
-                    scram = Some(s);
+                    let keys = scram_keys(t, password()?, salt, iterations).await?;
+                    frontend::sasl_response(&client.client_final(&keys), &mut out)?;
+                    scram = Some(client);
                 }
                 Message::AuthenticationSaslFinal(body) => {
-                    let mut s = scram
+                    let client = scram
                         .take()
                         .ok_or_else(|| ServerError::Protocol("unexpected SASLFinal".into()))?;
-                    s.finish(body.data())
+                    client
+                        .finish(body.data())
                         .map_err(|e| ServerError::Auth(e.to_string()))?;
                 }
                 Message::ParameterStatus(body) => {

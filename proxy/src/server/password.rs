@@ -24,6 +24,7 @@ use tokio::time::Instant;
 
 use super::ServerError;
 use crate::auth::iam::{IamError, IamTokens};
+use crate::auth::ScramKeys;
 use crate::config::{read_secret_file, Config, ServerAuth};
 
 /// Shortest time between two reads of a user's password file after refused logins, so a burst
@@ -42,6 +43,9 @@ pub struct ServerPassword {
 struct State {
     /// The password to log in with: as loaded, or as last read from the file.
     value: String,
+    /// The SCRAM keys of `value` for the salt the server last named: a login with the same
+    /// salt needs no PBKDF2 run. Dropped when `value` changes.
+    scram: Option<Arc<ScramKeys>>,
     /// When the file was last read after a refused login.
     reread_at: Option<Instant>,
 }
@@ -54,6 +58,7 @@ impl ServerPassword {
             state: Mutex::new(State {
                 value: value.into(),
                 reread_at: None,
+                scram: None,
             }),
             iam: None,
         }
@@ -134,6 +139,28 @@ impl ServerPassword {
         self.state.lock().value.clone()
     }
 
+    /// The SCRAM keys kept for `password` (the one in force) and this salt and iteration
+    /// count, if an earlier login derived them.
+    pub fn scram_keys(
+        &self,
+        password: &str,
+        salt: &[u8],
+        iterations: u32,
+    ) -> Option<Arc<ScramKeys>> {
+        let state = self.state.lock();
+        let keys = state.scram.as_ref()?;
+        (state.value == password && keys.fits(salt, iterations)).then(|| keys.clone())
+    }
+
+    /// Keeps `keys`, derived from `password`, for the next logins (unless the password in
+    /// force has changed meanwhile).
+    pub fn keep_scram_keys(&self, password: &str, keys: Arc<ScramKeys>) {
+        let mut state = self.state.lock();
+        if state.value == password {
+            state.scram = Some(keys);
+        }
+    }
+
     /// After the server refused a login with `refused`: a different password to try once, or
     /// `None`. When another login already read a new password, that one; otherwise the file is
     /// read again, unless it was read less than [`REREAD_INTERVAL`] ago, and its content is
@@ -178,7 +205,9 @@ impl ServerPassword {
             return None;
         }
         tracing::info!(key, path = %path.display(), "server login refused; the password file has changed: logging in with its new content");
-        self.state.lock().value = fresh.clone();
+        let mut state = self.state.lock();
+        state.value = fresh.clone();
+        state.scram = None;
         Some(fresh)
     }
 }
@@ -284,6 +313,26 @@ mod tests {
             matches!(&e, ServerError::Auth(why) if why.contains("\"app\"")),
             "{e}"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn scram_keys_are_kept_for_their_password_and_salt() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, path) = from_file(dir.path(), "old\n");
+        assert!(p.scram_keys("old", b"salt", 4096).is_none());
+        let keys = Arc::new(ScramKeys::derive("old", b"salt", 4096));
+        p.keep_scram_keys("old", keys.clone());
+        assert_eq!(p.scram_keys("old", b"salt", 4096), Some(keys.clone()));
+        // Another salt (the role's password was set again) or another password: derive anew.
+        assert!(p.scram_keys("old", b"pepper", 4096).is_none());
+        assert!(p.scram_keys("other", b"salt", 4096).is_none());
+        // Keys of a password no longer in force are not kept.
+        p.keep_scram_keys("stale", Arc::new(ScramKeys::derive("stale", b"salt", 1)));
+        assert_eq!(p.scram_keys("old", b"salt", 4096), Some(keys));
+        // A new password from the file drops them.
+        std::fs::write(&path, "new\n").unwrap();
+        assert_eq!(p.after_refused_login("old").await.as_deref(), Some("new"));
+        assert!(p.scram_keys("new", b"salt", 4096).is_none());
     }
 
     #[tokio::test]
