@@ -6,18 +6,24 @@
 //! Input: a mode byte, then the message. In the SCRAM modes (0-5: the channel offer is mode
 //! % 3, a real verifier below 3 and an unknown user's mock from 3) the client-first-message
 //! runs to the first NUL and the client-final-message is the rest. Mode 6 is an md5
-//! PasswordMessage body, mode 7 a token.
+//! PasswordMessage body, mode 7 a token. Mode 8 is the other side: the server's messages to
+//! Sluice's own SCRAM client (`ScramClient`), server-first-message to the first NUL and
+//! server-final-message after it.
 //!
 //! Checks: an unknown user's exchange never succeeds; a server-first-message carries the
 //! client's nonce and then the server's; a successful exchange proves the server with `v=`; a
-//! token's fields are the ones it was read with.
+//! token's fields are the ones it was read with; the client accepts a server-first-message
+//! only with its nonce extended and a salt, and a server-final-message only with the signature
+//! of the keys it proved.
 #![no_main]
 
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use sluice::auth::iam;
-use sluice::auth::{Channel, Credentials, ScramServer, ScramVerifier};
+use sluice::auth::{
+    Binding, Channel, Credentials, ScramClient, ScramKeys, ScramServer, ScramVerifier,
+};
 use sluice::protocol::frontend;
 
 /// RFC 7677's example exchange: password `pencil`, this salt and server nonce, 4096 rounds, so
@@ -43,7 +49,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let (real, mock, md5) = verifiers();
-    match mode % 8 {
+    match mode % 9 {
         m @ 0..=5 => {
             let channel = match m % 3 {
                 0 => Channel::Unavailable,
@@ -64,9 +70,39 @@ fuzz_target!(|data: &[u8]| {
                 let _ = hash.verify(*b"salt", response);
             }
         }
-        _ => token(msg),
+        7 => token(msg),
+        _ => client(msg),
     }
 });
+
+/// The RFC 7677 client nonce, and the keys of `pencil` for its salt.
+const CLIENT_NONCE: &str = "rOprNGfwEbeRWgbNEkqO";
+
+fn keys() -> &'static ScramKeys {
+    static K: OnceLock<ScramKeys> = OnceLock::new();
+    K.get_or_init(|| ScramKeys::derive("pencil", SALT, 4096))
+}
+
+fn client(msg: &[u8]) {
+    let (first, last) = match msg.iter().position(|&b| b == 0) {
+        Some(i) => (&msg[..i], Some(&msg[i + 1..])),
+        None => (msg, None),
+    };
+    let (mut c, _) = ScramClient::start_with_nonce(Binding::Unsupported, CLIENT_NONCE.into());
+    let Ok((salt, iterations)) = c.server_first(first) else {
+        return;
+    };
+    assert!(first.starts_with(format!("r={CLIENT_NONCE}").as_bytes()));
+    assert!(!salt.is_empty() && iterations >= 1);
+    // Whatever salt was named, the proof is computed with the fixed keys (no PBKDF2 here).
+    let final_message = c.client_final(keys());
+    assert!(final_message.starts_with(b"c=biws,r="));
+    if let Some(last) = last {
+        if c.finish(last).is_ok() {
+            assert!(last.starts_with(b"v="), "accepted without a signature");
+        }
+    }
+}
 
 fn scram(
     verifier: &ScramVerifier,
