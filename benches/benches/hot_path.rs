@@ -184,5 +184,36 @@ fn pool(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, framing, relay, pool);
+/// Sluice's side of a SCRAM login to the server: with the keys derived at this login (PBKDF2,
+/// 4,096 rounds, what every login cost before keys were kept), and with the keys kept from an
+/// earlier login as the same user.
+fn scram_login(c: &mut Criterion) {
+    use sluice::auth::{Binding, Channel, ScramClient, ScramKeys, ScramServer, ScramVerifier};
+    let salt = b"sixteen byte slt";
+    let verifier = ScramVerifier::derive("app-password", salt, 4096);
+    let login = |keys: Option<&ScramKeys>| {
+        let (mut client, first) = ScramClient::start(Binding::Unsupported);
+        let (server, server_first) =
+            ScramServer::start(&verifier, &first, "servernonce", Channel::Unavailable)
+                .expect("server-first");
+        let (salt, iterations) = client.server_first(&server_first).expect("salt");
+        let derived;
+        let keys = match keys {
+            Some(k) => k,
+            None => {
+                derived = ScramKeys::derive("app-password", &salt, iterations);
+                &derived
+            }
+        };
+        let server_final = server.finish(&client.client_final(keys)).expect("proof");
+        client.finish(&server_final).expect("signature");
+    };
+    let kept = ScramKeys::derive("app-password", salt, 4096);
+    let mut g = c.benchmark_group("scram_server_login");
+    g.bench_function("keys_derived", |b| b.iter(|| login(None)));
+    g.bench_function("keys_kept", |b| b.iter(|| login(Some(&kept))));
+    g.finish();
+}
+
+criterion_group!(benches, framing, relay, pool, scram_login);
 criterion_main!(benches);
