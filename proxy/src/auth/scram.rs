@@ -48,14 +48,13 @@ impl ScramVerifier {
     ///
     /// Runs PBKDF2 (`iterations` HMAC rounds): keep it off async threads.
     pub fn derive(password: &str, salt: &[u8], iterations: u32) -> Self {
-        let iterations = iterations.max(1);
-        let salted = salted_password(password, salt, iterations);
-        let client_key = hmac(&salted, &[b"Client Key"]);
+        // The client's keys without the ClientKey, which a verifier does not keep.
+        let keys = super::ScramKeys::derive(password, salt, iterations);
         ScramVerifier {
-            iterations,
-            salt: salt.to_vec(),
-            stored_key: Sha256::digest(client_key).into(),
-            server_key: hmac(&salted, &[b"Server Key"]),
+            iterations: keys.iterations,
+            salt: keys.salt,
+            stored_key: keys.stored_key,
+            server_key: keys.server_key,
             mock: false,
         }
     }

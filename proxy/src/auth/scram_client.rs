@@ -32,11 +32,11 @@ pub const MAX_ITERATIONS: u32 = 10_000_000;
 /// that server (they log in as the user), so never written anywhere; `Debug` leaves them out.
 #[derive(Clone, PartialEq, Eq)]
 pub struct ScramKeys {
-    salt: Vec<u8>,
-    iterations: u32,
+    pub(super) salt: Vec<u8>,
+    pub(super) iterations: u32,
     client_key: Key,
-    stored_key: Key,
-    server_key: Key,
+    pub(super) stored_key: Key,
+    pub(super) server_key: Key,
 }
 
 impl ScramKeys {
