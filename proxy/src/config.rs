@@ -27,7 +27,7 @@ use thiserror::Error;
 mod server_auth;
 mod validate;
 
-pub use self::server_auth::ServerAuth;
+pub use self::server_auth::{AuthMode, ServerAuth};
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -307,6 +307,13 @@ pub struct Config {
     /// Named prepared statements kept per server connection (least recently used closed).
     pub max_prepared_statements: u32,
     pub client_auth: ClientAuth,
+    /// Who judges a client's password: `users` (those configured) or `passthrough`.
+    pub auth: AuthMode,
+    /// How long passthrough keeps a user's SCRAM keys after its last server login with them.
+    #[serde(with = "duration")]
+    pub passthrough_ttl: Duration,
+    /// Passthrough asks for a cleartext password off TLS from other hosts than loopback.
+    pub allow_cleartext_without_tls: bool,
     /// Users that may connect to the admin console (the virtual database `sluice`).
     pub admin_users: Vec<String>,
     pub group_by: GroupBy,
@@ -330,6 +337,8 @@ pub struct DatabaseConfig {
     pub pool_mode: Option<PoolMode>,
     pub pool_size: Option<u32>,
     pub min_pool_size: Option<u32>,
+    /// `auth` for this database.
+    pub auth: Option<AuthMode>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -411,6 +420,9 @@ impl Default for Config {
             max_message_bytes: 64 << 20,
             max_prepared_statements: 200,
             client_auth: ClientAuth::ScramSha256,
+            auth: AuthMode::Users,
+            passthrough_ttl: Duration::from_secs(3600),
+            allow_cleartext_without_tls: false,
             admin_users: Vec::new(),
             group_by: GroupBy::User,
             max_group_labels: 100,

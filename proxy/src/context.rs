@@ -37,6 +37,8 @@ pub struct Context {
     pub tls: RwLock<crate::tls::TlsState>,
     /// Seeds the SCRAM exchange of unknown users, so it fails like a wrong password.
     pub mock_secret: [u8; 32],
+    /// Passthrough authentication's kept keys and failure counts.
+    pub passthrough: crate::passthrough::Passthrough,
     pub clients: ClientRegistry,
     /// ParameterStatus values of each pool's servers, reported to clients at start-up.
     pub server_params: Mutex<HashMap<PoolId, ServerParams>>,
@@ -104,9 +106,11 @@ impl Context {
         }
     }
 
-    /// The password to log in to the server as `user` with, if one is configured.
+    /// The credential to log in to the server as `user` with: the configured one, else the
+    /// SCRAM keys passthrough keeps for the user.
     pub fn server_password(&self, user: &str) -> Option<Arc<ServerPassword>> {
-        self.server_passwords.read().get(user).cloned()
+        let configured = self.server_passwords.read().get(user).cloned();
+        configured.or_else(|| self.passthrough.server_password(user))
     }
 }
 

@@ -42,6 +42,7 @@ pub mod error;
 pub mod maintenance;
 pub mod metrics;
 pub mod net;
+pub mod passthrough;
 pub mod pool;
 pub mod prepared;
 pub mod protocol;
@@ -232,6 +233,7 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Handle,
         servers: Default::default(),
         tls: RwLock::new(tls),
         mock_secret: rand::random(),
+        passthrough: Default::default(),
         clients: Default::default(),
         server_params: Default::default(),
         shutdown: shutdown.clone(),

@@ -60,12 +60,15 @@ pub const QUERY_REJECT_REASONS: &[&str] = &[
     "shutting_down",
 ];
 /// How clients authenticate to Sluice (`method` of [`CLIENT_LOGINS`]).
-pub const CLIENT_LOGIN_METHODS: &[&str] = &["scram-sha-256", "scram-sha-256-plus", "md5"];
+/// `password`: a cleartext password, which passthrough authentication has the server verify.
+pub const CLIENT_LOGIN_METHODS: &[&str] =
+    &["scram-sha-256", "scram-sha-256-plus", "md5", "password"];
 /// How Sluice authenticates to the server (`method` of [`SERVER_LOGINS`]): `server_auth`.
 pub const SERVER_LOGIN_METHODS: &[&str] = &["password", "rds_iam"];
 /// `result` of [`CLIENT_LOGINS`] and [`SERVER_LOGINS`]: accepted; refused (a wrong password
-/// or token); error (no credential could be had, or the exchange broke off).
-pub const LOGIN_RESULTS: &[&str] = &["ok", "refused", "error"];
+/// or token); error (no credential could be had, or the exchange broke off); limited (a
+/// passthrough login refused without a try, after too many failures).
+pub const LOGIN_RESULTS: &[&str] = &["ok", "refused", "error", "limited"];
 
 pub const CONNECT_RESULTS: &[&str] = &[
     "ok",
@@ -90,6 +93,7 @@ pub const CLOSE_REASONS: &[&str] = &[
     "idle_transaction_timeout",
     "client_stall_timeout",
     "query_timeout",
+    "pool_full",
 ];
 pub const PIN_REASONS: &[&str] = &[
     "set",

@@ -48,11 +48,15 @@ impl ScramVerifier {
     ///
     /// Runs PBKDF2 (`iterations` HMAC rounds): keep it off async threads.
     pub fn derive(password: &str, salt: &[u8], iterations: u32) -> Self {
-        // The client's keys without the ClientKey, which a verifier does not keep.
-        let keys = super::ScramKeys::derive(password, salt, iterations);
+        ScramVerifier::from_keys(&super::ScramKeys::derive(password, salt, iterations))
+    }
+
+    /// The verifier of `keys`: the client's keys without the ClientKey, which a verifier does
+    /// not keep. No PBKDF2 is run.
+    pub fn from_keys(keys: &super::ScramKeys) -> Self {
         ScramVerifier {
             iterations: keys.iterations,
-            salt: keys.salt,
+            salt: keys.salt.clone(),
             stored_key: keys.stored_key,
             server_key: keys.server_key,
             mock: false,

@@ -56,6 +56,14 @@ impl ScramKeys {
         }
     }
 
+    /// Whether `password` gives these keys (for their salt and iteration count).
+    ///
+    /// Runs PBKDF2: keep it off async threads.
+    pub fn matches(&self, password: &str) -> bool {
+        let other = ScramKeys::derive(password, &self.salt, self.iterations);
+        super::constant_time_eq(&other.stored_key, &self.stored_key)
+    }
+
     /// Whether these keys were derived for this salt and iteration count (what the server's
     /// first message names); a server that names others has another password for the user.
     pub fn fits(&self, salt: &[u8], iterations: u32) -> bool {
@@ -290,6 +298,8 @@ mod tests {
         let v = ScramVerifier::derive("pw", b"salt", 4096);
         assert!(v.to_string().contains(&STANDARD.encode(keys.stored_key)));
         assert!(!format!("{keys:?}").contains(&STANDARD.encode(keys.client_key)));
+        assert!(keys.matches("pw") && !keys.matches("pW") && !keys.matches(""));
+        assert_eq!(ScramVerifier::from_keys(&keys), v);
     }
 
     /// RFC 7677 section 3's example exchange, byte for byte.

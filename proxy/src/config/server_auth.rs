@@ -1,5 +1,6 @@
-//! How Sluice authenticates to the server (`server_auth`, `aws_region`): with the users'
-//! passwords, or with RDS IAM tokens ([`crate::auth::iam`]); and as whom it logs in for
+//! Who judges a client's password (`auth`: the configured users, or the server itself through
+//! passthrough), how Sluice authenticates to the server (`server_auth`, `aws_region`): with the
+//! users' passwords, or with RDS IAM tokens ([`crate::auth::iam`]); and as whom it logs in for
 //! itself (`control_user`).
 
 use serde::{Deserialize, Serialize};
@@ -27,7 +28,35 @@ impl ServerAuth {
     }
 }
 
+/// Who verifies the password of a client that logs in to a database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMode {
+    /// Only the configured `users`, against their configured secrets.
+    Users,
+    /// The configured users as with `users`; any other user is verified by logging in to the
+    /// server as that user with the password the client gives ([`crate::passthrough`]).
+    Passthrough,
+}
+
 impl Config {
+    /// `auth` for `database`: its own setting, else the global one.
+    pub fn auth_for(&self, database: &str) -> AuthMode {
+        self.databases
+            .get(database)
+            .and_then(|d| d.auth)
+            .unwrap_or(self.auth)
+    }
+
+    /// Whether any database verifies unlisted users through the server.
+    pub fn any_passthrough(&self) -> bool {
+        self.auth == AuthMode::Passthrough
+            || self
+                .databases
+                .values()
+                .any(|d| d.auth == Some(AuthMode::Passthrough))
+    }
+
     /// The (database, user) Sluice logs in as for its own purposes (the server's limit,
     /// readiness): `control_user` on `control_database` (else the first database), or the
     /// first configured of each.
@@ -135,6 +164,38 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    #[test]
+    fn passthrough_per_database_and_without_users() {
+        let cfg = load(&format!(
+            "auth = \"passthrough\"\npassthrough_ttl = \"10m\"\n[databases.other]\nauth = \"users\"\n{BASE}server_password = \"pw\"\n"
+        ))
+        .unwrap();
+        assert_eq!(cfg.auth_for("d"), AuthMode::Passthrough);
+        assert_eq!(cfg.auth_for("other"), AuthMode::Users);
+        assert_eq!(cfg.passthrough_ttl, std::time::Duration::from_secs(600));
+        assert!(!cfg.allow_cleartext_without_tls);
+        let cfg =
+            load("[databases.d]\nauth = \"passthrough\"\n[users.u]\npassword = \"pw\"\n").unwrap();
+        assert!(cfg.any_passthrough() && cfg.auth_for("d") == AuthMode::Passthrough);
+        assert_eq!(cfg.auth_for("elsewhere"), AuthMode::Users);
+        // No users: passthrough with a control user (Sluice's own logins) only.
+        let cfg = load("auth = \"passthrough\"\ncontrol_user = \"mon\"\ncontrol_password = \"pw\"\n[databases.d]\n").unwrap();
+        assert!(cfg.users.is_empty());
+        assert_eq!(cfg.first_login(), Some(("d".into(), "mon".into())));
+        for toml in [
+            "auth = \"passthrough\"\n[databases.d]\n",
+            "control_user = \"mon\"\n[databases.d]\n",
+        ] {
+            let e = load(toml).unwrap_err();
+            assert!(e.contains("`users`") && e.contains("control_user"), "{e}");
+        }
+        let e = load(&format!(
+            "auth = \"server\"\n{BASE}server_password = \"pw\"\n"
+        ))
+        .unwrap_err();
+        assert!(e.contains("auth"), "{e}");
     }
 
     #[test]

@@ -13,10 +13,10 @@ impl Config {
                 "no database configured: give --upstream or [databases.NAME]",
             ));
         }
-        if self.users.is_empty() {
+        if self.users.is_empty() && !(self.any_passthrough() && self.control_user.is_some()) {
             return Err(invalid(
                 "users",
-                "no user configured: give --upstream or [users.NAME]",
+                "no user configured: give --upstream or [users.NAME] (or auth = \"passthrough\" with a control_user)",
             ));
         }
         if self.control_user.is_none() {

@@ -85,6 +85,24 @@ impl<C: Send + 'static> Lease<C> {
         });
     }
 
+    /// Makes an empty lease a connect slot of `pool` instead (a login verified for one pool
+    /// whose connection belongs to another), unless `pool` is full: then `false`, and it
+    /// stays where it was.
+    pub fn move_to(&mut self, pool: PoolId) -> bool {
+        if self.entry.is_some() {
+            return false;
+        }
+        let moved = self
+            .shared
+            .state
+            .lock()
+            .move_slot(self.pool, pool, self.group.is_some());
+        if moved {
+            self.pool = pool;
+        }
+        moved
+    }
+
     /// Drops a connection found dead before use and makes the lease a connect slot again,
     /// keeping its place in the budget; `reason` labels the closed-connections metric.
     pub fn reconnect(&mut self, reason: &'static str) {

@@ -566,6 +566,27 @@ impl<C: Send + 'static> State<C> {
         self.pools[pool.0].connecting -= 1;
     }
 
+    /// Moves a connect slot (leased on behalf of a group when `leased`) from pool `from` to
+    /// pool `to`, unless `to` is full. Totals and the budget do not change.
+    pub fn move_slot(&mut self, from: PoolId, to: PoolId, leased: bool) -> bool {
+        let (f, t) = (from.0, to.0);
+        if f == t {
+            return true;
+        }
+        if self.pools[t].total >= self.pools[t].size {
+            return false;
+        }
+        self.pools[f].total -= 1;
+        self.pools[f].connecting -= 1;
+        self.pools[t].total += 1;
+        self.pools[t].connecting += 1;
+        if leased {
+            self.pools[f].active -= 1;
+            self.pools[t].active += 1;
+        }
+        true
+    }
+
     /// A lease's dead connection is dropped and the lease becomes a connect slot again.
     pub fn refill(&mut self, pool: PoolId, old: C) {
         self.dead.push(old);

@@ -454,3 +454,33 @@ async fn warm_slots_fill_to_min_and_reaper_keeps_it() {
     );
     check(&pools);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_connect_slot_moves_to_another_pool_within_its_size() {
+    let pools = Pools::new(limits(3));
+    let verify = pools.pool("db", "", 3, 0);
+    let user = pools.pool("db", "u", 1, 0);
+    let g = pools.group("g", GroupLimits::default());
+    let mut first = pools.acquire(verify, g).await.unwrap();
+    assert!(first.move_to(user));
+    check(&pools);
+    first.fill(7);
+    first.release();
+    check(&pools);
+    // The user's pool holds the connection now: its next lease brings it.
+    let mut again = pools.acquire(user, g).await.unwrap();
+    assert_eq!(again.conn().copied(), Some(7));
+    // Its pool is full: a second verified slot stays where it was.
+    let mut second = pools.acquire(verify, g).await.unwrap();
+    assert!(!second.move_to(user));
+    assert_eq!(second.pool(), verify);
+    check(&pools);
+    second.fill(8);
+    assert!(!second.move_to(user), "a filled lease does not move");
+    second.discard();
+    again.release();
+    check(&pools);
+    let stats = pools.pool_stats();
+    let held: u32 = stats.iter().map(|s| s.active + s.idle + s.connecting).sum();
+    assert_eq!(held, 1, "{stats:?}");
+}

@@ -53,6 +53,12 @@ async fn scram_keys(
     {
         return Ok(keys);
     }
+    if t.password.as_ref().is_some_and(|p| p.is_keys_only()) {
+        return Err(ServerError::Auth(format!(
+            "the server's SCRAM salt for \"{}\" is not the one Sluice keeps keys for: the role's password was set again, and its next login gives Sluice the new one",
+            t.user
+        )));
+    }
     let owned = password.to_string();
     let keys = tokio::task::spawn_blocking(move || ScramKeys::derive(&owned, &salt, iterations))
         .await
@@ -322,12 +328,13 @@ impl ServerConn {
         self.stream.send(&out).await?;
         let mut scram: Option<ScramClient> = None;
         let mut bound = false;
+        let keys_only = t.password.as_ref().is_some_and(|p| p.is_keys_only());
         let password = || {
-            password.ok_or_else(|| {
-                ServerError::Auth(
-                    "server asked for a password and none is configured (set server_password or server_password_file)"
-                        .into(),
-                )
+            password.filter(|_| !keys_only).ok_or_else(|| {
+                ServerError::Auth(match keys_only {
+                    true => format!("the server asked for a password for \"{}\", and Sluice keeps only the SCRAM keys of passthrough users (the role's password must be stored as scram-sha-256)", t.user),
+                    false => "server asked for a password and none is configured (set server_password or server_password_file)".into(),
+                })
             })
         };
         loop {
@@ -377,7 +384,9 @@ impl ServerConn {
                             ))
                         }
                     };
-                    password()?;
+                    if !keys_only {
+                        password()?;
+                    }
                     bound = mechanism == SCRAM_SHA_256_PLUS;
                     let (client, first) = ScramClient::start(binding);
                     frontend::sasl_initial_response(mechanism, &first, &mut out)?;
@@ -390,7 +399,10 @@ impl ServerConn {
                     let (salt, iterations) = client
                         .server_first(body.data())
                         .map_err(|e| ServerError::Auth(e.to_string()))?;
-                    let keys = scram_keys(t, password()?, salt, iterations).await?;
+                    let keys = match keys_only {
+                        true => scram_keys(t, "", salt, iterations).await?,
+                        false => scram_keys(t, password()?, salt, iterations).await?,
+                    };
                     frontend::sasl_response(&client.client_final(&keys), &mut out)?;
                     scram = Some(client);
                 }

@@ -38,6 +38,8 @@ pub struct ServerPassword {
     state: Mutex<State>,
     /// With `server_auth = "rds_iam"`: the tokens presented in place of a password.
     iam: Option<Arc<IamTokens>>,
+    /// Only SCRAM keys, no password (a passthrough user's, [`crate::passthrough`]).
+    keys_only: bool,
 }
 
 struct State {
@@ -61,7 +63,28 @@ impl ServerPassword {
                 scram: None,
             }),
             iam: None,
+            keys_only: false,
         }
+    }
+
+    /// SCRAM keys in place of a password: logins work while the server names their salt.
+    pub fn scram_keys_only(keys: Arc<ScramKeys>) -> ServerPassword {
+        let password = ServerPassword::fixed(String::new());
+        password.state.lock().scram = Some(keys);
+        ServerPassword {
+            keys_only: true,
+            ..password
+        }
+    }
+
+    /// Whether this holds only SCRAM keys.
+    pub fn is_keys_only(&self) -> bool {
+        self.keys_only
+    }
+
+    /// The SCRAM keys the last SCRAM login derived or used, if any.
+    pub fn kept_scram_keys(&self) -> Option<Arc<ScramKeys>> {
+        self.state.lock().scram.clone()
     }
 
     /// RDS IAM tokens from `tokens` in place of a password.
@@ -166,7 +189,7 @@ impl ServerPassword {
     /// read again, unless it was read less than [`REREAD_INTERVAL`] ago, and its content is
     /// returned when it differs from `refused`.
     pub async fn after_refused_login(&self, refused: &str) -> Option<String> {
-        if self.iam.is_some() {
+        if self.iam.is_some() || self.keys_only {
             return None;
         }
         let (key, path) = {
@@ -247,6 +270,9 @@ impl fmt::Debug for ServerPassword {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.iam.is_some() {
             return f.write_str("ServerPassword(rds_iam)");
+        }
+        if self.keys_only {
+            return f.write_str("ServerPassword(scram keys)");
         }
         match &self.file {
             Some((key, path)) => write!(f, "ServerPassword({key} = {})", path.display()),

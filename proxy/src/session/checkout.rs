@@ -10,7 +10,7 @@ use super::Session;
 use crate::context::ServerParams;
 use crate::error::{sqlstate, PgError, Severity};
 use crate::pool::Lease;
-use crate::server::{self, ServerConn, Target};
+use crate::server::{self, ServerConn, ServerError, Target};
 
 /// Delays between connect attempts through an outage: 100 ms doubling up to 1 s, each drawn
 /// between half and all of that so the sessions waiting do not come back in step.
@@ -98,10 +98,14 @@ impl Session<'_> {
         let mut backoff = Backoff::default();
         loop {
             let started = std::time::Instant::now();
+            let password = self
+                .ctx
+                .server_password(&self.user)
+                .or_else(|| self.kept.clone());
             let target = Target::new(
                 &self.config,
                 &self.ctx.tls().connector,
-                self.ctx.server_password(&self.user),
+                password.clone(),
                 &self.database,
                 &self.user,
             );
@@ -113,7 +117,20 @@ impl Session<'_> {
                 &self.database,
                 &self.ctx.servers,
             ));
-            let e = match connecting.await {
+            let result = connecting.await;
+            if let Some(p) = password.as_ref().filter(|p| p.is_keys_only()) {
+                match &result {
+                    Ok(_) => self
+                        .ctx
+                        .passthrough
+                        .renew(&self.user, p, self.config.passthrough_ttl),
+                    Err(e) if e.is_login_refused() || matches!(e, ServerError::Auth(_)) => {
+                        self.ctx.passthrough.forget(&self.user, p)
+                    }
+                    Err(_) => {}
+                }
+            }
+            let e = match result {
                 Ok(conn) => {
                     g.connect_time.record(started.elapsed().as_secs_f64());
                     self.ctx

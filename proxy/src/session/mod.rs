@@ -8,6 +8,7 @@
 
 mod checkout;
 mod ending;
+mod passthrough;
 mod settings;
 mod startup;
 
@@ -135,7 +136,7 @@ enum Started<'a> {
 async fn start<'a>(ctx: &'a Arc<Context>, conn: &mut ClientConn) -> Started<'a> {
     let config = ctx.config();
     let login_timeout = config.client_login_timeout;
-    let (login, authenticated) = match tokio::time::timeout(login_timeout, async {
+    let (login, authenticated, kept) = match tokio::time::timeout(login_timeout, async {
         let Some(login) = startup::read_startup(ctx, conn).await? else {
             return Ok(None);
         };
@@ -150,10 +151,24 @@ async fn start<'a>(ctx: &'a Arc<Context>, conn: &mut ClientConn) -> Started<'a> 
             .with_side(Side::Client)
             .into());
         }
-        let authenticated = startup::authenticate(ctx, conn, &login).await?;
+        let verdict = startup::authenticate(ctx, conn, &login).await?;
+        let known = login.database == ADMIN_DATABASE || config.databases.contains_key(&login.database);
+        let (authenticated, kept) = match verdict {
+            startup::Verdict::Ok(out, kept) => (out, kept),
+            // Only a configured database's server can judge the password.
+            startup::Verdict::Unverified(_) if !known => return Err(startup::password_failed(&login)),
+            startup::Verdict::Unverified(password) => {
+                let addr = conn.peer_addr().ok().map(|a| a.ip());
+                let verifying = passthrough::verify(ctx, &config, &login, addr, password);
+                let kept = Box::pin(verifying).await?;
+                let mut out = BytesMut::new();
+                Out::auth_ok(&mut out);
+                (out, Some(kept))
+            }
+        };
         // After authentication, as PostgreSQL does, so that only a client that may log in
         // learns which databases exist.
-        if login.database != ADMIN_DATABASE && !config.databases.contains_key(&login.database) {
+        if !known {
             let _ = conn.send(&authenticated).await;
             return Err(PgError::fatal(
                 sqlstate::INVALID_CATALOG_NAME,
@@ -162,7 +177,7 @@ async fn start<'a>(ctx: &'a Arc<Context>, conn: &mut ClientConn) -> Started<'a> 
             .with_side(Side::Client)
             .into());
         }
-        Ok(Some((login, authenticated)))
+        Ok(Some((login, authenticated, kept)))
     })
     .await
     {
@@ -196,6 +211,7 @@ async fn start<'a>(ctx: &'a Arc<Context>, conn: &mut ClientConn) -> Started<'a> 
     }
     let peer = conn.peer_addr().ok();
     let mut session = Session::new(ctx, config, &login);
+    session.kept = kept;
     let registration = ctx.clients.register(clients::ClientIdentity {
         user: login.user.clone(),
         database: login.database.clone(),
@@ -233,6 +249,9 @@ struct Session<'a> {
     mode: PoolMode,
     /// The user the client logged in as (server connections log in as it too).
     user: String,
+    /// A passthrough user's SCRAM keys as of its login: server logins use them when Sluice
+    /// no longer keeps any for the user (expired, or refused since).
+    kept: Option<Arc<server::ServerPassword>>,
 }
 
 /// What the session loop does after a request.
@@ -386,6 +405,7 @@ impl<'a> Session<'a> {
             group,
             mode,
             user: login.user.clone(),
+            kept: None,
         }
     }
 

@@ -1,18 +1,22 @@
 //! Client start-up: the startup packet (TLS after an SSLRequest or directly, GSSENC refusals,
 //! cancel requests) and password authentication (SCRAM-SHA-256, -PLUS over TLS, or md5)
-//! against the users Sluice is configured with.
+//! against the users Sluice is configured with, or passthrough's (`super::passthrough`).
 //!
 //! See <https://www.postgresql.org/docs/current/protocol-flow.html#PROTOCOL-FLOW-START-UP>.
+
+use std::sync::Arc;
 
 use bytes::BytesMut;
 
 use super::{ClientConn, Context, Exit};
 use crate::auth::{AuthError, Channel, Md5Hash, ScramServer, ScramVerifier};
 use crate::client_conn::{ClientError, Opening};
-use crate::config::ClientAuth;
+use crate::config::{AuthMode, ClientAuth, Config};
+use crate::context::ADMIN_DATABASE;
 use crate::error::{sqlstate, PgError, Side};
 use crate::protocol::backend::Out;
 use crate::protocol::frontend::{self, tag, Startup};
+use crate::server::ServerPassword;
 use crate::stream::Stream;
 use crate::tls::Acceptor;
 
@@ -162,21 +166,42 @@ async fn upgrade(conn: &mut ClientConn, acceptor: &Acceptor) -> Result<(), Exit>
     })
 }
 
+/// How a client's authentication ended, when it did not end the connection.
+pub enum Verdict {
+    /// Authenticated: the last authentication messages (SCRAM's final message,
+    /// AuthenticationOk), not yet sent, for the caller to send in one write with what follows;
+    /// for a passthrough user, the SCRAM keys its server logins use.
+    Ok(BytesMut, Option<Arc<ServerPassword>>),
+    /// A passthrough user's cleartext password, which only the server can verify.
+    Unverified(String),
+}
+
 /// Authenticates `login.user`. Unknown users go through the same exchange as known ones and
-/// fail the same way, so the answer does not reveal which users exist. On success returns the
-/// last authentication messages (SCRAM's final message, AuthenticationOk), not yet sent: the
-/// caller sends them in one write with what follows.
+/// fail the same way, so the answer does not reveal which users exist. A user that is not
+/// configured, logging in to a database with `auth = "passthrough"`, runs SCRAM against the
+/// keys kept from an earlier login, or else is asked for its password in cleartext.
 pub async fn authenticate(
     ctx: &Context,
     conn: &mut ClientConn,
     login: &Login,
-) -> Result<BytesMut, Exit> {
+) -> Result<Verdict, Exit> {
+    let config = ctx.config();
     let credentials = ctx.credentials.read().clone();
     let creds = credentials.get(&login.user);
+    let passthrough = creds.is_none()
+        && login.database != ADMIN_DATABASE
+        && config.auth_for(&login.database) == AuthMode::Passthrough;
+    let kept = match passthrough {
+        true => ctx.passthrough.kept(&login.user),
+        false => None,
+    };
+    if passthrough && kept.is_none() {
+        return cleartext(&config, conn, login).await;
+    }
     let md5 = creds.and_then(|c| c.md5());
     let scram = creds.and_then(|c| c.scram());
-    let use_md5 = match ctx.config().client_auth {
-        ClientAuth::Md5 => md5.is_some() || creds.is_none(),
+    let use_md5 = match config.client_auth {
+        ClientAuth::Md5 => (md5.is_some() || creds.is_none()) && kept.is_none(),
         ClientAuth::ScramSha256 => scram.is_none() && md5.is_some(),
     };
     let mut out = BytesMut::with_capacity(1024);
@@ -185,9 +210,10 @@ pub async fn authenticate(
         md5_exchange(conn, md5).await
     } else {
         let mock;
-        let verifier = match scram {
-            Some(v) => v,
-            None => {
+        let verifier = match (scram, &kept) {
+            (Some(v), _) => v,
+            (None, Some(kept)) => &kept.verifier,
+            (None, None) => {
                 mock = ScramVerifier::mock(&login.user, &ctx.mock_secret);
                 &mock
             }
@@ -210,17 +236,47 @@ pub async fn authenticate(
     };
     crate::metrics::client_login(method, if ok { "ok" } else { "refused" });
     if !ok {
-        crate::metrics::global().auth_failures.increment(1);
-        tracing::info!(user = %login.user, "client authentication failed");
+        return Err(password_failed(login));
+    }
+    Out::auth_ok(&mut out);
+    Ok(Verdict::Ok(out, kept.map(|k| k.password.clone())))
+}
+
+/// Asks a passthrough user for its password in cleartext: only over TLS, from loopback, or
+/// with `allow_cleartext_without_tls`.
+async fn cleartext(config: &Config, conn: &mut ClientConn, login: &Login) -> Result<Verdict, Exit> {
+    let loopback = conn.peer_addr().is_ok_and(|a| a.ip().is_loopback());
+    if !(login.tls || loopback || config.allow_cleartext_without_tls) {
+        crate::metrics::client_login("password", "error");
         return Err(PgError::fatal(
-            sqlstate::INVALID_PASSWORD,
-            format!("password authentication failed for user \"{}\"", login.user),
+            sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+            format!("user \"{}\" logs in with passthrough authentication, which takes a password only over TLS: connect with sslmode=verify-full (or require)", login.user),
         )
         .with_side(Side::Client)
         .into());
     }
-    Out::auth_ok(&mut out);
-    Ok(out)
+    let mut out = BytesMut::new();
+    Out::auth_cleartext(&mut out);
+    conn.send(&out).await?;
+    let body = read_password_message(conn).await?;
+    let password =
+        frontend::password(&body).map_err(|e| PgError::protocol_violation(e.to_string()))?;
+    // Not UTF-8: no PostgreSQL password either (SCRAM's SASLprep takes text); it fails below.
+    Ok(Verdict::Unverified(
+        String::from_utf8(password.to_vec()).unwrap_or_default(),
+    ))
+}
+
+/// The answer to a failed password: PostgreSQL's, the same for unknown users.
+pub fn password_failed(login: &Login) -> Exit {
+    crate::metrics::global().auth_failures.increment(1);
+    tracing::info!(user = %login.user, "client authentication failed");
+    PgError::fatal(
+        sqlstate::INVALID_PASSWORD,
+        format!("password authentication failed for user \"{}\"", login.user),
+    )
+    .with_side(Side::Client)
+    .into()
 }
 
 /// Reads one password-family message ('p') whole.

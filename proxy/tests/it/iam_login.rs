@@ -17,6 +17,7 @@ use sluice::config::Config;
 use crate::certs::{IssueOpts, TestCa};
 use crate::drivers::require_python;
 use crate::iam::{botocore_tokens, session_token, KEY, SECRET};
+use crate::passthrough::{logins, plain_as};
 use crate::pg::PgServer;
 use crate::proxy::{overrides, TlsSettings};
 use crate::support::within_for;
@@ -38,9 +39,20 @@ impl Clock for TestClock {
 
 /// botocore's token for the test user on `cfg`'s server at `at`, with a session token.
 async fn botocore_token(python: &std::path::Path, cfg: &Config, at: SystemTime) -> String {
+    botocore_token_for(python, &cfg.server_host, cfg.server_port, USER, at).await
+}
+
+/// botocore's token for `user` on `host:port` at `at`, with a session token.
+async fn botocore_token_for(
+    python: &std::path::Path,
+    host: &str,
+    port: u16,
+    user: &str,
+    at: SystemTime,
+) -> String {
     let time = at.duration_since(UNIX_EPOCH).unwrap().as_secs();
     let input = serde_json::json!({
-        "region": REGION, "host": cfg.server_host, "port": cfg.server_port, "user": USER,
+        "region": REGION, "host": host, "port": port, "user": user,
         "key": KEY, "secret": SECRET, "token": session_token(), "time": time,
     })
     .to_string()
@@ -52,8 +64,12 @@ async fn botocore_token(python: &std::path::Path, cfg: &Config, at: SystemTime) 
 
 /// Makes the role's password `token` (what RDS would accept for it).
 fn accept_token(pg: &PgServer, token: &str) {
+    accept_token_for(pg, USER, token);
+}
+
+fn accept_token_for(pg: &PgServer, role: &str, token: &str) {
     assert!(!token.contains('\''), "a token has no quote: {token}");
-    pg.psql(&format!("ALTER ROLE {USER} PASSWORD '{token}'"));
+    pg.psql(&format!("ALTER ROLE {role} PASSWORD '{token}'"));
 }
 
 /// Closes every session of the test user on the server, so the next query needs a new login.
@@ -180,5 +196,120 @@ async fn server_logins_present_rds_iam_tokens_and_renew_them() {
     };
     assert!(logins("ok") >= 2.0, "{body}");
     assert!(logins("refused") >= 1.0, "{body}");
+    h.stop().await;
+}
+
+/// Passthrough with RDS IAM tokens from clients: the server (playing RDS: the role's password
+/// is the token, pg_hba `password` over TLS) verifies a function's token once; the same token
+/// logs in again without a server login, and pooled connections log in with it; a token
+/// signed for Sluice's address, for another user, or expired is refused with a clear error
+/// and no server login; a token the server refuses gets its answer and a hint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_rds_iam_tokens_are_verified_by_the_server_and_remembered_until_they_expire() {
+    let python = require_python("botocore");
+    let ca = TestCa::new("IAM passthrough CA");
+    let cert = ca.issue(&IssueOpts::default());
+    let pg = start_pg(Some(hostssl_only(&cert))).await;
+    // Like RDS for an IAM role: the password in clear text (over TLS), which is the token.
+    pg.create_user("fn_iam", "unused");
+    let hba = pg.data_dir().join("pg_hba.conf");
+    let rules = std::fs::read_to_string(&hba).expect("read pg_hba.conf");
+    std::fs::write(
+        &hba,
+        format!("hostssl all fn_iam 127.0.0.1/32 password\n{rules}"),
+    )
+    .expect("write pg_hba.conf");
+    assert_eq!(pg.psql("SELECT pg_reload_conf()"), "t");
+    let dir = tempfile::tempdir().expect("dir");
+    let settings = TlsSettings {
+        server_tls: Some("verify-full"),
+        server_tls_ca_file: Some(ca.write_cert(dir.path(), "ca.crt")),
+        extra: vec![("auth", toml::Value::String("passthrough".into()))],
+        ..Default::default()
+    };
+    let path = dir.path().join("sluice.toml");
+    std::fs::write(&path, settings.to_toml()).expect("write the configuration");
+    let flags = overrides(&pg, USER, PASSWORD, DB, 4, 4);
+    let mut cfg = Config::load(Some(&path), &flags).expect("a passthrough configuration loads");
+    cfg.server_check_delay = Duration::ZERO;
+    let (host, port) = (cfg.server_host.clone(), cfg.server_port);
+    let h = sluice::start_from(cfg, Some(path.clone()), flags)
+        .await
+        .expect("Sluice starts");
+
+    let now = SystemTime::now();
+    let token = botocore_token_for(&python, &host, port, "fn_iam", now).await;
+    assert!(
+        token.len() > 1400,
+        "with a session token: {} bytes",
+        token.len()
+    );
+    accept_token_for(&pg, "fn_iam", &token);
+    for _ in 0..3 {
+        let c = plain_as(&h, "fn_iam", &token, DB)
+            .await
+            .unwrap_or_else(|e| panic!("{:?}", code_and_message(&e)));
+        assert_eq!(scalar(&c, "SELECT current_user").await, "fn_iam");
+    }
+    assert_eq!(
+        logins(&pg, "fn_iam"),
+        1,
+        "one verifying login, its connection pooled"
+    );
+    // The pooled connection ends: the next one logs in with the token, which still works.
+    pg.psql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'fn_iam'");
+    let c = plain_as(&h, "fn_iam", &token, DB).await.unwrap();
+    assert_eq!(scalar(&c, "SELECT current_user").await, "fn_iam");
+    assert_eq!(logins(&pg, "fn_iam"), 2);
+
+    // Refused before any server login, each with what to fix.
+    let cases = [
+        (
+            botocore_token_for(&python, "127.0.0.1", h.local_addr.port(), "fn_iam", now).await,
+            "28000",
+            "signed for 127.0.0.1",
+        ),
+        (
+            botocore_token_for(&python, &host, port, USER, now).await,
+            "28000",
+            "is for user",
+        ),
+        (
+            botocore_token_for(
+                &python,
+                &host,
+                port,
+                "fn_iam",
+                now - Duration::from_secs(1800),
+            )
+            .await,
+            "28P01",
+            "expired",
+        ),
+    ];
+    for (bad, want, says) in &cases {
+        let e = plain_as(&h, "fn_iam", bad, DB).await.expect_err(says);
+        let (code, message) = code_and_message(&e);
+        assert_eq!(&code, want, "{message}");
+        assert!(message.contains(says), "{message}");
+        assert!(
+            !message.contains(bad.as_str()),
+            "no token in an error: {message}"
+        );
+    }
+    assert_eq!(logins(&pg, "fn_iam"), 2);
+    // A well-formed token the server refuses (signed a second later: another signature).
+    let other =
+        botocore_token_for(&python, &host, port, "fn_iam", now + Duration::from_secs(1)).await;
+    let e = plain_as(&h, "fn_iam", &other, DB)
+        .await
+        .expect_err("refused by the server");
+    let db = e.as_db_error().expect("a server error");
+    assert_eq!(db.code().code(), "28P01", "{}", db.message());
+    assert!(
+        db.hint().unwrap_or("").contains("rds_iam"),
+        "{:?}",
+        db.hint()
+    );
     h.stop().await;
 }

@@ -19,6 +19,7 @@ mod iam;
 mod iam_login;
 mod loadgen;
 mod outage;
+mod passthrough;
 mod pg;
 mod proxy;
 mod relay_capture;
