@@ -13,7 +13,7 @@ use bytes::BytesMut;
 use crate::client_conn::{ClientConn, Exit};
 use crate::clients::ClientState;
 use crate::config::{Config, PoolMode};
-use crate::context::Context;
+use crate::context::{Context, VERIFY_GROUP, VERIFY_USER};
 use crate::error::{sqlstate, PgError, Side};
 use crate::protocol::backend::{Out, TxStatus};
 use crate::protocol::frontend::{self, tag};
@@ -409,9 +409,13 @@ fn pools(ctx: &Context) -> Table {
             };
             let key = (p.database.clone(), p.user.clone());
             let [cl_active, cl_waiting, cl_idle] = by_pool.get(&key).copied().unwrap_or_default();
+            let user = match p.user.as_str() {
+                VERIFY_USER => VERIFY_GROUP,
+                user => user,
+            };
             vec![
                 s(&p.database),
-                s(&p.user),
+                s(user),
                 s(cl_active),
                 s(cl_waiting),
                 s(cl_idle),

@@ -114,6 +114,19 @@ impl Context {
     }
 }
 
+/// The user of each database's pool of passthrough's verifying logins (no client can log in
+/// as an empty user name). Its connections move to their role's pool once verified.
+pub const VERIFY_USER: &str = "";
+
+/// The group verifying logins wait in, whatever `group_by` says (a user's own group would be
+/// made for names nobody has verified); also how SHOW POOLS names their pools' user.
+pub const VERIFY_GROUP: &str = "(passthrough logins)";
+
+/// How many verifying logins a database's verification pool runs at once: `max_connecting`.
+pub fn verify_pool_size(cfg: &Config) -> u32 {
+    cfg.max_connecting.max(1)
+}
+
 /// The virtual database of the admin console.
 pub const ADMIN_DATABASE: &str = "sluice";
 
@@ -169,7 +182,10 @@ impl Context {
 
     /// Gives the pools `cfg`'s budget, limits, pool sizes and group settings.
     fn apply_limits(&self, cfg: &Config) {
-        let pool_size = |db: &str, _user: &str| (cfg.pool_size_for(db), cfg.min_pool_size_for(db));
+        let pool_size = |db: &str, user: &str| match user {
+            VERIFY_USER => (verify_pool_size(cfg), 0),
+            _ => (cfg.pool_size_for(db), cfg.min_pool_size_for(db)),
+        };
         let group = |name: &str| group_limits(cfg, name);
         self.pools.reconfigure(limits(cfg), &pool_size, &group);
         crate::metrics::global()

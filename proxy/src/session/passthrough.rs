@@ -1,8 +1,8 @@
 //! The verifying login of passthrough authentication: a client's cleartext password is right
 //! when the server accepts a login as that user with it ([`crate::passthrough`]).
 //!
-//! The login takes a connect slot of its database's verification pool (user `""`, which no
-//! client can be), so it waits in line, counts in the budget and in `max_connecting`, and
+//! The login takes a connect slot of its database's verification pool ([`VERIFY_USER`], which
+//! no client can be), so it waits in line, counts in the budget and in `max_connecting`, and
 //! creates no pool for a user nobody has verified; accepted, the slot moves to the user's pool
 //! and the connection becomes that pool's first (closed instead when that pool is full).
 
@@ -13,15 +13,11 @@ use super::startup::{password_failed, Login};
 use super::Exit;
 use crate::auth::iam;
 use crate::config::Config;
-use crate::context::{group_limits, Context};
+use crate::context::{group_limits, verify_pool_size, Context, VERIFY_GROUP, VERIFY_USER};
 use crate::error::{sqlstate, PgError, Severity, Side};
 use crate::passthrough::LIMITED_DELAY;
 use crate::server::{self, ServerConn, ServerError, ServerPassword, Target};
 use sha2::{Digest, Sha256};
-
-/// The group verifying logins wait in, whatever `group_by` says (a user's own group would be
-/// made for names nobody has verified).
-pub const VERIFY_GROUP: &str = "(passthrough logins)";
 
 /// Verifies `password` for `login.user` on `login.database` (a configured database): against
 /// keys another login kept meanwhile, else with a server login. Returns the user's kept keys.
@@ -70,7 +66,9 @@ pub(super) async fn verify(
         return Ok(kept);
     }
     let database = login.database.as_str();
-    let verify_pool = ctx.pools.pool(database, "", cfg.max_connecting.max(1), 0);
+    let verify_pool = ctx
+        .pools
+        .pool(database, VERIFY_USER, verify_pool_size(cfg), 0);
     let group = ctx
         .pools
         .group(VERIFY_GROUP, group_limits(cfg, VERIFY_GROUP));

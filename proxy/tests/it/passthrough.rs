@@ -360,3 +360,42 @@ async fn a_burst_of_first_logins_costs_a_few_server_logins_within_max_connecting
     );
     s.handle.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configuration_with_no_users_serves_roles_through_passthrough() {
+    let pg = start_pg(None).await;
+    create_roles(&pg, "solo_", 1);
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("sluice.toml");
+    // No [users]: Sluice's own logins (the budget read, readiness) as a control user. The
+    // budget is derived from the server and pools keep a warm connection, which the pool of
+    // verifying logins must not (it has no user to log in as).
+    std::fs::write(
+        &path,
+        format!(
+            "server_host = \"{}\"\nserver_port = {}\nauth = \"passthrough\"\n\
+             control_user = \"{USER}\"\ncontrol_password = \"{PASSWORD}\"\n\
+             [databases.{DB}]\nmin_pool_size = 1\n",
+            pg.host(),
+            pg.port()
+        ),
+    )
+    .expect("write the configuration");
+    let h = crate::proxy::start_from_file(&path).await;
+    let c = plain_as(&h, "solo_0", "pw-0", DB).await.unwrap();
+    assert_eq!(scalar(&c, "SELECT current_user").await, "solo_0");
+    // The control user is no client's: it is not in users, so it logs in like any role.
+    let c = plain_as(&h, USER, PASSWORD, DB).await.unwrap();
+    assert_eq!(scalar(&c, "SELECT current_user").await, USER);
+    let (code, _) = failed(plain_as(&h, "solo_0", "wrong", DB).await, "wrong password");
+    assert_eq!(code, "28P01");
+    // A RELOAD gives every pool its configured sizes again, the verifying logins' pool its own.
+    h.context.reload().await.expect("RELOAD");
+    // Maintenance ticks every second: three of them, and the warm connection of solo_0's pool
+    // (its kept keys) is there, while nothing logged in without a user name.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let log = pg.log_contents();
+    assert!(!log.contains("no PostgreSQL user name"), "{log}");
+    assert!(logins(&pg, "solo_0") >= 1);
+    h.stop().await;
+}
