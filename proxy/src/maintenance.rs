@@ -13,8 +13,8 @@ use crate::metrics;
 use crate::pool::Lease;
 use crate::server::{self, ServerConn, Target};
 
-/// Once a second: probes the server for readiness, closes idle and aged server connections,
-/// and keeps `min_pool_size` warm ones.
+/// Once a second: probes the server for readiness, closes idle and aged server connections and
+/// those the server has closed, and keeps `min_pool_size` warm ones.
 pub async fn run(ctx: Arc<Context>, status: Arc<crate::status::Status>) {
     let ready = ctx.ready.clone();
     let logging_in = Arc::new(AtomicBool::new(false));
@@ -70,6 +70,10 @@ pub async fn run(ctx: Arc<Context>, status: Arc<crate::status::Status>) {
             cfg.server_lifetime,
         );
         drop(dead);
+        // Idle connections the server has closed or spoken on (a restart's 57P01, a backend
+        // terminated): gone within a second, so warm pools refill before a client needs them.
+        let gone = ctx.pools.reap_gone(|conn| !conn.is_reusable());
+        drop(gone);
         for slot in ctx.pools.warm_slots() {
             let Some(stats) = ctx.pools.pool_stats().into_iter().nth(slot.pool().0) else {
                 continue;

@@ -94,6 +94,7 @@ pub const CLOSE_REASONS: &[&str] = &[
     "client_stall_timeout",
     "query_timeout",
     "pool_full",
+    "closed_by_server",
 ];
 pub const PIN_REASONS: &[&str] = &[
     "set",

@@ -310,6 +310,18 @@ impl<C: Send + 'static> Pools<C> {
         out
     }
 
+    /// Takes the idle connections `gone` says are dead, for the caller to close; the budget
+    /// they held is free again (and `min_pool_size` warms new ones).
+    pub fn reap_gone(&self, mut gone: impl FnMut(&mut C) -> bool) -> Vec<C> {
+        let (out, after) = {
+            let mut st = self.shared.state.lock();
+            let out = st.reap_gone(&mut gone);
+            (out, st.dispatch(&self.shared, Instant::now()))
+        };
+        after.run();
+        out
+    }
+
     /// Takes every idle connection (for shutdown and PAUSE).
     pub fn drain_idle(&self) -> Vec<C> {
         let (out, after) = {

@@ -621,6 +621,26 @@ impl<C: Send + 'static> State<C> {
         out
     }
 
+    /// Takes the idle connections `gone` says are dead (the server closed them, or said
+    /// something unasked), for the caller to close outside the lock.
+    pub fn reap_gone(&mut self, gone: &mut dyn FnMut(&mut C) -> bool) -> Vec<C> {
+        let mut out = Vec::new();
+        for ps in &mut self.pools {
+            let mut i = 0;
+            while i < ps.idle.len() {
+                if gone(&mut ps.idle[i].conn) {
+                    out.push(ps.idle.remove(i).conn);
+                    ps.total -= 1;
+                    self.total -= 1;
+                    crate::metrics::server_closed("closed_by_server");
+                } else {
+                    i += 1;
+                }
+            }
+        }
+        out
+    }
+
     pub fn drain_idle(&mut self) -> Vec<C> {
         let mut out = std::mem::take(&mut self.dead);
         for ps in &mut self.pools {

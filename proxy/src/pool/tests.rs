@@ -484,3 +484,25 @@ async fn a_connect_slot_moves_to_another_pool_within_its_size() {
     let held: u32 = stats.iter().map(|s| s.active + s.idle + s.connecting).sum();
     assert_eq!(held, 1, "{stats:?}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn idle_connections_found_gone_are_taken_and_free_their_budget() {
+    let pools = Pools::new(limits(2));
+    let p = pools.pool("db", "u", 2, 0);
+    let g = pools.group("g", GroupLimits::default());
+    let next = AtomicU32::new(1);
+    let a = ready(pools.acquire(p, g).await.unwrap(), &next);
+    let b = ready(pools.acquire(p, g).await.unwrap(), &next);
+    a.release();
+    b.release();
+    let gone = pools.reap_gone(|c| *c == 2);
+    assert_eq!(gone, vec![2]);
+    check(&pools);
+    // The budget it held is free: a second connection can be opened beside the one left.
+    let mut kept = ready(pools.acquire(p, g).await.unwrap(), &next);
+    let mut new = ready(pools.acquire(p, g).await.unwrap(), &next);
+    assert_eq!(
+        (kept.conn().copied(), new.conn().copied()),
+        (Some(1), Some(3))
+    );
+}
