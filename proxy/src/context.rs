@@ -39,6 +39,8 @@ pub struct Context {
     pub mock_secret: [u8; 32],
     /// Passthrough authentication's kept keys and failure counts.
     pub passthrough: crate::passthrough::Passthrough,
+    /// `auth_query`'s fetched secrets and its control pool.
+    pub auth_query: crate::auth_query::AuthQuery,
     pub clients: ClientRegistry,
     /// ParameterStatus values of each pool's servers, reported to clients at start-up.
     pub server_params: Mutex<HashMap<PoolId, ServerParams>>,
@@ -133,7 +135,11 @@ pub const ADMIN_DATABASE: &str = "sluice";
 /// Pool limits from a configuration.
 pub fn limits(cfg: &Config) -> Limits {
     Limits {
-        budget: cfg.max_server_connections,
+        // The control pool's connections are inside the budget too.
+        budget: cfg
+            .max_server_connections
+            .saturating_sub(crate::control::reserved(cfg))
+            .max(1),
         max_connecting: cfg.max_connecting,
         max_waiting: cfg.max_waiting,
         wait_timeout: cfg.wait_timeout,
@@ -244,6 +250,8 @@ impl Context {
         *self.iam_tokens.write() = iam_tokens;
         *self.tls.write() = tls;
         *self.config.write() = cfg;
+        // Secrets auth_query fetched are fetched again (a RELOAD is how to say a role changed).
+        self.auth_query.clear();
         tracing::info!("configuration reloaded");
         Ok(())
     }

@@ -32,12 +32,14 @@
 
 pub mod admin;
 pub mod auth;
+pub mod auth_query;
 pub mod check;
 pub mod client_conn;
 pub mod clients;
 pub mod config;
 pub mod console;
 pub mod context;
+pub mod control;
 pub mod error;
 pub mod maintenance;
 pub mod metrics;
@@ -234,6 +236,7 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Handle,
         tls: RwLock::new(tls),
         mock_secret: rand::random(),
         passthrough: Default::default(),
+        auth_query: Default::default(),
         clients: Default::default(),
         server_params: Default::default(),
         shutdown: shutdown.clone(),

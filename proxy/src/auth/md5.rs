@@ -60,11 +60,12 @@ impl Md5Hash {
         let response = client_response
             .strip_suffix(b"\0")
             .unwrap_or(client_response);
-        constant_time_eq(&self.expected_response(salt), response)
+        constant_time_eq(&self.response(salt), response)
     }
 
-    /// What a client knowing the password answers for `salt`.
-    fn expected_response(&self, salt: [u8; 4]) -> [u8; PREFIX.len() + HEX_LEN] {
+    /// What a client knowing the password answers for `salt`: the hash is all it takes, so
+    /// Sluice logs in to a server that asks md5 with a hash `auth_query` fetched.
+    pub fn response(&self, salt: [u8; 4]) -> [u8; PREFIX.len() + HEX_LEN] {
         let mut h = Md5::new();
         h.update(self.0);
         h.update(salt);

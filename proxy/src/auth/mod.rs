@@ -21,7 +21,7 @@ mod scram;
 mod scram_client;
 
 pub use self::md5::Md5Hash;
-pub use self::scram::{Channel, ScramServer, ScramVerifier};
+pub use self::scram::{Channel, Key, ScramServer, ScramVerifier};
 pub use self::scram_client::{Binding, ScramClient, ScramKeys};
 
 use crate::protocol::sqlstate::{self, SqlState};
@@ -330,6 +330,21 @@ mod tests {
             Err(AuthError::BadPassword)
         );
         assert_eq!(exchange(&v, "", plain()), Err(AuthError::BadPassword));
+    }
+
+    #[test]
+    fn the_client_key_a_proof_reveals_logs_in_without_the_password() {
+        let v = ScramVerifier::derive("pw", b"salt", 64);
+        let mut client = ScramSha256::new(b"pw", plain());
+        let nonce = ScramServer::random_nonce();
+        let (server, first) =
+            ScramServer::start(&v, client.message(), &nonce, Channel::Unavailable).unwrap();
+        client.update(&first).unwrap();
+        let (_, key) = server.finish_with_key(client.message()).unwrap();
+        assert_eq!(
+            ScramKeys::recovered(&v, key),
+            ScramKeys::derive("pw", b"salt", 64)
+        );
     }
 
     #[test]

@@ -26,16 +26,16 @@ const MAX_MESSAGE_LEN: usize = 2048;
 const MAX_NONCE_LEN: usize = 512;
 const MAX_SALT_LEN: usize = 1024;
 
-pub(super) type Key = [u8; KEY_LEN];
+pub type Key = [u8; KEY_LEN];
 
 /// A user's SCRAM-SHA-256 secret: enough to verify a client's proof and to
 /// prove the server knows the password, without holding the password.
 #[derive(Clone, PartialEq, Eq)]
 pub struct ScramVerifier {
-    iterations: u32,
-    salt: Vec<u8>,
-    stored_key: Key,
-    server_key: Key,
+    pub(super) iterations: u32,
+    pub(super) salt: Vec<u8>,
+    pub(super) stored_key: Key,
+    pub(super) server_key: Key,
     /// Stands in for an unknown user; no proof is ever accepted.
     mock: bool,
 }
@@ -286,6 +286,13 @@ impl ScramServer {
     /// send in `AuthenticationSASLFinal`, which proves to the client that
     /// the server knows its secret too.
     pub fn finish(self, client_final: &[u8]) -> Result<Vec<u8>, AuthError> {
+        self.finish_with_key(client_final).map(|(last, _)| last)
+    }
+
+    /// [`finish`](Self::finish), also returning the ClientKey the client's proof reveals
+    /// (ClientProof XOR ClientSignature): with the verifier's salt, StoredKey and ServerKey,
+    /// the keys of a login to the server as the user ([`super::ScramKeys::recovered`]).
+    pub fn finish_with_key(self, client_final: &[u8]) -> Result<(Vec<u8>, Key), AuthError> {
         use AuthError::MalformedScram as Bad;
         if client_final.len() > MAX_MESSAGE_LEN {
             return Err(Bad("client-final-message too long"));
@@ -333,11 +340,12 @@ impl ScramServer {
             return Err(AuthError::BadPassword);
         }
         let server_signature = hmac(&self.server_key, &[&auth_message]);
-        Ok([
+        let last = [
             b"v=".as_slice(),
             STANDARD.encode(server_signature).as_bytes(),
         ]
-        .concat())
+        .concat();
+        Ok((last, client_key))
     }
 }
 

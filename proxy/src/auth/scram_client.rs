@@ -17,7 +17,7 @@ use rand::Rng;
 use sha2::{Digest, Sha256};
 
 use super::scram::{attr, decode_b64, decode_key, hmac, is_valid_nonce, salted_password, Key};
-use super::{constant_time_eq, AuthError};
+use super::{constant_time_eq, AuthError, ScramVerifier};
 
 /// Largest server message read (real ones are about 100 bytes).
 const MAX_MESSAGE_LEN: usize = 2048;
@@ -53,6 +53,19 @@ impl ScramKeys {
             stored_key: Sha256::digest(client_key).into(),
             client_key,
             server_key: hmac(&salted, &[b"Server Key"]),
+        }
+    }
+
+    /// The keys a client's proof against `verifier` revealed (`client_key`, from
+    /// [`super::ScramServer::finish_with_key`]): they log in to a server that holds the same
+    /// verifier, with no password known anywhere.
+    pub fn recovered(verifier: &ScramVerifier, client_key: Key) -> ScramKeys {
+        ScramKeys {
+            salt: verifier.salt.clone(),
+            iterations: verifier.iterations,
+            client_key,
+            stored_key: verifier.stored_key,
+            server_key: verifier.server_key,
         }
     }
 
@@ -300,6 +313,7 @@ mod tests {
         assert!(!format!("{keys:?}").contains(&STANDARD.encode(keys.client_key)));
         assert!(keys.matches("pw") && !keys.matches("pW") && !keys.matches(""));
         assert_eq!(ScramVerifier::from_keys(&keys), v);
+        assert_eq!(ScramKeys::recovered(&v, keys.client_key), keys);
     }
 
     /// RFC 7677 section 3's example exchange, byte for byte.

@@ -43,7 +43,7 @@ impl Secrets {
             .ok()
             .and_then(|u| u.password().map(str::to_string))
         {
-            self.add(&super::decode(&p));
+            self.add(&super::upstream::decode(&p));
             self.add(&p);
         }
     }

@@ -37,6 +37,9 @@ pub enum AuthMode {
     /// The configured users as with `users`; any other user is verified by logging in to the
     /// server as that user with the password the client gives ([`crate::passthrough`]).
     Passthrough,
+    /// The configured users as with `users`; any other user's SCRAM verifier or md5 hash is
+    /// fetched from the server with `auth_query`, as `auth_user` ([`crate::auth_query`]).
+    AuthQuery,
 }
 
 impl Config {
@@ -50,11 +53,39 @@ impl Config {
 
     /// Whether any database verifies unlisted users through the server.
     pub fn any_passthrough(&self) -> bool {
-        self.auth == AuthMode::Passthrough
-            || self
-                .databases
-                .values()
-                .any(|d| d.auth == Some(AuthMode::Passthrough))
+        self.any_auth(AuthMode::Passthrough) || self.any_auth(AuthMode::AuthQuery)
+    }
+
+    /// Whether any database has `auth = mode`.
+    pub fn any_auth(&self, mode: AuthMode) -> bool {
+        self.auth == mode || self.databases.values().any(|d| d.auth == Some(mode))
+    }
+
+    /// The role `auth_query` runs as: `auth_user`, else `control_user`.
+    pub fn resolved_auth_user(&self) -> Option<&str> {
+        self.auth_user.as_deref().or(self.control_user.as_deref())
+    }
+
+    pub(super) fn validate_auth_query(&self) -> Result<(), ConfigError> {
+        if !self.any_auth(AuthMode::AuthQuery) {
+            return Ok(());
+        }
+        let Some(user) = self.resolved_auth_user() else {
+            return Err(invalid(
+                "auth_user",
+                "auth = \"auth_query\" needs the role that runs auth_query: set auth_user (one of users) or control_user",
+            ));
+        };
+        if !self.users.contains_key(user) && self.control_user.as_deref() != Some(user) {
+            return Err(invalid(
+                "auth_user",
+                format!("\"{user}\" is neither one of users nor control_user, so Sluice has no password to log in as it"),
+            ));
+        }
+        if !self.auth_query.contains("$1") {
+            return Err(invalid("auth_query", "must take the user name as $1"));
+        }
+        Ok(())
     }
 
     /// The (database, user) Sluice logs in as for its own purposes (the server's limit,

@@ -127,6 +127,7 @@ impl Config {
         }
         self.validate_tls()?;
         self.validate_server_auth()?;
+        self.validate_auth_query()?;
         if self.databases.contains_key("sluice") {
             return Err(invalid(
                 "databases.sluice",

@@ -30,6 +30,7 @@ use crate::metrics::GroupMetrics;
 pub(crate) type Grant<C> = Result<Lease<C>, Rejected>;
 
 mod control;
+mod reassign;
 pub use control::DatabaseStats;
 
 pub(crate) struct Waiter<C: Send + 'static> {
@@ -566,27 +567,6 @@ impl<C: Send + 'static> State<C> {
         self.pools[pool.0].connecting -= 1;
     }
 
-    /// Moves a connect slot (leased on behalf of a group when `leased`) from pool `from` to
-    /// pool `to`, unless `to` is full. Totals and the budget do not change.
-    pub fn move_slot(&mut self, from: PoolId, to: PoolId, leased: bool) -> bool {
-        let (f, t) = (from.0, to.0);
-        if f == t {
-            return true;
-        }
-        if self.pools[t].total >= self.pools[t].size {
-            return false;
-        }
-        self.pools[f].total -= 1;
-        self.pools[f].connecting -= 1;
-        self.pools[t].total += 1;
-        self.pools[t].connecting += 1;
-        if leased {
-            self.pools[f].active -= 1;
-            self.pools[t].active += 1;
-        }
-        true
-    }
-
     /// A lease's dead connection is dropped and the lease becomes a connect slot again.
     pub fn refill(&mut self, pool: PoolId, old: C) {
         self.dead.push(old);
@@ -613,26 +593,6 @@ impl<C: Send + 'static> State<C> {
                     ps.total -= 1;
                     self.total -= 1;
                     crate::metrics::server_closed(if old { "lifetime" } else { "idle_timeout" });
-                } else {
-                    i += 1;
-                }
-            }
-        }
-        out
-    }
-
-    /// Takes the idle connections `gone` says are dead (the server closed them, or said
-    /// something unasked), for the caller to close outside the lock.
-    pub fn reap_gone(&mut self, gone: &mut dyn FnMut(&mut C) -> bool) -> Vec<C> {
-        let mut out = Vec::new();
-        for ps in &mut self.pools {
-            let mut i = 0;
-            while i < ps.idle.len() {
-                if gone(&mut ps.idle[i].conn) {
-                    out.push(ps.idle.remove(i).conn);
-                    ps.total -= 1;
-                    self.total -= 1;
-                    crate::metrics::server_closed("closed_by_server");
                 } else {
                     i += 1;
                 }

@@ -355,6 +355,11 @@ impl ServerConn {
                     frontend::password_message(password()?.as_bytes(), &mut out)?;
                 }
                 Message::AuthenticationMd5Password(body) => {
+                    if let Some(h) = t.password.as_ref().and_then(|p| p.md5_hash()) {
+                        frontend::password_message(&h.response(body.salt()), &mut out)?;
+                        self.stream.send(&out).await?;
+                        continue;
+                    }
                     let hash = postgres_protocol::authentication::md5_hash(
                         t.user.as_bytes(),
                         password()?.as_bytes(),
@@ -638,6 +643,15 @@ fn fallible_next<I: fallible_iterator::FallibleIterator<Error = io::Error>>(
 }
 
 /// Opens the socket to the server and negotiates TLS as `t.tls` says.
+/// A connection to `t`'s server, TCP and TLS as configured, not logged in (Sluice's control
+/// connections log in over it with tokio-postgres), within `t.connect_timeout`.
+pub async fn open_stream(t: &Target) -> Result<Stream, ServerError> {
+    let addr = format!("{}:{}", t.host, t.port);
+    tokio::time::timeout(t.connect_timeout, open(t, &addr))
+        .await
+        .map_err(|_| ServerError::ConnectTimeout(addr.clone()))?
+}
+
 async fn open(t: &Target, addr: &str) -> Result<Stream, ServerError> {
     let tcp = tcp_connect(t, addr).await?;
     let mode = t.tls.mode;

@@ -38,8 +38,10 @@ pub struct ServerPassword {
     state: Mutex<State>,
     /// With `server_auth = "rds_iam"`: the tokens presented in place of a password.
     iam: Option<Arc<IamTokens>>,
-    /// Only SCRAM keys, no password (a passthrough user's, [`crate::passthrough`]).
+    /// Only SCRAM keys, or an md5 hash, no password (a passthrough or auth_query user's).
     keys_only: bool,
+    /// The md5 hash answering a server's md5 challenge (an auth_query user's).
+    md5: Option<crate::auth::Md5Hash>,
 }
 
 struct State {
@@ -64,7 +66,22 @@ impl ServerPassword {
             }),
             iam: None,
             keys_only: false,
+            md5: None,
         }
+    }
+
+    /// An md5 hash in place of a password: logins work where the server asks md5.
+    pub fn md5_hash_only(hash: crate::auth::Md5Hash) -> ServerPassword {
+        ServerPassword {
+            keys_only: true,
+            md5: Some(hash),
+            ..ServerPassword::fixed(String::new())
+        }
+    }
+
+    /// The md5 hash this answers md5 challenges with, when it holds one instead of a password.
+    pub fn md5_hash(&self) -> Option<&crate::auth::Md5Hash> {
+        self.md5.as_ref()
     }
 
     /// SCRAM keys in place of a password: logins work while the server names their salt.

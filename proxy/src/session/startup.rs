@@ -9,7 +9,7 @@ use std::sync::Arc;
 use bytes::BytesMut;
 
 use super::{ClientConn, Context, Exit};
-use crate::auth::{AuthError, Channel, Md5Hash, ScramServer, ScramVerifier};
+use crate::auth::{AuthError, Channel, Md5Hash, ScramKeys, ScramServer, ScramVerifier};
 use crate::client_conn::{ClientError, Opening};
 use crate::config::{AuthMode, ClientAuth, Config};
 use crate::context::ADMIN_DATABASE;
@@ -198,6 +198,16 @@ pub async fn authenticate(
     if passthrough && kept.is_none() {
         return cleartext(&config, conn, login).await;
     }
+    // auth_query: the secret the server gives for a user not configured (or none: a mock).
+    let fetched = match creds.is_none()
+        && login.database != ADMIN_DATABASE
+        && config.auth_for(&login.database) == AuthMode::AuthQuery
+    {
+        true => fetch(ctx, &config, login).await?,
+        false => None,
+    };
+    let from_query = fetched.is_some();
+    let creds = creds.or(fetched.as_ref());
     let md5 = creds.and_then(|c| c.md5());
     let scram = creds.and_then(|c| c.scram());
     let use_md5 = match config.client_auth {
@@ -206,6 +216,7 @@ pub async fn authenticate(
     };
     let mut out = BytesMut::with_capacity(1024);
     let mut method = if use_md5 { "md5" } else { "scram-sha-256" };
+    let mut client_key = None;
     let exchange = if use_md5 {
         md5_exchange(conn, md5).await
     } else {
@@ -226,6 +237,10 @@ pub async fn authenticate(
             &mut method,
         )
         .await
+        .map(|key| {
+            client_key = key.map(|k| ScramKeys::recovered(verifier, k));
+            client_key.is_some()
+        })
     };
     let ok = match exchange {
         Ok(ok) => ok,
@@ -239,7 +254,47 @@ pub async fn authenticate(
         return Err(password_failed(login));
     }
     Out::auth_ok(&mut out);
+    if from_query {
+        // Server logins as the user: the keys its proof revealed (kept like passthrough's, so
+        // warm and later connections have them too), or its md5 hash.
+        let password = match (client_key, md5) {
+            (Some(keys), _) => ctx
+                .passthrough
+                .keep(&login.user, Arc::new(keys), config.passthrough_ttl)
+                .password
+                .clone(),
+            (None, Some(hash)) => Arc::new(ServerPassword::md5_hash_only(hash.clone())),
+            (None, None) => return Err(password_failed(login)),
+        };
+        return Ok(Verdict::Ok(out, Some(password)));
+    }
     Ok(Verdict::Ok(out, kept.map(|k| k.password.clone())))
+}
+
+/// The secret `auth_query` gives for `login.user`; a failure to fetch it ends the login.
+async fn fetch(
+    ctx: &Context,
+    config: &Config,
+    login: &Login,
+) -> Result<Option<crate::auth::Credentials>, Exit> {
+    let user = config.resolved_auth_user().unwrap_or_default();
+    let tls = ctx.tls();
+    let fetching = ctx.auth_query.credentials(
+        config,
+        &tls.connector,
+        ctx.server_password(user),
+        &login.user,
+    );
+    Box::pin(fetching).await.map_err(|e| {
+        crate::metrics::client_login("scram-sha-256", "error");
+        tracing::warn!(error = %e, user = %login.user, "auth_query failed");
+        PgError::fatal(
+            sqlstate::CONNECTION_FAILURE,
+            format!("Sluice could not look up the user's password with auth_query: {e}"),
+        )
+        .with_side(Side::Server)
+        .into()
+    })
 }
 
 /// Asks a passthrough user for its password in cleartext: only over TLS, from loopback, or
@@ -305,7 +360,8 @@ fn auth_error(e: AuthError) -> PgError {
 }
 
 /// SCRAM-SHA-256, and SCRAM-SHA-256-PLUS bound to `binding` (the certificate the client was
-/// served) when given; on success the server's final message is left in `last` for the caller.
+/// served) when given; on success the server's final message is left in `last` for the caller,
+/// and the ClientKey the proof revealed is returned (`None`: a wrong password).
 /// `method` becomes the mechanism's name in lower case once the client has chosen it.
 async fn scram_exchange(
     conn: &mut ClientConn,
@@ -313,7 +369,7 @@ async fn scram_exchange(
     binding: Option<&[u8]>,
     last: &mut BytesMut,
     method: &mut &'static str,
-) -> Result<bool, Exit> {
+) -> Result<Option<crate::auth::Key>, Exit> {
     let mut out = BytesMut::new();
     // PostgreSQL's order: -PLUS first when the connection can bind.
     let mechanisms: &[&str] = match binding {
@@ -346,12 +402,12 @@ async fn scram_exchange(
     Out::auth_sasl_continue(&mut out, &server_first);
     conn.send(&out).await?;
     let body = read_password_message(conn).await?;
-    match server.finish(&body) {
-        Ok(server_final) => {
+    match server.finish_with_key(&body) {
+        Ok((server_final, client_key)) => {
             Out::auth_sasl_final(last, &server_final);
-            Ok(true)
+            Ok(Some(client_key))
         }
-        Err(AuthError::BadPassword) => Ok(false),
+        Err(AuthError::BadPassword) => Ok(None),
         Err(e) => Err(auth_error(e).into()),
     }
 }

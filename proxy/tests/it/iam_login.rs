@@ -212,14 +212,7 @@ async fn client_rds_iam_tokens_are_verified_by_the_server_and_remembered_until_t
     let pg = start_pg(Some(hostssl_only(&cert))).await;
     // Like RDS for an IAM role: the password in clear text (over TLS), which is the token.
     pg.create_user("fn_iam", "unused");
-    let hba = pg.data_dir().join("pg_hba.conf");
-    let rules = std::fs::read_to_string(&hba).expect("read pg_hba.conf");
-    std::fs::write(
-        &hba,
-        format!("hostssl all fn_iam 127.0.0.1/32 password\n{rules}"),
-    )
-    .expect("write pg_hba.conf");
-    assert_eq!(pg.psql("SELECT pg_reload_conf()"), "t");
+    crate::tls_server_auth::prepend_hba(&pg, "hostssl all fn_iam 127.0.0.1/32 password");
     let dir = tempfile::tempdir().expect("dir");
     let settings = TlsSettings {
         server_tls: Some("verify-full"),

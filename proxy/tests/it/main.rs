@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod admin;
+mod auth_query;
 mod backpressure;
 mod certs;
 mod console;

@@ -29,6 +29,14 @@ pub(crate) fn set_hba(pg: &PgServer, rule: &str) {
     assert_eq!(pg.psql("SELECT pg_reload_conf()"), "t");
 }
 
+/// Puts `rule` (a pg_hba.conf line) before the test server's rules and reloads it.
+pub(crate) fn prepend_hba(pg: &PgServer, rule: &str) {
+    let hba = pg.data_dir().join("pg_hba.conf");
+    let rules = std::fs::read_to_string(&hba).expect("read pg_hba.conf");
+    std::fs::write(&hba, format!("{rule}\n{rules}")).expect("write pg_hba.conf");
+    assert_eq!(pg.psql("SELECT pg_reload_conf()"), "t");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cleartext_password_only_over_verify_full() {
     let ca = TestCa::new("cleartext CA");
