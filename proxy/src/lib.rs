@@ -161,16 +161,17 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Handle,
         iam_tokens,
     } = options;
     let mut config = config;
+    // First, so the logins of start-up (the budget read) are counted too.
+    admin::recorder();
+    metrics::set_group_label_cap(config.max_group_labels as usize);
+    metrics::describe();
+    metrics::zero_initialise();
     let tls = tls::TlsState::load(&config)?;
     let iam_tokens = server::rds_iam_tokens(&config, iam_tokens.as_ref()).await?;
     let server_passwords = server::ServerPassword::all(&config, iam_tokens.as_ref());
     let limits_due = budget_from_server(&mut config, &tls.connector, &server_passwords).await?;
     let credentials = derive_credentials(&config).await?;
     let config = Arc::new(config);
-    admin::recorder();
-    metrics::set_group_label_cap(config.max_group_labels as usize);
-    metrics::describe();
-    metrics::zero_initialise();
     metrics::global()
         .budget
         .set(f64::from(config.max_server_connections));

@@ -63,6 +63,10 @@ pub const QUERY_REJECT_REASONS: &[&str] = &[
 /// `password`: a cleartext password, which passthrough authentication has the server verify.
 pub const CLIENT_LOGIN_METHODS: &[&str] =
     &["scram-sha-256", "scram-sha-256-plus", "md5", "password"];
+/// Who judged a client's password (`auth` of [`CLIENT_LOGINS`]): its configured secret
+/// (`users`, unknown users too where no other mode applies), the server (`passthrough`), or
+/// the secret `auth_query` fetched.
+pub const CLIENT_AUTH_MODES: &[&str] = &["users", "passthrough", "auth_query"];
 /// How Sluice authenticates to the server (`method` of [`SERVER_LOGINS`]): `server_auth`.
 pub const SERVER_LOGIN_METHODS: &[&str] = &["password", "rds_iam"];
 /// `result` of [`CLIENT_LOGINS`] and [`SERVER_LOGINS`]: accepted; refused (a wrong password
@@ -143,13 +147,16 @@ pub fn zero_initialise() {
             counter!(name, label => value).increment(0);
         }
     }
-    for (name, methods) in [
-        (CLIENT_LOGINS, CLIENT_LOGIN_METHODS),
-        (SERVER_LOGINS, SERVER_LOGIN_METHODS),
-    ] {
-        for method in methods.iter().copied() {
+    for method in SERVER_LOGIN_METHODS.iter().copied() {
+        for result in LOGIN_RESULTS.iter().copied() {
+            counter!(SERVER_LOGINS, "method" => method, "result" => result).increment(0);
+        }
+    }
+    for auth in CLIENT_AUTH_MODES.iter().copied() {
+        for method in CLIENT_LOGIN_METHODS.iter().copied() {
             for result in LOGIN_RESULTS.iter().copied() {
-                counter!(name, "method" => method, "result" => result).increment(0);
+                counter!(CLIENT_LOGINS, "auth" => auth, "method" => method, "result" => result)
+                    .increment(0);
             }
         }
     }
@@ -358,12 +365,13 @@ pub fn client_rejected(reason: &'static str) {
     counter!(CLIENT_REJECTED, "reason" => reason).increment(1);
 }
 
-/// A client's authentication ended: `method` of [`CLIENT_LOGIN_METHODS`], `result` of
-/// [`LOGIN_RESULTS`].
-pub fn client_login(method: &'static str, result: &'static str) {
+/// A client's authentication ended: `auth` of [`CLIENT_AUTH_MODES`], `method` of
+/// [`CLIENT_LOGIN_METHODS`], `result` of [`LOGIN_RESULTS`].
+pub fn client_login(auth: &'static str, method: &'static str, result: &'static str) {
+    debug_assert!(CLIENT_AUTH_MODES.contains(&auth), "{auth}");
     debug_assert!(CLIENT_LOGIN_METHODS.contains(&method), "{method}");
     debug_assert!(LOGIN_RESULTS.contains(&result), "{result}");
-    counter!(CLIENT_LOGINS, "method" => method, "result" => result).increment(1);
+    counter!(CLIENT_LOGINS, "auth" => auth, "method" => method, "result" => result).increment(1);
 }
 
 /// A login of Sluice's to the server ended: `method` of [`SERVER_LOGIN_METHODS`], `result`

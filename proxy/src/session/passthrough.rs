@@ -30,7 +30,7 @@ pub(super) async fn verify(
 ) -> Result<Arc<ServerPassword>, Exit> {
     let user = login.user.as_str();
     if ctx.passthrough.limited(user, addr) {
-        crate::metrics::client_login("password", "limited");
+        crate::metrics::client_login("passthrough", "password", "limited");
         tracing::info!(%user, ?addr, "passthrough login refused without a server login: too many failures");
         tokio::time::sleep(LIMITED_DELAY).await;
         return Err(password_failed(login));
@@ -38,7 +38,7 @@ pub(super) async fn verify(
     if password.is_empty() {
         // PostgreSQL never accepts an empty password.
         ctx.passthrough.failed(user, addr);
-        crate::metrics::client_login("password", "refused");
+        crate::metrics::client_login("passthrough", "password", "refused");
         return Err(password_failed(login));
     }
     let token = iam::parse_client_token(&password);
@@ -55,7 +55,7 @@ pub(super) async fn verify(
                 .passthrough
                 .token_accepted(user, &token_hash)
                 .inspect(|_| {
-                    crate::metrics::client_login("password", "ok");
+                    crate::metrics::client_login("passthrough", "password", "ok");
                 }),
             None => matches_kept(ctx, user, &password).await,
         }
@@ -73,7 +73,7 @@ pub(super) async fn verify(
         .pools
         .group(VERIFY_GROUP, group_limits(cfg, VERIFY_GROUP));
     let mut lease = ctx.pools.acquire(verify_pool, group).await.map_err(|r| {
-        crate::metrics::client_login("password", "error");
+        crate::metrics::client_login("passthrough", "password", "error");
         let e = super::ending::rejection(r);
         PgError::fatal(
             e.code(),
@@ -102,7 +102,7 @@ pub(super) async fn verify(
         Ok(conn) => conn,
         Err(ServerError::LoginRefused { error, .. }) => {
             ctx.passthrough.failed(user, addr);
-            crate::metrics::client_login("password", "refused");
+            crate::metrics::client_login("passthrough", "password", "refused");
             if token.is_some() {
                 crate::metrics::global().auth_failures.increment(1);
                 tracing::info!(%user, "passthrough: the server refused an RDS IAM token");
@@ -122,7 +122,7 @@ pub(super) async fn verify(
                 .into());
         }
         Err(e) => {
-            crate::metrics::client_login("password", "error");
+            crate::metrics::client_login("passthrough", "password", "error");
             ctx.record_login(verify_pool, database, user, Err(&e));
             tracing::warn!(error = %e, %database, %user, "passthrough: the verifying login failed");
             return Err(server::client_error(&e)
@@ -156,7 +156,7 @@ pub(super) async fn verify(
         (None, None) => {
             // md5, trust or a cleartext request: nothing to verify later logins against, and
             // with trust any password would have passed.
-            crate::metrics::client_login("password", "error");
+            crate::metrics::client_login("passthrough", "password", "error");
             tracing::warn!(%database, %user, "passthrough: the server did not authenticate the user with SCRAM-SHA-256; refused");
             return Err(PgError::fatal(
                 sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
@@ -166,7 +166,7 @@ pub(super) async fn verify(
             .into());
         }
     };
-    crate::metrics::client_login("password", "ok");
+    crate::metrics::client_login("passthrough", "password", "ok");
     let pool = ctx.pools.pool(
         database,
         user,
@@ -188,7 +188,7 @@ pub(super) async fn verify(
 /// expired.
 fn check_token(cfg: &Config, login: &Login, t: &iam::ClientToken) -> Result<(), Exit> {
     let refuse = |code, message: String, hint: &str| -> Result<(), Exit> {
-        crate::metrics::client_login("password", "refused");
+        crate::metrics::client_login("passthrough", "password", "refused");
         crate::metrics::global().auth_failures.increment(1);
         Err(PgError::fatal(code, message)
             .with_side(Side::Client)
@@ -236,7 +236,7 @@ async fn matches_kept(ctx: &Context, user: &str, password: &str) -> Option<Arc<S
     let pw = password.to_string();
     match tokio::task::spawn_blocking(move || keys.matches(&pw)).await {
         Ok(true) => {
-            crate::metrics::client_login("password", "ok");
+            crate::metrics::client_login("passthrough", "password", "ok");
             Some(kept.password.clone())
         }
         _ => None,

@@ -207,6 +207,14 @@ pub async fn authenticate(
         false => None,
     };
     let from_query = fetched.is_some();
+    let auth = match (
+        &kept,
+        creds.is_none() && config.auth_for(&login.database) == AuthMode::AuthQuery,
+    ) {
+        (Some(_), _) => "passthrough",
+        (None, true) => "auth_query",
+        (None, false) => "users",
+    };
     let creds = creds.or(fetched.as_ref());
     let md5 = creds.and_then(|c| c.md5());
     let scram = creds.and_then(|c| c.scram());
@@ -245,11 +253,11 @@ pub async fn authenticate(
     let ok = match exchange {
         Ok(ok) => ok,
         Err(e) => {
-            crate::metrics::client_login(method, "error");
+            crate::metrics::client_login(auth, method, "error");
             return Err(e);
         }
     };
-    crate::metrics::client_login(method, if ok { "ok" } else { "refused" });
+    crate::metrics::client_login(auth, method, if ok { "ok" } else { "refused" });
     if !ok {
         return Err(password_failed(login));
     }
@@ -286,7 +294,7 @@ async fn fetch(
         &login.user,
     );
     Box::pin(fetching).await.map_err(|e| {
-        crate::metrics::client_login("scram-sha-256", "error");
+        crate::metrics::client_login("auth_query", "scram-sha-256", "error");
         tracing::warn!(error = %e, user = %login.user, "auth_query failed");
         PgError::fatal(
             sqlstate::CONNECTION_FAILURE,
@@ -302,7 +310,7 @@ async fn fetch(
 async fn cleartext(config: &Config, conn: &mut ClientConn, login: &Login) -> Result<Verdict, Exit> {
     let loopback = conn.peer_addr().is_ok_and(|a| a.ip().is_loopback());
     if !(login.tls || loopback || config.allow_cleartext_without_tls) {
-        crate::metrics::client_login("password", "error");
+        crate::metrics::client_login("passthrough", "password", "error");
         return Err(PgError::fatal(
             sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
             format!("user \"{}\" logs in with passthrough authentication, which takes a password only over TLS: connect with sslmode=verify-full (or require)", login.user),

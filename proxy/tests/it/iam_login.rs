@@ -304,5 +304,26 @@ async fn client_rds_iam_tokens_are_verified_by_the_server_and_remembered_until_t
         "{:?}",
         db.hint()
     );
+
+    // A token about to expire: verified once, remembered until its expiry, refused after it.
+    let signed = SystemTime::now() - Duration::from_secs(895);
+    let short = botocore_token_for(&python, &host, port, "fn_iam", signed).await;
+    accept_token_for(&pg, "fn_iam", &short);
+    let before = logins(&pg, "fn_iam");
+    for _ in 0..2 {
+        let c = plain_as(&h, "fn_iam", &short, DB).await.unwrap();
+        assert_eq!(scalar(&c, "SELECT 1").await, "1");
+    }
+    assert_eq!(logins(&pg, "fn_iam"), before + 1, "one verifying login");
+    let expires = iam::token_expiry(&short).expect("a token");
+    if let Ok(left) = expires.duration_since(SystemTime::now()) {
+        tokio::time::sleep(left + Duration::from_millis(500)).await;
+    }
+    let e = plain_as(&h, "fn_iam", &short, DB)
+        .await
+        .expect_err("expired");
+    let (code, message) = code_and_message(&e);
+    assert_eq!(code, "28P01", "{message}");
+    assert!(message.contains("expired"), "{message}");
     h.stop().await;
 }

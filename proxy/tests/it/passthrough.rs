@@ -84,6 +84,7 @@ fn failed<T>(r: Result<T, tokio_postgres::Error>, what: &str) -> (String, String
     }
 }
 
+/// `sluice_client_logins_total` with `labels` (the ones given, any `auth`).
 async fn metric(h: &sluice::Handle, labels: &[(&str, &str)]) -> f64 {
     crate::tls::metric(h.admin_addr, "sluice_client_logins_total", labels).await
 }

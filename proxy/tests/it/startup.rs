@@ -324,15 +324,21 @@ fn counters_exist_at_zero_before_trouble() {
         body.contains("\nsluice_client_auth_failures_total 0"),
         "{body}"
     );
-    for (name, methods) in [
-        (m::CLIENT_LOGINS, m::CLIENT_LOGIN_METHODS),
-        (m::SERVER_LOGINS, m::SERVER_LOGIN_METHODS),
-    ] {
-        for method in methods.iter() {
-            for result in m::LOGIN_RESULTS.iter() {
+    for method in m::SERVER_LOGIN_METHODS {
+        for result in m::LOGIN_RESULTS {
+            assert!(
+                present(m::SERVER_LOGINS, &[("method", method), ("result", result)]),
+                "{method} {result}: {body}"
+            );
+        }
+    }
+    for auth in m::CLIENT_AUTH_MODES {
+        for method in m::CLIENT_LOGIN_METHODS {
+            for result in m::LOGIN_RESULTS {
+                let labels = [("auth", *auth), ("method", method), ("result", result)];
                 assert!(
-                    present(name, &[("method", method), ("result", result)]),
-                    "{name} {method} {result}: {body}"
+                    present(m::CLIENT_LOGINS, &labels),
+                    "{auth} {method} {result}: {body}"
                 );
             }
         }
@@ -399,7 +405,7 @@ async fn logins_are_counted_by_method_and_result() {
     }
     let client = |method: &str, result: &str| {
         format!(
-            r#"{}{{method="{method}",result="{result}"}}"#,
+            r#"{}{{auth="users",method="{method}",result="{result}"}}"#,
             sluice::metrics::CLIENT_LOGINS
         )
     };
