@@ -147,6 +147,45 @@ async fn fifty_unlisted_roles_log_in_over_tls_verified_by_the_server_once() {
     let again: usize = (0..50).map(|i| logins(&pg, &format!("pt_{i}"))).sum();
     assert!((50..=100).contains(&again), "{again} server logins");
 
+    // Each role again with psql (verify-full, channel binding required: against the kept
+    // keys), psycopg and node-postgres, all verifying Sluice's certificate.
+    for i in 0..50 {
+        let conninfo = format!(
+            "host=127.0.0.1 port={} user=pt_{i} dbname={DB} sslmode=verify-full sslrootcert={} channel_binding=require",
+            h.local_addr.port(),
+            ca_file.display()
+        );
+        let out = tokio::task::block_in_place(|| {
+            pg.psql_conninfo(&conninfo, &format!("pw-{i}"), "SELECT current_user")
+        });
+        assert!(
+            out.status.success(),
+            "pt_{i}: {}",
+            crate::support::output_text(&out)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            format!("pt_{i}")
+        );
+    }
+    let each = DriverTarget {
+        port: h.local_addr.port(),
+        user: "unused",
+        password: "unused",
+        db: DB,
+        tls_ca: Some(&ca_file),
+    };
+    let args: [&std::ffi::OsStr; 4] = ["".as_ref(), "pt_".as_ref(), "pw-".as_ref(), "50".as_ref()];
+    let python = require_python("psycopg");
+    let dir = crate::drivers::drivers_dir().join("python");
+    let mut py_args = args;
+    py_args[0] = "logins.py".as_ref();
+    run_driver_at(&each, &pg, "psycopg-logins", &python, &py_args, &dir).await;
+    let (node, node_dir) = require_node_postgres();
+    let mut node_args = args;
+    node_args[0] = "logins.js".as_ref();
+    run_driver_at(&each, &pg, "node-logins", &node, &node_args, &node_dir).await;
+
     // psql, verifying Sluice's certificate, and requiring channel binding.
     let conninfo = format!(
         "host=127.0.0.1 port={} user=pt_7 dbname={DB} sslmode=verify-full sslrootcert={} channel_binding=require",
