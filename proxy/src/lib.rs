@@ -224,6 +224,10 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Handle,
     for name in known_groups.into_iter().chain(config.groups.keys()) {
         pools.group(name, context::group_limits(&config, name));
     }
+    // A server connection let go of holds its place in the budget until its backend has gone.
+    let servers = server::ServerRegistry::default();
+    let wake = pools.clone();
+    pools.count_backends(servers.count_backends(Box::new(move || wake.wake())));
     let shutdown = CancellationToken::new();
     let context = Arc::new(Context {
         config: RwLock::new(config.clone()),
@@ -233,7 +237,7 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Handle,
         credentials: RwLock::new(Arc::new(credentials)),
         server_passwords: RwLock::new(server_passwords),
         iam_tokens: RwLock::new(iam_tokens),
-        servers: Default::default(),
+        servers,
         tls: RwLock::new(tls),
         mock_secret: rand::random(),
         passthrough: Default::default(),

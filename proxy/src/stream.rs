@@ -126,6 +126,19 @@ impl Stream {
         }
     }
 
+    /// The socket under the stream (TLS state dropped), for reading what a peer still sends
+    /// after a goodbye.
+    pub fn into_tcp(self) -> Option<TcpStream> {
+        match self {
+            Stream::Plain(s) => Some(s),
+            Stream::Tls(s) => Some(match *s {
+                tokio_rustls::TlsStream::Client(c) => c.into_inner().0,
+                tokio_rustls::TlsStream::Server(c) => c.into_inner().0,
+            }),
+            Stream::Upgrading => None,
+        }
+    }
+
     /// The two directions, usable at once (the relay reads one while writing the other).
     pub fn split(&mut self) -> (ReadHalf<'_>, WriteHalf<'_>) {
         match self {

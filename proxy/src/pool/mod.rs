@@ -213,10 +213,20 @@ impl<C: Send + 'static> Pools<C> {
     /// Cancel safe: dropping the future leaves the queue as if it had never waited.
     pub async fn acquire(&self, pool: PoolId, group: GroupId) -> Result<Lease<C>, Rejected> {
         let started = Instant::now();
-        let (mut rx, id, deadline) = {
+        let (mut rx, id, deadline, evicted) = {
             let mut st = self.shared.state.lock();
-            if let Admit::Granted(lease) = st.try_admit(&self.shared, pool, group, started)? {
-                return Ok(lease);
+            let admitted = st.try_admit(&self.shared, pool, group, started);
+            // An idle connection evicted to make room is closed at once, outside the lock.
+            let evicted = st.take_dead();
+            let done = match admitted {
+                Ok(Admit::Queue) => None,
+                Ok(Admit::Granted(lease)) => Some(Ok(lease)),
+                Err(rejected) => Some(Err(rejected)),
+            };
+            if let Some(done) = done {
+                drop(st);
+                drop(evicted);
+                return done;
             }
             let (tx, rx) = oneshot::channel();
             let id = st.enqueue(
@@ -228,8 +238,9 @@ impl<C: Send + 'static> Pools<C> {
                 },
                 group,
             );
-            (rx, id, started + st.limits.wait_timeout)
+            (rx, id, started + st.limits.wait_timeout, evicted)
         };
+        drop(evicted);
         let mut guard = WaitGuard {
             shared: &self.shared,
             group,
@@ -342,6 +353,24 @@ impl<C: Send + 'static> Pools<C> {
     /// `State::spare_slot`); filled and released, its connection is pooled like any other.
     pub fn spare_slot(&self, pool: PoolId) -> Option<Lease<C>> {
         self.shared.state.lock().spare_slot(&self.shared, pool)
+    }
+
+    /// Counts the server connections that exist with `backends` (their owner adds one when a
+    /// connection's socket opens and takes it away once the server has closed it), so that a
+    /// connection let go of keeps its place in the budget until its backend has gone; call
+    /// [`Pools::wake`] when the count drops.
+    pub fn count_backends(&self, backends: Arc<std::sync::atomic::AtomicU32>) {
+        self.shared.state.lock().count_backends(backends);
+    }
+
+    /// Serves waiters that room made since (a backend has gone).
+    pub fn wake(&self) {
+        let after = self
+            .shared
+            .state
+            .lock()
+            .dispatch(&self.shared, Instant::now());
+        after.run();
     }
 
     /// Refuses every waiter and every later request (shutdown).

@@ -31,6 +31,7 @@ pub(crate) type Grant<C> = Result<Lease<C>, Rejected>;
 
 mod control;
 mod reassign;
+mod room;
 pub use control::DatabaseStats;
 
 pub(crate) struct Waiter<C: Send + 'static> {
@@ -123,6 +124,10 @@ pub(crate) struct State<C: Send + 'static> {
     closed: bool,
     paused: bool,
     dead: Vec<C>,
+    /// Server connections that exist, counted by their owner from the socket's opening to
+    /// its end, closing ones included ([`super::Pools::count_backends`]); `None`: the pool's
+    /// own count is taken for it.
+    backends: Option<Arc<std::sync::atomic::AtomicU32>>,
 }
 
 impl<C: Send + 'static> State<C> {
@@ -144,6 +149,7 @@ impl<C: Send + 'static> State<C> {
             closed: false,
             paused: false,
             dead: Vec::new(),
+            backends: None,
         }
     }
 
@@ -229,11 +235,15 @@ impl<C: Send + 'static> State<C> {
         if self.connecting >= self.limits.max_connecting || ps.total >= ps.size {
             return None;
         }
-        if self.total < self.limits.budget {
+        if self.room(self.limits.budget) {
             return Some(Source::New);
         }
         // The budget is all in use but not all busy: close another pool's oldest idle
-        // connection to open one here.
+        // connection to open one here, once it has gone (see [`room`]). Closings already
+        // under way are waited for rather than added to.
+        if self.lingering() >= self.limits.max_connecting.max(1) {
+            return None;
+        }
         self.pools
             .iter()
             .position(|q| !q.idle.is_empty())
@@ -251,13 +261,6 @@ impl<C: Send + 'static> State<C> {
         let entry = match src {
             Source::Idle => self.pools[p].idle.pop(),
             Source::New | Source::Evict(_) => {
-                if let Source::Evict(q) = src {
-                    let old = self.pools[q].idle.remove(0);
-                    self.pools[q].total -= 1;
-                    self.total -= 1;
-                    crate::metrics::server_closed("evicted");
-                    self.dead.push(old.conn);
-                }
                 self.total += 1;
                 self.connecting += 1;
                 self.pools[p].total += 1;
@@ -269,6 +272,20 @@ impl<C: Send + 'static> State<C> {
         self.groups[g].active += 1;
         self.pools[p].active += 1;
         Lease::new(shared.clone(), PoolId(p), Some(GroupId(g)), entry, now)
+    }
+
+    /// Where a lease gets its connection now, an eviction done: `None` while the evicted
+    /// connection still counts (its backend has not gone yet), a dispatch serves it then.
+    fn settle(&mut self, src: Source) -> Option<Source> {
+        let Source::Evict(q) = src else {
+            return Some(src);
+        };
+        let old = self.pools[q].idle.remove(0);
+        self.pools[q].total -= 1;
+        self.total -= 1;
+        crate::metrics::server_closed("evicted");
+        self.dead.push(old.conn);
+        self.room(self.limits.budget).then_some(Source::New)
     }
 
     pub fn try_admit(
@@ -285,7 +302,8 @@ impl<C: Send + 'static> State<C> {
         // Nobody jumps their own group's queue; other groups' waiters could not use what is free,
         // or dispatch would already have given it to them.
         if self.groups[g].waiters.is_empty() {
-            if let Some(src) = self.source(g, p) {
+            let src = self.source(g, p).and_then(|src| self.settle(src));
+            if let Some(src) = src {
                 let lease = self.grant(shared, g, p, src, now);
                 self.groups[g].metrics.wait.record(0.0);
                 self.groups[g].waits[0] += 1;
@@ -431,6 +449,11 @@ impl<C: Send + 'static> State<C> {
                         self.source(g, pool)
                     };
                     let Some(src) = src else {
+                        kept.push(g);
+                        continue;
+                    };
+                    // An eviction makes room; the waiter is served once the evicted one has gone.
+                    let Some(src) = self.settle(src) else {
                         kept.push(g);
                         continue;
                     };
@@ -617,7 +640,7 @@ impl<C: Send + 'static> State<C> {
         for p in 0..self.pools.len() {
             while !self.closed
                 && self.pools[p].total < self.pools[p].min
-                && self.total < self.limits.budget.saturating_sub(self.waiting.min(1))
+                && self.room(self.limits.budget.saturating_sub(self.waiting.min(1)))
                 && self.connecting < self.limits.max_connecting
             {
                 self.total += 1;
@@ -637,7 +660,7 @@ impl<C: Send + 'static> State<C> {
         let spare = !self.closed
             && self.waiting == 0
             && self.pools[p].total < self.pools[p].size
-            && self.total < self.limits.budget
+            && self.room(self.limits.budget)
             && self.connecting < self.limits.max_connecting;
         if !spare {
             return None;

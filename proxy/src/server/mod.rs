@@ -9,12 +9,14 @@
 //! is tried once more when the password's file has changed since ([`password`]). See
 //! <https://www.postgresql.org/docs/current/protocol-flow.html#PROTOCOL-FLOW-START-UP>.
 
+mod backends;
 mod error;
 pub mod password;
 
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,6 +35,7 @@ use crate::protocol::backend::{self, ErrorFields, Out, TxStatus};
 use crate::protocol::next_frame;
 use crate::stream::Stream;
 use crate::tls::Connector;
+use backends::{Backend, Backends, GONE_WAIT};
 
 pub use error::{client_error, ServerError};
 pub use password::{rds_iam_tokens, ServerPassword};
@@ -163,9 +166,22 @@ type Registered = (u64, HashMap<u64, Arc<ServerInfo>>);
 #[derive(Default, Clone)]
 pub struct ServerRegistry {
     inner: Arc<Mutex<Registered>>,
+    backends: Arc<Backends>,
 }
 
 impl ServerRegistry {
+    /// The count of server connections that exist (see [`crate::pool::Pools::count_backends`]),
+    /// and `on_gone`, called each time one has gone.
+    pub fn count_backends(&self, on_gone: Box<dyn Fn() + Send + Sync>) -> Arc<AtomicU32> {
+        let _ = self.backends.on_gone.set(on_gone);
+        self.backends.count.clone()
+    }
+
+    /// Server connections that exist now, closing ones included.
+    pub fn backends(&self) -> u32 {
+        self.backends.count.load(Ordering::Acquire)
+    }
+
     fn add(&self, info: ServerInfo) -> Arc<ServerInfo> {
         let mut g = self.inner.lock();
         g.0 += 1;
@@ -206,6 +222,8 @@ pub struct ServerConn {
     pub addr: SocketAddr,
     /// The last ErrorResponse Sluice read itself (startup, resets).
     last_error: Option<PgError>,
+    /// Its place among the server connections that exist, held until the server closed it.
+    backend: Option<Backend>,
 }
 
 impl ServerConn {
@@ -272,6 +290,7 @@ impl ServerConn {
         let addr = format!("{}:{}", t.host, t.port);
         let fut = async {
             let stream = open(t, &addr).await?;
+            let backend = Backend::new(&registry.backends);
             let peer = stream.peer_addr()?;
             let info = ServerInfo {
                 id: 0,
@@ -296,6 +315,7 @@ impl ServerConn {
                 secret_key: 0,
                 addr: peer,
                 last_error: None,
+                backend: Some(backend),
             };
             let channel_binding = conn.startup(t, password).await?;
             conn.info = registry.add(ServerInfo {
@@ -627,11 +647,33 @@ impl CancelKey {
 impl Drop for ServerConn {
     /// Says Terminate so the server ends the backend at once instead of logging an unexpected
     /// EOF; best effort, never blocks.
+    ///
+    /// The connection keeps its place among those that exist until the server has closed its
+    /// end (read on a task of its own, at most [`GONE_WAIT`]): until then its backend may still
+    /// be running, and the budget counts it.
     fn drop(&mut self) {
         const TERMINATE: [u8; 5] = [b'X', 0, 0, 0, 4];
         self.stream.try_goodbye(&TERMINATE);
         if self.info.id != 0 {
             self.registry.inner.lock().1.remove(&self.info.id);
+        }
+        let backend = self.backend.take();
+        let stream = std::mem::replace(&mut self.stream, Stream::Upgrading);
+        if let (Some(tcp), Ok(rt)) = (stream.into_tcp(), tokio::runtime::Handle::try_current()) {
+            rt.spawn(async move {
+                let mut tcp = tcp;
+                let mut sink = [0u8; 512];
+                let _ = tokio::time::timeout(GONE_WAIT, async {
+                    while let Ok(n) = tcp.read(&mut sink).await {
+                        if n == 0 {
+                            break;
+                        }
+                    }
+                })
+                .await;
+                drop(tcp);
+                drop(backend);
+            });
         }
     }
 }
