@@ -135,7 +135,19 @@ pub struct ClientRegistry {
     /// Set by [`ClientRegistry::kick_all`]: sessions registered later are kicked at once.
     closing: std::sync::atomic::AtomicBool,
     next_pid: AtomicI32,
+    /// A fleet member's tag, in the top bits of every process id it gives out (0: none).
+    tag: AtomicI32,
     clients: Mutex<HashMap<i32, (i32, Arc<ClientSlot>)>>,
+}
+
+/// Bits of a fleet member's process ids below its tag ([`ClientRegistry::set_tag`]).
+pub const TAG_SHIFT: u32 = 19;
+/// Fleet tags are 1..=TAG_MAX (12 bits above the 19 of a counter: a positive i32).
+pub const TAG_MAX: i32 = (1 << 12) - 1;
+
+/// The fleet member tag a client's process id carries (0: none).
+pub fn tag_of(process_id: i32) -> i32 {
+    process_id >> TAG_SHIFT
 }
 
 /// Unregisters a client when its session ends.
@@ -183,13 +195,19 @@ impl ClientRegistry {
         let secret_key: i32 = rand::random();
         let mut clients = self.clients.lock();
         // Process ids are positive like PostgreSQL's; skip any still in use after wrapping.
+        // A fleet member's carry its tag, so that any member can route a cancel to it.
+        let tag = self.tag.load(Ordering::Relaxed);
         let process_id = loop {
-            let pid = self
+            let n = self
                 .next_pid
                 .fetch_add(1, Ordering::Relaxed)
-                .wrapping_add(1)
-                & i32::MAX;
-            if pid != 0 && !clients.contains_key(&pid) {
+                .wrapping_add(1);
+            let pid = if tag == 0 {
+                n & i32::MAX
+            } else {
+                (tag << TAG_SHIFT) | (n & ((1 << TAG_SHIFT) - 1))
+            };
+            if pid != 0 && pid != tag << TAG_SHIFT && !clients.contains_key(&pid) {
                 break pid;
             }
         };
@@ -205,14 +223,26 @@ impl ClientRegistry {
         }
     }
 
+    /// Tags this registry's process ids with fleet member tag `tag` (1..=[`TAG_MAX`]), before
+    /// the first client registers.
+    pub fn set_tag(&self, tag: i32) {
+        self.tag.store(tag & TAG_MAX, Ordering::Relaxed);
+    }
+
+    /// This registry's fleet member tag (0: none).
+    pub fn tag(&self) -> i32 {
+        self.tag.load(Ordering::Relaxed)
+    }
+
     /// Forwards a cancel for `process_id` if the secret matches and the client holds a server.
     /// Unknown keys and idle clients are ignored, as PostgreSQL ignores bad cancel requests.
-    pub fn cancel(&self, process_id: i32, secret_key: i32, timeout: Duration) {
-        let target = {
+    /// Returns whether the client is one of this registry's.
+    pub fn cancel(&self, process_id: i32, secret_key: i32, timeout: Duration) -> bool {
+        let (known, target) = {
             let clients = self.clients.lock();
             match clients.get(&process_id) {
-                Some((secret, slot)) if *secret == secret_key => slot.server(),
-                _ => None,
+                Some((secret, slot)) if *secret == secret_key => (true, slot.server()),
+                _ => (false, None),
             }
         };
         match target {
@@ -225,6 +255,7 @@ impl ClientRegistry {
             }
             None => tracing::debug!(process_id, "cancel request for no running query ignored"),
         }
+        known
     }
 
     /// Tells every session whose client has idled past its `client_idle_timeout` to end.

@@ -323,6 +323,21 @@ pub struct Config {
     /// How long a secret `auth_query` fetched is used before it is fetched again.
     #[serde(with = "duration")]
     pub auth_query_ttl: Duration,
+    /// Instances with the same fleet name share one budget through the database (see
+    /// `crate::fleet`); unset, this instance has the whole budget to itself.
+    pub fleet: Option<String>,
+    /// How often a fleet member looks at the others' shares and demand.
+    #[serde(with = "duration")]
+    pub fleet_interval: Duration,
+    /// How long the server takes at most to notice that a fleet member's host has gone (no
+    /// FIN: a crash, a cut link) and free its share; a killed process's share is free at once.
+    #[serde(with = "duration")]
+    pub fleet_dead_after: Duration,
+    /// Budget slots the fleet leaves free, for an instance that starts to log in.
+    pub fleet_spare: u32,
+    /// `host:port` where the other fleet members reach this instance's client port (cancel
+    /// requests); unset: the listen address, or the address this host reaches the server from.
+    pub fleet_advertise: Option<String>,
     /// Users that may connect to the admin console (the virtual database `sluice`).
     pub admin_users: Vec<String>,
     pub group_by: GroupBy,
@@ -435,6 +450,11 @@ impl Default for Config {
             auth_query: "SELECT usename, passwd FROM pg_shadow WHERE usename = $1".into(),
             auth_user: None,
             auth_query_ttl: Duration::from_secs(60),
+            fleet: None,
+            fleet_interval: Duration::from_secs(1),
+            fleet_dead_after: Duration::from_secs(15),
+            fleet_spare: 1,
+            fleet_advertise: None,
             admin_users: Vec::new(),
             group_by: GroupBy::User,
             max_group_labels: 100,

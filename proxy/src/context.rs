@@ -51,6 +51,8 @@ pub struct Context {
     pub validated_settings: Mutex<HashMap<(String, String), Option<String>>>,
     /// What `/readyz` answers from: the server's port, and the outcomes of real logins.
     pub ready: Arc<crate::admin::Readiness>,
+    /// A fleet member's view of its fleet and share ([`crate::fleet`]).
+    pub fleet: crate::fleet::Fleet,
 }
 
 impl Context {
@@ -193,10 +195,19 @@ impl Context {
             _ => (cfg.pool_size_for(db), cfg.min_pool_size_for(db)),
         };
         let group = |name: &str| group_limits(cfg, name);
-        self.pools.reconfigure(limits(cfg), &pool_size, &group);
+        let mut limits = limits(cfg);
+        // A fleet member's pools have its share, which its coordination sets.
+        let share = cfg
+            .fleet
+            .as_ref()
+            .map(|_| self.fleet.pool_budget().unwrap_or(0));
+        if let Some(share) = share {
+            limits.budget = share;
+        }
+        self.pools.reconfigure(limits, &pool_size, &group);
         crate::metrics::global()
             .budget
-            .set(f64::from(cfg.max_server_connections));
+            .set(f64::from(share.unwrap_or(cfg.max_server_connections)));
     }
 
     /// Shuts down as SIGTERM asks: `/readyz` answers 503 for `shutdown_grace` while clients are

@@ -9,6 +9,7 @@
 //! `max_server_connections` while a database uses `auth_query` ([`reserved`]).
 
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
@@ -152,6 +153,61 @@ impl ControlPool {
     }
 }
 
+/// A connection of its own, opened like the control pool's but never pooled or recycled:
+/// the fleet's coordination session, whose advisory locks live exactly as long as it does.
+/// Also returns the connection's local address (where this host reaches the server from).
+pub async fn connect_dedicated(
+    target: Target,
+    pg: &tokio_postgres::Config,
+) -> Result<
+    (
+        tokio_postgres::Client,
+        tokio::task::JoinHandle<()>,
+        SocketAddr,
+    ),
+    tokio_postgres::Error,
+> {
+    login(&target, pg.clone()).await
+}
+
+/// Opens a connection to `t`'s server as server connections are opened and lets
+/// tokio-postgres log in over it.
+async fn login(
+    t: &Target,
+    mut pg: tokio_postgres::Config,
+) -> Result<
+    (
+        tokio_postgres::Client,
+        tokio::task::JoinHandle<()>,
+        SocketAddr,
+    ),
+    tokio_postgres::Error,
+> {
+    if let Some(source) = &t.password {
+        match source.for_login(&t.host, t.port, &t.user).await {
+            Ok(password) => {
+                pg.password(password);
+            }
+            Err(e) => return Err(io_error(io::Error::other(e.to_string())).await),
+        }
+    }
+    let stream = match server::open_stream(t).await {
+        Ok(stream) => stream,
+        Err(e) => return Err(io_error(io::Error::other(e.to_string())).await),
+    };
+    let local = match stream.local_addr() {
+        Ok(local) => local,
+        Err(e) => return Err(io_error(e).await),
+    };
+    let (client, connection) = pg.connect_raw(stream, NoTls).await?;
+    let task = tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "control connection ended");
+        }
+    });
+    Ok((client, task, local))
+}
+
 /// A tokio-postgres error with the server's message, when it sent one.
 fn describe(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
@@ -174,27 +230,9 @@ impl deadpool_postgres::Connect for Connect {
         '_,
         Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), tokio_postgres::Error>,
     > {
-        let mut pg = pg.clone();
+        let pg = pg.clone();
         Box::pin(async move {
-            let t = &self.target;
-            if let Some(source) = &t.password {
-                match source.for_login(&t.host, t.port, &t.user).await {
-                    Ok(password) => {
-                        pg.password(password);
-                    }
-                    Err(e) => return Err(io_error(io::Error::other(e.to_string())).await),
-                }
-            }
-            let stream = match server::open_stream(t).await {
-                Ok(stream) => stream,
-                Err(e) => return Err(io_error(io::Error::other(e.to_string())).await),
-            };
-            let (client, connection) = pg.connect_raw(stream, NoTls).await?;
-            let task = tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    tracing::debug!(error = %e, "control connection ended");
-                }
-            });
+            let (client, task, _) = login(&self.target, pg).await?;
             Ok((client, task))
         })
     }

@@ -40,7 +40,9 @@ pub mod config;
 pub mod console;
 pub mod context;
 pub mod control;
+pub mod coordinator;
 pub mod error;
+pub mod fleet;
 pub mod maintenance;
 pub mod metrics;
 pub mod net;
@@ -248,7 +250,24 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Handle,
         statement_hasher: Default::default(),
         validated_settings: Default::default(),
         ready: Default::default(),
+        fleet: Default::default(),
     });
+    if let Some(name) = &config.fleet {
+        // A fleet member opens no server connection before it holds a slot for it.
+        context.pools.set_budget(0);
+        // Its clients' cancel keys carry its tag, so any member can route their cancels.
+        let tag = rand::random_range(1..=clients::TAG_MAX);
+        context.clients.set_tag(tag);
+        context.fleet.tag.store(tag, Ordering::Relaxed);
+        let _ = context.fleet.listen.set(local_addr);
+        let weak = Arc::downgrade(&context);
+        context.pools.on_queue(Box::new(move || {
+            if let Some(ctx) = weak.upgrade() {
+                ctx.fleet.demand.notify_one();
+            }
+        }));
+        tracing::info!(fleet = %name, budget = config.max_server_connections, "joining the fleet: the budget is shared with its other instances");
+    }
     match limits_due {
         LimitsDue::None => {}
         LimitsDue::Derive => context.ready.budget_pending.store(true, Ordering::Relaxed),
@@ -263,6 +282,7 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Handle,
         let ready = ctx.ready.clone();
         let status = Arc::new(status::Status::default());
         let maintenance = tokio::spawn(maintenance::run(ctx.clone(), status.clone()));
+        let fleet = tokio::spawn(coordinator::run(ctx.clone()));
         let refresh: admin::Refresh = {
             let ctx = ctx.clone();
             Arc::new(move || maintenance::server_gauges(&ctx))
@@ -283,6 +303,9 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Handle,
         maintenance.abort();
         let _ = admin.await;
         drop(ctx.pools.drain_idle());
+        // The fleet gets this instance's slots back once its connections have gone.
+        ctx.fleet.leave.cancel();
+        let _ = fleet.await;
     });
     Ok(Handle {
         local_addr,

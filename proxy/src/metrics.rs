@@ -26,6 +26,10 @@ pub const POOL_WAITING: &str = "sluice_pool_waiting_clients";
 pub const POOL_OLDEST_WAIT: &str = "sluice_pool_oldest_wait_seconds";
 pub const SERVER_CONNECTIONS: &str = "sluice_server_connections";
 pub const SERVER_BUDGET: &str = "sluice_server_connections_budget";
+pub const FLEET_SLOTS: &str = "sluice_fleet_slots";
+pub const FLEET_INSTANCES: &str = "sluice_fleet_instances";
+pub const FLEET_WANTING: &str = "sluice_fleet_wanting";
+pub const FLEET_ERRORS: &str = "sluice_fleet_coordination_errors_total";
 pub const SERVER_CONNECTS: &str = "sluice_server_connects_total";
 pub const SERVER_CONNECT_TIME: &str = "sluice_server_connect_seconds";
 pub const SERVER_CLOSED: &str = "sluice_server_connections_closed_total";
@@ -84,6 +88,8 @@ pub const CONNECT_RESULTS: &[&str] = &[
     "read_only",
     "error",
 ];
+pub const FLEET_ERROR_KINDS: &[&str] = &["connect", "query", "lost"];
+
 pub const CLOSE_REASONS: &[&str] = &[
     "idle_timeout",
     "lifetime",
@@ -99,6 +105,7 @@ pub const CLOSE_REASONS: &[&str] = &[
     "query_timeout",
     "pool_full",
     "closed_by_server",
+    "fleet_share",
 ];
 pub const PIN_REASONS: &[&str] = &[
     "set",
@@ -134,7 +141,8 @@ pub fn zero_initialise() {
     ] {
         c.increment(0);
     }
-    let sets: [(&'static str, &'static str, &[&'static str]); 6] = [
+    let sets: [(&'static str, &'static str, &[&'static str]); 7] = [
+        (FLEET_ERRORS, "kind", FLEET_ERROR_KINDS),
         (CLIENT_REJECTED, "reason", CLIENT_REJECT_REASONS),
         (CLIENT_TIMEOUTS, "reason", CLIENT_TIMEOUT_REASONS),
         (QUERIES_CANCELLED, "reason", CANCEL_REASONS),
@@ -206,7 +214,23 @@ pub fn describe() {
         SERVER_CONNECTIONS,
         "Server connections by state (active, idle, connecting)"
     );
-    describe_gauge!(SERVER_BUDGET, "The global server connection budget");
+    describe_gauge!(
+        SERVER_BUDGET,
+        "The server connection budget this instance's pools may use (a fleet member: its share)"
+    );
+    describe_gauge!(
+        FLEET_SLOTS,
+        "Fleet budget slots held: by this instance (held=\"instance\"), by the whole fleet (held=\"fleet\"), the fleet's budget (held=\"budget\")"
+    );
+    describe_gauge!(FLEET_INSTANCES, "Fleet members seen at the last look");
+    describe_gauge!(
+        FLEET_WANTING,
+        "1 while this instance has waiting clients and less than its fair share"
+    );
+    describe_counter!(
+        FLEET_ERRORS,
+        "Failures of the fleet's coordination session, by kind (connect, query, lost)"
+    );
     describe_counter!(SERVER_CONNECTS, "Server connection attempts, by result");
     describe_histogram!(
         SERVER_CONNECT_TIME,

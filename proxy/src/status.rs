@@ -166,7 +166,25 @@ impl Status {
                 by_result: connects.into_iter().filter(|(_, n)| *n > 0).collect(),
                 unavailable: ctx.pools.outage_since().is_some(),
             },
-            fleet: None,
+            fleet: ctx.fleet.view().map(|v| {
+                let me =
+                    format!(
+                    "this instance: {} of {} slots (fair share {}), fleet {} held by {} members{}",
+                    v.held,
+                    v.budget,
+                    v.fair_share,
+                    v.fleet_held,
+                    v.members,
+                    if v.connected { "" } else { " (coordination down)" }
+                );
+                std::iter::once(me)
+                    .chain(
+                        v.peers
+                            .iter()
+                            .map(|p| format!("member {} at {}", p.tag, p.addr)),
+                    )
+                    .collect()
+            }),
         }
     }
 }
@@ -300,7 +318,7 @@ pub struct Report {
     pub groups: Vec<GroupReport>,
     pub pinned: Pinned,
     pub server_connects: ServerConnects,
-    /// The fleet's instances (a lone instance: none).
+    /// This fleet member's share and the other members (a lone instance: none).
     pub fleet: Option<Vec<String>>,
 }
 

@@ -43,6 +43,10 @@ impl Stream {
         self.tcp().ok_or_else(gone)?.peer_addr()
     }
 
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.tcp().ok_or_else(gone)?.local_addr()
+    }
+
     /// The ALPN protocol the TLS handshake agreed on (`None` for plain TCP).
     pub fn alpn_protocol(&self) -> Option<&[u8]> {
         match self {

@@ -29,6 +29,20 @@ impl Config {
                 }
             }
         }
+        if let Some(fleet) = &self.fleet {
+            if fleet.is_empty() {
+                return Err(invalid(
+                    "fleet",
+                    "must not be empty (unset it for a lone instance)",
+                ));
+            }
+            if self.fleet_interval.is_zero() || self.fleet_dead_after < Duration::from_secs(2) {
+                return Err(invalid(
+                    "fleet_interval",
+                    "fleet_interval must be above 0 and fleet_dead_after at least 2s",
+                ));
+            }
+        }
         if self.control_user.as_deref() == Some("") {
             return Err(invalid("control_user", "must not be empty"));
         }

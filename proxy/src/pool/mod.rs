@@ -166,6 +166,7 @@ pub fn wait_bucket(waited: Duration) -> usize {
 
 pub(crate) struct Shared<C: Send + 'static> {
     pub(crate) state: Mutex<State<C>>,
+    on_queue: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
 /// All pools and groups that share one budget.
@@ -187,6 +188,7 @@ impl<C: Send + 'static> Pools<C> {
         Pools {
             shared: Arc::new(Shared {
                 state: Mutex::new(State::new(limits, shedder)),
+                on_queue: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -241,6 +243,9 @@ impl<C: Send + 'static> Pools<C> {
             (rx, id, started + st.limits.wait_timeout, evicted)
         };
         drop(evicted);
+        if let Some(f) = self.shared.on_queue.get() {
+            f();
+        }
         let mut guard = WaitGuard {
             shared: &self.shared,
             group,
@@ -361,6 +366,30 @@ impl<C: Send + 'static> Pools<C> {
     /// [`Pools::wake`] when the count drops.
     pub fn count_backends(&self, backends: Arc<std::sync::atomic::AtomicU32>) {
         self.shared.state.lock().count_backends(backends);
+    }
+
+    /// Sets the budget alone (a fleet member's share changed): idle connections over it are
+    /// closed now, lent ones as they come back.
+    pub fn set_budget(&self, budget: u32) {
+        let (dead, after) = {
+            let mut st = self.shared.state.lock();
+            st.set_budget(budget);
+            let dead = st.take_dead();
+            (dead, st.dispatch(&self.shared, Instant::now()))
+        };
+        drop(dead);
+        after.run();
+    }
+
+    /// What this instance needs and holds, for a fleet's coordination: (connections lent and
+    /// connecting, clients waiting, server connections that exist or are being opened).
+    pub fn demand(&self) -> (u32, u32, u32) {
+        self.shared.state.lock().demand()
+    }
+
+    /// Calls `f` (outside the lock) whenever a request has to queue.
+    pub fn on_queue(&self, f: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.shared.on_queue.set(f);
     }
 
     /// Serves waiters that room made since (a backend has gone).

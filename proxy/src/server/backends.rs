@@ -42,4 +42,4 @@ impl Drop for Backend {
 
 /// How long a closed connection's place is held at most while waiting for the server to close
 /// its end (a server that went silent never does).
-pub(super) const GONE_WAIT: Duration = Duration::from_secs(5);
+pub const GONE_WAIT: Duration = Duration::from_secs(5);

@@ -35,7 +35,8 @@ use crate::protocol::backend::{self, ErrorFields, Out, TxStatus};
 use crate::protocol::next_frame;
 use crate::stream::Stream;
 use crate::tls::Connector;
-use backends::{Backend, Backends, GONE_WAIT};
+pub use backends::GONE_WAIT;
+use backends::{Backend, Backends};
 
 pub use error::{client_error, ServerError};
 pub use password::{rds_iam_tokens, ServerPassword};

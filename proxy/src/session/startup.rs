@@ -102,8 +102,11 @@ pub async fn read_startup(ctx: &Context, conn: &mut ClientConn) -> Result<Option
                 process_id,
                 secret_key,
             } => {
-                ctx.clients
-                    .cancel(process_id, secret_key, ctx.config().server_connect_timeout);
+                let timeout = ctx.config().server_connect_timeout;
+                // Not one of this instance's clients: perhaps another fleet member's.
+                if !ctx.clients.cancel(process_id, secret_key, timeout) {
+                    ctx.fleet.forward_cancel(process_id, secret_key, timeout);
+                }
                 return Ok(None);
             }
             Startup::Startup { params } => {

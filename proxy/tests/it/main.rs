@@ -13,6 +13,7 @@ mod drivers;
 mod encodings;
 mod environment;
 mod fidelity;
+mod fleet;
 mod harness_selftest;
 mod harness_tls;
 mod hostile;

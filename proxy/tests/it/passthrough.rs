@@ -397,7 +397,12 @@ async fn kept_keys_outlive_a_restart_and_a_changed_password_is_noticed() {
 /// ends a refused login), and logging in until `connection authorized`. A connection with no
 /// line after `connection received` never sent a startup packet: Sluice's readiness probe of
 /// the server's port (a TCP connect, once a second), not a server connection.
-fn concurrency(log: &str) -> (usize, usize) {
+pub(crate) fn concurrency(log: &str) -> (usize, usize) {
+    concurrency_after(log, 0)
+}
+
+/// [`concurrency`] from byte `from` of `log` on, counting connections opened before it too.
+pub(crate) fn concurrency_after(log: &str, from: usize) -> (usize, usize) {
     use std::collections::{HashMap, HashSet};
     let pid = |line: &str| {
         line.split_once(" [")
@@ -410,7 +415,10 @@ fn concurrency(log: &str) -> (usize, usize) {
     }
     let (mut open, mut logging_in) = (HashSet::new(), HashSet::new());
     let (mut max_open, mut max_logging_in) = (0, 0);
+    let mut at = 0;
     for line in log.lines() {
+        let counts = at >= from;
+        at += line.len() + 1;
         let Some(pid) = pid(line).filter(|p| lines_of[p] > 1) else {
             continue;
         };
@@ -423,8 +431,10 @@ fn concurrency(log: &str) -> (usize, usize) {
             open.remove(&pid);
             logging_in.remove(&pid);
         }
-        max_open = max_open.max(open.len());
-        max_logging_in = max_logging_in.max(logging_in.len());
+        if counts {
+            max_open = max_open.max(open.len());
+            max_logging_in = max_logging_in.max(logging_in.len());
+        }
     }
     (max_open, max_logging_in)
 }

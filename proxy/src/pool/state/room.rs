@@ -34,3 +34,27 @@ impl<C: Send + 'static> State<C> {
         self.on_server().saturating_sub(self.total)
     }
 }
+
+impl<C: Send + 'static> State<C> {
+    /// A new budget; idle connections over it are taken to be closed (the oldest first), lent
+    /// ones are closed as they come back.
+    pub fn set_budget(&mut self, budget: u32) {
+        self.limits.budget = budget;
+        while self.total > budget {
+            let oldest = (0..self.pools.len())
+                .filter_map(|p| self.pools[p].idle.first().map(|e| (p, e.since)))
+                .min_by_key(|(_, since)| *since);
+            let Some((p, _)) = oldest else { break };
+            let e = self.pools[p].idle.remove(0);
+            self.pools[p].total -= 1;
+            self.total -= 1;
+            crate::metrics::server_closed("fleet_share");
+            self.dead.push(e.conn);
+        }
+    }
+
+    /// (lent and connecting, waiting, on the server): see [`super::super::Pools::demand`].
+    pub fn demand(&self) -> (u32, u32, u32) {
+        (self.active, self.waiting, self.on_server())
+    }
+}

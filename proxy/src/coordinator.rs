@@ -1,0 +1,395 @@
+//! A fleet member's coordination session: joins the fleet, looks at it every
+//! `fleet_interval` (and when a client queues), takes, asks for and gives back budget slots as
+//! [`crate::fleet`] describes, and leaves once the pools are drained.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::Config;
+use crate::context::Context;
+use crate::fleet::{self, lock_base, query_error, FleetError, View};
+use crate::server::Target;
+
+/// The fleet's locks: (space, key, holder's pid, holder's application_name).
+const LOCKS_SQL: &str =
+    "SELECT l.classid::int8 - $1::int8, l.objid::int8, l.pid, a.application_name \
+     FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
+     WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
+     AND l.classid::int8 BETWEEN $1::int8 AND $1::int8 + 2";
+/// Locks the first `$3` of the slots `$2` that are free, one round trip; returns those taken.
+const TAKE_SQL: &str =
+    "SELECT s FROM unnest($2::int4[]) AS s WHERE pg_try_advisory_lock($1::int4, s) LIMIT $3::int8";
+const RELEASE_SQL: &str =
+    "SELECT count(*) FROM unnest($2::int4[]) AS s WHERE pg_advisory_unlock($1::int4, s)";
+const TRY_LOCK_SQL: &str = "SELECT pg_try_advisory_lock($1::int4, $2::int4)";
+const UNLOCK_SQL: &str = "SELECT pg_advisory_unlock($1::int4, $2::int4)";
+
+/// Runs this instance's membership until `fleet.leave`: joins, coordinates, and after a lost
+/// session keeps the pools at a budget of 0 until it has joined again.
+pub async fn run(ctx: Arc<Context>) {
+    loop {
+        let cfg = ctx.config();
+        let Some(name) = cfg.fleet.clone() else {
+            return;
+        };
+        let result = tokio::select! {
+            r = Member::join(&ctx, &cfg, &name) => r,
+            _ = ctx.fleet.leave.cancelled() => return,
+        };
+        let lost = match result {
+            Ok(mut m) => {
+                tracing::info!(fleet = %name, instance = m.id, "joined the fleet");
+                let end = m.serve(&ctx).await;
+                if ctx.fleet.leave.is_cancelled() && end.is_ok() {
+                    return;
+                }
+                end.err()
+            }
+            Err(e) => Some(e),
+        };
+        if let Some(e) = lost {
+            metrics::counter!(crate::metrics::FLEET_ERRORS, "kind" => e.kind()).increment(1);
+            tracing::warn!(fleet = %name, error = %e, "fleet coordination lost: no server connections beyond those lent until it is back");
+        }
+        let mut v = ctx.fleet.view().unwrap_or_default();
+        v.name = name;
+        v.connected = false;
+        v.held = 0;
+        v.pool_budget = 0;
+        v.wanting = false;
+        ctx.fleet.set(v);
+        ctx.pools.set_budget(0);
+        tokio::select! {
+            _ = tokio::time::sleep(cfg.fleet_interval.max(Duration::from_millis(200))) => {}
+            _ = ctx.fleet.leave.cancelled() => return,
+        }
+    }
+}
+
+struct Member {
+    client: tokio_postgres::Client,
+    connection: tokio::task::JoinHandle<()>,
+    name: String,
+    base: i32,
+    id: i32,
+    pid: i32,
+    held: BTreeSet<i32>,
+    wanting: bool,
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        // Ending the session is what frees its locks; the connection task owns the socket.
+        self.connection.abort();
+    }
+}
+
+/// Where the other members send cancel requests for this instance's clients: `fleet_advertise`,
+/// else the client listen address, its IP taken from the coordination session's socket (the
+/// address this host reaches the server from) when it listens on all addresses.
+async fn advertised(
+    ctx: &Context,
+    cfg: &Config,
+    local: std::net::SocketAddr,
+) -> Option<std::net::SocketAddr> {
+    if let Some(a) = &cfg.fleet_advertise {
+        return match tokio::net::lookup_host(a.as_str()).await {
+            Ok(mut addrs) => addrs.next(),
+            Err(e) => {
+                tracing::warn!(fleet_advertise = %a, error = %e, "fleet_advertise does not resolve");
+                None
+            }
+        };
+    }
+    let mut listen = *ctx.fleet.listen.get()?;
+    if listen.ip().is_unspecified() {
+        listen.set_ip(local.ip());
+    }
+    Some(listen)
+}
+
+/// The coordination session's server-side keepalive, so that the server ends it (and frees
+/// its locks) within about `dead_after` of its host going silent.
+fn keepalive_options(dead_after: Duration) -> String {
+    let total = dead_after.as_secs().max(2);
+    let idle = (total / 2).max(1);
+    let interval = ((total - idle) / 3).max(1);
+    format!(
+        "-c tcp_keepalives_idle={idle} -c tcp_keepalives_interval={interval} -c tcp_keepalives_count=3 -c tcp_user_timeout={}",
+        total * 1000
+    )
+}
+
+impl Member {
+    async fn join(ctx: &Context, cfg: &Config, name: &str) -> Result<Member, FleetError> {
+        let (database, user) = cfg.first_login().ok_or(FleetError::NoLogin)?;
+        let target = Target::new(
+            cfg,
+            &ctx.tls().connector,
+            ctx.server_password(&user),
+            &database,
+            &user,
+        );
+        let mut pg = tokio_postgres::Config::new();
+        pg.user(&user)
+            .dbname(&target.database)
+            .application_name("sluice-fleet")
+            .options(keepalive_options(cfg.fleet_dead_after))
+            .ssl_mode(tokio_postgres::config::SslMode::Disable)
+            .channel_binding(tokio_postgres::config::ChannelBinding::Disable);
+        let server = format!("{}:{}", target.host, target.port);
+        let (client, connection, local) = crate::control::connect_dedicated(target, &pg)
+            .await
+            .map_err(|e| FleetError::Connect {
+                server,
+                user: user.clone(),
+                detail: e.to_string(),
+            })?;
+        let advertise = advertised(ctx, cfg, local).await;
+        let base = lock_base(name);
+        let mut m = Member {
+            client,
+            connection,
+            name: name.to_string(),
+            base,
+            id: 0,
+            pid: 0,
+            held: BTreeSet::new(),
+            wanting: false,
+        };
+        let timeout = cfg.fleet_dead_after;
+        let row = m
+            .timed(timeout, m.client.query_one("SELECT pg_backend_pid()", &[]))
+            .await?;
+        m.pid = row.get(0);
+        // Announced to the other members: where cancel requests for this member's clients go.
+        let tag = ctx.clients.tag();
+        match advertise {
+            Some(addr) => {
+                let name = fleet::application_name(tag, addr);
+                m.timed(
+                    timeout,
+                    m.client
+                        .query_one("SELECT set_config('application_name', $1, false)", &[&name]),
+                )
+                .await?;
+            }
+            None => {
+                tracing::warn!(fleet = %name, "no address to announce (set fleet_advertise): cancel requests for this instance's clients reach it only directly")
+            }
+        }
+        // A member id of its own: a random one, taken as a lock of the member space.
+        loop {
+            let id = (rand::random::<u32>() >> 1) as i32;
+            let row = m
+                .timed(
+                    timeout,
+                    m.client.query_one(TRY_LOCK_SQL, &[&(base + 1), &id]),
+                )
+                .await?;
+            if row.get::<_, bool>(0) {
+                m.id = id;
+                return Ok(m);
+            }
+        }
+    }
+
+    async fn timed<T>(
+        &self,
+        limit: Duration,
+        fut: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> Result<T, FleetError> {
+        match tokio::time::timeout(limit, fut).await {
+            Ok(r) => r.map_err(query_error),
+            Err(_) => Err(FleetError::Timeout(limit.as_millis())),
+        }
+    }
+
+    /// Coordinates until the session fails (an error) or the instance leaves (`Ok`).
+    async fn serve(&mut self, ctx: &Context) -> Result<(), FleetError> {
+        let mut last = tokio::time::Instant::now();
+        loop {
+            let cfg = ctx.config();
+            self.tick(ctx, &cfg).await?;
+            if ctx.fleet.leave.is_cancelled() {
+                return self.leave(ctx, &cfg).await;
+            }
+            // A queueing client brings the next look forward, at most ten a second.
+            let next = last + cfg.fleet_interval;
+            tokio::select! {
+                _ = tokio::time::sleep_until(next) => {}
+                _ = ctx.fleet.demand.notified() => {
+                    tokio::time::sleep_until(last + Duration::from_millis(100)).await;
+                }
+                _ = ctx.fleet.leave.cancelled() => {}
+            }
+            last = tokio::time::Instant::now();
+        }
+    }
+
+    /// One look at the fleet: take, ask for, or give back slots.
+    async fn tick(&mut self, ctx: &Context, cfg: &Config) -> Result<(), FleetError> {
+        let limit = cfg.fleet_dead_after;
+        let budget = cfg.max_server_connections;
+        let overhead = 1 + crate::control::reserved(cfg);
+        let rows = self
+            .timed(
+                limit,
+                self.client.query(LOCKS_SQL, &[&i64::from(self.base)]),
+            )
+            .await?;
+        let mut members: HashMap<i32, i64> = HashMap::new();
+        let mut peers = Vec::new();
+        let mut slots: HashMap<i32, u32> = HashMap::new();
+        let mut taken: HashSet<i64> = HashSet::new();
+        let mut wanting: HashSet<i32> = HashSet::new();
+        let mut mine = BTreeSet::new();
+        for r in &rows {
+            let (space, key, pid): (i64, i64, i32) = (r.get(0), r.get(1), r.get(2));
+            match space {
+                0 => {
+                    *slots.entry(pid).or_default() += 1;
+                    taken.insert(key);
+                    if pid == self.pid {
+                        mine.insert(key as i32);
+                    }
+                }
+                1 => {
+                    members.insert(pid, key);
+                    let name: Option<String> = r.get(3);
+                    if let Some(peer) = name.as_deref().and_then(fleet::parse_peer) {
+                        if pid != self.pid {
+                            peers.push(peer);
+                        }
+                    }
+                }
+                _ => {
+                    wanting.insert(pid);
+                }
+            }
+        }
+        if !members.contains_key(&self.pid) {
+            return Err(FleetError::Lost);
+        }
+        self.held = mine;
+        let held_before = self.held.len() as u32;
+        let n = members.len() as u32;
+        let mut ids: Vec<i64> = members.values().copied().collect();
+        ids.sort_unstable();
+        let rank = ids
+            .iter()
+            .position(|i| *i == i64::from(self.id))
+            .unwrap_or(0) as u32;
+        let fair = fleet::fair_share(budget, n, rank);
+        let fleet_held = taken.len() as u32;
+        let free: Vec<i32> = (0..budget as i32)
+            .filter(|s| !taken.contains(&i64::from(*s)))
+            .collect();
+        let (lent, waiting, _) = ctx.pools.demand();
+        let busy = (overhead + lent + waiting).min(budget.max(1));
+
+        // Slots numbered beyond the budget (a RELOAD lowered it) are given back first.
+        let beyond: Vec<i32> = self
+            .held
+            .iter()
+            .copied()
+            .filter(|s| *s >= budget as i32)
+            .collect();
+        let mut held = self.held.len() as u32 - beyond.len() as u32;
+
+        // Growing: a member with no slot yet may take the spare ones (its own session needs one).
+        if busy > held {
+            let want = fleet::to_take(busy, held, free.len() as u32, cfg.fleet_spare);
+            if want > 0 {
+                let mut candidates = free.clone();
+                let start = rand::random::<u32>() as usize % candidates.len().max(1);
+                candidates.rotate_left(start);
+                let got = self
+                    .timed(
+                        limit,
+                        self.client
+                            .query(TAKE_SQL, &[&self.base, &candidates, &i64::from(want)]),
+                    )
+                    .await?;
+                for r in &got {
+                    self.held.insert(r.get::<_, i32>(0));
+                }
+                held += got.len() as u32;
+            }
+        }
+        let wants = fleet::asks(busy, held, fair);
+        if wants != self.wanting {
+            let sql = if wants { TRY_LOCK_SQL } else { UNLOCK_SQL };
+            self.timed(
+                limit,
+                self.client.query_one(sql, &[&(self.base + 2), &self.id]),
+            )
+            .await?;
+            self.wanting = wants;
+        }
+
+        // Giving back: while another member asks, or the spare slots are taken.
+        let others_ask = wanting.iter().any(|p| *p != self.pid)
+            || (free.len() as u32) < cfg.fleet_spare.min(budget);
+        let target = fleet::target(others_ask, busy, fair, overhead, held);
+        let pool_budget = target.saturating_sub(overhead);
+        ctx.pools.set_budget(pool_budget);
+        // A slot is kept while a connection it covers may still exist on the server (closing
+        // connections count until the server has closed them).
+        let in_use = overhead + ctx.pools.demand().2;
+        let keep = fleet::keep(target, in_use, held);
+        let mut give: Vec<i32> = beyond;
+        give.extend(
+            self.held
+                .iter()
+                .rev()
+                .copied()
+                .filter(|s| *s < budget as i32)
+                .take((held - keep) as usize),
+        );
+        if !give.is_empty() {
+            self.timed(
+                limit,
+                self.client.query_one(RELEASE_SQL, &[&self.base, &give]),
+            )
+            .await?;
+            for s in &give {
+                self.held.remove(s);
+            }
+        }
+        let held_now = self.held.len() as u32;
+        ctx.fleet.set(View {
+            name: self.name.clone(),
+            connected: true,
+            budget,
+            members: n,
+            held: held_now,
+            fair_share: fair,
+            fleet_held: (fleet_held + held_now).saturating_sub(held_before),
+            wanting: self.wanting,
+            pool_budget,
+            peers,
+        });
+        Ok(())
+    }
+
+    /// Leaves once the pools are drained: waits for their connections to be gone on the
+    /// server, then frees every slot by ending the session.
+    async fn leave(&mut self, ctx: &Context, cfg: &Config) -> Result<(), FleetError> {
+        ctx.pools.set_budget(0);
+        let deadline = tokio::time::Instant::now() + crate::server::GONE_WAIT;
+        while ctx.pools.demand().2 > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = self
+            .timed(
+                cfg.fleet_dead_after,
+                self.client
+                    .query_one("SELECT pg_advisory_unlock_all()", &[]),
+            )
+            .await;
+        tracing::info!(fleet = %self.name, instance = self.id, "left the fleet");
+        Ok(())
+    }
+}
