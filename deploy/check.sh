@@ -81,6 +81,19 @@ if command -v systemd-analyze >/dev/null 2>&1; then
     rm -rf "$tmp"
     ok "systemd-analyze verify deploy/systemd/sluice.service (with sluice-tls.conf)"
 
+    # The blue/green template for upgrades without a gap, as one of its instances.
+    tmp=$(mktemp -d)
+    sed 's#^ExecStart=/usr/local/bin/sluice #ExecStart=/bin/true #' 'deploy/systemd/sluice@.service' \
+        >"$tmp/sluice@.service"
+    if ! out=$(systemd-analyze verify "$tmp/sluice@blue.service" 2>&1) || [[ -n $out ]]; then
+        rm -rf "$tmp"
+        printf '%s\n' "$out" >&2
+        echo "systemd-analyze verify deploy/systemd/sluice@.service failed" >&2
+        exit 1
+    fi
+    rm -rf "$tmp"
+    ok "systemd-analyze verify deploy/systemd/sluice@.service (as sluice@blue)"
+
     # The secret refresh units, and sluice.service with both drop-ins (the hook's path
     # replaced: it need not be installed here).
     tmp=$(mktemp -d)
@@ -109,6 +122,10 @@ fi
 bash deploy/systemd/check-secret-refresh.sh
 ok "deploy/systemd/sluice-secret-refresh: plain and JSON secrets, mode 0600, reload only on change"
 
+# The upgrade script, against stand-ins for systemctl and journalctl.
+bash deploy/systemd/check-upgrade.sh
+ok "deploy/systemd/sluice-upgrade: the new colour joins before the old one stops; one that never joins is stopped"
+
 # Docker: the health check command is a well-formed exec-form JSON array.
 "$PY" - deploy/docker/Dockerfile <<'EOF'
 import json, re, sys
@@ -124,7 +141,8 @@ EOF
 
 # Shell scripts parse.
 for f in deploy/check.sh deploy/local/lib.sh deploy/local/demo.sh benches/compare.sh \
-    deploy/systemd/sluice-secret-refresh deploy/systemd/check-secret-refresh.sh; do
+    deploy/systemd/sluice-secret-refresh deploy/systemd/check-secret-refresh.sh \
+    deploy/systemd/sluice-upgrade deploy/systemd/check-upgrade.sh; do
     bash -n "$f"
 done
-ok "bash -n deploy/check.sh deploy/local/*.sh benches/compare.sh deploy/systemd/*secret-refresh*"
+ok "bash -n deploy/check.sh deploy/local/*.sh benches/compare.sh deploy/systemd/*secret-refresh* deploy/systemd/sluice-upgrade"

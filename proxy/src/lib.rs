@@ -178,19 +178,20 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Handle,
         .budget
         .set(f64::from(config.max_server_connections));
 
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| StartError::Bind {
-            addr: config.listen,
-            source,
-        })?;
+    // A fleet member shares its ports with its successor (SO_REUSEPORT): the new process
+    // starts while the old one drains, and their budget is shared like any members'. A lone
+    // instance keeps its port to itself, so a second one cannot double its budget.
+    let reuse_port = config.fleet.is_some();
+    let listener = bind(config.listen, reuse_port).map_err(|source| StartError::Bind {
+        addr: config.listen,
+        source,
+    })?;
     let local_addr = listener.local_addr().map_err(|source| StartError::Bind {
         addr: config.listen,
         source,
     })?;
-    let admin_listener = TcpListener::bind(config.admin_listen)
-        .await
-        .map_err(|source| StartError::Bind {
+    let admin_listener =
+        bind(config.admin_listen, reuse_port).map_err(|source| StartError::Bind {
             addr: config.admin_listen,
             source,
         })?;
@@ -314,6 +315,22 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Handle,
         context,
         task,
     })
+}
+
+/// A listening socket on `addr`, shared with other processes that bind it with `reuse_port`
+/// too (SO_REUSEPORT: the kernel spreads new connections over them).
+fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    if reuse_port {
+        socket.set_reuseport(true)?;
+    }
+    socket.bind(addr)?;
+    socket.listen(4096)
 }
 
 /// Derives every user's client-auth secret; PBKDF2 runs on the blocking pool.

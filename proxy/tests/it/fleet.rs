@@ -37,9 +37,15 @@ async fn server() -> PgServer {
 
 /// A fleet member: budget 12, pools as large, a look at the fleet every 200 ms.
 fn member(pg: &PgServer) -> SluiceProcess {
+    member_at(pg, &[])
+}
+
+/// A fleet member with more settings (`SLUICE_LISTEN` for a successor on the same port).
+fn member_at(pg: &PgServer, more: &[(&str, &str)]) -> SluiceProcess {
     let upstream = pg.url(USER, PASSWORD, DB);
     let budget = BUDGET.to_string();
-    SluiceProcess::spawn(&[
+    let mut env: Vec<(&str, &str)> = more.to_vec();
+    env.extend_from_slice(&[
         ("SLUICE_UPSTREAM", &upstream),
         ("SLUICE_FLEET", "test-fleet"),
         ("SLUICE_FLEET_INTERVAL", "200ms"),
@@ -49,7 +55,8 @@ fn member(pg: &PgServer) -> SluiceProcess {
         ("SLUICE_WAIT_TIMEOUT", "30s"),
         ("SLUICE_SHED_TARGET", "30s"),
         ("SLUICE_MAX_CLIENT_CONNECTIONS", "2000"),
-    ])
+    ]);
+    SluiceProcess::spawn(&env)
 }
 
 fn scrape(s: &SluiceProcess, series: &str) -> f64 {
@@ -82,7 +89,7 @@ async fn members_see(fleet: &[&SluiceProcess], n: usize) {
 fn retryable(e: &tokio_postgres::Error) -> bool {
     e.code().is_some_and(|c| {
         let c = c.code();
-        c == "53300" || c == "57P03" || c.starts_with("08")
+        c == "53300" || c == "57P01" || c == "57P03" || c.starts_with("08")
     })
 }
 
@@ -308,4 +315,74 @@ async fn a_cancel_sent_to_another_member_cancels_the_query() {
         "cancelled through the other member in {:?}",
         started.elapsed()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_under_load_fails_no_transaction_and_keeps_the_budget() {
+    use crate::support::process::signal;
+    let pg = server().await;
+    let grace = [("SLUICE_SHUTDOWN_GRACE", "300ms")];
+    let mut fleet: Vec<SluiceProcess> = (0..3).map(|_| member_at(&pg, &grace)).collect();
+    members_see(&fleet.iter().collect::<Vec<_>>(), 3).await;
+    let urls: Vec<String> = fleet.iter().map(|s| s.url(USER, PASSWORD, DB)).collect();
+    let before = pg.log_contents().len();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (done, retries) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    // Function-like clients: a connection per transaction, retried on the documented errors.
+    let clients: Vec<_> = (0..24)
+        .map(|c| {
+            let (urls, stop) = (urls.clone(), stop.clone());
+            let (done, retries) = (done.clone(), retries.clone());
+            tokio::spawn(async move {
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let id = 50_000_000 + c * 100_000 + n;
+                    let url = urls[(c + n) as usize % urls.len()].clone();
+                    retries.fetch_add(transaction(url, id, c, 10).await, Ordering::Relaxed);
+                    done.fetch_add(1, Ordering::Relaxed);
+                    n += 1;
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for i in 0..3 {
+        // The successor binds the same ports while the old process still serves.
+        let (listen, admin) = (fleet[i].local.to_string(), fleet[i].admin.to_string());
+        let next = member_at(
+            &pg,
+            &[
+                ("SLUICE_LISTEN", &listen),
+                ("SLUICE_ADMIN_LISTEN", &admin),
+                grace[0],
+            ],
+        );
+        let mut old = std::mem::replace(&mut fleet[i], next);
+        signal(old.child.id(), "TERM");
+        within_secs(40, "the old process drains and exits", async {
+            while old.child.try_wait().expect("wait").is_none() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        members_see(&fleet.iter().collect::<Vec<_>>(), 3).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.expect("client");
+    }
+    let done = done.load(Ordering::Relaxed);
+    let rows = pg.psql_db(DB, "SELECT count(*) FROM fleet_t WHERE id >= 50000000");
+    assert_eq!(
+        rows.trim(),
+        done.to_string(),
+        "every transaction committed once"
+    );
+    let (open, _) = concurrency_after(&pg.log_contents(), before);
+    println!(
+        "rolling restart of 3: {done} transactions, 0 failed, {} retries; at most {open} server connections at once (server log)",
+        retries.load(Ordering::Relaxed)
+    );
+    assert!(open <= BUDGET as usize, "{open} server connections at once");
 }
