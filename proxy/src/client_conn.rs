@@ -84,6 +84,9 @@ pub struct ClientConn<S = Stream> {
     /// How long [`ClientConn::read_frame`] waits for the rest of a message it holds part of;
     /// zero waits for ever.
     stall: Duration,
+    /// The client's address as a PROXY protocol header gave it ([`ClientConn::read_proxy_header`]),
+    /// in place of the TCP peer's (the load balancer's).
+    client_addr: Option<SocketAddr>,
 }
 
 impl<S> ClientConn<S> {
@@ -92,6 +95,7 @@ impl<S> ClientConn<S> {
             stream,
             buf: BytesMut::new(),
             stall: Duration::ZERO,
+            client_addr: None,
         }
     }
 
@@ -124,6 +128,20 @@ impl<S> ClientConn<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> ClientConn<S> {
+    /// Reads the PROXY protocol v2 header the connection must open with (`proxy_protocol`) and
+    /// takes the client address it names; what follows it stays buffered.
+    pub async fn read_proxy_header(&mut self) -> Result<Option<SocketAddr>, ClientError> {
+        use crate::protocol::proxy_header::{parse, Parsed};
+        loop {
+            if let Parsed::Header { len, client } = parse(&self.buf)? {
+                self.buf.advance(len);
+                self.client_addr = client;
+                return Ok(client);
+            }
+            self.read_more().await?;
+        }
+    }
+
     /// Reads more bytes into the buffer; end of stream is [`ClientError::Closed`].
     ///
     /// Cancel-safe: a cancelled read loses no bytes.
@@ -240,8 +258,12 @@ impl ClientConn<Stream> {
         self.stream.alpn_protocol()
     }
 
+    /// The client's address: the one its PROXY protocol header named, else the TCP peer's.
     pub fn peer_addr(&self) -> io::Result<SocketAddr> {
-        self.stream.peer_addr()
+        match self.client_addr {
+            Some(a) => Ok(a),
+            None => self.stream.peer_addr(),
+        }
     }
 
     /// Runs the TLS handshake on the plain socket and goes on over TLS. What is buffered is the

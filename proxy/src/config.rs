@@ -323,6 +323,9 @@ pub struct Config {
     /// How long a secret `auth_query` fetched is used before it is fetched again.
     #[serde(with = "duration")]
     pub auth_query_ttl: Duration,
+    /// Every client connection opens with a PROXY protocol v2 header (an AWS NLB with proxy
+    /// protocol v2 on its target group), whose client address Sluice uses.
+    pub proxy_protocol: bool,
     /// Instances with the same fleet name share one budget through the database (see
     /// `crate::fleet`); unset, this instance has the whole budget to itself.
     pub fleet: Option<String>,
@@ -450,6 +453,7 @@ impl Default for Config {
             auth_query: "SELECT usename, passwd FROM pg_shadow WHERE usename = $1".into(),
             auth_user: None,
             auth_query_ttl: Duration::from_secs(60),
+            proxy_protocol: false,
             fleet: None,
             fleet_interval: Duration::from_secs(1),
             fleet_dead_after: Duration::from_secs(15),

@@ -9,6 +9,7 @@
 
 pub mod backend;
 pub mod frontend;
+pub mod proxy_header;
 pub mod sqlstate;
 
 use thiserror::Error;
@@ -40,6 +41,9 @@ pub enum ProtocolError {
     Malformed(&'static str),
     #[error("unexpected message type '{tag}' {context}", tag = char::from(*.tag))]
     Unexpected { tag: u8, context: &'static str },
+    /// `proxy_protocol` is on and the connection did not open with a valid PROXY v2 header.
+    #[error("{0}")]
+    ProxyHeader(String),
 }
 
 /// The header of one regular (tagged) message.

@@ -137,6 +137,11 @@ async fn start<'a>(ctx: &'a Arc<Context>, conn: &mut ClientConn) -> Started<'a> 
     let config = ctx.config();
     let login_timeout = config.client_login_timeout;
     let (login, authenticated, kept) = match tokio::time::timeout(login_timeout, async {
+        if config.proxy_protocol {
+            // Behind a load balancer: the client's own address, for logs, limits and SHOW CLIENTS.
+            let client = conn.read_proxy_header().await?;
+            tracing::trace!(client = ?client, "PROXY protocol header");
+        }
         let Some(login) = startup::read_startup(ctx, conn).await? else {
             return Ok(None);
         };

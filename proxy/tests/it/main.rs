@@ -24,6 +24,7 @@ mod outage;
 mod passthrough;
 mod pg;
 mod proxy;
+mod proxy_protocol;
 mod relay_capture;
 mod reset;
 mod secrets;
