@@ -49,6 +49,39 @@ EOF
 # CloudFormation: YAML with CloudFormation tags, references, user data (bash -n), embedded unit.
 "$PY" deploy/aws/validate.py | sed 's/^/  ok  /'
 
+# Both templates pass cfn-lint (resource properties, types, references, regions).
+CFN_LINT=${CFN_LINT:-cfn-lint}
+need "$CFN_LINT" "python3 -m pip install -r deploy/aws/requirements.txt (.ci/run puts it in target/deploy-venv)"
+"$CFN_LINT" deploy/aws/sluice.yaml deploy/aws/sluice-fleet.yaml
+ok "cfn-lint deploy/aws/sluice.yaml deploy/aws/sluice-fleet.yaml ($("$CFN_LINT" --version))"
+
+# The fleet template's container settings are keys Sluice knows, and it runs a fleet behind
+# the PROXY protocol with a stop timeout and deregistration delay that fit the drain.
+"$PY" - deploy/aws/sluice-fleet.yaml proxy/src/config.rs <<'EOF'
+import re, sys
+import yaml
+class Loader(yaml.SafeLoader):
+    pass
+Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
+t = yaml.load(open(sys.argv[1]), Loader=Loader)
+src = open(sys.argv[2]).read().split("pub struct Config {")[1].split("\n}")[0]
+fields = set(re.findall(r"^    pub (\w+):", src, re.M)) | {"upstream"}
+c = t["Resources"]["TaskDefinition"]["Properties"]["ContainerDefinitions"][0]
+env = {e["Name"]: e["Value"] for e in c["Environment"]}
+keys = {k[len("SLUICE_"):].lower() for k in env if k.startswith("SLUICE_")}
+unknown = sorted(keys - fields)
+assert not unknown, f"{sys.argv[1]}: settings Sluice does not know: {unknown}"
+assert {"fleet", "proxy_protocol"} <= keys, "the fleet template must set fleet and proxy_protocol"
+props = t["Resources"]["TargetGroup"]["Properties"]
+attrs = {a["Key"]: a["Value"] for a in props["TargetGroupAttributes"]}
+assert attrs["proxy_protocol_v2.enabled"] == "true"
+assert props["HealthCheckPath"] == "/readyz"
+grace = int(env["SLUICE_SHUTDOWN_GRACE"].rstrip("s"))
+delay = int(attrs["deregistration_delay.timeout_seconds"])
+assert c["StopTimeout"] >= grace + 30 and delay >= grace + 30, "stop timeout and deregistration delay fit the drain"
+print(f"  ok  {sys.argv[1]}: {len(keys)} known settings, fleet and PROXY protocol on, /readyz target health, StopTimeout {c['StopTimeout']} s and deregistration delay {delay} s fit shutdown_grace {grace} s + 30 s")
+EOF
+
 # The example sluice.toml: TOML, and only keys Sluice knows (the fields of Config).
 "$PY" - deploy/systemd/sluice.toml proxy/src/config.rs <<'EOF'
 import re, sys
