@@ -16,7 +16,7 @@ const LOCKS_SQL: &str =
     "SELECT l.classid::int8 - $1::int8, l.objid::int8, l.pid, a.application_name \
      FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
      WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
-     AND l.classid::int8 BETWEEN $1::int8 AND $1::int8 + 2";
+     AND l.classid::int8 BETWEEN $1::int8 AND $1::int8 + 3";
 /// Locks the first `$3` of the slots `$2` that are free, one round trip; returns those taken.
 const TAKE_SQL: &str =
     "SELECT s FROM unnest($2::int4[]) AS s WHERE pg_try_advisory_lock($1::int4, s) LIMIT $3::int8";
@@ -24,6 +24,9 @@ const RELEASE_SQL: &str =
     "SELECT count(*) FROM unnest($2::int4[]) AS s WHERE pg_advisory_unlock($1::int4, s)";
 const TRY_LOCK_SQL: &str = "SELECT pg_try_advisory_lock($1::int4, $2::int4)";
 const UNLOCK_SQL: &str = "SELECT pg_advisory_unlock($1::int4, $2::int4)";
+
+/// Coordination statements sent by every member in this process (the fleet study reads it).
+pub static STATEMENTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Runs this instance's membership until `fleet.leave`: joins, coordinates, and after a lost
 /// session keeps the pools at a budget of 0 until it has joined again.
@@ -75,6 +78,9 @@ struct Member {
     id: i32,
     pid: i32,
     held: BTreeSet<i32>,
+    /// Holding the lock that says it is short of slots, and the one that says it is below its
+    /// fair share too.
+    short: bool,
     wanting: bool,
 }
 
@@ -156,6 +162,7 @@ impl Member {
             id: 0,
             pid: 0,
             held: BTreeSet::new(),
+            short: false,
             wanting: false,
         };
         let timeout = cfg.fleet_dead_after;
@@ -200,6 +207,8 @@ impl Member {
         limit: Duration,
         fut: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
     ) -> Result<T, FleetError> {
+        STATEMENTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        metrics::counter!(crate::metrics::FLEET_STATEMENTS).increment(1);
         match tokio::time::timeout(limit, fut).await {
             Ok(r) => r.map_err(query_error),
             Err(_) => Err(FleetError::Timeout(limit.as_millis())),
@@ -243,6 +252,7 @@ impl Member {
         let mut peers = Vec::new();
         let mut slots: HashMap<i32, u32> = HashMap::new();
         let mut taken: HashSet<i64> = HashSet::new();
+        let mut short: HashSet<i32> = HashSet::new();
         let mut wanting: HashSet<i32> = HashSet::new();
         let mut mine = BTreeSet::new();
         for r in &rows {
@@ -263,6 +273,9 @@ impl Member {
                             peers.push(peer);
                         }
                     }
+                }
+                2 => {
+                    short.insert(pid);
                 }
                 _ => {
                     wanting.insert(pid);
@@ -318,21 +331,37 @@ impl Member {
                 held += got.len() as u32;
             }
         }
-        let wants = fleet::asks(busy, held, fair);
-        if wants != self.wanting {
-            let sql = if wants { TRY_LOCK_SQL } else { UNLOCK_SQL };
+        // Asking: for idle slots whenever short, for busy ones too when below the fair share.
+        let is_short = busy > held;
+        if is_short != self.short {
+            let sql = if is_short { TRY_LOCK_SQL } else { UNLOCK_SQL };
             self.timed(
                 limit,
                 self.client.query_one(sql, &[&(self.base + 2), &self.id]),
             )
             .await?;
+            self.short = is_short;
+        }
+        let wants = fleet::asks(busy, held, fair);
+        if wants != self.wanting {
+            let sql = if wants { TRY_LOCK_SQL } else { UNLOCK_SQL };
+            self.timed(
+                limit,
+                self.client.query_one(sql, &[&(self.base + 3), &self.id]),
+            )
+            .await?;
             self.wanting = wants;
         }
 
-        // Giving back: while another member asks, or the spare slots are taken.
-        let others_ask = wanting.iter().any(|p| *p != self.pid)
-            || (free.len() as u32) < cfg.fleet_spare.min(budget);
-        let target = fleet::target(others_ask, busy, fair, overhead, held);
+        // Giving back: idle slots while another member is short (or the spare slots are
+        // taken), busy ones above the fair share while another is below its own.
+        let others = |set: &HashSet<i32>| set.iter().any(|p| *p != self.pid);
+        let others_short = others(&short) || (free.len() as u32) < cfg.fleet_spare.min(budget);
+        let asked = fleet::Asked {
+            idle: others_short,
+            fair: others(&wanting),
+        };
+        let target = fleet::target(asked, busy, fair, overhead, held);
         let pool_budget = target.saturating_sub(overhead);
         ctx.pools.set_budget(pool_budget);
         // A slot is kept while a connection it covers may still exist on the server (closing

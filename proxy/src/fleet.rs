@@ -11,13 +11,16 @@
 //!
 //! Every `fleet_interval`, and as soon as a client has to queue, a member reads the fleet's
 //! locks in `pg_locks` (one query): who is a member (a lock of `base + 1`), who holds which
-//! slots, who asks for more (a lock of `base + 2`). Then:
+//! slots, who is short of slots (`base + 2`) and who is short below its fair share
+//! (`base + 3`). Then:
 //! - **growing**: with more demand (lent connections, waiting clients, overhead) than slots,
 //!   it takes free slots, leaving `fleet_spare` free for an instance that starts to log in;
-//! - **asking**: still short and below its fair share (B / members), it holds its *want* lock;
-//! - **giving back**: while another member asks (or fewer than `fleet_spare` slots are free)
-//!   it lowers its pools' budget to the smaller of its demand and its fair share, closes idle
-//!   connections over it (lent ones as they come back), and unlocks a slot only once the
+//! - **asking**: still short, it holds its *short* lock, and below its fair share (B /
+//!   members) its *want* lock too;
+//! - **giving back**: while another member is short (or fewer than `fleet_spare` slots are
+//!   free) it lowers its pools' budget to its demand, closing idle connections; while another
+//!   is below its fair share, to the smaller of its demand and its own fair share, lent
+//!   connections over it closed as they come back. A slot is unlocked only once the
 //!   connection it covered is gone on the server too (see [`crate::server`]'s backend count).
 //!
 //! So a slot is never unlocked while a connection it covers may still exist, and a
@@ -219,14 +222,27 @@ pub fn asks(busy: u32, held: u32, fair: u32) -> bool {
     busy > held && held < fair
 }
 
-/// The slots a member keeps for its pools (its overhead included): all it holds unless
-/// another member asks, then no more than its demand and its fair share.
-pub fn target(others_ask: bool, busy: u32, fair: u32, overhead: u32, held: u32) -> u32 {
-    if others_ask {
-        busy.min(fair).max(overhead).min(held)
+/// What the other members ask for.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Asked {
+    /// One is short of slots (or the spare slots are taken): idle slots are given back.
+    pub idle: bool,
+    /// One is short and below its fair share: slots above the fair share are given back too.
+    pub fair: bool,
+}
+
+/// The slots a member keeps for its pools (its overhead included): all it holds unless asked;
+/// its demand when another is short; no more than its demand and its fair share when another
+/// is below its own.
+pub fn target(asked: Asked, busy: u32, fair: u32, overhead: u32, held: u32) -> u32 {
+    let keep = if asked.fair {
+        busy.min(fair)
+    } else if asked.idle {
+        busy
     } else {
         held
-    }
+    };
+    keep.max(overhead).min(held)
 }
 
 /// The slots a member still holds after giving back: never fewer than cover the connections
@@ -260,12 +276,26 @@ mod tests {
 
     #[test]
     fn giving_back_keeps_what_is_in_use_and_the_overhead() {
+        let (none, idle) = (
+            Asked::default(),
+            Asked {
+                idle: true,
+                fair: false,
+            },
+        );
+        let fair = Asked {
+            idle: true,
+            fair: true,
+        };
         // Nobody asks: everything is kept.
-        assert_eq!(target(false, 1, 4, 1, 10), 10);
-        // Someone asks: down to the fair share, or the demand when below it.
-        assert_eq!(target(true, 12, 4, 1, 10), 4);
-        assert_eq!(target(true, 2, 4, 1, 10), 2);
-        assert_eq!(target(true, 0, 4, 1, 10), 1);
+        assert_eq!(target(none, 1, 4, 1, 10), 10);
+        // Someone is short: idle slots go back, busy ones stay, even above the fair share.
+        assert_eq!(target(idle, 7, 4, 1, 10), 7);
+        assert_eq!(target(idle, 0, 4, 1, 10), 1);
+        // Someone is below its fair share: down to the fair share, or the demand below it.
+        assert_eq!(target(fair, 12, 4, 1, 10), 4);
+        assert_eq!(target(fair, 2, 4, 1, 10), 2);
+        assert_eq!(target(fair, 0, 4, 1, 10), 1);
         // Connections still open (or closing) keep their slots until they have gone.
         assert_eq!(keep(4, 7, 10), 7);
         assert_eq!(keep(4, 2, 10), 4);

@@ -30,6 +30,7 @@ pub const FLEET_SLOTS: &str = "sluice_fleet_slots";
 pub const FLEET_INSTANCES: &str = "sluice_fleet_instances";
 pub const FLEET_WANTING: &str = "sluice_fleet_wanting";
 pub const FLEET_ERRORS: &str = "sluice_fleet_coordination_errors_total";
+pub const FLEET_STATEMENTS: &str = "sluice_fleet_coordination_statements_total";
 pub const SERVER_CONNECTS: &str = "sluice_server_connects_total";
 pub const SERVER_CONNECT_TIME: &str = "sluice_server_connect_seconds";
 pub const SERVER_CLOSED: &str = "sluice_server_connections_closed_total";
@@ -226,6 +227,10 @@ pub fn describe() {
     describe_gauge!(
         FLEET_WANTING,
         "1 while this instance has waiting clients and less than its fair share"
+    );
+    describe_counter!(
+        FLEET_STATEMENTS,
+        "Statements the fleet coordination session has sent (its cost to the server)"
     );
     describe_counter!(
         FLEET_ERRORS,
