@@ -159,30 +159,23 @@ impl ControlPool {
 pub async fn connect_dedicated(
     target: Target,
     pg: &tokio_postgres::Config,
-) -> Result<
-    (
-        tokio_postgres::Client,
-        tokio::task::JoinHandle<()>,
-        SocketAddr,
-    ),
-    tokio_postgres::Error,
-> {
+) -> Result<LoggedIn, tokio_postgres::Error> {
     login(&target, pg.clone()).await
 }
+
+/// A logged-in control connection: its client, the task that drives it, its local address.
+pub type LoggedIn = (
+    tokio_postgres::Client,
+    tokio::task::JoinHandle<()>,
+    SocketAddr,
+);
 
 /// Opens a connection to `t`'s server as server connections are opened and lets
 /// tokio-postgres log in over it.
 async fn login(
     t: &Target,
     mut pg: tokio_postgres::Config,
-) -> Result<
-    (
-        tokio_postgres::Client,
-        tokio::task::JoinHandle<()>,
-        SocketAddr,
-    ),
-    tokio_postgres::Error,
-> {
+) -> Result<LoggedIn, tokio_postgres::Error> {
     if let Some(source) = &t.password {
         match source.for_login(&t.host, t.port, &t.user).await {
             Ok(password) => {

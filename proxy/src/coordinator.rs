@@ -215,6 +215,19 @@ impl Member {
         }
     }
 
+    /// Takes (`on`) or drops this member's lock in lock space `base + space`: a flag the
+    /// others read.
+    async fn flag(&self, limit: Duration, space: i32, on: bool) -> Result<(), FleetError> {
+        let sql = if on { TRY_LOCK_SQL } else { UNLOCK_SQL };
+        self.timed(
+            limit,
+            self.client
+                .query_one(sql, &[&(self.base + space), &self.id]),
+        )
+        .await?;
+        Ok(())
+    }
+
     /// Coordinates until the session fails (an error) or the instance leaves (`Ok`).
     async fn serve(&mut self, ctx: &Context) -> Result<(), FleetError> {
         let mut last = tokio::time::Instant::now();
@@ -334,22 +347,12 @@ impl Member {
         // Asking: for idle slots whenever short, for busy ones too when below the fair share.
         let is_short = busy > held;
         if is_short != self.short {
-            let sql = if is_short { TRY_LOCK_SQL } else { UNLOCK_SQL };
-            self.timed(
-                limit,
-                self.client.query_one(sql, &[&(self.base + 2), &self.id]),
-            )
-            .await?;
+            self.flag(limit, 2, is_short).await?;
             self.short = is_short;
         }
         let wants = fleet::asks(busy, held, fair);
         if wants != self.wanting {
-            let sql = if wants { TRY_LOCK_SQL } else { UNLOCK_SQL };
-            self.timed(
-                limit,
-                self.client.query_one(sql, &[&(self.base + 3), &self.id]),
-            )
-            .await?;
+            self.flag(limit, 3, wants).await?;
             self.wanting = wants;
         }
 
