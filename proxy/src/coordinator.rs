@@ -263,7 +263,6 @@ impl Member {
             .await?;
         let mut members: HashMap<i32, i64> = HashMap::new();
         let mut peers = Vec::new();
-        let mut slots: HashMap<i32, u32> = HashMap::new();
         let mut taken: HashSet<i64> = HashSet::new();
         let mut short: HashSet<i32> = HashSet::new();
         let mut wanting: HashSet<i32> = HashSet::new();
@@ -272,7 +271,6 @@ impl Member {
             let (space, key, pid): (i64, i64, i32) = (r.get(0), r.get(1), r.get(2));
             match space {
                 0 => {
-                    *slots.entry(pid).or_default() += 1;
                     taken.insert(key);
                     if pid == self.pid {
                         mine.insert(key as i32);
