@@ -11,12 +11,12 @@ use crate::context::Context;
 use crate::fleet::{self, lock_base, query_error, FleetError, View};
 use crate::server::Target;
 
-/// The fleet's locks: (space, key, holder's pid, holder's application_name).
-const LOCKS_SQL: &str =
-    "SELECT l.classid::int8 - $1::int8, l.objid::int8, l.pid, a.application_name \
+/// The fleet's locks, the budget's (`$1` to `$1 + 3`) and its groups' limits' (`$2`):
+/// (lock space, key, holder's pid, holder's application_name).
+const LOCKS_SQL: &str = "SELECT l.classid::int8, l.objid::int8, l.pid, a.application_name \
      FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
      WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
-     AND l.classid::int8 BETWEEN $1::int8 AND $1::int8 + 3";
+     AND (l.classid::int8 BETWEEN $1::int8 AND $1::int8 + 3 OR l.classid::int8 = ANY($2::int8[]))";
 /// Locks the first `$3` of the slots `$2` that are free, one round trip; returns those taken.
 const TAKE_SQL: &str =
     "SELECT s FROM unnest($2::int4[]) AS s WHERE pg_try_advisory_lock($1::int4, s) LIMIT $3::int8";
@@ -82,6 +82,24 @@ struct Member {
     /// fair share too.
     short: bool,
     wanting: bool,
+    /// The lock spaces of the groups' limits it last looked at (a RELOAD may drop some).
+    group_bases: Vec<i64>,
+}
+
+/// What one look shows of a group limit's lock space.
+#[derive(Default)]
+struct Seen {
+    taken: HashSet<i64>,
+    mine: BTreeSet<i32>,
+    short: HashSet<i32>,
+    wanting: HashSet<i32>,
+}
+
+/// A group limit's decision, between taking slots and giving them back.
+struct GroupPlan {
+    space: fleet::GroupSpace,
+    held: BTreeSet<i32>,
+    target: u32,
 }
 
 impl Drop for Member {
@@ -164,6 +182,7 @@ impl Member {
             held: BTreeSet::new(),
             short: false,
             wanting: false,
+            group_bases: Vec::new(),
         };
         let timeout = cfg.fleet_dead_after;
         let row = m
@@ -255,12 +274,24 @@ impl Member {
         let limit = cfg.fleet_dead_after;
         let budget = cfg.max_server_connections;
         let overhead = 1 + crate::control::reserved(cfg);
+        let spaces = fleet::group_spaces(&self.name, cfg);
+        let mut bases: Vec<i64> = spaces
+            .iter()
+            .flat_map(|g| [0, 2, 3].map(|o| i64::from(g.base) + o))
+            .collect();
+        bases.extend(
+            self.group_bases
+                .iter()
+                .flat_map(|b| [0, 2, 3].map(|o| b + o)),
+        );
         let rows = self
             .timed(
                 limit,
-                self.client.query(LOCKS_SQL, &[&i64::from(self.base)]),
+                self.client
+                    .query(LOCKS_SQL, &[&i64::from(self.base), &bases]),
             )
             .await?;
+        let mut groups: HashMap<i64, Seen> = HashMap::new();
         let mut members: HashMap<i32, i64> = HashMap::new();
         let mut peers = Vec::new();
         let mut taken: HashSet<i64> = HashSet::new();
@@ -268,8 +299,28 @@ impl Member {
         let mut wanting: HashSet<i32> = HashSet::new();
         let mut mine = BTreeSet::new();
         for r in &rows {
-            let (space, key, pid): (i64, i64, i32) = (r.get(0), r.get(1), r.get(2));
-            match space {
+            let (class, key, pid): (i64, i64, i32) = (r.get(0), r.get(1), r.get(2));
+            // Lock spaces start at multiples of 4 (see [`lock_base`]).
+            let (space, offset) = (class - class % 4, class % 4);
+            if space != i64::from(self.base) {
+                let seen = groups.entry(space).or_default();
+                match offset {
+                    0 => {
+                        seen.taken.insert(key);
+                        if pid == self.pid {
+                            seen.mine.insert(key as i32);
+                        }
+                    }
+                    2 => {
+                        seen.short.insert(pid);
+                    }
+                    _ => {
+                        seen.wanting.insert(pid);
+                    }
+                }
+                continue;
+            }
+            match offset {
                 0 => {
                     taken.insert(key);
                     if pid == self.pid {
@@ -305,7 +356,14 @@ impl Member {
             .iter()
             .position(|i| *i == i64::from(self.id))
             .unwrap_or(0) as u32;
-        let fair = fleet::fair_share(budget, n, rank);
+        let (mut reserved_total, mut reserved_mine) = (0, 0);
+        for g in spaces.iter().filter(|g| g.reservation) {
+            if let Some(seen) = groups.get(&i64::from(g.base)) {
+                reserved_total += seen.taken.len() as u32;
+                reserved_mine += seen.mine.len() as u32;
+            }
+        }
+        let fair = fleet::fair_share_reserved(budget, reserved_total, reserved_mine, n, rank);
         let fleet_held = taken.len() as u32;
         let free: Vec<i32> = (0..budget as i32)
             .filter(|s| !taken.contains(&i64::from(*s)))
@@ -388,6 +446,7 @@ impl Member {
                 self.held.remove(s);
             }
         }
+        self.groups(ctx, cfg, spaces, groups, n, rank).await?;
         let held_now = self.held.len() as u32;
         ctx.fleet.set(View {
             name: self.name.clone(),
@@ -401,6 +460,137 @@ impl Member {
             pool_budget,
             peers,
         });
+        Ok(())
+    }
+
+    /// Divides the groups' caps and reservations as [`Member::tick`] divides the budget: takes
+    /// slots for a group's demand here (its lent connections and waiting clients), asks for
+    /// them, gives back what others ask for (a reservation's down to the demand always), and
+    /// gives the pools its share. A cap's slot is given back only once the group's lent
+    /// connections fit in the rest.
+    async fn groups(
+        &mut self,
+        ctx: &Context,
+        cfg: &Config,
+        spaces: Vec<fleet::GroupSpace>,
+        mut seen: HashMap<i64, Seen>,
+        members: u32,
+        rank: u32,
+    ) -> Result<(), FleetError> {
+        let limit = cfg.fleet_dead_after;
+        // Locks in the spaces of limits a RELOAD removed are let go of.
+        let current: HashSet<i64> = spaces.iter().map(|g| i64::from(g.base)).collect();
+        for (space, s) in seen.iter().filter(|(b, _)| !current.contains(b)) {
+            let keys = s.mine.iter().map(|k| (*space, *k));
+            let flags = [(2, &s.short), (3, &s.wanting)]
+                .into_iter()
+                .filter(|(_, set)| set.contains(&self.pid))
+                .map(|(o, _)| (*space + o, self.id));
+            for (class, key) in keys.chain(flags).collect::<Vec<_>>() {
+                self.timed(
+                    limit,
+                    self.client.query_one(UNLOCK_SQL, &[&(class as i32), &key]),
+                )
+                .await?;
+            }
+        }
+        self.group_bases = current.into_iter().collect();
+
+        let mut plans = Vec::new();
+        for space in spaces {
+            let s = seen.remove(&i64::from(space.base)).unwrap_or_default();
+            let (active, waiting) = ctx.pools.group_demand(&space.group);
+            let demand = (active + waiting).min(space.size);
+            let fair = fleet::fair_share(space.size, members, rank);
+            let mut held: BTreeSet<i32> = s.mine.clone();
+            // Slots numbered beyond the limit (a RELOAD lowered it) go back first.
+            let beyond: Vec<i32> = held
+                .iter()
+                .copied()
+                .filter(|k| *k >= space.size as i32)
+                .collect();
+            if !beyond.is_empty() {
+                self.timed(
+                    limit,
+                    self.client.query_one(RELEASE_SQL, &[&space.base, &beyond]),
+                )
+                .await?;
+                for k in &beyond {
+                    held.remove(k);
+                }
+            }
+            let free: Vec<i32> = (0..space.size as i32)
+                .filter(|k| !s.taken.contains(&i64::from(*k)))
+                .collect();
+            let want = fleet::to_take(demand, held.len() as u32, free.len() as u32, 0);
+            if want > 0 {
+                let got = self
+                    .timed(
+                        limit,
+                        self.client
+                            .query(TAKE_SQL, &[&space.base, &free, &i64::from(want)]),
+                    )
+                    .await?;
+                held.extend(got.iter().map(|r| r.get::<_, i32>(0)));
+            }
+            let n = held.len() as u32;
+            let is_short = demand > n;
+            if is_short != s.short.contains(&self.pid) {
+                self.flag(limit, space.base - self.base + 2, is_short)
+                    .await?;
+            }
+            let wants = fleet::asks(demand, n, fair);
+            if wants != s.wanting.contains(&self.pid) {
+                self.flag(limit, space.base - self.base + 3, wants).await?;
+            }
+            let others = |set: &HashSet<i32>| set.iter().any(|p| *p != self.pid);
+            let asked = fleet::Asked {
+                idle: space.reservation || others(&s.short),
+                fair: others(&s.wanting),
+            };
+            let target = fleet::target(asked, demand, fair, 0, n);
+            plans.push(GroupPlan {
+                space,
+                held,
+                target,
+            });
+        }
+
+        // The pools' shares first, then the slots over them (a cap's once its lent connections fit).
+        let mut shares: HashMap<&str, crate::pool::GroupShare> = HashMap::new();
+        for p in &plans {
+            let share = shares.entry(p.space.group.as_str()).or_default();
+            if p.space.reservation {
+                share.reserved = Some(p.target);
+            } else {
+                share.max_connections = Some(p.target);
+            }
+        }
+        let shares: Vec<(&str, crate::pool::GroupShare)> = shares.into_iter().collect();
+        ctx.pools.set_group_shares(&shares);
+        for p in &plans {
+            let in_use = if p.space.reservation {
+                0
+            } else {
+                ctx.pools.group_demand(&p.space.group).0
+            };
+            let held = p.held.len() as u32;
+            let keep = fleet::keep(p.target, in_use, held);
+            let give: Vec<i32> = p
+                .held
+                .iter()
+                .rev()
+                .copied()
+                .take((held - keep) as usize)
+                .collect();
+            if !give.is_empty() {
+                self.timed(
+                    limit,
+                    self.client.query_one(RELEASE_SQL, &[&p.space.base, &give]),
+                )
+                .await?;
+            }
+        }
         Ok(())
     }
 

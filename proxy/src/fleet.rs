@@ -251,6 +251,58 @@ pub fn keep(target: u32, in_use: u32, held: u32) -> u32 {
     target.max(in_use).min(held)
 }
 
+/// One of a group's limits that a fleet divides among its members as it divides the budget:
+/// the group's `max_connections` (a member lends the group no more connections than it holds
+/// slots of the cap) or its `reserved_connections` (a member holds back for the group no more
+/// than it holds slots of the reservation, and holds no more of those than the group's demand
+/// there, so that an idle member never keeps a reservation another needs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupSpace {
+    pub group: String,
+    pub reservation: bool,
+    /// Its lock spaces: slots at `base`, *short* at `base + 2`, *want* at `base + 3`.
+    pub base: i32,
+    pub size: u32,
+}
+
+/// The group limits fleet `name` divides: every configured cap and reservation.
+pub fn group_spaces(name: &str, cfg: &crate::config::Config) -> Vec<GroupSpace> {
+    let mut spaces = Vec::new();
+    for (group, g) in &cfg.groups {
+        if let Some(size) = g.max_connections {
+            spaces.push(GroupSpace {
+                group: group.clone(),
+                reservation: false,
+                base: lock_base(&format!("{name}/{group}/max_connections")),
+                size,
+            });
+        }
+        if let Some(size) = g.reserved_connections.filter(|r| *r > 0) {
+            spaces.push(GroupSpace {
+                group: group.clone(),
+                reservation: true,
+                base: lock_base(&format!("{name}/{group}/reserved_connections")),
+                size,
+            });
+        }
+    }
+    spaces
+}
+
+/// A member's fair share of the budget when members hold `reserved_total` slots of groups'
+/// reservations, `reserved_mine` of them its own: its reservations, plus an even part of the
+/// rest (so a member whose group needs its reservation is given the slots for it).
+pub fn fair_share_reserved(
+    budget: u32,
+    reserved_total: u32,
+    reserved_mine: u32,
+    members: u32,
+    rank: u32,
+) -> u32 {
+    let reserved_total = reserved_total.min(budget);
+    reserved_mine.min(reserved_total) + fair_share(budget - reserved_total, members, rank)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -323,5 +375,38 @@ mod tests {
         assert_eq!(b, lock_base("prod"));
         assert_ne!(b, lock_base("staging"));
         assert!(b >= 0 && b % 4 == 0 && b.checked_add(2).is_some());
+    }
+
+    #[test]
+    fn reservations_come_first_in_the_fair_share() {
+        // Budget 12, 3 members, member 1 holds 4 slots of a group's reservation.
+        let shares: Vec<u32> = (0..3)
+            .map(|r| fair_share_reserved(12, 4, if r == 1 { 4 } else { 0 }, 3, r))
+            .collect();
+        assert_eq!(shares, vec![3, 7, 2]);
+        assert_eq!(shares.iter().sum::<u32>(), 12);
+        // Reservations over the budget (a RELOAD under way) never overflow it.
+        assert_eq!(fair_share_reserved(4, 9, 9, 1, 0), 4);
+    }
+
+    #[test]
+    fn group_limits_have_lock_spaces_of_their_own() {
+        let mut cfg = crate::config::Config::default();
+        cfg.groups.insert(
+            "etl".into(),
+            crate::config::GroupConfig {
+                max_connections: Some(5),
+                reserved_connections: Some(2),
+                max_waiting: None,
+            },
+        );
+        cfg.groups.insert("web".into(), Default::default());
+        let spaces = group_spaces("prod", &cfg);
+        assert_eq!(spaces.len(), 2);
+        assert!(!spaces[0].reservation && spaces[1].reservation);
+        assert_eq!((spaces[0].size, spaces[1].size), (5, 2));
+        let bases = [lock_base("prod"), spaces[0].base, spaces[1].base];
+        assert!(bases[0] != bases[1] && bases[1] != bases[2] && bases[0] != bases[2]);
+        assert!(bases.iter().all(|b| b % 4 == 0));
     }
 }

@@ -29,8 +29,8 @@ use tokio::time::Instant;
 
 pub use lease::Lease;
 use shed::Shedder;
-pub use state::DatabaseStats;
 use state::{Admit, Grant, State, Waiter};
+pub use state::{DatabaseStats, GroupShare};
 
 use crate::metrics::GroupMetrics;
 
@@ -379,6 +379,24 @@ impl<C: Send + 'static> Pools<C> {
         };
         drop(dead);
         after.run();
+    }
+
+    /// Sets a fleet member's shares of its groups' limits, in place of those set before (a
+    /// group not seen yet gets its share when it is made); waiters a raised share lets in are
+    /// served.
+    pub fn set_group_shares(&self, shares: &[(&str, GroupShare)]) {
+        let after = {
+            let mut st = self.shared.state.lock();
+            st.set_group_shares(shares);
+            st.dispatch(&self.shared, Instant::now())
+        };
+        after.run();
+    }
+
+    /// A group's demand here, for a fleet's coordination: (connections lent and connecting,
+    /// clients waiting).
+    pub fn group_demand(&self, name: &str) -> (u32, u32) {
+        self.shared.state.lock().group_demand(name)
     }
 
     /// What this instance needs and holds, for a fleet's coordination: (connections lent and

@@ -32,7 +32,9 @@ pub(crate) type Grant<C> = Result<Lease<C>, Rejected>;
 mod control;
 mod reassign;
 mod room;
+mod share;
 pub use control::DatabaseStats;
+pub use share::GroupShare;
 
 pub(crate) struct Waiter<C: Send + 'static> {
     pub id: u64,
@@ -64,6 +66,8 @@ struct PoolState<C> {
 
 struct GroupState<C: Send + 'static> {
     name: String,
+    /// The configured limits, and those in force (lowered to a fleet member's share).
+    configured: GroupLimits,
     limits: GroupLimits,
     active: u32,
     transactions: u64,
@@ -128,6 +132,8 @@ pub(crate) struct State<C: Send + 'static> {
     /// its end, closing ones included ([`super::Pools::count_backends`]); `None`: the pool's
     /// own count is taken for it.
     backends: Option<Arc<std::sync::atomic::AtomicU32>>,
+    /// A fleet member's shares of groups' limits, by group name ([`share`]).
+    shares: std::collections::HashMap<String, GroupShare>,
 }
 
 impl<C: Send + 'static> State<C> {
@@ -150,6 +156,7 @@ impl<C: Send + 'static> State<C> {
             paused: false,
             dead: Vec::new(),
             backends: None,
+            shares: Default::default(),
         }
     }
 
@@ -182,7 +189,8 @@ impl<C: Send + 'static> State<C> {
     pub fn add_group(&mut self, name: &str, limits: GroupLimits, metrics: GroupMetrics) -> GroupId {
         self.groups.push(GroupState {
             name: name.to_string(),
-            limits,
+            configured: limits,
+            limits: share::effective(limits, self.shares.get(name)),
             active: 0,
             transactions: 0,
             transaction_time: Duration::ZERO,
@@ -750,7 +758,8 @@ impl<C: Send + 'static> State<C> {
             (p.size, p.min) = pool_size(&p.database, &p.user);
         }
         for g in &mut self.groups {
-            g.limits = group(&g.name);
+            g.configured = group(&g.name);
+            g.limits = share::effective(g.configured, self.shares.get(&g.name));
         }
     }
 

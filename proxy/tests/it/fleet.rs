@@ -386,3 +386,148 @@ async fn a_rolling_restart_under_load_fails_no_transaction_and_keeps_the_budget(
     );
     assert!(open <= BUDGET as usize, "{open} server connections at once");
 }
+
+/// The table `timed_transaction` writes, and a file configuring `groups` (`group_by`
+/// application_name); returns the file's directory and path.
+fn groups_setup(pg: &PgServer, groups: &str) -> (tempfile::TempDir, String) {
+    pg.psql_db(
+        DB,
+        &format!(
+            "CREATE TABLE cap_t (id int PRIMARY KEY, t0 timestamptz, t1 timestamptz); \
+             GRANT ALL ON cap_t TO {USER}"
+        ),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("sluice.toml");
+    std::fs::write(&file, format!("group_by = \"application_name\"\n{groups}")).expect("config");
+    let path = file.to_string_lossy().to_string();
+    (dir, path)
+}
+
+/// A transaction of `sleep_s` seconds that records when it ran by the server's clock,
+/// retried on the documented retryable errors.
+async fn timed_transaction(url: String, id: usize, sleep_s: f64) {
+    let mut retries = 0;
+    loop {
+        let attempt = async {
+            let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+            tokio::spawn(conn);
+            c.batch_execute(&format!(
+                "BEGIN; INSERT INTO cap_t VALUES ({id}, clock_timestamp()) \
+                 ON CONFLICT (id) DO UPDATE SET t0 = excluded.t0; SELECT pg_sleep({sleep_s}); \
+                 UPDATE cap_t SET t1 = clock_timestamp() WHERE id = {id}; COMMIT"
+            ))
+            .await
+        };
+        match attempt.await {
+            Ok(()) => return,
+            Err(e) if retryable(&e) || e.code().is_none() => {
+                assert!(retries < 200, "transaction {id}: {}", describe(&e));
+                retries += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("transaction {id}: {}", describe(&e)),
+        }
+    }
+}
+
+/// The most `timed_transaction`s that ran at once, and how many committed.
+fn most_at_once(pg: &PgServer) -> (u32, u32) {
+    let most = pg.psql_db(
+        DB,
+        "SELECT max((SELECT count(*) FROM cap_t b WHERE b.t0 <= a.t0 AND b.t1 > a.t0)) \
+         FROM cap_t a",
+    );
+    let done = pg.psql_db(DB, "SELECT count(*) FROM cap_t WHERE t1 IS NOT NULL");
+    (
+        most.trim().parse().expect("a count"),
+        done.trim().parse().expect("a count"),
+    )
+}
+
+/// A group's `max_connections` is the fleet's, not each member's: a group capped at 4 whose
+/// clients come through three members at once never has more than 4 transactions in the
+/// server at a time (timed by the server's own clock inside each transaction), and the capped
+/// group's transactions all commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_groups_cap_holds_across_the_fleet() {
+    const CAP: u32 = 4;
+    let pg = server().await;
+    let (_dir, path) = groups_setup(&pg, &format!("[groups.capped]\nmax_connections = {CAP}\n"));
+    let fleet: Vec<SluiceProcess> = (0..3)
+        .map(|_| member_at(&pg, &[("SLUICE_CONFIG", &path)]))
+        .collect();
+    members_see(&fleet.iter().collect::<Vec<_>>(), 3).await;
+    let txs = (0..90).map(|i| {
+        let url = format!(
+            "{}?application_name=capped",
+            fleet[i % 3].url(USER, PASSWORD, DB)
+        );
+        timed_transaction(url, i, 0.1)
+    });
+    within_secs(
+        120,
+        "90 capped transactions",
+        futures_util::future::join_all(txs),
+    )
+    .await;
+    let (most, done) = most_at_once(&pg);
+    assert_eq!(done, 90, "every capped transaction committed");
+    println!("group capped at {CAP} through 3 members: at most {most} of its transactions at once");
+    assert!(
+        most <= CAP,
+        "{most} transactions of a group capped at {CAP}"
+    );
+    assert!(most >= 2, "the cap was shared, not starved: {most}");
+}
+
+/// A group's `reserved_connections` is the fleet's: while two members' clients of another
+/// group would take the whole budget, the reserved group's clients on the third member get
+/// their reservation (6 of a budget of 12, more than that member's even share of 4), because
+/// the reservation's slots count first in its fair share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_groups_reservation_is_served_on_any_member_of_a_busy_fleet() {
+    const RESERVED: u32 = 6;
+    let pg = server().await;
+    let (_dir, path) = groups_setup(
+        &pg,
+        &format!("[groups.vip]\nreserved_connections = {RESERVED}\n"),
+    );
+    let fleet: Vec<SluiceProcess> = (0..3)
+        .map(|_| member_at(&pg, &[("SLUICE_CONFIG", &path)]))
+        .collect();
+    members_see(&fleet.iter().collect::<Vec<_>>(), 3).await;
+    let before = pg.log_contents().len();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut hogs = load(&fleet[0], 30, stop.clone(), 1_000_000);
+    hogs.extend(load(&fleet[1], 30, stop.clone(), 50_000_000));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let url = format!("{}?application_name=vip", fleet[2].url(USER, PASSWORD, DB));
+    let rounds = (0..5).map(|round| {
+        let url = url.clone();
+        async move {
+            let txs = (0..RESERVED as usize)
+                .map(|i| timed_transaction(url.clone(), round * 100 + i, 0.3));
+            futures_util::future::join_all(txs).await;
+        }
+    });
+    within_secs(120, "the reserved group's transactions", async {
+        for r in rounds {
+            r.await;
+        }
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    for h in hogs {
+        let _ = h.await;
+    }
+    let (most, done) = most_at_once(&pg);
+    assert_eq!(done, 5 * RESERVED, "every reserved transaction committed");
+    println!("group reserving {RESERVED} on one of 3 busy members: at most {most} of its transactions at once");
+    assert!(
+        most >= RESERVED - 1,
+        "{most} transactions at once of a group reserving {RESERVED}"
+    );
+    let (open, _) = concurrency_after(&pg.log_contents(), before);
+    assert!(open <= BUDGET as usize, "{open} server connections at once");
+}
