@@ -234,6 +234,13 @@ impl Member {
         }
     }
 
+    /// Unlocks this member's `keys` in lock space `base`.
+    async fn release(&self, limit: Duration, base: i32, keys: &[i32]) -> Result<(), FleetError> {
+        self.timed(limit, self.client.query_one(RELEASE_SQL, &[&base, &keys]))
+            .await?;
+        Ok(())
+    }
+
     /// Takes (`on`) or drops this member's lock in lock space `base + space`: a flag the
     /// others read.
     async fn flag(&self, limit: Duration, space: i32, on: bool) -> Result<(), FleetError> {
@@ -437,11 +444,7 @@ impl Member {
                 .take((held - keep) as usize),
         );
         if !give.is_empty() {
-            self.timed(
-                limit,
-                self.client.query_one(RELEASE_SQL, &[&self.base, &give]),
-            )
-            .await?;
+            self.release(limit, self.base, &give).await?;
             for s in &give {
                 self.held.remove(s);
             }
@@ -510,11 +513,7 @@ impl Member {
                 .filter(|k| *k >= space.size as i32)
                 .collect();
             if !beyond.is_empty() {
-                self.timed(
-                    limit,
-                    self.client.query_one(RELEASE_SQL, &[&space.base, &beyond]),
-                )
-                .await?;
+                self.release(limit, space.base, &beyond).await?;
                 for k in &beyond {
                     held.remove(k);
                 }
@@ -584,11 +583,7 @@ impl Member {
                 .take((held - keep) as usize)
                 .collect();
             if !give.is_empty() {
-                self.timed(
-                    limit,
-                    self.client.query_one(RELEASE_SQL, &[&p.space.base, &give]),
-                )
-                .await?;
+                self.release(limit, p.space.base, &give).await?;
             }
         }
         Ok(())

@@ -30,6 +30,12 @@
 //! a slot, covered by `fleet_spare`), and a coordination session that ends while its instance
 //! lives on (an administrator terminating it, a partition), whose connections outlive its
 //! locks until they are closed.
+//!
+//! Every group's `max_connections` and `reserved_connections` are divided the same way, each
+//! in lock spaces of its own ([`GroupSpace`], read by the same query): a member lends a capped
+//! group no more connections than it holds slots of the cap, and holds back for a group no
+//! more than it holds slots of the reservation, which it holds only while the group has that
+//! demand there; its fair share of the budget counts those reservation slots first.
 
 use parking_lot::Mutex;
 use tokio::sync::Notify;

@@ -96,17 +96,23 @@ fn retryable(e: &tokio_postgres::Error) -> bool {
 /// One short transaction through `url`, retried on the documented retryable errors; returns
 /// how many retries it took.
 async fn transaction(url: String, id: i32, via: i32, sleep_ms: u32) -> u64 {
+    let sql = format!(
+        "BEGIN; INSERT INTO fleet_t VALUES ({id}, {via}) ON CONFLICT DO NOTHING; \
+         SELECT pg_sleep({}); COMMIT",
+        f64::from(sleep_ms) / 1000.0
+    );
+    retried(&url, &sql, id).await
+}
+
+/// Runs `sql` through a new connection to `url`, again on the documented retryable errors;
+/// returns how many retries it took.
+async fn retried(url: &str, sql: &str, id: i32) -> u64 {
     let mut retries = 0;
     loop {
         let attempt = async {
-            let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+            let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
             tokio::spawn(conn);
-            c.batch_execute(&format!(
-                "BEGIN; INSERT INTO fleet_t VALUES ({id}, {via}) ON CONFLICT DO NOTHING; \
-                 SELECT pg_sleep({}); COMMIT",
-                f64::from(sleep_ms) / 1000.0
-            ))
-            .await
+            c.batch_execute(sql).await
         };
         match attempt.await {
             Ok(()) => return retries,
@@ -407,28 +413,12 @@ fn groups_setup(pg: &PgServer, groups: &str) -> (tempfile::TempDir, String) {
 /// A transaction of `sleep_s` seconds that records when it ran by the server's clock,
 /// retried on the documented retryable errors.
 async fn timed_transaction(url: String, id: usize, sleep_s: f64) {
-    let mut retries = 0;
-    loop {
-        let attempt = async {
-            let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
-            tokio::spawn(conn);
-            c.batch_execute(&format!(
-                "BEGIN; INSERT INTO cap_t VALUES ({id}, clock_timestamp()) \
-                 ON CONFLICT (id) DO UPDATE SET t0 = excluded.t0; SELECT pg_sleep({sleep_s}); \
-                 UPDATE cap_t SET t1 = clock_timestamp() WHERE id = {id}; COMMIT"
-            ))
-            .await
-        };
-        match attempt.await {
-            Ok(()) => return,
-            Err(e) if retryable(&e) || e.code().is_none() => {
-                assert!(retries < 200, "transaction {id}: {}", describe(&e));
-                retries += 1;
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(e) => panic!("transaction {id}: {}", describe(&e)),
-        }
-    }
+    let sql = format!(
+        "BEGIN; INSERT INTO cap_t VALUES ({id}, clock_timestamp()) \
+         ON CONFLICT (id) DO UPDATE SET t0 = excluded.t0; SELECT pg_sleep({sleep_s}); \
+         UPDATE cap_t SET t1 = clock_timestamp() WHERE id = {id}; COMMIT"
+    );
+    retried(&url, &sql, id as i32).await;
 }
 
 /// The most `timed_transaction`s that ran at once, and how many committed.
