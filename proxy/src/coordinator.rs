@@ -11,12 +11,12 @@ use crate::context::Context;
 use crate::fleet::{self, lock_base, query_error, FleetError, View};
 use crate::server::Target;
 
-/// The fleet's locks, the budget's (`$1` to `$1 + 3`) and its groups' limits' (`$2`):
+/// The fleet's locks in the lock spaces based at `$1` (the budget's and its groups' limits'):
 /// (lock space, key, holder's pid, holder's application_name).
 const LOCKS_SQL: &str = "SELECT l.classid::int8, l.objid::int8, l.pid, a.application_name \
      FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
      WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
-     AND (l.classid::int8 BETWEEN $1::int8 AND $1::int8 + 3 OR l.classid::int8 = ANY($2::int8[]))";
+     AND l.classid::int8 - l.classid::int8 % 4 = ANY($1::int8[])";
 /// Locks the first `$3` of the slots `$2` that are free, one round trip; returns those taken.
 const TAKE_SQL: &str =
     "SELECT s FROM unnest($2::int4[]) AS s WHERE pg_try_advisory_lock($1::int4, s) LIMIT $3::int8";
@@ -77,16 +77,12 @@ struct Member {
     base: i32,
     id: i32,
     pid: i32,
-    held: BTreeSet<i32>,
-    /// Holding the lock that says it is short of slots, and the one that says it is below its
-    /// fair share too.
-    short: bool,
-    wanting: bool,
     /// The lock spaces of the groups' limits it last looked at (a RELOAD may drop some).
     group_bases: Vec<i64>,
 }
 
-/// What one look shows of a group limit's lock space.
+/// What one look shows of a lock space, the budget's or a group limit's: the slots taken,
+/// this member's among them, and the members whose short and want flags are set.
 #[derive(Default)]
 struct Seen {
     taken: HashSet<i64>,
@@ -95,11 +91,26 @@ struct Seen {
     wanting: HashSet<i32>,
 }
 
-/// A group limit's decision, between taking slots and giving them back.
-struct GroupPlan {
-    space: fleet::GroupSpace,
+/// What this member needs of a lock space in one look.
+struct Need {
+    /// The slots it would use: connections lent and being opened, clients waiting.
+    busy: u32,
+    fair: u32,
+    /// Free slots a member that holds some leaves to those that hold none.
+    spare: u32,
+    /// Slots its own sessions use (the budget's only).
+    overhead: u32,
+    /// Gives back idle slots even when no other member is short (a reservation's).
+    give_idle: bool,
+}
+
+/// A lock space's decision, between taking slots and giving them back.
+struct Plan {
+    base: i32,
     held: BTreeSet<i32>,
     target: u32,
+    /// Its want flag: below its fair share and short.
+    wants: bool,
 }
 
 impl Drop for Member {
@@ -179,9 +190,6 @@ impl Member {
             base,
             id: 0,
             pid: 0,
-            held: BTreeSet::new(),
-            short: false,
-            wanting: false,
             group_bases: Vec::new(),
         };
         let timeout = cfg.fleet_dead_after;
@@ -241,16 +249,11 @@ impl Member {
         Ok(())
     }
 
-    /// Takes (`on`) or drops this member's lock in lock space `base + space`: a flag the
-    /// others read.
-    async fn flag(&self, limit: Duration, space: i32, on: bool) -> Result<(), FleetError> {
+    /// Takes (`on`) or drops this member's lock in lock space `class`: a flag the others read.
+    async fn flag(&self, limit: Duration, class: i32, on: bool) -> Result<(), FleetError> {
         let sql = if on { TRY_LOCK_SQL } else { UNLOCK_SQL };
-        self.timed(
-            limit,
-            self.client
-                .query_one(sql, &[&(self.base + space), &self.id]),
-        )
-        .await?;
+        self.timed(limit, self.client.query_one(sql, &[&class, &self.id]))
+            .await?;
         Ok(())
     }
 
@@ -276,64 +279,37 @@ impl Member {
         }
     }
 
-    /// One look at the fleet: take, ask for, or give back slots.
+    /// One look at the fleet: take, ask for, or give back slots of the budget, then of the
+    /// groups' limits.
     async fn tick(&mut self, ctx: &Context, cfg: &Config) -> Result<(), FleetError> {
         let limit = cfg.fleet_dead_after;
         let budget = cfg.max_server_connections;
         let overhead = 1 + crate::control::reserved(cfg);
         let spaces = fleet::group_spaces(&self.name, cfg);
-        let mut bases: Vec<i64> = spaces
-            .iter()
-            .flat_map(|g| [0, 2, 3].map(|o| i64::from(g.base) + o))
-            .collect();
-        bases.extend(
-            self.group_bases
-                .iter()
-                .flat_map(|b| [0, 2, 3].map(|o| b + o)),
-        );
+        let mut bases: Vec<i64> = spaces.iter().map(|g| i64::from(g.base)).collect();
+        bases.extend(&self.group_bases);
+        bases.push(i64::from(self.base));
+        bases.sort_unstable();
+        bases.dedup();
         let rows = self
-            .timed(
-                limit,
-                self.client
-                    .query(LOCKS_SQL, &[&i64::from(self.base), &bases]),
-            )
+            .timed(limit, self.client.query(LOCKS_SQL, &[&bases]))
             .await?;
-        let mut groups: HashMap<i64, Seen> = HashMap::new();
+        let mut seen: HashMap<i64, Seen> = HashMap::new();
         let mut members: HashMap<i32, i64> = HashMap::new();
         let mut peers = Vec::new();
-        let mut taken: HashSet<i64> = HashSet::new();
-        let mut short: HashSet<i32> = HashSet::new();
-        let mut wanting: HashSet<i32> = HashSet::new();
-        let mut mine = BTreeSet::new();
         for r in &rows {
             let (class, key, pid): (i64, i64, i32) = (r.get(0), r.get(1), r.get(2));
             // Lock spaces start at multiples of 4 (see [`lock_base`]).
             let (space, offset) = (class - class % 4, class % 4);
-            if space != i64::from(self.base) {
-                let seen = groups.entry(space).or_default();
-                match offset {
-                    0 => {
-                        seen.taken.insert(key);
-                        if pid == self.pid {
-                            seen.mine.insert(key as i32);
-                        }
-                    }
-                    2 => {
-                        seen.short.insert(pid);
-                    }
-                    _ => {
-                        seen.wanting.insert(pid);
-                    }
-                }
-                continue;
-            }
+            let s = seen.entry(space).or_default();
             match offset {
                 0 => {
-                    taken.insert(key);
+                    s.taken.insert(key);
                     if pid == self.pid {
-                        mine.insert(key as i32);
+                        s.mine.insert(key as i32);
                     }
                 }
+                // Only the budget has a member space.
                 1 => {
                     members.insert(pid, key);
                     let name: Option<String> = r.get(3);
@@ -344,18 +320,19 @@ impl Member {
                     }
                 }
                 2 => {
-                    short.insert(pid);
+                    s.short.insert(pid);
                 }
                 _ => {
-                    wanting.insert(pid);
+                    s.wanting.insert(pid);
                 }
             }
         }
         if !members.contains_key(&self.pid) {
             return Err(FleetError::Lost);
         }
-        self.held = mine;
-        let held_before = self.held.len() as u32;
+        let mine = seen.remove(&i64::from(self.base)).unwrap_or_default();
+        let held_before = mine.mine.len() as u32;
+        let fleet_held = mine.taken.len() as u32;
         let n = members.len() as u32;
         let mut ids: Vec<i64> = members.values().copied().collect();
         ids.sort_unstable();
@@ -365,92 +342,30 @@ impl Member {
             .unwrap_or(0) as u32;
         let (mut reserved_total, mut reserved_mine) = (0, 0);
         for g in spaces.iter().filter(|g| g.reservation) {
-            if let Some(seen) = groups.get(&i64::from(g.base)) {
-                reserved_total += seen.taken.len() as u32;
-                reserved_mine += seen.mine.len() as u32;
+            if let Some(s) = seen.get(&i64::from(g.base)) {
+                reserved_total += s.taken.len() as u32;
+                reserved_mine += s.mine.len() as u32;
             }
         }
         let fair = fleet::fair_share_reserved(budget, reserved_total, reserved_mine, n, rank);
-        let fleet_held = taken.len() as u32;
-        let free: Vec<i32> = (0..budget as i32)
-            .filter(|s| !taken.contains(&i64::from(*s)))
-            .collect();
         let (lent, waiting, _) = ctx.pools.demand();
-        let busy = (overhead + lent + waiting).min(budget.max(1));
-
-        // Slots numbered beyond the budget (a RELOAD lowered it) are given back first.
-        let beyond: Vec<i32> = self
-            .held
-            .iter()
-            .copied()
-            .filter(|s| *s >= budget as i32)
-            .collect();
-        let mut held = self.held.len() as u32 - beyond.len() as u32;
-
-        // Growing: a member with no slot yet may take the spare ones (its own session needs one).
-        if busy > held {
-            let want = fleet::to_take(busy, held, free.len() as u32, cfg.fleet_spare);
-            if want > 0 {
-                let mut candidates = free.clone();
-                let start = rand::random::<u32>() as usize % candidates.len().max(1);
-                candidates.rotate_left(start);
-                let got = self
-                    .timed(
-                        limit,
-                        self.client
-                            .query(TAKE_SQL, &[&self.base, &candidates, &i64::from(want)]),
-                    )
-                    .await?;
-                for r in &got {
-                    self.held.insert(r.get::<_, i32>(0));
-                }
-                held += got.len() as u32;
-            }
-        }
-        // Asking: for idle slots whenever short, for busy ones too when below the fair share.
-        let is_short = busy > held;
-        if is_short != self.short {
-            self.flag(limit, 2, is_short).await?;
-            self.short = is_short;
-        }
-        let wants = fleet::asks(busy, held, fair);
-        if wants != self.wanting {
-            self.flag(limit, 3, wants).await?;
-            self.wanting = wants;
-        }
-
-        // Giving back: idle slots while another member is short (or the spare slots are
-        // taken), busy ones above the fair share while another is below its own.
-        let others = |set: &HashSet<i32>| set.iter().any(|p| *p != self.pid);
-        let others_short = others(&short) || (free.len() as u32) < cfg.fleet_spare.min(budget);
-        let asked = fleet::Asked {
-            idle: others_short,
-            fair: others(&wanting),
+        let need = Need {
+            busy: (overhead + lent + waiting).min(budget.max(1)),
+            fair,
+            // A member with no slot yet may take the spare ones (its own session needs one).
+            spare: cfg.fleet_spare,
+            overhead,
+            give_idle: false,
         };
-        let target = fleet::target(asked, busy, fair, overhead, held);
-        let pool_budget = target.saturating_sub(overhead);
+        let mut plan = self.step(limit, self.base, budget, &mine, need).await?;
+        let pool_budget = plan.target.saturating_sub(overhead);
         ctx.pools.set_budget(pool_budget);
         // A slot is kept while a connection it covers may still exist on the server (closing
         // connections count until the server has closed them).
-        let in_use = overhead + ctx.pools.demand().2;
-        let keep = fleet::keep(target, in_use, held);
-        let mut give: Vec<i32> = beyond;
-        give.extend(
-            self.held
-                .iter()
-                .rev()
-                .copied()
-                .filter(|s| *s < budget as i32)
-                .take((held - keep) as usize),
-        );
-        if !give.is_empty() {
-            self.release(limit, self.base, &give).await?;
-            for s in &give {
-                self.held.remove(s);
-            }
-        }
-        self.groups(ctx, cfg, spaces, groups, n, rank).await?;
-        let held_now = self.held.len() as u32;
+        self.give_back(limit, &mut plan, overhead + ctx.pools.demand().2)
+            .await?;
+        self.groups(ctx, cfg, spaces, seen, n, rank).await?;
+        let held_now = plan.held.len() as u32;
         ctx.fleet.set(View {
             name: self.name.clone(),
             connected: true,
@@ -459,10 +374,96 @@ impl Member {
             held: held_now,
             fair_share: fair,
             fleet_held: (fleet_held + held_now).saturating_sub(held_before),
-            wanting: self.wanting,
+            wanting: plan.wants,
             pool_budget,
             peers,
         });
+        Ok(())
+    }
+
+    /// One lock space's part of a look: gives back slots numbered beyond its `size` (a RELOAD
+    /// lowered it), takes free ones for what it needs, sets its short and want flags, and
+    /// decides how many to keep: idle slots go while another member is short (or the spare
+    /// slots are taken), busy ones above the fair share while another is below its own.
+    async fn step(
+        &self,
+        limit: Duration,
+        base: i32,
+        size: u32,
+        seen: &Seen,
+        need: Need,
+    ) -> Result<Plan, FleetError> {
+        let mut held = seen.mine.clone();
+        let beyond: Vec<i32> = held.iter().copied().filter(|k| *k >= size as i32).collect();
+        if !beyond.is_empty() {
+            self.release(limit, base, &beyond).await?;
+            for k in &beyond {
+                held.remove(k);
+            }
+        }
+        let mut free: Vec<i32> = (0..size as i32)
+            .filter(|k| !seen.taken.contains(&i64::from(*k)))
+            .collect();
+        let free_before = free.len() as u32;
+        let want = fleet::to_take(need.busy, held.len() as u32, free_before, need.spare);
+        if want > 0 {
+            // From a random point, so that members taking at once mostly ask for different slots.
+            let start = rand::random::<u32>() as usize % free.len().max(1);
+            free.rotate_left(start);
+            let got = self
+                .timed(
+                    limit,
+                    self.client
+                        .query(TAKE_SQL, &[&base, &free, &i64::from(want)]),
+                )
+                .await?;
+            held.extend(got.iter().map(|r| r.get::<_, i32>(0)));
+        }
+        let n = held.len() as u32;
+        let is_short = need.busy > n;
+        if is_short != seen.short.contains(&self.pid) {
+            self.flag(limit, base + 2, is_short).await?;
+        }
+        let wants = fleet::asks(need.busy, n, need.fair);
+        if wants != seen.wanting.contains(&self.pid) {
+            self.flag(limit, base + 3, wants).await?;
+        }
+        let others = |set: &HashSet<i32>| set.iter().any(|p| *p != self.pid);
+        let asked = fleet::Asked {
+            idle: need.give_idle || others(&seen.short) || free_before < need.spare.min(size),
+            fair: others(&seen.wanting),
+        };
+        let target = fleet::target(asked, need.busy, need.fair, need.overhead, n);
+        Ok(Plan {
+            base,
+            held,
+            target,
+            wants,
+        })
+    }
+
+    /// Gives back the slots of `plan` above its target, keeping those `in_use` covers.
+    async fn give_back(
+        &self,
+        limit: Duration,
+        plan: &mut Plan,
+        in_use: u32,
+    ) -> Result<(), FleetError> {
+        let held = plan.held.len() as u32;
+        let keep = fleet::keep(plan.target, in_use, held);
+        let give: Vec<i32> = plan
+            .held
+            .iter()
+            .rev()
+            .copied()
+            .take((held - keep) as usize)
+            .collect();
+        if !give.is_empty() {
+            self.release(limit, plan.base, &give).await?;
+            for k in &give {
+                plan.held.remove(k);
+            }
+        }
         Ok(())
     }
 
@@ -484,17 +485,15 @@ impl Member {
         // Locks in the spaces of limits a RELOAD removed are let go of.
         let current: HashSet<i64> = spaces.iter().map(|g| i64::from(g.base)).collect();
         for (space, s) in seen.iter().filter(|(b, _)| !current.contains(b)) {
-            let keys = s.mine.iter().map(|k| (*space, *k));
-            let flags = [(2, &s.short), (3, &s.wanting)]
-                .into_iter()
-                .filter(|(_, set)| set.contains(&self.pid))
-                .map(|(o, _)| (*space + o, self.id));
-            for (class, key) in keys.chain(flags).collect::<Vec<_>>() {
-                self.timed(
-                    limit,
-                    self.client.query_one(UNLOCK_SQL, &[&(class as i32), &key]),
-                )
-                .await?;
+            let base = *space as i32;
+            let keys: Vec<i32> = s.mine.iter().copied().collect();
+            if !keys.is_empty() {
+                self.release(limit, base, &keys).await?;
+            }
+            for (offset, set) in [(2, &s.short), (3, &s.wanting)] {
+                if set.contains(&self.pid) {
+                    self.flag(limit, base + offset, false).await?;
+                }
             }
         }
         self.group_bases = current.into_iter().collect();
@@ -503,88 +502,37 @@ impl Member {
         for space in spaces {
             let s = seen.remove(&i64::from(space.base)).unwrap_or_default();
             let (active, waiting) = ctx.pools.group_demand(&space.group);
-            let demand = (active + waiting).min(space.size);
-            let fair = fleet::fair_share(space.size, members, rank);
-            let mut held: BTreeSet<i32> = s.mine.clone();
-            // Slots numbered beyond the limit (a RELOAD lowered it) go back first.
-            let beyond: Vec<i32> = held
-                .iter()
-                .copied()
-                .filter(|k| *k >= space.size as i32)
-                .collect();
-            if !beyond.is_empty() {
-                self.release(limit, space.base, &beyond).await?;
-                for k in &beyond {
-                    held.remove(k);
-                }
-            }
-            let free: Vec<i32> = (0..space.size as i32)
-                .filter(|k| !s.taken.contains(&i64::from(*k)))
-                .collect();
-            let want = fleet::to_take(demand, held.len() as u32, free.len() as u32, 0);
-            if want > 0 {
-                let got = self
-                    .timed(
-                        limit,
-                        self.client
-                            .query(TAKE_SQL, &[&space.base, &free, &i64::from(want)]),
-                    )
-                    .await?;
-                held.extend(got.iter().map(|r| r.get::<_, i32>(0)));
-            }
-            let n = held.len() as u32;
-            let is_short = demand > n;
-            if is_short != s.short.contains(&self.pid) {
-                self.flag(limit, space.base - self.base + 2, is_short)
-                    .await?;
-            }
-            let wants = fleet::asks(demand, n, fair);
-            if wants != s.wanting.contains(&self.pid) {
-                self.flag(limit, space.base - self.base + 3, wants).await?;
-            }
-            let others = |set: &HashSet<i32>| set.iter().any(|p| *p != self.pid);
-            let asked = fleet::Asked {
-                idle: space.reservation || others(&s.short),
-                fair: others(&s.wanting),
+            let need = Need {
+                busy: (active + waiting).min(space.size),
+                fair: fleet::fair_share(space.size, members, rank),
+                spare: 0,
+                overhead: 0,
+                // A reservation is held only for the demand here.
+                give_idle: space.reservation,
             };
-            let target = fleet::target(asked, demand, fair, 0, n);
-            plans.push(GroupPlan {
-                space,
-                held,
-                target,
-            });
+            let plan = self.step(limit, space.base, space.size, &s, need).await?;
+            plans.push((space, plan));
         }
 
         // The pools' shares first, then the slots over them (a cap's once its lent connections fit).
         let mut shares: HashMap<&str, crate::pool::GroupShare> = HashMap::new();
-        for p in &plans {
-            let share = shares.entry(p.space.group.as_str()).or_default();
-            if p.space.reservation {
-                share.reserved = Some(p.target);
+        for (space, plan) in &plans {
+            let share = shares.entry(space.group.as_str()).or_default();
+            if space.reservation {
+                share.reserved = Some(plan.target);
             } else {
-                share.max_connections = Some(p.target);
+                share.max_connections = Some(plan.target);
             }
         }
         let shares: Vec<(&str, crate::pool::GroupShare)> = shares.into_iter().collect();
         ctx.pools.set_group_shares(&shares);
-        for p in &plans {
-            let in_use = if p.space.reservation {
+        for (space, plan) in &mut plans {
+            let in_use = if space.reservation {
                 0
             } else {
-                ctx.pools.group_demand(&p.space.group).0
+                ctx.pools.group_demand(&space.group).0
             };
-            let held = p.held.len() as u32;
-            let keep = fleet::keep(p.target, in_use, held);
-            let give: Vec<i32> = p
-                .held
-                .iter()
-                .rev()
-                .copied()
-                .take((held - keep) as usize)
-                .collect();
-            if !give.is_empty() {
-                self.release(limit, p.space.base, &give).await?;
-            }
+            self.give_back(limit, plan, in_use).await?;
         }
         Ok(())
     }

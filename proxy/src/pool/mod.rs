@@ -387,7 +387,9 @@ impl<C: Send + 'static> Pools<C> {
     pub fn set_group_shares(&self, shares: &[(&str, GroupShare)]) {
         let after = {
             let mut st = self.shared.state.lock();
-            st.set_group_shares(shares);
+            if !st.set_group_shares(shares) {
+                return;
+            }
             st.dispatch(&self.shared, Instant::now())
         };
         after.run();

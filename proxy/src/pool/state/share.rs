@@ -37,7 +37,15 @@ pub fn effective(configured: GroupLimits, share: Option<&GroupShare>) -> GroupLi
 impl<C: Send + 'static> State<C> {
     /// Sets this member's shares of its groups' limits, in place of those set before (a group
     /// not named has its configured limits; one not seen yet gets its share when it is made).
-    pub fn set_group_shares(&mut self, shares: &[(&str, GroupShare)]) {
+    /// Returns whether they changed.
+    pub fn set_group_shares(&mut self, shares: &[(&str, GroupShare)]) -> bool {
+        let same = shares.len() == self.shares.len()
+            && shares
+                .iter()
+                .all(|(name, share)| self.shares.get(*name) == Some(share));
+        if same {
+            return false;
+        }
         self.shares.clear();
         for (name, share) in shares {
             self.shares.insert(name.to_string(), *share);
@@ -45,14 +53,15 @@ impl<C: Send + 'static> State<C> {
         for g in &mut self.groups {
             g.limits = effective(g.configured, self.shares.get(&g.name));
         }
+        true
     }
 
     /// A group's (lent and connecting, waiting) here, (0, 0) for a group not seen yet.
     pub fn group_demand(&self, name: &str) -> (u32, u32) {
-        self.groups
-            .iter()
-            .find(|g| g.name == name)
-            .map_or((0, 0), |g| (g.active, g.waiters.len() as u32))
+        self.find_group(name).map_or((0, 0), |g| {
+            let g = &self.groups[g.0];
+            (g.active, g.waiters.len() as u32)
+        })
     }
 }
 
