@@ -12,7 +12,6 @@
 //!
 //! See <https://www.postgresql.org/docs/current/protocol-overview.html#PROTOCOL-MESSAGE-CONCEPTS>.
 
-use std::future::poll_fn;
 use std::io;
 use std::net::SocketAddr;
 use std::task::{Context, Poll};
@@ -86,7 +85,8 @@ pub struct ClientConn<S = Stream> {
     stall: Duration,
     /// The client's address as a PROXY protocol header gave it ([`ClientConn::read_proxy_header`]),
     /// in place of the TCP peer's (the load balancer's).
-    client_addr: Option<SocketAddr>,
+    /// Boxed: only a client behind a load balancer has one.
+    client_addr: Option<Box<SocketAddr>>,
 }
 
 impl<S> ClientConn<S> {
@@ -135,7 +135,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ClientConn<S> {
         loop {
             if let Parsed::Header { len, client } = parse(&self.buf)? {
                 self.buf.advance(len);
-                self.client_addr = client;
+                self.client_addr = client.map(Box::new);
                 return Ok(client);
             }
             self.read_more().await?;
@@ -260,8 +260,8 @@ impl ClientConn<Stream> {
 
     /// The client's address: the one its PROXY protocol header named, else the TCP peer's.
     pub fn peer_addr(&self) -> io::Result<SocketAddr> {
-        match self.client_addr {
-            Some(a) => Ok(a),
+        match self.client_addr.as_deref() {
+            Some(a) => Ok(*a),
             None => self.stream.peer_addr(),
         }
     }
@@ -287,30 +287,48 @@ impl ClientConn<Stream> {
     /// buffer is freed first, so a client waiting here holds none; when the client is readable,
     /// room for `capacity` bytes is made. Returns at once when bytes are buffered.
     ///
-    /// Stores nothing but its arguments, so the future every idle client keeps stays small; no
-    /// timer is armed. Cancel-safe.
-    pub async fn wait_readable<T>(
-        &mut self,
-        capacity: usize,
-        mut interrupt: impl FnMut(&mut Context<'_>) -> Poll<T>,
-    ) -> Option<T> {
-        if !self.buf.is_empty() {
-            return None;
+    /// A future of three words (every idle client keeps one), written by hand rather than as an
+    /// `async fn`, whose state would copy its arguments; no timer is armed. Cancel-safe.
+    pub fn wait_readable<T, F>(&mut self, capacity: usize, interrupt: F) -> WaitReadable<'_, F>
+    where
+        F: FnMut(&mut Context<'_>) -> Poll<T> + Unpin,
+    {
+        if self.buf.is_empty() {
+            self.buf = BytesMut::new();
         }
-        self.buf = BytesMut::new();
-        // A hand-written wait rather than a select of two futures. Readiness errors show up
-        // again in the read.
-        let interrupted = poll_fn(|cx| {
-            if let Poll::Ready(v) = interrupt(cx) {
-                return Poll::Ready(Some(v));
-            }
-            self.stream.poll_read_ready(cx).map(|_| None)
-        })
-        .await;
-        if interrupted.is_none() {
-            self.buf.reserve(capacity);
+        WaitReadable {
+            conn: self,
+            capacity,
+            interrupt,
         }
-        interrupted
+    }
+}
+
+/// See [`ClientConn::wait_readable`].
+pub struct WaitReadable<'a, F> {
+    conn: &'a mut ClientConn,
+    capacity: usize,
+    interrupt: F,
+}
+
+impl<F, T> std::future::Future for WaitReadable<'_, F>
+where
+    F: FnMut(&mut Context<'_>) -> Poll<T> + Unpin,
+{
+    type Output = Option<T>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<T>> {
+        let this = self.get_mut();
+        if !this.conn.buf.is_empty() {
+            return Poll::Ready(None);
+        }
+        if let Poll::Ready(v) = (this.interrupt)(cx) {
+            return Poll::Ready(Some(v));
+        }
+        // Readiness errors show up again in the read.
+        let _ = std::task::ready!(this.conn.stream.poll_read_ready(cx));
+        this.conn.buf.reserve(this.capacity);
+        Poll::Ready(None)
     }
 }
 

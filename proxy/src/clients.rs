@@ -53,18 +53,20 @@ fn now_ms() -> u64 {
 
 /// One client's entry.
 pub struct ClientSlot {
-    pub user: String,
-    pub database: String,
-    pub application_name: String,
+    /// Shared with the other clients of the same user, database or application.
+    pub user: Arc<String>,
+    pub database: Arc<String>,
+    pub application_name: Arc<String>,
     pub addr: Option<SocketAddr>,
     pub tls: bool,
-    pub connected_at: SystemTime,
+    /// Seconds since the Unix epoch (a `SystemTime` takes twice the room in every slot).
+    connected_at: u64,
     state: AtomicU8,
     current: Mutex<Option<CancelKey>>,
     /// When the client last went idle ([`now_ms`]).
     idle_since: AtomicU64,
     /// Idle time after which the client is disconnected, in milliseconds (0: never).
-    idle_timeout_ms: u64,
+    idle_timeout_ms: u32,
     /// A [`Kick`] once the registry told the session to end; 0 before.
     kicked: AtomicU8,
     /// Wakes the session from its wait for the client. Idle sessions hold no timer of their own:
@@ -73,6 +75,11 @@ pub struct ClientSlot {
 }
 
 impl ClientSlot {
+    /// When the client connected.
+    pub fn connected_at(&self) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(self.connected_at)
+    }
+
     /// Marks the client idle from now, waiting for its next request.
     pub fn went_idle(&self) {
         self.idle_since.store(now_ms(), Ordering::Relaxed);
@@ -166,9 +173,9 @@ impl Drop for Registration<'_> {
 
 /// Who is registering.
 pub struct ClientIdentity {
-    pub user: String,
-    pub database: String,
-    pub application_name: String,
+    pub user: Arc<String>,
+    pub database: Arc<String>,
+    pub application_name: Arc<String>,
     pub addr: Option<SocketAddr>,
     /// Whether the connection is encrypted.
     pub tls: bool,
@@ -184,11 +191,14 @@ impl ClientRegistry {
             application_name: who.application_name,
             addr: who.addr,
             tls: who.tls,
-            connected_at: SystemTime::now(),
+            connected_at: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
             state: AtomicU8::new(ClientState::Idle as u8),
             current: Mutex::new(None),
             idle_since: AtomicU64::new(now_ms()),
-            idle_timeout_ms: u64::try_from(who.idle_timeout.as_millis()).unwrap_or(u64::MAX),
+            // Beyond 49 days: 49 days.
+            idle_timeout_ms: u32::try_from(who.idle_timeout.as_millis()).unwrap_or(u32::MAX),
             kicked: AtomicU8::new(0),
             kick: AtomicWaker::new(),
         });
@@ -269,7 +279,7 @@ impl ClientRegistry {
                 && slot.state() == ClientState::Idle
                 && slot.kick_reason().is_none()
                 && now.saturating_sub(slot.idle_since.load(Ordering::Relaxed))
-                    >= slot.idle_timeout_ms
+                    >= u64::from(slot.idle_timeout_ms)
             {
                 slot.kick(Kick::IdleTimeout);
                 n += 1;
@@ -284,7 +294,7 @@ impl ClientRegistry {
         let clients = self.clients.lock();
         let mut n = 0;
         for (_, slot) in clients.values() {
-            if slot.database == database && slot.kick_reason().is_none() {
+            if slot.database.as_str() == database && slot.kick_reason().is_none() {
                 slot.kick(Kick::Killed);
                 n += 1;
             }

@@ -336,7 +336,7 @@ fn users(ctx: &Context) -> Table {
             vec![
                 s(name),
                 s(servers.iter().filter(|i| i.user == *name).count()),
-                s(clients.iter().filter(|(_, c)| c.user == *name).count()),
+                s(clients.iter().filter(|(_, c)| *c.user == *name).count()),
                 s(if cfg.admin_users.contains(name) {
                     "yes"
                 } else {
@@ -390,7 +390,7 @@ fn pools(ctx: &Context) -> Table {
     let mut by_pool: std::collections::HashMap<(String, String), [u32; 3]> = Default::default();
     for (_, c) in ctx.clients.snapshot() {
         let counts = by_pool
-            .entry((c.database.clone(), c.user.clone()))
+            .entry((c.database.to_string(), c.user.to_string()))
             .or_default();
         match c.state() {
             ClientState::Active => counts[0] += 1,
@@ -456,7 +456,7 @@ fn clients(ctx: &Context) -> Table {
                 s(c.state().as_str()),
                 c.addr.map(|a| a.ip().to_string()),
                 c.addr.map(|a| a.port().to_string()),
-                time(c.connected_at),
+                time(c.connected_at()),
                 s(pid),
                 s(&c.application_name),
                 server.map(|k| k.process_id.to_string()),

@@ -16,6 +16,15 @@ use crate::server::{ServerConn, ServerError, ServerPassword, ServerRegistry};
 /// ParameterStatus (name, value) pairs a server reported.
 pub type ServerParams = Arc<Vec<(String, String)>>;
 
+/// What many sessions hold alike, one copy of each distinct value.
+#[derive(Default)]
+pub struct Interned {
+    pub settings: crate::shared::Interner<Vec<(String, String)>>,
+    pub reported: crate::shared::Interner<Vec<crate::protocol::backend::Parameter>>,
+    /// Clients' user, database and application names.
+    pub strings: crate::shared::Interner<String>,
+}
+
 /// Everything sessions share.
 pub struct Context {
     /// The configuration in force; RELOAD swaps it. Sessions keep the one they started with.
@@ -49,6 +58,8 @@ pub struct Context {
     pub statement_hasher: std::collections::hash_map::RandomState,
     /// Startup settings (name, value) a server has accepted, with the value it reported.
     pub validated_settings: Mutex<HashMap<(String, String), Option<String>>>,
+    /// The one copy of what many sessions hold alike.
+    pub interned: Interned,
     /// What `/readyz` answers from: the server's port, and the outcomes of real logins.
     pub ready: Arc<crate::admin::Readiness>,
     /// A fleet member's view of its fleet and share ([`crate::fleet`]).

@@ -54,6 +54,7 @@ pub mod relay;
 pub mod server;
 pub mod session;
 pub mod settings;
+pub mod shared;
 pub mod sql;
 pub mod status;
 pub mod stream;
@@ -250,6 +251,7 @@ pub async fn start_with(config: Config, options: StartOptions) -> Result<Handle,
         shutdown: shutdown.clone(),
         statement_hasher: Default::default(),
         validated_settings: Default::default(),
+        interned: Default::default(),
         ready: Default::default(),
         fleet: Default::default(),
     });

@@ -40,32 +40,38 @@ pub struct Statement {
 }
 
 /// The named statements one client has prepared, by name as the client's bytes (names are in
-/// its encoding).
+/// its encoding). The map is allocated with the first one: most clients never prepare a named
+/// statement, and every connected client keeps this.
 #[derive(Default)]
 pub struct ClientStatements {
-    by_name: HashMap<Box<[u8]>, Arc<Statement>>,
+    by_name: Option<Box<ByName>>,
 }
+
+type ByName = HashMap<Box<[u8]>, Arc<Statement>>;
 
 impl ClientStatements {
     pub fn get(&self, name: &[u8]) -> Option<&Arc<Statement>> {
-        self.by_name.get(name)
+        self.by_name.as_ref()?.get(name)
     }
 
     pub fn insert(&mut self, name: &[u8], s: Arc<Statement>) {
-        self.by_name.insert(name.into(), s);
+        self.by_name
+            .get_or_insert_with(Default::default)
+            .insert(name.into(), s);
     }
 
     pub fn remove(&mut self, name: &[u8]) -> Option<Arc<Statement>> {
-        self.by_name.remove(name)
+        self.by_name.as_mut()?.remove(name)
     }
 
     pub fn clear(&mut self) {
-        self.by_name.clear();
+        self.by_name = None;
     }
 
     /// The name the client knows `stmt` by (for errors that would name it as the server does).
     pub fn name_of(&self, stmt: &Arc<Statement>) -> Option<&[u8]> {
         self.by_name
+            .as_ref()?
             .iter()
             .find(|(_, s)| Arc::ptr_eq(s, stmt))
             .map(|(n, _)| &n[..])

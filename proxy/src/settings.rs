@@ -1,11 +1,14 @@
 //! Run-time settings by name (`application_name`, `TimeZone`, ...): what a client asked for at
 //! startup, and what Sluice last applied on a server connection.
 
+use crate::shared::{Interner, Shared};
+
 /// A client's settings from its StartupMessage: lower-cased name → value as given, sorted by
 /// name. A sorted vector rather than a `BTreeMap`: sessions keep these for their lifetime and
-/// usually have zero to three, where a B-tree node alone takes over 500 bytes.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Settings(Vec<(String, String)>);
+/// usually have zero to three, where a B-tree node alone takes over 500 bytes. Shared between
+/// the sessions that asked for the same (see [`crate::shared`]), copied when one changes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Settings(Shared<(String, String)>);
 
 impl Settings {
     pub fn new() -> Self {
@@ -13,27 +16,32 @@ impl Settings {
     }
 
     fn find(&self, name: &str) -> Result<usize, usize> {
-        self.0.binary_search_by(|(n, _)| n.as_str().cmp(name))
+        self.0
+            .as_slice()
+            .binary_search_by(|(n, _)| n.as_str().cmp(name))
     }
 
     pub fn insert(&mut self, name: String, value: String) {
         match self.find(&name) {
-            Ok(i) => self.0[i].1 = value,
-            Err(i) => self.0.insert(i, (name, value)),
+            Ok(i) if self.0.as_slice()[i].1 == value => {}
+            Ok(i) => self.0.make_mut()[i].1 = value,
+            Err(i) => self.0.make_mut().insert(i, (name, value)),
         }
     }
 
     pub fn get(&self, name: &str) -> Option<&String> {
-        self.find(name).ok().map(|i| &self.0[i].1)
+        self.find(name).ok().map(|i| &self.0.as_slice()[i].1)
     }
 
     /// The stored name and value of `name`.
     pub fn get_key_value(&self, name: &str) -> Option<(&String, &String)> {
-        self.find(name).ok().map(|i| (&self.0[i].0, &self.0[i].1))
+        let pairs = self.0.as_slice();
+        self.find(name).ok().map(|i| (&pairs[i].0, &pairs[i].1))
     }
 
     pub fn remove(&mut self, name: &str) -> Option<String> {
-        self.find(name).ok().map(|i| self.0.remove(i).1)
+        let i = self.find(name).ok()?;
+        Some(self.0.make_mut().remove(i).1)
     }
 
     pub fn contains_key(&self, name: &str) -> bool {
@@ -41,11 +49,11 @@ impl Settings {
     }
 
     pub fn keys(&self) -> impl Iterator<Item = &String> {
-        self.0.iter().map(|(n, _)| n)
+        self.0.as_slice().iter().map(|(n, _)| n)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&String, &String)> {
-        self.0.iter().map(|(n, v)| (n, v))
+        self.0.as_slice().iter().map(|(n, v)| (n, v))
     }
 
     pub fn clear(&mut self) {
@@ -53,7 +61,12 @@ impl Settings {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.0.as_slice().is_empty()
+    }
+
+    /// Shares these settings with every other holder of the same ones.
+    pub fn intern(&mut self, interner: &Interner<Vec<(String, String)>>) {
+        self.0.intern(interner);
     }
 }
 

@@ -54,11 +54,7 @@ pub async fn serve(ctx: Arc<Context>, listener: TcpListener, drain: Duration) {
         }
         accepted.increment(1);
         let slot = ClientSlot(live.clone());
-        let ctx = ctx.clone();
-        tracker.spawn(async move {
-            session::serve(ctx, stream).await;
-            drop(slot);
-        });
+        tracker.spawn(session::serve(ctx.clone(), stream, slot));
     }
     drop(listener);
     // Sessions waiting for their client end now; those mid-transaction end when it does.

@@ -336,6 +336,9 @@ impl Out {
     }
 }
 
+/// A ParameterStatus's name and value, as the client's bytes.
+pub type Parameter = (Box<[u8]>, Box<[u8]>);
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -53,8 +53,35 @@ use crate::settings::Settings;
 use crate::sql::resets;
 use crate::sql::Encoding;
 
-/// Reported parameters by name, and their values, as the client's bytes.
-pub type Reported = Vec<(Box<[u8]>, Box<[u8]>)>;
+/// Reported parameters by name, and their values, as the client's bytes: shared between the
+/// sessions that were told the same at start-up (see [`crate::shared`]), copied when one is
+/// told something new.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Reported(crate::shared::Shared<Parameter>);
+
+pub use crate::protocol::backend::Parameter;
+
+impl Reported {
+    /// Records that the client is told `name` = `value`; false when it was told so already.
+    pub fn tell(&mut self, name: &[u8], value: &[u8]) -> bool {
+        match self.0.as_slice().iter().position(|(n, _)| &n[..] == name) {
+            Some(i) if &self.0.as_slice()[i].1[..] == value => false,
+            Some(i) => {
+                self.0.make_mut()[i].1 = value.into();
+                true
+            }
+            None => {
+                self.0.make_mut().push((name.into(), value.into()));
+                true
+            }
+        }
+    }
+
+    /// Shares this list with every other holder of the same one.
+    pub fn intern(&mut self, interner: &crate::shared::Interner<Vec<Parameter>>) {
+        self.0.intern(interner);
+    }
+}
 
 /// How a relay ended.
 #[derive(Debug)]

@@ -18,7 +18,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use self::core::CANCEL_GRACE;
-pub use self::core::{Core, End, Flow, Reported, ServerFault, Statements, Walked};
+pub use self::core::{Core, End, Flow, Parameter, Reported, ServerFault, Statements, Walked};
 use crate::client_conn::ClientConn;
 use crate::prepared::ServerStatements;
 use crate::server::{CancelKey, ServerConn, READ_BUFFER};

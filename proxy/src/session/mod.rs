@@ -11,6 +11,7 @@ mod ending;
 mod passthrough;
 mod settings;
 mod startup;
+mod wait;
 
 pub use crate::settings::Settings;
 pub use startup::refuse;
@@ -23,8 +24,9 @@ use tokio::net::TcpStream;
 
 use ending::cleanup;
 use startup::Login;
+use wait::{discard_until_sync, next_request, wait_idle, Request};
 
-use crate::client_conn::{ClientConn, ClientError, Exit, Framed};
+use crate::client_conn::{ClientConn, Exit};
 use crate::clients::{self, ClientState};
 use crate::config::{Config, GroupBy, PoolMode};
 use crate::console;
@@ -33,7 +35,6 @@ use crate::error::{sqlstate, PgError, Severity, Side};
 use crate::pool::{Lease, PoolId};
 use crate::protocol::backend::{Out, TxStatus};
 use crate::protocol::frontend::tag;
-use crate::protocol::ProtocolError;
 use crate::relay::{self, End, Flow};
 use crate::server::{self, ServerConn, ServerState};
 use crate::sql as state;
@@ -91,37 +92,70 @@ fn timed_out_server(flow: &Flow) -> Exit {
 }
 
 /// Serves one client connection to the end. Never panics on client or server input.
-pub async fn serve(ctx: Arc<Context>, stream: TcpStream) {
+///
+/// Every connected client keeps this future for as long as it is connected, so it holds only
+/// the connection and what waiting for the next request needs: start-up, each request and the
+/// goodbye run in boxed futures of their own.
+///
+/// `guard` is dropped when the session has ended, however it ends.
+pub fn serve<G: Send + 'static>(
+    ctx: Arc<Context>,
+    stream: TcpStream,
+    guard: G,
+) -> impl std::future::Future<Output = ()> {
     let _ = stream.set_nodelay(true);
     if let Err(e) = ctx.config().client_keepalive().apply(&stream) {
         tracing::debug!(error = %e, "cannot set TCP keepalive on a client socket");
     }
     let mut conn = ClientConn::new(Stream::Plain(stream));
-    let exit = run(&ctx, &mut conn).await;
-    if let Exit::Fatal(e) = exit {
-        tracing::debug!(
-            kind = e.kind(),
-            side = e.side().as_str(),
-            code = %e.code(),
-            error = %e,
-            "session ends with an error"
-        );
-        let mut out = BytesMut::new();
-        e.encode(&mut out);
-        let _ = conn.send(&out).await;
+    async move {
+        let _counted = &guard;
+        // Start-up, in a boxed future: it runs once. Each part tells the client the error
+        // that ends its session itself, so that no error is kept here.
+        let (mut session, registration) = match Box::pin(start_session(&ctx, &mut conn)).await {
+            Started::Session(session, registration) => (session, registration),
+            Started::Done(_) => return,
+        };
+        // Serving the greeted client until it leaves: wait for a request, borrow a server,
+        // relay, give it back. Only the wait is in the future every connected client keeps
+        // (a few words); the rest is boxed, its state kept only while a request is served.
+        session.begin(&mut conn);
+        let exit = loop {
+            if conn.buffered() == 0 {
+                if let Err(exit) = wait_idle(&mut conn, &registration.slot).await {
+                    break exit;
+                }
+            }
+            if let Some(exit) = Box::pin(session.request(&mut conn, &registration.slot)).await {
+                break exit;
+            }
+        };
+        Box::pin(session.end(&mut conn, exit)).await;
     }
 }
 
-async fn run(ctx: &Arc<Context>, conn: &mut ClientConn) -> Exit {
-    // Futures that run once or per transaction are boxed so that the future every connected
-    // client keeps while idle holds only what serving requests needs.
-    let (mut session, registration) = match Box::pin(start(ctx, conn)).await {
-        Started::Session(session, registration) => (session, registration),
-        Started::Done(exit) => return exit,
-    };
-    let exit = session.run(conn, &registration).await;
-    tracing::debug!("client disconnected");
-    exit
+/// Start-up; an error that ends it is told to the client.
+async fn start_session<'a>(ctx: &'a Arc<Context>, conn: &mut ClientConn) -> Started<'a> {
+    let started = start(ctx, conn).await;
+    if let Started::Done(Exit::Fatal(e)) = started {
+        say_goodbye(conn, e).await;
+        return Started::Done(Exit::Quiet);
+    }
+    started
+}
+
+/// Tells the client the error that ends its session.
+async fn say_goodbye(conn: &mut ClientConn, e: PgError) {
+    tracing::debug!(
+        kind = e.kind(),
+        side = e.side().as_str(),
+        code = %e.code(),
+        error = %e,
+        "session ends with an error"
+    );
+    let mut out = BytesMut::new();
+    e.encode(&mut out);
+    let _ = conn.send(&out).await;
 }
 
 /// How start-up ended.
@@ -218,9 +252,10 @@ async fn start<'a>(ctx: &'a Arc<Context>, conn: &mut ClientConn) -> Started<'a> 
     let mut session = Session::new(ctx, config, &login);
     session.kept = kept;
     let registration = ctx.clients.register(clients::ClientIdentity {
-        user: login.user.clone(),
-        database: login.database.clone(),
-        application_name: login.param("application_name").unwrap_or("").to_string(),
+        user: session.user.clone(),
+        database: session.database.clone(),
+        application_name: (ctx.interned.strings)
+            .intern(login.param("application_name").unwrap_or("").to_string()),
         addr: peer,
         tls: login.tls,
         idle_timeout: session.config.client_idle_timeout,
@@ -248,12 +283,13 @@ struct Session<'a> {
     startup: state::Settings,
     pinned: Option<state::Pin>,
     config: Arc<Config>,
-    database: String,
+    /// Shared with the client registry's slot and the other sessions of the database.
+    database: Arc<String>,
     pool: PoolId,
     group: crate::pool::GroupId,
     mode: PoolMode,
     /// The user the client logged in as (server connections log in as it too).
-    user: String,
+    user: Arc<String>,
     /// A passthrough user's SCRAM keys as of its login: server logins use them when Sluice
     /// no longer keeps any for the user (expired, or refused since).
     kept: Option<Arc<server::ServerPassword>>,
@@ -265,117 +301,6 @@ enum Step {
     /// A Flush-ended batch was refused: drop the client's messages up to its Sync.
     DiscardUntilSync,
     Exit(Exit),
-}
-
-/// The request at the head of the client's buffer.
-enum Request {
-    /// Whole messages up to `end`, ending with the message tagged `last`.
-    Complete { end: usize, last: u8 },
-    /// Too large to buffer whole: a server relays it as it arrives.
-    Streamed,
-    /// The client said goodbye.
-    Terminate,
-}
-
-/// Waits for the client's next request: whole messages up to one that ends a request (Query,
-/// Sync, FunctionCall, Flush), or, when `limit` bytes are buffered without that end, the head of
-/// a request too large to buffer. Consumes nothing. With nothing buffered, waits as an idle
-/// client ([`wait_idle`]).
-async fn next_request(
-    conn: &mut ClientConn,
-    slot: &clients::ClientSlot,
-    max_message: usize,
-    limit: usize,
-) -> Result<Request, Exit> {
-    if conn.buffered() == 0 {
-        wait_idle(conn, slot).await?;
-    }
-    let mut end = 0;
-    loop {
-        let h = match conn.read_frame(end, max_message, limit).await {
-            Ok(Framed::Whole(h)) => h,
-            Ok(Framed::Partial(Some(h))) if h.tag == tag::TERMINATE => {
-                return Ok(Request::Terminate)
-            }
-            Ok(Framed::Partial(_)) => return Ok(Request::Streamed),
-            Err(e) => return Err(client_failed(e)),
-        };
-        if h.tag == tag::TERMINATE {
-            return Ok(Request::Terminate);
-        }
-        end += h.total();
-        if matches!(
-            h.tag,
-            tag::QUERY | tag::SYNC | tag::FUNCTION_CALL | tag::FLUSH
-        ) {
-            return Ok(Request::Complete { end, last: h.tag });
-        }
-    }
-}
-
-/// Drops the client's messages up to and including a Sync, each as soon as it is whole, so a
-/// batch being discarded holds at most one message (`max_message_bytes`) however long it runs.
-async fn discard_until_sync(conn: &mut ClientConn, max_message: usize) -> Result<(), Exit> {
-    loop {
-        match conn
-            .read_message(max_message)
-            .await
-            .map_err(client_failed)?
-            .tag
-        {
-            tag::SYNC => return Ok(()),
-            tag::TERMINATE => return Err(Exit::Quiet),
-            _ => {}
-        }
-    }
-}
-
-/// What the client is told when reading its request failed.
-fn client_failed(e: ClientError) -> Exit {
-    match e {
-        ClientError::Protocol(e @ ProtocolError::TooLong { .. }) => {
-            PgError::protocol_violation(format!("{e} (max_message_bytes)")).into()
-        }
-        ClientError::Stalled(_) => {
-            tracing::info!(
-                timeout = "client_stall_timeout",
-                "timed out: client disconnected in the middle of a request"
-            );
-            crate::metrics::client_timed_out("client_stall_timeout");
-            e.into()
-        }
-        e => e.into(),
-    }
-}
-
-/// Waits, as an idle client, until the client sends something. The read buffer is freed
-/// meanwhile, so an idle client holds none; the wait ends early when the registry kicks the
-/// session (idle timeout, shutdown). No timer is armed per wait.
-async fn wait_idle(conn: &mut ClientConn, slot: &clients::ClientSlot) -> Result<(), Exit> {
-    slot.went_idle();
-    // Room at the relay's read size, so a request never makes the buffer grow (copy) mid-way.
-    let kicked = conn
-        .wait_readable(crate::server::READ_BUFFER, |cx| slot.poll_kicked(cx))
-        .await;
-    match kicked {
-        None => Ok(()),
-        Some(clients::Kick::IdleTimeout) => Err(PgError::fatal(
-            sqlstate::IDLE_SESSION_TIMEOUT,
-            "terminating connection due to idle-session timeout (client_idle_timeout)",
-        )
-        .with_side(Side::Client)
-        .into()),
-        Some(clients::Kick::Shutdown) => Err(PgError::fatal(
-            sqlstate::ADMIN_SHUTDOWN,
-            "terminating connection because Sluice is shutting down",
-        )
-        .into()),
-        Some(clients::Kick::Killed) => Err(PgError::fatal(
-            sqlstate::ADMIN_SHUTDOWN,
-            "terminating connection due to administrator command (KILL of its database on Sluice's admin console)",
-        )
-        .into()),
-    }
 }
 
 impl<'a> Session<'a> {
@@ -401,33 +326,17 @@ impl<'a> Session<'a> {
             statements: Default::default(),
             settings: Default::default(),
             encoding: Default::default(),
-            reported: Vec::new(),
+            reported: Default::default(),
             startup: Default::default(),
             pinned: None,
-            database: login.database.clone(),
+            database: ctx.interned.strings.intern(login.database.clone()),
             config,
             pool,
             group,
             mode,
-            user: login.user.clone(),
+            user: ctx.interned.strings.intern(login.user.clone()),
             kept: None,
         }
-    }
-
-    /// Serves the greeted client until it leaves.
-    async fn run(
-        &mut self,
-        conn: &mut ClientConn,
-        registration: &clients::Registration<'_>,
-    ) -> Exit {
-        let g = crate::metrics::global();
-        g.clients_idle.increment(1.0);
-        let exit = self.serve_requests(conn, &registration.slot).await;
-        g.clients_idle.decrement(1.0);
-        if let Some(p) = self.pinned {
-            crate::metrics::session_unpinned(p.as_str());
-        }
-        exit
     }
 
     /// Start-up after authentication: the client's settings checked, its ParameterStatus
@@ -461,9 +370,12 @@ impl<'a> Session<'a> {
                 self.encoding = state::Encoding::from_name(value);
             }
             Out::parameter_status(&mut out, name, value);
-            self.reported
-                .push((name.as_bytes().into(), value.as_bytes().into()));
+            self.reported.tell(name.as_bytes(), value.as_bytes());
         }
+        // A function's clients are told the same and log in with the same settings: one copy.
+        self.reported.intern(&self.ctx.interned.reported);
+        self.settings.intern(&self.ctx.interned.settings);
+        self.startup.intern(&self.ctx.interned.settings);
         Out::backend_key_data(&mut out, registration.process_id, registration.secret_key);
         Out::ready_for_query(&mut out, TxStatus::Idle);
         Ok(conn.send(&out).await?)
@@ -572,35 +484,47 @@ impl<'a> Session<'a> {
             .collect())
     }
 
-    /// The loop of a logged-in client: wait for a request, borrow a server, relay, give it back.
-    async fn serve_requests(&mut self, conn: &mut ClientConn, slot: &clients::ClientSlot) -> Exit {
-        let max_message = self.config.max_message_bytes as usize;
+    /// The greeted client starts being served (see [`serve`]'s loop).
+    fn begin(&self, conn: &mut ClientConn) {
         conn.set_stall_timeout(self.config.client_stall_timeout);
-        loop {
-            // 1. A whole request (or a large one's head).
-            let request = match next_request(conn, slot, max_message, REQUEST_BUFFER_LIMIT).await {
-                Ok(Request::Terminate) => return Exit::Quiet,
-                Ok(Request::Streamed) => None,
-                Ok(Request::Complete { end, last }) => Some((end, last)),
-                Err(exit) => return exit,
-            };
-            // 2 and 3, in a boxed future: its state exists only while a request is served.
-            match Box::pin(self.transaction(conn, slot, request)).await {
-                Step::Next => {}
-                Step::DiscardUntilSync => {
-                    // After a refused Flush the client's batch runs on to a Sync; drop it,
-                    // answer that Sync.
-                    if let Err(exit) = discard_until_sync(conn, max_message).await {
-                        return exit;
-                    }
-                    let mut out = BytesMut::new();
-                    Out::ready_for_query(&mut out, TxStatus::Idle);
-                    if conn.send(&out).await.is_err() {
-                        return Exit::Quiet;
-                    }
+        crate::metrics::global().clients_idle.increment(1.0);
+    }
+
+    /// The session ends: the error that ends it, if any, is told to the client.
+    async fn end(&mut self, conn: &mut ClientConn, exit: Exit) {
+        tracing::debug!("client disconnected");
+        crate::metrics::global().clients_idle.decrement(1.0);
+        if let Some(p) = self.pinned {
+            crate::metrics::session_unpinned(p.as_str());
+        }
+        if let Exit::Fatal(e) = exit {
+            say_goodbye(conn, e).await;
+        }
+    }
+
+    /// Reads a request the client has started and serves it; `Some` when the session ends.
+    async fn request(&mut self, conn: &mut ClientConn, slot: &clients::ClientSlot) -> Option<Exit> {
+        let max_message = self.config.max_message_bytes as usize;
+        let request = match next_request(conn, slot, max_message, REQUEST_BUFFER_LIMIT).await {
+            Ok(Request::Terminate) => return Some(Exit::Quiet),
+            Ok(Request::Streamed) => None,
+            Ok(Request::Complete { end, last }) => Some((end, last)),
+            Err(exit) => return Some(exit),
+        };
+        // 2 and 3.
+        match self.transaction(conn, slot, request).await {
+            Step::Next => None,
+            Step::DiscardUntilSync => {
+                // After a refused Flush the client's batch runs on to a Sync; drop it, answer
+                // that Sync.
+                if let Err(exit) = discard_until_sync(conn, max_message).await {
+                    return Some(exit);
                 }
-                Step::Exit(exit) => return exit,
+                let mut out = BytesMut::new();
+                Out::ready_for_query(&mut out, TxStatus::Idle);
+                conn.send(&out).await.err().map(|_| Exit::Quiet)
             }
+            Step::Exit(exit) => Some(exit),
         }
     }
 

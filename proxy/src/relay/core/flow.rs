@@ -83,7 +83,7 @@ impl Flow {
             release: true,
             pin: None,
             encoding: Encoding::AsciiSafe,
-            reported: Vec::new(),
+            reported: Reported::default(),
             idle_transaction_timeout: std::time::Duration::ZERO,
             client_stall_timeout: std::time::Duration::ZERO,
             query_timeout: std::time::Duration::ZERO,
@@ -153,17 +153,7 @@ impl Flow {
     /// the ParameterStatus can be left out (one that Sluice's own statements made the server
     /// send again).
     pub(super) fn tell(&mut self, name: &[u8], value: &[u8]) -> bool {
-        match self.reported.iter_mut().find(|(n, _)| &n[..] == name) {
-            Some((_, v)) if &v[..] == value => false,
-            Some((_, v)) => {
-                *v = value.into();
-                true
-            }
-            None => {
-                self.reported.push((name.into(), value.into()));
-                true
-            }
-        }
+        self.reported.tell(name, value)
     }
 
     pub(super) fn between_requests(&self) -> bool {
