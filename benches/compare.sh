@@ -80,8 +80,8 @@ usage: bash benches/compare.sh [--quick] [--rounds N] [--duration SECONDS] [--sc
   --many-clients N   persistent clients of the many-clients workload (default 5000)
   --idle-clients N   idle clients held for the memory measurement (default 5000)
   --large-reps N     timed repetitions of each large result per target (default 5)
-  --sluice-threads N Sluice's worker_threads (default 1: one thread, the CPU envelope of
-                     single-threaded PgBouncer; 0 is one per CPU)
+  --sluice-threads N Sluice's worker_threads (default 0: Sluice's own default, which is one
+                     thread on a host of one or two CPUs and one per CPU on larger ones)
   --out FILE         also write the Markdown report to FILE
   --bin-dir DIR      use the sluice, sluice-loadtest and hold_clients binaries in DIR (e.g.
                      target/release, or $CARGO_TARGET_DIR/release) instead of building them;
@@ -90,7 +90,7 @@ usage: bash benches/compare.sh [--quick] [--rounds N] [--duration SECONDS] [--sc
 EOF
 }
 
-ROUNDS=3 DURATION=10 SCALE=10 FANOUT=400 MANY=5000 IDLE=5000 LARGE_REPS=5 SLUICE_THREADS=1 OUT='' BIN_DIR=''
+ROUNDS=3 DURATION=10 SCALE=10 FANOUT=400 MANY=5000 IDLE=5000 LARGE_REPS=5 SLUICE_THREADS=0 OUT='' BIN_DIR=''
 while [[ $# -gt 0 ]]; do
     case $1 in
         --quick) ROUNDS=1 DURATION=1 SCALE=1 MANY=500 IDLE=500 LARGE_REPS=1 ;;
@@ -861,17 +861,20 @@ report() {
     v=$(ratio simple sluice simple pgbouncer tps)
     echo "| ${WL_NAME[simple]} \`${WL_OPTS[simple]}\` | tps ≥ 1.15x PgBouncer | $(fmt "$v" '%.2fx')$(spread simple sluice simple pgbouncer tps) | $(fmt "$(stat simple pgbouncer tps)" '%.0f') tps; direct $(fmt "$(stat simple direct tps)" '%.0f') tps | $(verdict "$v" '>=' 1.15) |"
     v=$(ratio simple sluice simple pgbouncer cpu)
-    echo "| same | CPU s per 1,000 txns ≤ 0.75x PgBouncer's | $(fmt "$v" '%.2fx')$(spread simple sluice simple pgbouncer cpu): $(fmt "$(stat simple sluice cpu)" '%.3f') s | $(fmt "$(stat simple pgbouncer cpu)" '%.3f') s | $(verdict "$v" '<=' 0.75) |"
+    echo "| same | CPU s per 1,000 txns ≤ 0.85x PgBouncer's | $(fmt "$v" '%.2fx')$(spread simple sluice simple pgbouncer cpu): $(fmt "$(stat simple sluice cpu)" '%.3f') s | $(fmt "$(stat simple pgbouncer cpu)" '%.3f') s | $(verdict "$v" '<=' 0.85) |"
     v=$(ratio extended sluice extended pgbouncer tps)
     echo "| ${WL_NAME[extended]} \`${WL_OPTS[extended]}\` | tps ≥ 1.15x PgBouncer | $(fmt "$v" '%.2fx')$(spread extended sluice extended pgbouncer tps) | $(fmt "$(stat extended pgbouncer tps)" '%.0f') tps; direct $(fmt "$(stat extended direct tps)" '%.0f') tps | $(verdict "$v" '>=' 1.15) |"
+    v=$(ratio extended sluice extended pgbouncer cpu)
+    echo "| same | CPU s per 1,000 txns ≤ 0.85x PgBouncer's | $(fmt "$v" '%.2fx')$(spread extended sluice extended pgbouncer cpu): $(fmt "$(stat extended sluice cpu)" '%.3f') s | $(fmt "$(stat extended pgbouncer cpu)" '%.3f') s | $(verdict "$v" '<=' 0.85) |"
     v=$(ratio prepared sluice prepared direct tps)
-    echo "| ${WL_NAME[prepared]} \`${WL_OPTS[prepared]}\` | tps ≥ 1.15x PgBouncer; PgBouncer $PGB_VERSION cannot, so Sluice vs direct is reported | $(fmt "$v" '%.2fx')$(spread prepared sluice prepared direct tps) of direct: $(fmt "$(stat prepared sluice tps)" '%.0f') tps, $(total prepared sluice failed) failed txns, $(total prepared sluice aborted) aborted | n/a; direct $(fmt "$(stat prepared direct tps)" '%.0f') tps | n/a |"
+    d=$(ratio simple sluice simple direct tps)
+    echo "| ${WL_NAME[prepared]} \`${WL_OPTS[prepared]}\` (PgBouncer $PGB_VERSION cannot) | Sluice's tps ratio to direct ≥ 0.9x its \`-M simple\` ratio | $(fmt "$v" '%.2fx')$(spread prepared sluice prepared direct tps) of direct ($(fmt "$(stat prepared sluice tps)" '%.0f') tps, $(total prepared sluice failed) failed txns, $(total prepared sluice aborted) aborted); \`-M simple\` $(fmt "$d" '%.2fx') of direct: $(fmt "$(div "$v" "$d")" '%.2fx') | n/a; direct $(fmt "$(stat prepared direct tps)" '%.0f') tps | $(verdict "$(div "$v" "$d")" '>=' 0.9) |"
     v=$(ratio connect_md5 sluice connect_md5 pgbouncer tps)
     echo "| ${WL_NAME[connect_md5]} \`${WL_OPTS[connect_md5]}\` (login asked for: Sluice $(asked connect_md5 sluice), PgBouncer $(asked connect_md5 pgbouncer)) | tps ≥ 1.3x PgBouncer | $(fmt "$v" '%.2fx')$(spread connect_md5 sluice connect_md5 pgbouncer tps) | $(fmt "$(stat connect_md5 pgbouncer tps)" '%.0f') tps; direct (SCRAM) $(fmt "$(stat connect direct tps)" '%.0f') tps | $(verdict "$v" '>=' 1.3) |"
     v=$(ratio connect_md5 sluice connect_md5 pgbouncer cpu)
     echo "| same | CPU per connection ≤ PgBouncer's | $(fmt "$v" '%.2fx')$(spread connect_md5 sluice connect_md5 pgbouncer cpu): $(fmt "$(stat connect_md5 sluice cpu)" '%.3f') s / 1k | $(fmt "$(stat connect_md5 pgbouncer cpu)" '%.3f') s / 1k | $(verdict "$v" '<=' 1) |"
     v=$(ratio connect sluice connect pgbouncer tps)
-    echo "| ${WL_NAME[connect]} \`${WL_OPTS[connect]}\` | tps ≥ PgBouncer | $(fmt "$v" '%.2fx')$(spread connect sluice connect pgbouncer tps) | $(fmt "$(stat connect pgbouncer tps)" '%.0f') tps; direct $(fmt "$(stat connect direct tps)" '%.0f') tps | $(verdict "$v" '>=' 1) |"
+    echo "| ${WL_NAME[connect]} \`${WL_OPTS[connect]}\` | tps ≥ 1.3x PgBouncer | $(fmt "$v" '%.2fx')$(spread connect sluice connect pgbouncer tps) | $(fmt "$(stat connect pgbouncer tps)" '%.0f') tps; direct $(fmt "$(stat connect direct tps)" '%.0f') tps | $(verdict "$v" '>=' 1.3) |"
     v=$(total fanout sluice aborted)
     echo "| ${WL_NAME[fanout]} \`${WL_OPTS[fanout]}\`, max_connections $PG_MAX_CONNECTIONS | 0 aborted clients | $v aborted, $(total fanout sluice failed) failed txns | $(total fanout pgbouncer aborted) aborted; direct $(total fanout direct aborted) aborted | $(verdict "$v" '<=' 0) |"
     v=$(total many sluice aborted)

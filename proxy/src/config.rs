@@ -346,8 +346,8 @@ pub struct Config {
     pub group_by: GroupBy,
     /// Distinct group label values exported in metrics; the rest are reported as `other`.
     pub max_group_labels: u32,
-    /// Threads that run sessions: 0 for one per CPU; 1 runs everything on one thread.
-    /// Read at start-up only.
+    /// Threads that run sessions: 0 chooses (one on a host with one or two CPUs, else one
+    /// per CPU); 1 runs everything on one thread. Read at start-up only.
     pub worker_threads: u32,
     /// Read at start-up only.
     pub log_format: LogFormat,

@@ -50,6 +50,18 @@ enum Cmd {
     Check,
 }
 
+/// `worker_threads = 0`: one thread on a host with one or two CPUs (counting a container's CPU
+/// quota), where a second thread costs more CPU per transaction than it adds (its wake-ups
+/// and work stealing; benches/RESULTS.md, "Runtime"), and one per CPU on larger hosts.
+fn default_worker_threads() -> u32 {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus <= 2 {
+        1
+    } else {
+        u32::try_from(cpus).unwrap_or(u32::MAX)
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let overrides = Overrides {
@@ -78,7 +90,10 @@ fn main() -> anyhow::Result<()> {
         }
     }
     let path = args.config.clone();
-    let threads = config.worker_threads;
+    let threads = match config.worker_threads {
+        0 => default_worker_threads(),
+        n => n,
+    };
     let mut builder = match threads {
         // One thread, like a single-process pooler: no cross-thread wakeups or work stealing.
         1 => tokio::runtime::Builder::new_current_thread(),
@@ -87,6 +102,11 @@ fn main() -> anyhow::Result<()> {
     if threads > 1 {
         builder.worker_threads(threads as usize);
     }
+    tracing::info!(
+        worker_threads = threads,
+        configured = config.worker_threads,
+        "runtime"
+    );
     let runtime = builder
         .enable_all()
         .build()
