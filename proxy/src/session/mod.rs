@@ -505,7 +505,7 @@ impl<'a> Session<'a> {
     /// Reads a request the client has started and serves it; `Some` when the session ends.
     async fn request(&mut self, conn: &mut ClientConn, slot: &clients::ClientSlot) -> Option<Exit> {
         let max_message = self.config.max_message_bytes as usize;
-        let request = match next_request(conn, slot, max_message, REQUEST_BUFFER_LIMIT).await {
+        let request = match next_request(conn, max_message, REQUEST_BUFFER_LIMIT).await {
             Ok(Request::Terminate) => return Some(Exit::Quiet),
             Ok(Request::Streamed) => None,
             Ok(Request::Complete { end, last }) => Some((end, last)),

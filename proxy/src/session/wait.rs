@@ -19,17 +19,13 @@ pub(super) enum Request {
 
 /// Waits for the client's next request: whole messages up to one that ends a request (Query,
 /// Sync, FunctionCall, Flush), or, when `limit` bytes are buffered without that end, the head of
-/// a request too large to buffer. Consumes nothing. With nothing buffered, waits as an idle
-/// client ([`wait_idle`]).
+/// a request too large to buffer. Consumes nothing. Called once the client has sent something
+/// (after [`wait_idle`]), so that the wait as an idle client happens once per request.
 pub(super) async fn next_request(
     conn: &mut ClientConn,
-    slot: &clients::ClientSlot,
     max_message: usize,
     limit: usize,
 ) -> Result<Request, Exit> {
-    if conn.buffered() == 0 {
-        wait_idle(conn, slot).await?;
-    }
     let mut end = 0;
     loop {
         let h = match conn.read_frame(end, max_message, limit).await {
