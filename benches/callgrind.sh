@@ -4,6 +4,7 @@
 #
 #   bash benches/callgrind.sh                        # 20,000 counted transactions per protocol
 #   bash benches/callgrind.sh --transactions 50000 --keep
+#   bash benches/callgrind.sh --pgbouncer            # and PgBouncer, counted the same way
 #
 # Builds Sluice (cargo build --release -p sluice, in the checkout this script belongs to: its
 # parent directory; CARGO_TARGET_DIR is honoured), starts a throwaway PostgreSQL (initdb into a
@@ -39,7 +40,13 @@
 # idle clients, the metrics exporter's histogram upkeep), the allocator's state. --rounds N
 # repeats the counted run and reports medians.
 #
-# Prints a table: protocol, transactions, instructions, instructions per transaction, parks
+# With --pgbouncer, PgBouncer (transaction pooling, default_pool_size 20, auth_type
+# scram-sha-256 with the role's SCRAM verifier from pg_authid in its auth_file, as compare.sh
+# configures it: with a plaintext password there it would run PBKDF2 at every login) then runs
+# under callgrind too, after Sluice has stopped, and is counted the same way. It has no
+# Context::park: its last column equals its first.
+#
+# Prints a table: target, protocol, transactions, instructions, instructions per transaction, parks
 # (event-loop waits) per transaction, instructions per transaction outside them. With --keep
 # the callgrind dumps are kept (callgrind_annotate reads them), in a directory it names.
 set -euo pipefail
@@ -47,7 +54,7 @@ set -euo pipefail
 usage() {
     cat <<'EOF'
 usage: bash benches/callgrind.sh [--transactions N] [--warmup N] [--clients N] [--rounds N]
-                                 [--keep]
+                                 [--pgbouncer] [--keep]
 
   --transactions N  transactions counted per protocol (default 20000; rounded up to a multiple
                     of --clients: pgbench's -t is per client)
@@ -57,13 +64,14 @@ usage: bash benches/callgrind.sh [--transactions N] [--warmup N] [--clients N] [
                     another workload: compare like with like
   --rounds N        counted runs per protocol after its warm-up (default 1); with more than
                     one, each is a row and the median is reported too
+  --pgbouncer       count PgBouncer the same way too, after Sluice (needs pgbouncer)
   --keep            keep the callgrind dumps (callgrind.out.simple, callgrind.out.extended,
-                    with .N appended with --rounds) in a new directory under ${TMPDIR:-/tmp},
-                    printed at the end
+                    with .N appended with --rounds; PgBouncer's with a pgbouncer. prefix) in a
+                    new directory under ${TMPDIR:-/tmp}, printed at the end
 EOF
 }
 
-TRANSACTIONS=20000 WARMUP=2000 CLIENTS=10 ROUNDS=1 KEEP=no
+TRANSACTIONS=20000 WARMUP=2000 CLIENTS=10 ROUNDS=1 KEEP=no PGBOUNCER=no
 while [[ $# -gt 0 ]]; do
     case $1 in
         --transactions) TRANSACTIONS=${2:?}; shift ;;
@@ -71,6 +79,7 @@ while [[ $# -gt 0 ]]; do
         --clients) CLIENTS=${2:?}; shift ;;
         --rounds) ROUNDS=${2:?}; shift ;;
         --keep) KEEP=yes ;;
+        --pgbouncer) PGBOUNCER=yes ;;
         -h | --help) usage; exit 0 ;;
         *) usage >&2; exit 2 ;;
     esac
@@ -87,6 +96,7 @@ BENCH_USER=bench
 BENCH_DB=benchdb
 BENCH_PW=bench-pw-$RANDOM$RANDOM
 export PGSSLMODE=disable
+export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin" # pgbouncer is in /usr/sbin
 
 # The checkout this script is in: its own helpers and its own Sluice.
 SL_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -96,11 +106,13 @@ source "$SL_ROOT/deploy/local/lib.sh"
 WORK=
 KEEP_DIR=
 BENCH_PID=
+PGB_PID=
 
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
     [[ -n $BENCH_PID ]] && sl_stop_pid "$BENCH_PID" TERM 2
+    [[ -n $PGB_PID ]] && sl_stop_pid "$PGB_PID" INT 5
     sl_sluice_stop
     sl_pg_stop
     if [[ -n $KEEP_DIR ]] && compgen -G "$KEEP_DIR/*" >/dev/null; then
@@ -119,6 +131,7 @@ sl_need_pkg valgrind valgrind
 sl_need_pkg curl curl
 sl_need_pkg setpriv util-linux
 command -v callgrind_control >/dev/null 2>&1 || sl_die "callgrind_control not found (valgrind)"
+if [[ $PGBOUNCER == yes ]]; then sl_need_pkg pgbouncer pgbouncer; fi
 command -v cargo >/dev/null 2>&1 ||
     sl_die "cargo not found: install a Rust toolchain (https://rustup.rs) and run again"
 (cd "$SL_ROOT" && cargo build -q --release -p sluice) || sl_die "cargo build failed"
@@ -175,13 +188,14 @@ sl_sluice_start "$WORK/sluice.log" --pool-size "$POOL_SIZE" --max-server-connect
 for v in "${SLUICE_ENV[@]}"; do unset "${v%%=*}"; done
 sl_info "Sluice under callgrind on 127.0.0.1:$SL_SLUICE_PORT (PID $SL_SLUICE_PID; transaction pooling, $THREADS_DESC)"
 
-# pgbench_run MODE TRANSACTIONS LOG: select-only pgbench through Sluice; sets RUN_TXNS to the
+# pgbench_run MODE TRANSACTIONS LOG: select-only pgbench through the pooler counted (its port
+# in CG_PORT); sets RUN_TXNS to the
 # transactions it reports as processed. Fails when any failed or when fewer ran than asked for.
 # (Not in a command substitution: the EXIT trap must know BENCH_PID.)
 pgbench_run() {
     local mode=$1 per=$((($2 + CLIENTS - 1) / CLIENTS)) log=$3 rc=0 processed failed
     PGPASSWORD=$BENCH_PW PGCONNECT_TIMEOUT=30 "$PGBENCH" -n -S -M "$mode" -c "$CLIENTS" -j "$JOBS" \
-        -t "$per" -h 127.0.0.1 -p "$SL_SLUICE_PORT" -U "$BENCH_USER" "$BENCH_DB" \
+        -t "$per" -h 127.0.0.1 -p "$CG_PORT" -U "$BENCH_USER" "$BENCH_DB" \
         </dev/null >"$log" 2>&1 &
     BENCH_PID=$!
     wait "$BENCH_PID" || rc=$?
@@ -195,9 +209,12 @@ pgbench_run() {
     RUN_TXNS=$processed
 }
 
-# callgrind CMD...: callgrind_control on Sluice's process, its output kept in the log.
+# callgrind CMD...: callgrind_control on the counted pooler's process (CG_PID), its output kept
+# in the log; as the user the pooler runs as (CG_AS: vgdb wakes a process blocked in a system
+# call with ptrace, which needs that user, or CAP_SYS_PTRACE).
+CG_AS=()
 callgrind() {
-    callgrind_control "$@" "$SL_SLUICE_PID" >>"$WORK/callgrind_control.log" 2>&1 || {
+    "${CG_AS[@]}" callgrind_control "$@" "$CG_PID" >>"$WORK/callgrind_control.log" 2>&1 || {
         tail -n 20 "$WORK/callgrind_control.log" >&2
         sl_die "callgrind_control $* failed"
     }
@@ -244,54 +261,116 @@ dump_totals() {
         END { printf "%d %d\n", parks, ir }' "$WORK/cg/callgrind.out.$name")
 }
 
-# The counted runs: per protocol a warm-up, then ROUNDS times zero, count, dump.
+# count TARGET: the counted runs of the pooler in CG_PID / CG_PORT: per protocol a warm-up,
+# then ROUNDS times zero, count, dump.
 declare -A TXNS=() INSTR=() PARKS=() PARK_IR=()
-for mode in "${PROTOCOLS[@]}"; do
-    sl_header "-M $mode"
-    pgbench_run "$mode" "$WARMUP" "$WORK/warmup-$mode.log"
-    sl_info "warm-up: $RUN_TXNS transactions"
-    for ((r = 1; r <= ROUNDS; r++)); do
-        name=$mode
-        if ((ROUNDS > 1)); then name+=.$r; fi
-        callgrind --zero
-        pgbench_run "$mode" "$TRANSACTIONS" "$WORK/counted-$name.log"
-        TXNS[$mode|$r]=$RUN_TXNS
-        dump_totals "$name"
-        INSTR[$mode|$r]=$DUMP_TOTAL PARKS[$mode|$r]=$DUMP_PARKS PARK_IR[$mode|$r]=$DUMP_PARK_IR
-        sl_info "counted: ${TXNS[$mode|$r]} transactions, ${INSTR[$mode|$r]} instructions; ${PARKS[$mode|$r]} event-loop waits, ${PARK_IR[$mode|$r]} instructions in them"
-        if [[ $KEEP == yes ]]; then cp "$WORK/cg/callgrind.out.$name" "$KEEP_DIR/"; fi
+count() {
+    local t=$1 mode r name
+    for mode in "${PROTOCOLS[@]}"; do
+        sl_header "$t: -M $mode"
+        pgbench_run "$mode" "$WARMUP" "$WORK/warmup-$t-$mode.log"
+        sl_info "warm-up: $RUN_TXNS transactions"
+        for ((r = 1; r <= ROUNDS; r++)); do
+            name=$mode
+            if ((ROUNDS > 1)); then name+=.$r; fi
+            if [[ $t != sluice ]]; then name=$t.$name; fi
+            callgrind --zero
+            pgbench_run "$mode" "$TRANSACTIONS" "$WORK/counted-$name.log"
+            TXNS[$t|$mode|$r]=$RUN_TXNS
+            dump_totals "$name"
+            INSTR[$t|$mode|$r]=$DUMP_TOTAL PARKS[$t|$mode|$r]=$DUMP_PARKS
+            PARK_IR[$t|$mode|$r]=$DUMP_PARK_IR
+            sl_info "counted: $RUN_TXNS transactions, $DUMP_TOTAL instructions; $DUMP_PARKS event-loop waits, $DUMP_PARK_IR instructions in them"
+            if [[ $KEEP == yes ]]; then cp "$WORK/cg/callgrind.out.$name" "$KEEP_DIR/"; fi
+        done
     done
-done
+}
+CG_PID=$SL_SLUICE_PID CG_PORT=$SL_SLUICE_PORT
+count sluice
+TARGETS=(sluice)
+PGB_VERSION=
+
+# PgBouncer, configured as compare.sh does, under callgrind as the run user (it refuses to run
+# as root); valgrind's PID is PgBouncer's.
+if [[ $PGBOUNCER == yes ]]; then
+    sl_sluice_stop
+    PGB_BIN=$(command -v pgbouncer)
+    PGB_VERSION=$("$PGB_BIN" --version | awk 'NR == 1 { print $2 }')
+    mkdir -p "$WORK/pgbouncer"
+    VERIFIER=$(sl_psql postgres "SELECT rolpassword FROM pg_authid WHERE rolname = '$BENCH_USER'")
+    [[ $VERIFIER == SCRAM-SHA-256* ]] || sl_die "unexpected verifier for $BENCH_USER"
+    printf '"%s" "%s"\n' "$BENCH_USER" "$VERIFIER" >"$WORK/pgbouncer/userlist.txt"
+    PGB_PORT=$(sl_pick_port)
+    printf '%s\n' "[databases]" \
+        "$BENCH_DB = host=127.0.0.1 port=$SL_PG_PORT dbname=$BENCH_DB" "[pgbouncer]" \
+        "listen_addr = 127.0.0.1" "listen_port = $PGB_PORT" "unix_socket_dir =" \
+        "auth_type = scram-sha-256" "auth_file = $WORK/pgbouncer/userlist.txt" \
+        "pool_mode = transaction" "default_pool_size = $POOL_SIZE" "max_client_conn = 1000" \
+        "logfile = $WORK/pgbouncer/pgbouncer.log" "pidfile = $WORK/pgbouncer/pgbouncer.pid" \
+        "log_connections = 0" "log_disconnections = 0" >"$WORK/pgbouncer/pgbouncer.ini"
+    chmod 600 "$WORK/pgbouncer/userlist.txt"
+    sl_give "$WORK/pgbouncer"
+    sl_give "$WORK/cg"
+    "${SL_RUN_AS[@]}" valgrind --tool=callgrind --log-file="$WORK/pgbouncer/valgrind.log" \
+        --callgrind-out-file="$WORK/cg/callgrind.out.%p" "$PGB_BIN" -q \
+        "$WORK/pgbouncer/pgbouncer.ini" </dev/null >>"$WORK/pgbouncer/stdout.log" 2>&1 &
+    PGB_PID=$!
+    for ((i = 0; i < 300; i++)); do
+        sl_alive "$PGB_PID" || break
+        if (exec 3<>"/dev/tcp/127.0.0.1/$PGB_PORT") 2>/dev/null; then break; fi
+        sleep 0.1
+    done
+    (exec 3<>"/dev/tcp/127.0.0.1/$PGB_PORT") 2>/dev/null || {
+        tail -n 20 "$WORK/pgbouncer/pgbouncer.log" "$WORK/pgbouncer/valgrind.log" >&2 || true
+        sl_die "PgBouncer did not start under callgrind"
+    }
+    sl_info "PgBouncer $PGB_VERSION under callgrind on 127.0.0.1:$PGB_PORT (PID $PGB_PID; transaction pooling, the SCRAM verifier in auth_file)"
+    CG_PID=$PGB_PID CG_PORT=$PGB_PORT CG_AS=("${SL_RUN_AS[@]}")
+    count pgbouncer
+    TARGETS+=(pgbouncer)
+fi
 
 per_txn() { awk -v i="$1" -v t="$2" -v f="${3:-%.0f}" 'BEGIN { printf f, i / t }'; }
 median() { printf '%s\n' "$@" | sort -n | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 
-sl_header "Instructions per transaction (Sluice $COMMIT, user space, callgrind)"
+sl_header "Instructions per transaction (Sluice $COMMIT${PGB_VERSION:+, PgBouncer $PGB_VERSION}, user space, callgrind)"
 echo
-echo "| protocol | transactions | instructions | instructions / transaction | event-loop waits / transaction | instructions / transaction outside the waits |"
-echo "|---|---:|---:|---:|---:|---:|"
+echo "| target | protocol | transactions | instructions | instructions / transaction | event-loop waits / transaction | instructions / transaction outside the waits |"
+echo "|---|---|---:|---:|---:|---:|---:|"
 range() { printf '%s (%s to %s)' "$(median "$@")" "$(printf '%s\n' "$@" | sort -n | head -n 1)" \
     "$(printf '%s\n' "$@" | sort -n | tail -n 1)"; }
-for mode in "${PROTOCOLS[@]}"; do
-    ipt=() opt=()
-    for ((r = 1; r <= ROUNDS; r++)); do
-        label=$mode
-        if ((ROUNDS > 1)); then label+=" ($r)"; fi
-        ipt+=("$(per_txn "${INSTR[$mode|$r]}" "${TXNS[$mode|$r]}")")
-        opt+=("$(per_txn "$((INSTR[$mode|$r] - PARK_IR[$mode|$r]))" "${TXNS[$mode|$r]}")")
-        printf '| %s | %d | %d | %s | %s | %s |\n' "$label" "${TXNS[$mode|$r]}" "${INSTR[$mode|$r]}" \
-            "${ipt[-1]}" "$(per_txn "${PARKS[$mode|$r]}" "${TXNS[$mode|$r]}" %.2f)" "${opt[-1]}"
+declare -A MED=()
+for t in "${TARGETS[@]}"; do
+    for mode in "${PROTOCOLS[@]}"; do
+        ipt=() opt=()
+        for ((r = 1; r <= ROUNDS; r++)); do
+            label=$mode
+            if ((ROUNDS > 1)); then label+=" ($r)"; fi
+            k="$t|$mode|$r"
+            ipt+=("$(per_txn "${INSTR[$k]}" "${TXNS[$k]}")")
+            opt+=("$(per_txn "$((INSTR[$k] - PARK_IR[$k]))" "${TXNS[$k]}")")
+            printf '| %s | %s | %d | %d | %s | %s | %s |\n' "$t" "$label" "${TXNS[$k]}" \
+                "${INSTR[$k]}" "${ipt[-1]}" "$(per_txn "${PARKS[$k]}" "${TXNS[$k]}" %.2f)" "${opt[-1]}"
+        done
+        MED[$t|$mode]=$(median "${ipt[@]}")
+        if ((ROUNDS > 1)); then
+            printf '| %s | %s, median (lowest to highest) | | | %s | | %s |\n' "$t" "$mode" \
+                "$(range "${ipt[@]}")" "$(range "${opt[@]}")"
+        fi
     done
-    if ((ROUNDS > 1)); then
-        printf '| %s, median (lowest to highest) | | | %s | | %s |\n' "$mode" "$(range "${ipt[@]}")" \
-            "$(range "${opt[@]}")"
-    fi
 done
+if [[ $PGBOUNCER == yes ]]; then
+    echo
+    for mode in "${PROTOCOLS[@]}"; do
+        echo "- $mode: Sluice $(awk -v a="${MED[sluice|$mode]}" -v b="${MED[pgbouncer|$mode]}" \
+            'BEGIN { printf "%.2fx", a / b }') PgBouncer's instructions per transaction"
+    done
+fi
 echo
-echo "pgbench -n -S -M PROTOCOL -c $CLIENTS -j $JOBS through Sluice under callgrind ($(valgrind --version));"
+echo "pgbench -n -S -M PROTOCOL -c $CLIENTS -j $JOBS through Sluice${PGB_VERSION:+, then PgBouncer,} under callgrind ($(valgrind --version));"
 echo "$WARMUP transactions of warm-up per protocol, then per counted run: counters zeroed"
 echo "(callgrind_control -z), the run, a dump (callgrind_control -d); $THREADS_DESC, transaction"
-echo "pooling, SCRAM logins. Event-loop waits: calls of tokio's Context::park (no task ready: the"
+echo "pooling, SCRAM logins${PGB_VERSION:+ (PgBouncer: a SCRAM verifier in its auth_file)}. Event-loop waits: calls of tokio's Context::park (no task ready: the"
 echo "scheduler waits in epoll_wait, then hands out the readiness events). How many there are"
 echo "depends on how the clients' requests happen to bunch up, and is most of what varies from run"
 echo "to run; the last column leaves the instructions inside those calls out."

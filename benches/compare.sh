@@ -32,7 +32,8 @@
 #    alternates: simple, extended and prepared protocol with 50 clients; a new connection per
 #    transaction (-C) with 50 clients, SCRAM and md5 client authentication; -C with 400 clients;
 #    5,000 persistent clients; with TLS: simple protocol with 50 clients, and a connection per
-#    transaction with 50 clients (a TLS handshake and a SCRAM login each). Each pooler runs only during its own runs (started fresh before,
+#    transaction with 50 clients (a TLS handshake and a SCRAM login each). The pooler's CPU is
+#    also kept as user and system time apart (a table of its own for the steady workloads). Each pooler runs only during its own runs (started fresh before,
 #    stopped after), so the server connections it keeps cannot take room from the other targets:
 #    60 connections do not fit 50 direct clients next to two pools of 20. Before each run, the
 #    authentication the target asks for is read from its reply to a startup packet, so the
@@ -56,6 +57,16 @@
 #    1 KB of DataRow per row: 10 MB and 50 MB) directly and through each pooler, timed
 #    repetitions in alternating order; both poolers run through this phase, and their VmRSS before
 #    and after and VmHWM (peak) after each size show whether their memory follows the result size.
+# 4. Many connected clients, open loop (sluice-loadtest: point reads by primary key over the
+#    extended protocol, the unnamed statement; md5 logins, so that the clients connect within
+#    seconds): first each pooler's capacity, a closed loop of 100 workers for DURATION s (warm
+#    model, 100 containers); then, in ROUNDS rounds whose order alternates, arrivals at a fixed
+#    rate of --open-load per cent of the smaller capacity for 2 x DURATION s with
+#    --open-clients containers, each connected before the run (warm model: that many clients
+#    connected to the pooler throughout) and max concurrency as large. Reported: the
+#    invocations' p50 and p99 latency (from the intended start, so queueing counts), failures,
+#    and the pooler's CPU per invocation. For this phase only, Sluice's max_client_connections is
+#    raised above the clients (its default is 10,000).
 #
 # Prints a Markdown report: the pgbench table, the issue's targets with the measured value and
 # whether each is met, and the memory and large-result tables (and writes it to --out FILE).
@@ -68,11 +79,11 @@ usage() {
     cat <<'EOF'
 usage: bash benches/compare.sh [--quick] [--rounds N] [--duration SECONDS] [--scale N]
                                [--fanout-clients N] [--many-clients N] [--idle-clients N]
-                               [--large-reps N] [--sluice-threads N] [--out FILE]
-                               [--bin-dir DIR]
+                               [--large-reps N] [--open-clients N] [--open-load PERCENT]
+                               [--sluice-threads N] [--out FILE] [--bin-dir DIR]
 
-  --quick            1 round of 1 s runs at scale 1, 500 many/idle clients, 1 repetition of
-                     the large results (a smoke test of this script, for CI)
+  --quick            1 round of 1 s runs at scale 1, 500 many/idle/open-loop clients, 1
+                     repetition of the large results (a smoke test of this script, for CI)
   --rounds N         rounds; the order of the targets alternates between them (default 3)
   --duration S       seconds per pgbench run (default 10)
   --scale N          pgbench -i scale factor (default 10)
@@ -80,6 +91,9 @@ usage: bash benches/compare.sh [--quick] [--rounds N] [--duration SECONDS] [--sc
   --many-clients N   persistent clients of the many-clients workload (default 5000)
   --idle-clients N   idle clients held for the memory measurement (default 5000)
   --large-reps N     timed repetitions of each large result per target (default 5)
+  --open-clients N   connected clients of the open-loop phase (default 10000)
+  --open-load P      its arrival rate, in per cent of the smaller closed-loop capacity
+                     (default 70)
   --sluice-threads N Sluice's worker_threads (default 0: Sluice's own default, which is one
                      thread on a host of one or two CPUs and one per CPU on larger ones)
   --out FILE         also write the Markdown report to FILE
@@ -91,9 +105,10 @@ EOF
 }
 
 ROUNDS=3 DURATION=10 SCALE=10 FANOUT=400 MANY=5000 IDLE=5000 LARGE_REPS=5 SLUICE_THREADS=0 OUT='' BIN_DIR=''
+OPEN_CLIENTS=10000 OPEN_LOAD=70
 while [[ $# -gt 0 ]]; do
     case $1 in
-        --quick) ROUNDS=1 DURATION=1 SCALE=1 MANY=500 IDLE=500 LARGE_REPS=1 ;;
+        --quick) ROUNDS=1 DURATION=1 SCALE=1 MANY=500 IDLE=500 LARGE_REPS=1 OPEN_CLIENTS=500 ;;
         --rounds) ROUNDS=${2:?}; shift ;;
         --duration) DURATION=${2:?}; shift ;;
         --scale) SCALE=${2:?}; shift ;;
@@ -101,6 +116,8 @@ while [[ $# -gt 0 ]]; do
         --many-clients) MANY=${2:?}; shift ;;
         --idle-clients) IDLE=${2:?}; shift ;;
         --large-reps) LARGE_REPS=${2:?}; shift ;;
+        --open-clients) OPEN_CLIENTS=${2:?}; shift ;;
+        --open-load) OPEN_LOAD=${2:?}; shift ;;
         --sluice-threads) SLUICE_THREADS=${2:?}; shift ;;
         --out) OUT=${2:?}; shift ;;
         --bin-dir) BIN_DIR=${2:?}; shift ;;
@@ -109,7 +126,8 @@ while [[ $# -gt 0 ]]; do
     esac
     shift
 done
-for v in "$ROUNDS" "$DURATION" "$SCALE" "$FANOUT" "$MANY" "$IDLE" "$LARGE_REPS"; do
+for v in "$ROUNDS" "$DURATION" "$SCALE" "$FANOUT" "$MANY" "$IDLE" "$LARGE_REPS" "$OPEN_CLIENTS" \
+    "$OPEN_LOAD"; do
     [[ $v =~ ^[1-9][0-9]*$ ]] || { echo "expected a positive number, got '$v'" >&2; exit 2; }
 done
 [[ $SLUICE_THREADS =~ ^[0-9]+$ ]] || { echo "expected a number of threads, got '$SLUICE_THREADS'" >&2; exit 2; }
@@ -220,7 +238,7 @@ sl_pick_run_user
 # PgBouncer and Sluice want a descriptor per client and server connection, and so do pgbench and
 # hold_clients per connection.
 sl_raise_nofile
-for n in "$MANY" "$IDLE" "$FANOUT"; do
+for n in "$MANY" "$IDLE" "$FANOUT" "$OPEN_CLIENTS"; do
     (($(ulimit -Sn) >= n + 200)) ||
         sl_die "open files limit $(ulimit -Sn) is too low for $n clients (raise ulimit -n)"
 done
@@ -317,7 +335,7 @@ auth_type = $([[ $auth == md5 ]] && echo md5 || echo scram-sha-256)
 auth_file = $WORK/pgbouncer/userlist-${auth%-tls}.txt
 pool_mode = transaction
 default_pool_size = $POOL_SIZE
-max_client_conn = 10000
+max_client_conn = $((OPEN_CLIENTS + 2000 > 10000 ? OPEN_CLIENTS + 2000 : 10000))
 ; Sluice's listener has tokio's backlog of 1024; give PgBouncer the same.
 listen_backlog = 1024
 logfile = $WORK/pgbouncer/pgbouncer.log
@@ -457,6 +475,11 @@ pg_cpu_seconds() {
             if (pid == pp) s += $12 + $13 + $14 + $15; else if ($2 == pp) s += $12 + $13
         } END { printf "%.3f\n", s / tck }'
 }
+# cpu_split PID: "USER SYSTEM" seconds the process has used so far (utime, stime).
+cpu_split() {
+    awk -v tck="$SL_CLK_TCK" '{ sub(/^.*\) /, ""); printf "%.3f %.3f\n", $12 / tck, $13 / tck }' \
+        "/proc/$1/stat"
+}
 # children_cpu FILE: user + system seconds of this shell's reaped children, from `times` output.
 children_cpu() {
     awk 'NR == 2 {
@@ -498,6 +521,7 @@ declare -A R=()
 run_one() {
     local wl=$1 target=$2 round=$3 auth=${WL_AUTH[$1]} port pid='' cpu0=0 cpu1=0 log rc=0 asked
     local opts=${WL_OPTS[$wl]} tls=${WL_TLS[$1]} sslmode=disable pg0 pg1 cl0 cl1 srv=-
+    local u0=0 s0=0 u1=0 s1=0
     if [[ $tls == yes ]]; then auth+=-tls sslmode=require; fi
     case $target in
         pgbouncer) start_pgbouncer "$auth"; pid=$PGB_PID ;;
@@ -511,7 +535,7 @@ run_one() {
         if [[ $asked == scram && ${T[$target|cb]} == yes ]]; then asked=scram-plus; fi
     fi
     log=$WORK/run-$round-$wl-$target.log
-    [[ -n $pid ]] && cpu0=$(sl_cpu_seconds "$pid")
+    [[ -n $pid ]] && cpu0=$(sl_cpu_seconds "$pid") && read -r u0 s0 < <(cpu_split "$pid")
     pg0=$(pg_cpu_seconds)
     times >"$WORK/times0"
     # shellcheck disable=SC2086 # $opts is a list of options
@@ -522,7 +546,7 @@ run_one() {
     wait "$BENCH_PID" || rc=$?
     times >"$WORK/times1"
     BENCH_PID=
-    [[ -n $pid ]] && cpu1=$(sl_cpu_seconds "$pid")
+    [[ -n $pid ]] && cpu1=$(sl_cpu_seconds "$pid") && read -r u1 s1 < <(cpu_split "$pid")
     pg1=$(pg_cpu_seconds)
     cl0=$(children_cpu "$WORK/times0") cl1=$(children_cpu "$WORK/times1")
     if [[ -n $pid ]]; then
@@ -539,7 +563,7 @@ run_one() {
         sluice) sl_sluice_stop ;;
     esac
 
-    local txns tps lat failed aborted cpu_k err conn
+    local txns tps lat failed aborted cpu_k err conn cpuu_k=nan cpus_k=nan
     txns=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$log")
     tps=$(sed -n 's/^tps = \([0-9.]*\) .*/\1/p' "$log" | head -n 1)
     lat=$(sed -n 's/^latency average = \([0-9.]*\) ms.*/\1/p' "$log")
@@ -558,6 +582,8 @@ run_one() {
     fi
     if [[ -n $pid && $txns -gt 0 ]]; then
         cpu_k=$(awk -v a="$cpu0" -v b="$cpu1" -v n="$txns" 'BEGIN { printf "%.4f", (b - a) * 1000 / n }')
+        cpuu_k=$(awk -v a="$u0" -v b="$u1" -v n="$txns" 'BEGIN { printf "%.4f", (b - a) * 1000 / n }')
+        cpus_k=$(awk -v a="$s0" -v b="$s1" -v n="$txns" 'BEGIN { printf "%.4f", (b - a) * 1000 / n }')
     else
         cpu_k=nan
     fi
@@ -577,6 +603,8 @@ run_one() {
     R[$wl|$target|$round|failed]=$failed
     R[$wl|$target|$round|aborted]=$aborted
     R[$wl|$target|$round|cpu]=$cpu_k
+    R[$wl|$target|$round|cpuu]=$cpuu_k
+    R[$wl|$target|$round|cpus]=$cpus_k
     R[$wl|$target|$round|auth]=$asked
     R[$wl|$target|$round|rc]=$rc
     R[$wl|$target|$round|err]=$err
@@ -704,6 +732,87 @@ large_results() {
     sl_sluice_stop
 }
 
+# loadtest_run TARGET PROFILE_OPTIONS... : one sluice-loadtest run against TARGET (its pooler
+# running, md5 login) with --json; prints "THROUGHPUT P50 P99 SUCCEEDED FAILED CONNECTS"
+# ("nan" fields when it wrote no report).
+loadtest_run() {
+    local target=$1 port json
+    shift
+    port=$(port_of "$target")
+    json=$WORK/loadtest-$target-$EPOCHSECONDS-$RANDOM.json
+    "$SL_LOADTEST" --no-verify --json "$json" "$@" \
+        "postgres://$BENCH_USER:$BENCH_PW@127.0.0.1:$port/$BENCH_DB?sslmode=disable" \
+        </dev/null >>"$WORK/loadtest-$target.log" 2>&1 || true
+    if [[ -s $json ]]; then
+        python3 -c 'import json, sys
+d = json.load(open(sys.argv[1])); c = d["counts"]; l = d["latency_ms"]
+print("%.1f %.3f %.3f %d %d %d" % (d["throughput"], l["p50"], l["p99"], c["succeeded"], c["failed"], c["connects"]))' "$json"
+    else
+        echo "nan nan nan 0 0 0"
+    fi
+}
+# open_loop: the many-connected-clients phase (see the top of this file); records O[...].
+declare -A O=()
+open_loop() {
+    local target round order pid c0 c1 tp p50 p99 ok failed connects cap secs=$((2 * DURATION))
+    "$SL_LOADTEST" --setup-only \
+        "postgres://$BENCH_USER:$BENCH_PW@127.0.0.1:$SL_PG_PORT/$BENCH_DB?sslmode=disable" \
+        </dev/null >"$WORK/loadtest-setup.log" 2>&1 || {
+        tail -n 20 "$WORK/loadtest-setup.log" >&2
+        sl_die "sluice-loadtest --setup-only failed"
+    }
+    for target in pgbouncer sluice; do
+        case $target in
+            pgbouncer) start_pgbouncer md5 ;;
+            sluice) start_sluice md5 ;;
+        esac
+        read -r tp _ < <(loadtest_run "$target" --profile closed --workers 100 --model warm \
+            --containers 100 --max-concurrency 100 --duration "${DURATION}s")
+        case $target in
+            pgbouncer) stop_pgbouncer ;;
+            sluice) sl_sluice_stop ;;
+        esac
+        O[$target|capacity]=$tp
+        printf '  capacity  %-10s %s invocations/s (closed loop, 100 workers)\n' "$target" "$tp"
+    done
+    cap=$(awk -v a="${O[pgbouncer|capacity]}" -v b="${O[sluice|capacity]}" \
+        'BEGIN { m = (a == "nan") ? b : (b == "nan" || a < b) ? a : b; print (m == "nan") ? 0 : m }')
+    O[rate]=$(awk -v c="$cap" -v p="$OPEN_LOAD" 'BEGIN { r = int(c * p / 100); print (r < 1) ? 1 : r }')
+    for ((round = 1; round <= ROUNDS; round++)); do
+        order=(pgbouncer sluice)
+        if ((round % 2 == 0)); then order=(sluice pgbouncer); fi
+        for target in "${order[@]}"; do
+            case $target in
+                pgbouncer) start_pgbouncer md5; pid=$PGB_PID ;;
+                sluice)
+                    SLUICE_MAX_CLIENT_CONNECTIONS=$((OPEN_CLIENTS + 2000)) start_sluice md5
+                    pid=$SL_SLUICE_PID
+                    ;;
+            esac
+            # The clients connect before the counted part (the warm model's prewarm): the CPU
+            # is read around the whole run, logins included, and divided by the invocations.
+            c0=$(sl_cpu_seconds "$pid")
+            read -r tp p50 p99 ok failed connects < <(loadtest_run "$target" --profile constant \
+                --rate "${O[rate]}" --duration "${secs}s" --model warm \
+                --containers "$OPEN_CLIENTS" --max-concurrency "$OPEN_CLIENTS")
+            c1=$(sl_cpu_seconds "$pid")
+            case $target in
+                pgbouncer) stop_pgbouncer ;;
+                sluice) sl_sluice_stop ;;
+            esac
+            O[$target|$round|p50]=$p50 O[$target|$round|p99]=$p99 O[$target|$round|ok]=$ok
+            O[$target|$round|failed]=$failed O[$target|$round|connects]=$connects
+            O[$target|$round|tp]=$tp
+            O[$target|$round|cpu]=$(awk -v a="$c0" -v b="$c1" -v n="$ok" \
+                'BEGIN { if (n > 0) printf "%.4f", (b - a) * 1000 / n; else print "nan" }')
+            printf '  round %d  %-10s %s/s for %d s, %d clients: p50 %s ms, p99 %s ms, %s ok, %s failed, %s connects in the run, CPU s / 1k %s\n' \
+                "$round" "$target" "${O[rate]}" "$secs" "$OPEN_CLIENTS" "$p50" "$p99" "$ok" \
+                "$failed" "$connects" "${O[$target|$round|cpu]}"
+            sleep 0.5
+        done
+    done
+}
+
 npgb=0
 for wl in "${WORKLOADS[@]}"; do
     read -r -a ts <<<"${WL_TARGETS[$wl]}"
@@ -733,6 +842,9 @@ for target in pgbouncer sluice; do idle_one "$target" tls; done
 
 sl_header "Large results: ${LARGE_MB[*]} MB (thousands of 1,000-byte rows), $LARGE_REPS repetition(s)"
 large_results
+
+sl_header "Open loop: $OPEN_CLIENTS connected clients, arrivals at $OPEN_LOAD% of the smaller capacity"
+open_loop
 
 
 # stat WL TARGET FIELD: median over the rounds; ratio WL TARGET BASE_WL BASE_TARGET FIELD: median
@@ -891,6 +1003,13 @@ report() {
     p10=${L[10|pgbouncer|hwm]} p50=${L[50|pgbouncer|hwm]}
     d=$((s50 - s10)) pd=$((p50 - p10))
     echo "| same, and a 10 MB result | RSS does not grow with result size: peak (VmHWM) after 50 MB within $((GROWTH_LIMIT_KIB / 1024)) MiB of the peak after 10 MB | +$d KiB (the 10 MB peak: +$((s10 - s0)) KiB over RSS before) | +$pd KiB | $(verdict "$d" '<=' "$GROWTH_LIMIT_KIB") |"
+    local pr=() r2 of=0
+    for ((r2 = 1; r2 <= ROUNDS; r2++)); do
+        pr+=("$(div "${O[sluice|$r2|p99]:-nan}" "${O[pgbouncer|$r2|p99]:-nan}")")
+        of=$((of + ${O[sluice|$r2|failed]:-0}))
+    done
+    v=$(median "${pr[@]}")
+    echo "| $OPEN_CLIENTS connected clients, open-loop arrivals at $OPEN_LOAD% of capacity (\`sluice-loadtest\`, ${O[rate]:-?}/s) | p99 ≤ 0.5x PgBouncer's, 0 errors | $(fmt "$v" '%.2fx')$(printf '%s\n' "${pr[@]}" | awk '$1 != "nan" { if (n++ == 0 || $1 < lo) lo = $1; if (n == 1 || $1 > hi) hi = $1 } END { if (n > 1) printf " (%.2f–%.2f)", lo, hi }'): p99 $(fmt "$(o_stat sluice p99)" '%.2f') ms, $of failed | p99 $(fmt "$(o_stat pgbouncer p99)" '%.2f') ms, $(o_total pgbouncer failed) failed | $(verdict "$([[ $of -eq 0 ]] && echo "$v" || echo 9)" '<=' 0.5) |"
     echo
     echo "Ratios are medians of the per-round ratios (in brackets: their lowest and highest over the"
     echo "rounds); aborted clients and failed transactions are summed over the rounds. \"met?\" compares"
@@ -939,6 +1058,48 @@ report() {
     echo "of the pooler's client hop. The machine is shared, so only the same run's rows compare."
 
     echo
+    echo "#### Pooler CPU per transaction: user and system time"
+    echo
+    echo "| workload | target | user ms | system ms | user + system ms | vs PgBouncer | system alone vs PgBouncer's user + system |"
+    echo "|---|---|---:|---:|---:|---:|---:|"
+    local cu cs
+    for wl in simple extended simple_tls; do
+        first=yes
+        for target in pgbouncer sluice; do
+            label=''
+            if [[ $first == yes ]]; then label="${WL_NAME[$wl]}: \`${WL_OPTS[$wl]}\`"; first=no; fi
+            cu=$(stat "$wl" "$target" cpuu) cs=$(stat "$wl" "$target" cpus)
+            printf '| %s | %s | %s | %s | %s | %s | %s |\n' "$label" "$target" "$(fmt "$cu" '%.4f')" \
+                "$(fmt "$cs" '%.4f')" "$(fmt "$(stat "$wl" "$target" cpu)" '%.4f')" \
+                "$(fmt "$(ratio "$wl" "$target" "$wl" pgbouncer cpu)" '%.2fx')" \
+                "$(fmt "$(xratio "$wl" "$target" cpus pgbouncer cpu)" '%.2fx')"
+        done
+    done
+    echo
+    echo "The pooler's utime and stime (/proc/PID/stat) during each run, per transaction (ms), medians"
+    echo "over the rounds. System time is the kernel working on the pooler's behalf: its receives and"
+    echo "sends, and with each send on loopback the receiver's TCP input and its wake-up."
+    echo
+    echo "#### Open loop: $OPEN_CLIENTS connected clients"
+    echo
+    echo "| round | target | rate /s | p50 ms | p99 ms | succeeded | failed | connects in the run | pooler CPU s / 1k invocations |"
+    echo "|---|---|---:|---:|---:|---:|---:|---:|---:|"
+    local rr
+    for ((rr = 1; rr <= ROUNDS; rr++)); do
+        for target in pgbouncer sluice; do
+            echo "| $rr | $target | ${O[rate]:-} | $(fmt "${O[$target|$rr|p50]:-nan}" '%.2f') | $(fmt "${O[$target|$rr|p99]:-nan}" '%.2f') | ${O[$target|$rr|ok]:-} | ${O[$target|$rr|failed]:-} | ${O[$target|$rr|connects]:-} | $(fmt "${O[$target|$rr|cpu]:-nan}" '%.3f') |"
+        done
+    done
+    echo
+    echo "sluice-loadtest's point reads (extended protocol, the unnamed statement) with md5 logins."
+    echo "Capacity first, a closed loop of 100 workers for $DURATION s: PgBouncer $(fmt "${O[pgbouncer|capacity]:-nan}" '%.0f'), Sluice"
+    echo "$(fmt "${O[sluice|capacity]:-nan}" '%.0f') invocations per second; then arrivals at $OPEN_LOAD% of the smaller, ${O[rate]:-?} per"
+    echo "second, for $((2 * DURATION)) s, each pooler fresh, the $OPEN_CLIENTS clients connected before the run"
+    echo "(\"connects in the run\": clients that had to connect again). Latency from each invocation's"
+    echo "intended start, so time queued in the load generator counts. Pooler CPU over the whole run,"
+    echo "the $OPEN_CLIENTS logins included, per 1,000 invocations that succeeded."
+
+    echo
     echo "#### One large result"
     echo
     echo "| result | target | median s | vs direct | pooler VmRSS before → after KiB | pooler peak VmHWM KiB |"
@@ -966,6 +1127,26 @@ report() {
     echo "alternating; \"vs direct\" is the ratio of medians. Both poolers ran through this phase; before"
     echo "it their VmRSS was ${L[pgbouncer|rss0]} KiB (PgBouncer) and ${L[sluice|rss0]} KiB (Sluice), peak"
     echo "${L[pgbouncer|hwm0]} and ${L[sluice|hwm0]} KiB."
+}
+# xratio WL TARGET FIELD BASE_TARGET BASE_FIELD: median of the per-round ratios of one field to
+# another (e.g. Sluice's system time to PgBouncer's user + system).
+xratio() {
+    local r v=()
+    for ((r = 1; r <= ROUNDS; r++)); do
+        v+=("$(div "${R[$1|$2|$r|$3]:-nan}" "${R[$1|$4|$r|$5]:-nan}")")
+    done
+    median "${v[@]}"
+}
+# o_stat TARGET FIELD: median over the rounds of the open-loop phase; o_total: their sum.
+o_stat() {
+    local r v=()
+    for ((r = 1; r <= ROUNDS; r++)); do v+=("${O[$1|$r|$2]:-nan}"); done
+    median "${v[@]}"
+}
+o_total() {
+    local r t=0
+    for ((r = 1; r <= ROUNDS; r++)); do t=$((t + ${O[$1|$r|$2]:-0})); done
+    echo "$t"
 }
 # large_ratio MB TARGET: median time through TARGET over median time directly.
 large_ratio() {
