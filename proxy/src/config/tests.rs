@@ -177,6 +177,23 @@ fn durations_are_text_or_seconds() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("\"soon\" is not a duration"), "{err}");
+    // What a client's slot can hold, and no more: refused, not quietly shortened.
+    let c = load_text(
+        "client_idle_timeout = \"49d\"\n",
+        &flags("postgres://app:pw@db/appdb"),
+    )
+    .unwrap();
+    assert_eq!(c.client_idle_timeout, Duration::from_secs(49 * 86_400));
+    let err = load_text(
+        "client_idle_timeout = \"50d\"\n",
+        &flags("postgres://app:pw@db/appdb"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("client_idle_timeout") && err.contains("at most"),
+        "{err}"
+    );
 }
 
 #[test]

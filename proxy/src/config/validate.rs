@@ -63,6 +63,13 @@ impl Config {
         if self.wait_timeout.is_zero() {
             return Err(invalid("wait_timeout", "must be above zero"));
         }
+        // Each client's registry slot keeps its idle timeout in 32-bit milliseconds.
+        if self.client_idle_timeout.as_millis() > u128::from(u32::MAX) {
+            return Err(invalid(
+                "client_idle_timeout",
+                "must be at most 49d 17h (4294967295ms); 0 disables it",
+            ));
+        }
         for (key, n, idle) in [
             (
                 "server_tcp_keepalive_count",
