@@ -3,7 +3,7 @@
 # memory per idle client, and one large result relayed; in plain TCP and, for some workloads and
 # the idle clients, with TLS on both hops (client to pooler, pooler to server).
 #
-#   bash benches/compare.sh                      # 3 rounds of 10 s runs, scale 10 (~15 minutes)
+#   bash benches/compare.sh                      # 3 rounds of 10 s runs, scale 10 (~20 minutes)
 #   bash benches/compare.sh --quick              # 1 round of 1 s runs, small sizes (CI; ~1 minute)
 #   bash benches/compare.sh --rounds 5 --duration 20 --out /tmp/results.md
 #

@@ -197,7 +197,7 @@ impl ClientRegistry {
             state: AtomicU8::new(ClientState::Idle as u8),
             current: Mutex::new(None),
             idle_since: AtomicU64::new(now_ms()),
-            // Beyond 49 days: 49 days.
+            // The configuration refuses longer (config/validate.rs).
             idle_timeout_ms: u32::try_from(who.idle_timeout.as_millis()).unwrap_or(u32::MAX),
             kicked: AtomicU8::new(0),
             kick: AtomicWaker::new(),
