@@ -854,10 +854,13 @@ stat() {
     for ((r = 1; r <= ROUNDS; r++)); do v+=("${R[$1|$2|$r|$3]:-nan}"); done
     median "${v[@]}"
 }
-ratio() {
+ratio() { pair_ratio "$1|$2" "$5" "$3|$4" "$5"; }
+# pair_ratio A FIELD_A B FIELD_B: median over the rounds of R[A|round|FIELD_A] /
+# R[B|round|FIELD_B], A and B being "WORKLOAD|TARGET".
+pair_ratio() {
     local r v=()
     for ((r = 1; r <= ROUNDS; r++)); do
-        v+=("$(div "${R[$1|$2|$r|$5]:-nan}" "${R[$3|$4|$r|$5]:-nan}")")
+        v+=("$(div "${R[$1|$r|$2]:-nan}" "${R[$3|$r|$4]:-nan}")")
     done
     median "${v[@]}"
 }
@@ -1130,13 +1133,7 @@ report() {
 }
 # xratio WL TARGET FIELD BASE_TARGET BASE_FIELD: median of the per-round ratios of one field to
 # another (e.g. Sluice's system time to PgBouncer's user + system).
-xratio() {
-    local r v=()
-    for ((r = 1; r <= ROUNDS; r++)); do
-        v+=("$(div "${R[$1|$2|$r|$3]:-nan}" "${R[$1|$4|$r|$5]:-nan}")")
-    done
-    median "${v[@]}"
-}
+xratio() { pair_ratio "$1|$2" "$3" "$1|$4" "$5"; }
 # o_stat TARGET FIELD: median over the rounds of the open-loop phase; o_total: their sum.
 o_stat() {
     local r v=()
