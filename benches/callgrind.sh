@@ -297,17 +297,10 @@ if [[ $PGBOUNCER == yes ]]; then
     PGB_BIN=$(command -v pgbouncer)
     PGB_VERSION=$("$PGB_BIN" --version | awk 'NR == 1 { print $2 }')
     mkdir -p "$WORK/pgbouncer"
-    VERIFIER=$(sl_psql postgres "SELECT rolpassword FROM pg_authid WHERE rolname = '$BENCH_USER'")
-    [[ $VERIFIER == SCRAM-SHA-256* ]] || sl_die "unexpected verifier for $BENCH_USER"
-    printf '"%s" "%s"\n' "$BENCH_USER" "$VERIFIER" >"$WORK/pgbouncer/userlist.txt"
+    sl_scram_userlist "$WORK/pgbouncer/userlist.txt" "$BENCH_USER"
     PGB_PORT=$(sl_pick_port)
-    printf '%s\n' "[databases]" \
-        "$BENCH_DB = host=127.0.0.1 port=$SL_PG_PORT dbname=$BENCH_DB" "[pgbouncer]" \
-        "listen_addr = 127.0.0.1" "listen_port = $PGB_PORT" "unix_socket_dir =" \
-        "auth_type = scram-sha-256" "auth_file = $WORK/pgbouncer/userlist.txt" \
-        "pool_mode = transaction" "default_pool_size = $POOL_SIZE" "max_client_conn = 1000" \
-        "logfile = $WORK/pgbouncer/pgbouncer.log" "pidfile = $WORK/pgbouncer/pgbouncer.pid" \
-        "log_connections = 0" "log_disconnections = 0" >"$WORK/pgbouncer/pgbouncer.ini"
+    sl_pgbouncer_ini "$WORK/pgbouncer" "$BENCH_DB" "$PGB_PORT" scram-sha-256 \
+        "$WORK/pgbouncer/userlist.txt" "$POOL_SIZE" 1000 >"$WORK/pgbouncer/pgbouncer.ini"
     chmod 600 "$WORK/pgbouncer/userlist.txt"
     sl_give "$WORK/pgbouncer"
     sl_give "$WORK/cg"
@@ -315,12 +308,7 @@ if [[ $PGBOUNCER == yes ]]; then
         --callgrind-out-file="$WORK/cg/callgrind.out.%p" "$PGB_BIN" -q \
         "$WORK/pgbouncer/pgbouncer.ini" </dev/null >>"$WORK/pgbouncer/stdout.log" 2>&1 &
     PGB_PID=$!
-    for ((i = 0; i < 300; i++)); do
-        sl_alive "$PGB_PID" || break
-        if (exec 3<>"/dev/tcp/127.0.0.1/$PGB_PORT") 2>/dev/null; then break; fi
-        sleep 0.1
-    done
-    (exec 3<>"/dev/tcp/127.0.0.1/$PGB_PORT") 2>/dev/null || {
+    sl_wait_port "$PGB_PID" "$PGB_PORT" 300 || {
         tail -n 20 "$WORK/pgbouncer/pgbouncer.log" "$WORK/pgbouncer/valgrind.log" >&2 || true
         sl_die "PgBouncer did not start under callgrind"
     }

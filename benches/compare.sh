@@ -317,32 +317,18 @@ PGPASSWORD=$BENCH_PW "$PGBENCH" -i -s "$SCALE" -q -h 127.0.0.1 -p "$SL_PG_PORT" 
 # md5: auth_type md5 needs an md5 hash or the plaintext password in the userlist, and only the
 # plaintext also lets PgBouncer answer PostgreSQL's SCRAM challenge.
 mkdir -p "$WORK/pgbouncer"
-VERIFIER=$(sl_psql postgres "SELECT rolpassword FROM pg_authid WHERE rolname = '$BENCH_USER'")
-[[ $VERIFIER == SCRAM-SHA-256* ]] || sl_die "unexpected verifier for $BENCH_USER: $VERIFIER"
-printf '"%s" "%s"\n' "$BENCH_USER" "$VERIFIER" >"$WORK/pgbouncer/userlist-scram.txt"
+sl_scram_userlist "$WORK/pgbouncer/userlist-scram.txt" "$BENCH_USER"
 printf '"%s" "%s"\n' "$BENCH_USER" "$BENCH_PW" >"$WORK/pgbouncer/userlist-md5.txt"
 PGB_PORT=$(sl_pick_port)
 for auth in scram md5 scram-tls; do
-    cat >"$WORK/pgbouncer/pgbouncer-$auth.ini" <<EOF
-[databases]
-$BENCH_DB = host=127.0.0.1 port=$SL_PG_PORT dbname=$BENCH_DB
-
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = $PGB_PORT
-unix_socket_dir =
-auth_type = $([[ $auth == md5 ]] && echo md5 || echo scram-sha-256)
-auth_file = $WORK/pgbouncer/userlist-${auth%-tls}.txt
-pool_mode = transaction
-default_pool_size = $POOL_SIZE
-max_client_conn = $((OPEN_CLIENTS + 2000 > 10000 ? OPEN_CLIENTS + 2000 : 10000))
-; Sluice's listener has tokio's backlog of 1024; give PgBouncer the same.
-listen_backlog = 1024
-logfile = $WORK/pgbouncer/pgbouncer.log
-pidfile = $WORK/pgbouncer/pgbouncer.pid
-log_connections = 0
-log_disconnections = 0
-EOF
+    {
+        sl_pgbouncer_ini "$WORK/pgbouncer" "$BENCH_DB" "$PGB_PORT" \
+            "$([[ $auth == md5 ]] && echo md5 || echo scram-sha-256)" \
+            "$WORK/pgbouncer/userlist-${auth%-tls}.txt" "$POOL_SIZE" \
+            $((OPEN_CLIENTS + 2000 > 10000 ? OPEN_CLIENTS + 2000 : 10000))
+        echo "; Sluice's listener has tokio's backlog of 1024; give PgBouncer the same."
+        echo "listen_backlog = 1024"
+    } >"$WORK/pgbouncer/pgbouncer-$auth.ini"
 done
 cat >>"$WORK/pgbouncer/pgbouncer-scram-tls.ini" <<EOF
 ; TLS on both hops (the TLS rows); default client_tls_protocols and client_tls_ciphers.
@@ -356,15 +342,11 @@ sl_give "$WORK/pgbouncer"
 
 # start_pgbouncer [scram|md5|scram-tls]
 start_pgbouncer() {
-    local auth=${1:-scram} i
+    local auth=${1:-scram}
     "${SL_RUN_AS[@]}" "$PGB_BIN" -q "$WORK/pgbouncer/pgbouncer-$auth.ini" </dev/null \
         >>"$WORK/pgbouncer/stdout.log" 2>&1 &
     PGB_PID=$!
-    for ((i = 0; i < 100; i++)); do
-        sl_alive "$PGB_PID" || break
-        if (exec 3<>"/dev/tcp/127.0.0.1/$PGB_PORT") 2>/dev/null; then return 0; fi
-        sleep 0.1
-    done
+    sl_wait_port "$PGB_PID" "$PGB_PORT" && return 0
     tail -n 20 "$WORK/pgbouncer/pgbouncer.log" "$WORK/pgbouncer/stdout.log" >&2 || true
     sl_die "PgBouncer did not start"
 }

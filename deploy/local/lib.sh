@@ -245,6 +245,40 @@ sl_psql() {
         -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$SL_PG_PORT" -U postgres -d "$1" -c "$2" </dev/null
 }
 
+# sl_scram_userlist FILE USER: a PgBouncer auth_file holding USER's SCRAM verifier, copied from
+# pg_authid, so that PgBouncer logs in to the server for its clients without the password (and
+# runs no PBKDF2 per client login, as it would with the plaintext password there).
+sl_scram_userlist() {
+    local verifier
+    verifier=$(sl_psql postgres "SELECT rolpassword FROM pg_authid WHERE rolname = '$2'")
+    [[ $verifier == SCRAM-SHA-256* ]] || sl_die "unexpected verifier for $2"
+    printf '"%s" "%s"\n' "$2" "$verifier" >"$1"
+}
+
+# sl_pgbouncer_ini DIR DB LISTEN_PORT AUTH_TYPE AUTH_FILE POOL_SIZE MAX_CLIENT_CONN: the
+# benchmarks' PgBouncer configuration on standard output: transaction pooling of DB on the
+# PostgreSQL of sl_pg_start, listening on 127.0.0.1:LISTEN_PORT only (no Unix socket), its log
+# and pid file in DIR, connections not logged.
+sl_pgbouncer_ini() {
+    printf '%s\n' "[databases]" "$2 = host=127.0.0.1 port=$SL_PG_PORT dbname=$2" "" \
+        "[pgbouncer]" "listen_addr = 127.0.0.1" "listen_port = $3" "unix_socket_dir =" \
+        "auth_type = $4" "auth_file = $5" "pool_mode = transaction" "default_pool_size = $6" \
+        "max_client_conn = $7" "logfile = $1/pgbouncer.log" "pidfile = $1/pgbouncer.pid" \
+        "log_connections = 0" "log_disconnections = 0"
+}
+
+# sl_wait_port PID PORT [TENTHS]: waits up to TENTHS tenths of a second (default 100) until
+# something accepts connections on 127.0.0.1:PORT; fails sooner if process PID ends.
+sl_wait_port() {
+    local i
+    for ((i = 0; i < ${3:-100}; i++)); do
+        sl_alive "$1" || return 1
+        if (exec 3<>"/dev/tcp/127.0.0.1/$2") 2>/dev/null; then return 0; fi
+        sleep 0.1
+    done
+    return 1
+}
+
 # sl_sluice_start LOG ARGS...: starts Sluice on free ports (retrying if a port was taken) and
 # waits until /readyz answers 200. Sets SL_SLUICE_PID, SL_SLUICE_PORT, SL_ADMIN_PORT.
 sl_sluice_start() {
