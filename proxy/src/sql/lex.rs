@@ -128,6 +128,29 @@ impl Statements<'_> {
     }
 }
 
+/// The one statement `sql` can hold, when a glance tells that it holds one at most: it has no
+/// `;` byte, or a single one followed by nothing but whitespace (the statement ends there, or at
+/// the text's end if that `;` is inside a comment or an unterminated literal: the lexer cannot
+/// find a second statement either way). Given from its first token to that `;` or the end; an
+/// empty range when the text has no statement. `None`: a second `;` or something after the
+/// first, so only [`statements`] can tell.
+///
+/// One `memchr` instead of the lexer for the common Query of one statement. Its end may differ
+/// from the lexer's in that one case; the callers' checks read a statement from its start and
+/// never look for a `;` (see `crate::sql::pins`, `resets::scan`), and the tests compare their
+/// answers with the lexer's.
+pub(crate) fn at_most_one(sql: &[u8], enc: Encoding) -> Option<std::ops::Range<usize>> {
+    let end = match memchr::memchr(b';', sql) {
+        None => sql.len(),
+        Some(p) if sql[p + 1..].iter().all(u8::is_ascii_whitespace) => p,
+        Some(_) => return None,
+    };
+    // A `;` inside a leading comment is followed by the comment's end, or by whitespace only
+    // when the comment runs to the end of the text: then there is no statement.
+    let start = skip_space(sql, 0, enc).min(end);
+    Some(start..end)
+}
+
 /// Leading whitespace and comments skipped from `at`.
 pub(crate) fn skip_space(s: &[u8], mut at: usize, enc: Encoding) -> usize {
     loop {

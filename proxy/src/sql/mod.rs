@@ -248,8 +248,13 @@ fn contains_ci_at(h: &[u8], needle: &str, anchor: usize) -> bool {
     };
     let (lo, up) = (a.to_ascii_lowercase(), a.to_ascii_uppercase());
     // Offsets into this window are the candidate starts of the needle.
-    memchr::memchr2_iter(lo, up, &h[anchor..=last_start + anchor])
-        .any(|start| h[start..start + n.len()].eq_ignore_ascii_case(n))
+    let window = &h[anchor..=last_start + anchor];
+    let matches = |start: usize| h[start..start + n.len()].eq_ignore_ascii_case(n);
+    if lo == up {
+        memchr::memchr_iter(a, window).any(matches)
+    } else {
+        memchr::memchr2_iter(lo, up, window).any(matches)
+    }
 }
 
 /// Whether a statement has ` INTO TEMP ` or ` INTO TEMPORARY ` (any case): one search, anchored
@@ -363,6 +368,19 @@ pub fn pins(sql: &[u8], enc: Encoding) -> Option<Pin> {
     if advisory_lock(sql) {
         return Some(Pin::AdvisoryLock);
     }
+    if let Some(one) = lex::at_most_one(sql, enc) {
+        return (!one.is_empty()).then(|| pin_of(&sql[one], enc)).flatten();
+    }
+    lex::statements(sql, enc).find_map(|s| pin_of(s, enc))
+}
+
+/// [`pins`] without [`lex::at_most_one`]: the lexer always splits (for the tests, which compare
+/// the two).
+#[cfg(test)]
+fn pins_by_lexer(sql: &[u8], enc: Encoding) -> Option<Pin> {
+    if advisory_lock(sql) {
+        return Some(Pin::AdvisoryLock);
+    }
     lex::statements(sql, enc).find_map(|s| pin_of(s, enc))
 }
 
@@ -407,6 +425,63 @@ fn pin_of(s: &[u8], enc: Encoding) -> Option<Pin> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// Pieces of SQL that the scanners decide on, for texts made of them.
+    const PIECES: &[&[u8]] = &[
+        b"select 1",
+        b"SET x = 1",
+        b"set local x to 2",
+        b"RESET ALL",
+        b"reset x",
+        b"discard all",
+        b"set time zone default",
+        b"LISTEN c",
+        b"create temp table t()",
+        b" into temp ",
+        b" INTO TEMPORARY ",
+        b"declare c cursor with hold for",
+        b"prepare p as",
+        b"PREPARE TRANSACTION",
+        b"load",
+        b"pg_advisory_lock(1)",
+        b";",
+        b"; ",
+        b" ",
+        b"\n",
+        b"\t",
+        b"--",
+        b"/*",
+        b"*/",
+        b"'",
+        b"\"",
+        b"$$",
+        b"$a$",
+        b"(",
+        b")",
+        b"e'",
+        b"\\",
+        b"x",
+        b"\x88",
+        b"\x83",
+        b"\xe9",
+    ];
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4096))]
+        /// The glance of `lex::at_most_one` answers as the lexer does: the same pins, the same
+        /// resets, in every layout.
+        #[test]
+        fn one_statement_glance_answers_as_the_lexer(
+            picks in proptest::collection::vec(0..PIECES.len(), 0..10)
+        ) {
+            let sql: Vec<u8> = picks.iter().flat_map(|&i| PIECES[i].iter().copied()).collect();
+            for enc in Encoding::ALL {
+                prop_assert_eq!(crate::sql::pins(&sql, enc), pins_by_lexer(&sql, enc));
+                prop_assert_eq!(resets::scan(&sql, enc), resets::scan_by_lexer(&sql, enc));
+            }
+        }
+    }
 
     // The scanners over UTF-8 text (other encodings: `lex` and the integration tests).
     fn pins(s: &str) -> Option<Pin> {
