@@ -437,7 +437,9 @@ impl<C: Send + 'static> State<C> {
             self.shedder.observe(now, self.waiting);
         }
         let max_wait = steady.then(|| self.shedder.max_wait()).flatten();
-        loop {
+        // With no group waiting (most releases when the pool keeps up) the passes below would
+        // only drain and refill empty queues.
+        while !self.rr.is_empty() {
             let mut progressed = false;
             for reserved_pass in [true, false] {
                 // Groups served in this pass go to the back, in the order served; the others
