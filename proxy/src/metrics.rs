@@ -7,12 +7,18 @@
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
 
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 use metrics::{Counter, Gauge, Histogram, Unit};
+
+mod seconds;
+pub use self::seconds::{render as render_seconds, Seconds, SECONDS_BUCKETS};
+
+const POOL_WAIT_HELP: &str = "Time to borrow a server connection";
+const TRANSACTION_TIME_HELP: &str = "Time a server connection was held per checkout";
 
 pub const CLIENT_CONNECTIONS: &str = "sluice_client_connections";
 pub const CLIENT_ACCEPTED: &str = "sluice_client_connections_accepted_total";
@@ -197,11 +203,7 @@ pub fn describe() {
         QUERIES_REJECTED,
         "Requests shed without being executed, by reason and group"
     );
-    describe_histogram!(
-        POOL_WAIT,
-        Unit::Seconds,
-        "Time to borrow a server connection"
-    );
+    // POOL_WAIT and TRANSACTION_TIME: see `seconds`.
     describe_gauge!(
         POOL_WAITING,
         "Clients waiting for a server connection, by group"
@@ -259,11 +261,6 @@ pub fn describe() {
         TRANSACTIONS,
         "Transactions (pool checkouts) completed, by group"
     );
-    describe_histogram!(
-        TRANSACTION_TIME,
-        Unit::Seconds,
-        "Time a server connection was held per checkout"
-    );
     describe_counter!(BYTES, Unit::Bytes, "Bytes relayed, by direction");
     describe_gauge!(
         PINNED_SESSIONS,
@@ -311,11 +308,11 @@ pub fn group_label(name: &str) -> String {
 /// Handles for one group, registered when the group is first seen.
 #[derive(Clone)]
 pub struct GroupMetrics {
-    pub wait: Histogram,
+    pub wait: Arc<Seconds>,
     pub waiting: Gauge,
     pub oldest_wait: Gauge,
     pub transactions: Counter,
-    pub transaction_time: Histogram,
+    pub transaction_time: Arc<Seconds>,
     label: String,
 }
 
@@ -326,11 +323,11 @@ impl GroupMetrics {
             counter!(QUERIES_REJECTED, "reason" => reason, "group" => label.clone()).increment(0);
         }
         GroupMetrics {
-            wait: histogram!(POOL_WAIT, "group" => label.clone()),
+            wait: seconds::series(POOL_WAIT, POOL_WAIT_HELP, &label),
             waiting: gauge!(POOL_WAITING, "group" => label.clone()),
             oldest_wait: gauge!(POOL_OLDEST_WAIT, "group" => label.clone()),
             transactions: counter!(TRANSACTIONS, "group" => label.clone()),
-            transaction_time: histogram!(TRANSACTION_TIME, "group" => label.clone()),
+            transaction_time: seconds::series(TRANSACTION_TIME, TRANSACTION_TIME_HELP, &label),
             label,
         }
     }

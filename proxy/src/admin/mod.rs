@@ -16,19 +16,13 @@ use parking_lot::Mutex;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// Histogram buckets for every `_seconds` histogram: from half a millisecond to half a minute.
-const SECONDS_BUCKETS: &[f64] = &[
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0,
-    5.0, 7.5, 10.0, 30.0,
-];
-
 /// Installs the process-wide Prometheus recorder once and returns its handle. Later calls (more
 /// proxies in one process, as in tests) share it.
 pub fn recorder() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
         let builder = PrometheusBuilder::new()
-            .set_buckets(SECONDS_BUCKETS)
+            .set_buckets(crate::metrics::SECONDS_BUCKETS)
             .unwrap_or_else(|_| PrometheusBuilder::new());
         match builder.install_recorder() {
             Ok(h) => h,
@@ -158,10 +152,9 @@ pub async fn serve(
 
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     (s.refresh)();
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        recorder().render(),
-    )
+    let mut body = recorder().render();
+    crate::metrics::render_seconds(&mut body);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
 }
 
 async fn page() -> impl IntoResponse {

@@ -313,7 +313,7 @@ impl<C: Send + 'static> State<C> {
             let src = self.source(g, p).and_then(|src| self.settle(src));
             if let Some(src) = src {
                 let lease = self.grant(shared, g, p, src, now);
-                self.groups[g].metrics.wait.record(0.0);
+                self.groups[g].metrics.wait.record(Duration::ZERO);
                 self.groups[g].waits[0] += 1;
                 return Ok(Admit::Granted(lease));
             }
@@ -489,7 +489,7 @@ impl<C: Send + 'static> State<C> {
                         continue;
                     }
                     let gs = &mut self.groups[g];
-                    gs.metrics.wait.record(waited.as_secs_f64());
+                    gs.metrics.wait.record(waited);
                     gs.wait_time += waited;
                     gs.waits[wait_bucket(waited)] += 1;
                     self.pools[pool].control.wait_time += waited;
@@ -549,7 +549,7 @@ impl<C: Send + 'static> State<C> {
             let held = now.saturating_duration_since(granted);
             gs.active -= 1;
             gs.metrics.transactions.increment(1);
-            gs.metrics.transaction_time.record(held.as_secs_f64());
+            gs.metrics.transaction_time.record(held);
             gs.transactions += 1;
             gs.transaction_time += held;
             self.active -= 1;
